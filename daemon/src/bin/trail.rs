@@ -1,0 +1,197 @@
+//! `trail`: submit events to the daemon and check configurations.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use serde_json::{Map, Value, json};
+use trail::Config;
+use trail::client::{self, Client};
+
+/// Command-line client and admin tool for the trail audit-trail daemon.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Submit one event built from flags, or, without --type, every NDJSON line of standard input; prints each
+    /// answer. Exits 0 when all were accepted, 1 when any was refused, 2 when the daemon cannot be reached.
+    Emit(Emit),
+    /// Check a configuration and its event types without starting anything (exit 0 valid, 78 invalid).
+    Validate {
+        /// Configuration file; without it, the embedded development configuration.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Check this event-type directory instead of the configuration's.
+        #[arg(long)]
+        event_types: Option<PathBuf>,
+    },
+}
+
+#[derive(ClapArgs)]
+struct Emit {
+    /// The daemon's socket [default: $TRAIL_SOCKET, else the development socket]
+    #[arg(long, short)]
+    socket: Option<PathBuf>,
+    /// Event type; without it, events are read from standard input, one JSON object per line.
+    #[arg(long = "type", short = 't')]
+    event_type: Option<String>,
+    /// actor.id
+    #[arg(long)]
+    actor_id: Option<String>,
+    /// actor.name
+    #[arg(long)]
+    actor_name: Option<String>,
+    /// actor.type
+    #[arg(long)]
+    actor_type: Option<String>,
+    /// actor.ip
+    #[arg(long)]
+    actor_ip: Option<String>,
+    /// target.type
+    #[arg(long)]
+    target_type: Option<String>,
+    /// target.id
+    #[arg(long)]
+    target_id: Option<String>,
+    /// target.name
+    #[arg(long)]
+    target_name: Option<String>,
+    /// message
+    #[arg(long, short)]
+    message: Option<String>,
+    /// success, failure or denied
+    #[arg(long)]
+    outcome: Option<String>,
+    /// payload, a JSON object
+    #[arg(long, short)]
+    payload: Option<String>,
+    /// occurred_at, RFC 3339
+    #[arg(long)]
+    occurred_at: Option<String>,
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Emit(e) => emit(e),
+        Command::Validate {
+            config,
+            event_types,
+        } => validate(config, event_types),
+    }
+}
+
+fn emit(args: Emit) -> ExitCode {
+    let socket = args.socket.clone().unwrap_or_else(client::default_socket);
+    let unreachable = |e: std::io::Error| {
+        eprintln!("trail: cannot talk to the daemon at {}: {e}", socket.display());
+        ExitCode::from(2)
+    };
+    let Some(event) = event_from_flags(&args) else {
+        let stdin = std::io::BufReader::new(std::io::stdin());
+        return match client::pipeline(&socket, stdin, std::io::stdout().lock()) {
+            Ok(t) if t.rejected == 0 => ExitCode::SUCCESS,
+            Ok(_) => ExitCode::FAILURE,
+            Err(e) => unreachable(e),
+        };
+    };
+    let event = match event {
+        Ok(e) => e,
+        Err(message) => {
+            eprintln!("trail: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    let answer = match Client::connect(&socket).and_then(|mut c| c.emit(&event)) {
+        Ok(a) => a,
+        Err(e) => return unreachable(e),
+    };
+    let _ = writeln!(std::io::stdout(), "{answer}");
+    if answer["ok"] == json!(true) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// The event the flags describe; `None` when no --type was given (read standard input instead).
+fn event_from_flags(args: &Emit) -> Option<Result<Value, String>> {
+    let event_type = args.event_type.as_ref()?;
+    let mut event = Map::new();
+    event.insert("type".into(), json!(event_type));
+    let object = |fields: &[(&str, &Option<String>)]| -> Option<Value> {
+        let map: Map<String, Value> = fields
+            .iter()
+            .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), json!(v))))
+            .collect();
+        (!map.is_empty()).then_some(Value::Object(map))
+    };
+    if let Some(actor) = object(&[
+        ("id", &args.actor_id),
+        ("name", &args.actor_name),
+        ("type", &args.actor_type),
+        ("ip", &args.actor_ip),
+    ]) {
+        event.insert("actor".into(), actor);
+    }
+    if let Some(target) = object(&[
+        ("type", &args.target_type),
+        ("id", &args.target_id),
+        ("name", &args.target_name),
+    ]) {
+        event.insert("target".into(), target);
+    }
+    for (key, value) in [
+        ("message", &args.message),
+        ("outcome", &args.outcome),
+        ("occurred_at", &args.occurred_at),
+    ] {
+        if let Some(v) = value {
+            event.insert(key.into(), json!(v));
+        }
+    }
+    if let Some(p) = &args.payload {
+        match serde_json::from_str::<Value>(p) {
+            Ok(v) => {
+                event.insert("payload".into(), v);
+            }
+            Err(e) => return Some(Err(format!("--payload is not JSON: {e}"))),
+        }
+    }
+    Some(Ok(Value::Object(event)))
+}
+
+fn validate(config: Option<PathBuf>, event_types: Option<PathBuf>) -> ExitCode {
+    let mut config = match &config {
+        Some(path) => match Config::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(trail::EXIT_CONFIG as u8);
+            }
+        },
+        None => Config::development(),
+    };
+    if let Some(dir) = event_types {
+        config.event_types = dir;
+    }
+    match trail::validate(&config) {
+        Ok(v) => {
+            println!(
+                "ok: {} event types in {}",
+                v.registry.len(),
+                config.event_types.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! `traild`: the trail daemon.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use trail::{Config, telemetry};
+
+/// The trail audit-trail daemon.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// Configuration file (YAML); without it, the embedded development configuration is used.
+    #[arg(long, short, env = "TRAIL_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Format of the daemon's own log lines on standard error.
+    #[arg(long, value_enum, default_value_t, global = true)]
+    log_format: telemetry::Format,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check the configuration and event types, then exit (0 valid, 78 invalid).
+    Validate,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    telemetry::init(args.log_format);
+    let config = match &args.config {
+        Some(path) => match Config::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::from(trail::EXIT_CONFIG as u8);
+            }
+        },
+        None => {
+            let c = Config::development();
+            tracing::info!("no --config given: using the embedded development configuration: {c}");
+            c
+        }
+    };
+    if let Some(Command::Validate) = args.command {
+        return match trail::validate(&config) {
+            Ok(v) => {
+                tracing::info!(event_types = v.registry.len(), "configuration is valid");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                ExitCode::from(e.exit_code() as u8)
+            }
+        };
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("trail-worker")
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let stop = CancellationToken::new();
+        if let Err(e) = trail::shutdown::on_signals(stop.clone()) {
+            tracing::error!(error = %e, "cannot install signal handlers");
+            return Err(None);
+        }
+        trail::run(config, stop).await.map_err(Some)
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Some(e)) => {
+            tracing::error!("{e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+        Err(None) => ExitCode::FAILURE,
+    }
+}

@@ -1,0 +1,122 @@
+//! A small blocking client for the submission socket, used by the `trail` tool, the tests and the benchmark.
+//!
+//! Owns nothing of the daemon: it only speaks the public protocol.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+/// The socket a client uses when none is given: `$TRAIL_SOCKET`, else the development default.
+pub fn default_socket() -> PathBuf {
+    match std::env::var_os("TRAIL_SOCKET") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => crate::Config::development().socket.path,
+    }
+}
+
+/// One connection that sends a request and reads its answer.
+pub struct Client {
+    writer: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl Client {
+    /// Connects to the daemon's socket.
+    pub fn connect(socket: &Path) -> std::io::Result<Client> {
+        let writer = UnixStream::connect(socket)?;
+        let reader = BufReader::new(writer.try_clone()?);
+        Ok(Client { writer, reader })
+    }
+
+    /// Sends one event and waits for its answer.
+    pub fn emit(&mut self, event: &Value) -> std::io::Result<Value> {
+        let mut line = serde_json::to_vec(event)?;
+        line.push(b'\n');
+        self.writer.write_all(&line)?;
+        self.read_answer()
+    }
+
+    /// Sends raw bytes (one or more lines, or part of one) without waiting.
+    pub fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.writer.write_all(bytes)
+    }
+
+    /// Reads the next answer line.
+    pub fn read_answer(&mut self) -> std::io::Result<Value> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the daemon closed the connection",
+            ));
+        }
+        serde_json::from_str(&line).map_err(std::io::Error::other)
+    }
+
+    /// Closes the sending side: the daemon answers what it has and then closes.
+    pub fn finish_sending(&mut self) -> std::io::Result<()> {
+        self.writer.shutdown(std::net::Shutdown::Write)
+    }
+}
+
+/// Counts of a [`pipeline`] run.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    /// Events acknowledged.
+    pub accepted: u64,
+    /// Requests refused.
+    pub rejected: u64,
+}
+
+/// Sends every non-blank line of `input` over one connection without waiting for answers, and writes each answer
+/// line to `output` as it arrives.
+pub fn pipeline(
+    socket: &Path,
+    input: impl BufRead + Send + 'static,
+    mut output: impl Write,
+) -> std::io::Result<Tally> {
+    let stream = UnixStream::connect(socket)?;
+    let mut writer = stream.try_clone()?;
+    let sender = std::thread::spawn(move || -> std::io::Result<u64> {
+        let mut sent = 0;
+        let mut buffered = std::io::BufWriter::with_capacity(64 << 10, &mut writer);
+        for line in input.split(b'\n') {
+            let line = line?;
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            buffered.write_all(&line)?;
+            buffered.write_all(b"\n")?;
+            sent += 1;
+        }
+        buffered.flush()?;
+        drop(buffered);
+        writer.shutdown(std::net::Shutdown::Write)?;
+        Ok(sent)
+    });
+    let mut tally = Tally::default();
+    for line in BufReader::new(stream).lines() {
+        let line = line?;
+        if line.starts_with("{\"ok\":true") {
+            tally.accepted += 1;
+        } else {
+            tally.rejected += 1;
+        }
+        writeln!(output, "{line}")?;
+    }
+    let sent = sender
+        .join()
+        .map_err(|_| std::io::Error::other("sending thread panicked"))??;
+    if sent != tally.accepted + tally.rejected {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!(
+                "sent {sent} events but got {} answers: the daemon stopped",
+                tally.accepted + tally.rejected
+            ),
+        ));
+    }
+    Ok(tally)
+}

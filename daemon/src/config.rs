@@ -1,0 +1,332 @@
+//! Configuration: the YAML file `traild --config` reads, its defaults, and the embedded development default.
+//!
+//! Owns parsing and checking of settings only; it never opens sockets or log files. Relative paths in a
+//! configuration file are resolved against the directory that holds the file, so a config means the same thing
+//! whatever the daemon's working directory is.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Everything `traild` needs to start.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where clients connect.
+    pub socket: SocketConfig,
+    /// Directory of event-type definitions (`<name>.yml`).
+    pub event_types: PathBuf,
+    /// The durable JSON-lines log.
+    pub log: LogConfig,
+    /// Limits on what clients may send.
+    #[serde(default)]
+    pub limits: Limits,
+    /// How long shutdown may take to acknowledge what was already read before the daemon exits anyway.
+    #[serde(default = "default_grace", deserialize_with = "de_duration")]
+    pub shutdown_grace: Duration,
+    /// Host name stamped into `source.host`; defaults to the kernel's host name.
+    #[serde(default)]
+    pub host_name: Option<String>,
+}
+
+/// The submission socket.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SocketConfig {
+    /// Filesystem path of the Unix stream socket.
+    pub path: PathBuf,
+    /// Permission bits of the socket file, as an octal string such as `"0660"`.
+    #[serde(default = "default_mode", deserialize_with = "de_mode")]
+    pub mode: u32,
+}
+
+/// The durable log.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Directory that holds the log files.
+    pub dir: PathBuf,
+    /// Whether an acknowledgement waits for `fdatasync`.
+    #[serde(default)]
+    pub fsync: FsyncPolicy,
+}
+
+/// When the log is synced to stable storage.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsyncPolicy {
+    /// Acknowledge only after `fdatasync` (group commit). The default.
+    #[default]
+    Always,
+    /// Acknowledge after `write(2)`: survives a daemon crash, not a power loss.
+    Never,
+}
+
+/// Limits on client input.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Longest request line in bytes, newline excluded; longer lines are answered `too_large`.
+    pub max_line_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_line_bytes: 1 << 20 }
+    }
+}
+
+fn default_grace() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_mode() -> u32 {
+    0o660
+}
+
+/// A configuration that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid YAML or does not match the expected structure.
+    #[error("config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A value is well-formed but unusable.
+    #[error("config {path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, path, base)
+    }
+
+    /// Parses configuration text; `origin` names it in errors and `base` anchors relative paths.
+    pub fn parse(text: &str, origin: &Path, base: &Path) -> Result<Config, Error> {
+        let mut config: Config = serde_saphyr::from_str(text).map_err(|e| Error::Parse {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.resolve(base);
+        config.check(origin)?;
+        Ok(config)
+    }
+
+    /// The embedded default for development: socket under `$XDG_RUNTIME_DIR/trail/` (or `./run/` when it is not
+    /// set), log under `./data/log`, event types from `./event-types`.
+    pub fn development() -> Config {
+        let socket = match std::env::var_os("XDG_RUNTIME_DIR") {
+            Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("trail").join("trail.sock"),
+            _ => PathBuf::from("run").join("trail.sock"),
+        };
+        let mut config = Config {
+            socket: SocketConfig {
+                path: socket,
+                mode: 0o600,
+            },
+            event_types: PathBuf::from("event-types"),
+            log: LogConfig {
+                dir: PathBuf::from("data").join("log"),
+                fsync: FsyncPolicy::Always,
+            },
+            limits: Limits::default(),
+            shutdown_grace: default_grace(),
+            host_name: None,
+        };
+        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+        config.resolve(&cwd);
+        config
+    }
+
+    fn resolve(&mut self, base: &Path) {
+        for path in [
+            &mut self.socket.path,
+            &mut self.event_types,
+            &mut self.log.dir,
+        ] {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        }
+    }
+
+    fn check(&self, origin: &Path) -> Result<(), Error> {
+        let invalid = |message: String| Error::Invalid {
+            path: origin.to_owned(),
+            message,
+        };
+        if self.limits.max_line_bytes < 256 {
+            return Err(invalid(format!(
+                "limits.max_line_bytes: {} is too small; use at least 256",
+                self.limits.max_line_bytes
+            )));
+        }
+        if self.socket.mode > 0o777 {
+            return Err(invalid(format!(
+                "socket.mode: {:o} has bits beyond 0777",
+                self.socket.mode
+            )));
+        }
+        // sun_path holds 108 bytes including the terminating NUL.
+        if self.socket.path.as_os_str().len() > 107 {
+            return Err(invalid(format!(
+                "socket.path: {} is longer than the 107 bytes a Unix socket path may have",
+                self.socket.path.display()
+            )));
+        }
+        if matches!(&self.host_name, Some(h) if h.trim().is_empty()) {
+            return Err(invalid("host_name: must not be empty".into()));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "socket {} (mode {:04o}), event types {}, log {} (fsync {:?})",
+            self.socket.path.display(),
+            self.socket.mode,
+            self.event_types.display(),
+            self.log.dir.display(),
+            self.log.fsync
+        )
+    }
+}
+
+/// Parses a duration such as `500ms`, `10s`, `5m`, `2h`, `7d`; a bare number means seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration; write e.g. 500ms, 10s, 5m, 2h, 7d"))?;
+    let ms = match unit.trim() {
+        "ms" => 1,
+        "" | "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        other => {
+            return Err(format!(
+                "{text:?}: unknown unit {other:?}; use ms, s, m, h or d"
+            ));
+        }
+    };
+    n.checked_mul(ms)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("{text:?} is too long"))
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Seconds(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Seconds(s) => Ok(Duration::from_secs(s)),
+        Raw::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
+    }
+}
+
+fn de_mode<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let text = String::deserialize(d)?;
+    u32::from_str_radix(text.trim_start_matches("0o"), 8).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "{text:?} is not an octal mode; write it quoted, e.g. \"0660\""
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, Error> {
+        Config::parse(text, Path::new("trail.yaml"), Path::new("/etc/trail"))
+    }
+
+    const MINIMAL: &str = "socket: {path: /run/trail/trail.sock}\nevent_types: types\nlog: {dir: /var/lib/trail/log}\n";
+
+    #[test]
+    fn minimal_config_gets_defaults_and_resolves_relative_paths() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.event_types, Path::new("/etc/trail/types"));
+        assert_eq!(c.socket.mode, 0o660);
+        assert_eq!(c.log.fsync, FsyncPolicy::Always);
+        assert_eq!(c.limits.max_line_bytes, 1 << 20);
+        assert_eq!(c.shutdown_grace, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn bad_configs_say_what_is_wrong() {
+        let check = |extra: &str, expected: &str| {
+            let text = format!("{MINIMAL}{extra}");
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(expected), "{extra:?}: {err}");
+        };
+        check("colour: blue\n", "colour");
+        check("log2: {}\n", "log2");
+        check("shutdown_grace: 10 parsecs\n", "unknown unit");
+        check("limits: {max_line_bytes: 10}\n", "too small");
+        check("limits: {max_lines: 10}\n", "max_lines");
+        let err = parse("socket: {path: /x, mode: \"99\"}\nevent_types: t\nlog: {dir: l}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("octal"), "{err}");
+        let err = parse("socket: {path: /x}\nlog: {dir: l}\n").unwrap_err().to_string();
+        assert!(err.contains("event_types"), "{err}");
+    }
+
+    #[test]
+    fn durations() {
+        let check = |text: &str, expected: Option<u64>| {
+            assert_eq!(
+                parse_duration(text).ok().map(|d| d.as_millis() as u64),
+                expected,
+                "{text}"
+            );
+        };
+        check("500ms", Some(500));
+        check("10s", Some(10_000));
+        check("10", Some(10_000));
+        check("5m", Some(300_000));
+        check("2h", Some(7_200_000));
+        check("7d", Some(604_800_000));
+        check("", None);
+        check("s", None);
+        check("1y", None);
+        check("-1s", None);
+    }
+}

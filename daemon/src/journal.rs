@@ -1,0 +1,459 @@
+//! The durable JSON-lines log and its single writer (group commit).
+//!
+//! Owns the log directory: file naming, recovery of a torn tail at start, and the writer thread that assigns
+//! `seq`, appends records and syncs them. Nothing else writes to the log. A submission is acknowledged only after
+//! its records are written and, with `fsync: always`, after `fdatasync` returned.
+//!
+//! Files are named `trail-<UTC start, YYYYMMDDTHHMMSSZ>-<first seq, 20 digits>.jsonl`, so they sort by time and
+//! by `seq`; the newest one is appended to. Rotation is a later step; the naming leaves room for it.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error, info, warn};
+
+use crate::config::FsyncPolicy;
+
+/// How much the writer gathers into one write and one sync.
+const GROUP_BYTES: usize = 8 << 20;
+/// Submissions that may wait for the writer; beyond that, connections stop reading (back-pressure).
+const QUEUE_DEPTH: usize = 512;
+/// The most a recovery may cut off the end of a file before it refuses to guess.
+const MAX_RECOVERY_CUT: u64 = 64 << 20;
+
+/// A log that cannot be opened or recovered.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O operation on a log file or directory failed.
+    #[error("log {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The end of the newest file is damaged beyond what a crash can leave behind.
+    #[error(
+        "log {path}: the last {bytes} bytes are not trail records; a crash cannot leave that much behind, so trail will not cut it off: move the file aside or repair it"
+    )]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// How much is damaged.
+        bytes: u64,
+    },
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Record tails for one submission, in one buffer (see [`crate::record`]).
+#[derive(Debug, Default)]
+pub struct Batch {
+    buf: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl Batch {
+    /// The buffer to append the next tail to; call [`Batch::end_record`] after writing it.
+    pub fn buf(&mut self) -> &mut Vec<u8> {
+        &mut self.buf
+    }
+
+    /// Marks the end of the tail just written.
+    pub fn end_record(&mut self) {
+        self.ends.push(self.buf.len());
+    }
+
+    /// Number of records.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// True when no record was added.
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    fn tails(&self) -> impl Iterator<Item = &[u8]> {
+        let mut start = 0;
+        self.ends.iter().map(move |&end| {
+            let tail = &self.buf[start..end];
+            start = end;
+            tail
+        })
+    }
+}
+
+/// Why a submission was not stored; the client may retry.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct Unavailable(pub String);
+
+/// The outcome of a submission: the `seq` of its first record (the others follow consecutively).
+pub type Ack = oneshot::Receiver<Result<u64, Unavailable>>;
+
+struct Submission {
+    batch: Batch,
+    done: oneshot::Sender<Result<u64, Unavailable>>,
+}
+
+/// A handle that submits batches to the writer; cheap to clone, one per connection.
+#[derive(Clone)]
+pub struct Submitter {
+    tx: mpsc::Sender<Submission>,
+}
+
+impl Submitter {
+    /// Queues a batch, waiting while the writer's queue is full. The returned [`Ack`] resolves once the batch is
+    /// durable (or could not be stored).
+    pub async fn submit(&self, batch: Batch) -> Ack {
+        let (done, ack) = oneshot::channel();
+        if let Err(mpsc::error::SendError(s)) = self.tx.send(Submission { batch, done }).await {
+            let _ = s
+                .done
+                .send(Err(Unavailable("the log writer has stopped".into())));
+        }
+        ack
+    }
+}
+
+/// The running writer. Dropping every [`Submitter`] lets it drain, sync and stop; [`Journal::join`] waits for that.
+pub struct Journal {
+    thread: JoinHandle<()>,
+}
+
+impl Journal {
+    /// Opens (and if needed recovers) the log in `dir` and starts the writer thread.
+    pub fn start(dir: &Path, fsync: FsyncPolicy) -> Result<(Journal, Submitter), Error> {
+        let log = LogFile::open(dir)?;
+        info!(file = %log.path.display(), next_seq = log.next_seq, "log open");
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let thread = std::thread::Builder::new()
+            .name("trail-journal".into())
+            .spawn(move || writer(log, rx, fsync))
+            .map_err(io_error(dir))?;
+        Ok((Journal { thread }, Submitter { tx }))
+    }
+
+    /// Waits until the writer has drained its queue and synced the log.
+    pub fn join(self) {
+        if self.thread.join().is_err() {
+            error!("the log writer panicked");
+        }
+    }
+}
+
+fn writer(mut log: LogFile, mut rx: mpsc::Receiver<Submission>, fsync: FsyncPolicy) {
+    let mut group: Vec<Submission> = Vec::new();
+    let mut out: Vec<u8> = Vec::with_capacity(GROUP_BYTES + (1 << 20));
+    let mut seq_text = itoa::Buffer::new();
+    while let Some(first) = rx.blocking_recv() {
+        let mut bytes = first.batch.buf.len();
+        group.push(first);
+        while bytes < GROUP_BYTES {
+            match rx.try_recv() {
+                Ok(s) => {
+                    bytes += s.batch.buf.len();
+                    group.push(s);
+                }
+                Err(_) => break,
+            }
+        }
+        out.clear();
+        let first_seq = log.next_seq;
+        let mut seq = first_seq;
+        for s in &group {
+            for tail in s.batch.tails() {
+                out.extend_from_slice(b"{\"seq\":");
+                out.extend_from_slice(seq_text.format(seq).as_bytes());
+                out.extend_from_slice(tail);
+                out.extend_from_slice(b"}\n");
+                seq += 1;
+            }
+        }
+        let started = Instant::now();
+        match log.append(&out, fsync) {
+            Ok(()) => {
+                log.next_seq = seq;
+                let mut seq = first_seq;
+                for s in group.drain(..) {
+                    let n = s.batch.len() as u64;
+                    let _ = s.done.send(Ok(seq));
+                    seq += n;
+                }
+                debug!(records = seq - first_seq, bytes = out.len(), elapsed = ?started.elapsed(), "group committed");
+            }
+            Err(e) => {
+                error!(file = %log.path.display(), error = %e, records = seq - first_seq, "cannot write the log; answering unavailable");
+                let reason = Unavailable(format!("the log cannot be written ({e}); retry later"));
+                for s in group.drain(..) {
+                    let _ = s.done.send(Err(reason.clone()));
+                }
+            }
+        }
+    }
+    if let Err(e) = log.file.sync_all() {
+        error!(file = %log.path.display(), error = %e, "final sync failed");
+    }
+    info!(next_seq = log.next_seq, "log closed");
+}
+
+/// The file being appended to.
+struct LogFile {
+    path: PathBuf,
+    file: File,
+    /// Bytes known to be complete records.
+    len: u64,
+    /// A failed append may have left bytes after `len`; cut them before the next append.
+    dirty: bool,
+    next_seq: u64,
+}
+
+impl LogFile {
+    fn open(dir: &Path) -> Result<LogFile, Error> {
+        std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+        let files = log_files(dir)?;
+        let Some(newest) = files.last() else {
+            return LogFile::create(dir, 1);
+        };
+        let (len, last_seq) = recover(newest)?;
+        let next_seq = match last_seq {
+            Some(s) => s + 1,
+            None => first_seq_of(newest).unwrap_or(1),
+        };
+        let file = OpenOptions::new()
+            .append(true)
+            .open(newest)
+            .map_err(io_error(newest))?;
+        Ok(LogFile {
+            path: newest.clone(),
+            file,
+            len,
+            dirty: false,
+            next_seq,
+        })
+    }
+
+    fn create(dir: &Path, first_seq: u64) -> Result<LogFile, Error> {
+        let path = dir.join(file_name(SystemTime::now(), first_seq));
+        let file = OpenOptions::new()
+            .append(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io_error(&path))?;
+        sync_dir(dir)?;
+        Ok(LogFile {
+            path,
+            file,
+            len: 0,
+            dirty: false,
+            next_seq: first_seq,
+        })
+    }
+
+    fn append(&mut self, bytes: &[u8], fsync: FsyncPolicy) -> std::io::Result<()> {
+        if self.dirty {
+            self.file.set_len(self.len)?;
+            self.dirty = false;
+        }
+        let result = self.file.write_all(bytes).and_then(|()| match fsync {
+            FsyncPolicy::Always => self.file.sync_data(),
+            FsyncPolicy::Never => Ok(()),
+        });
+        match result {
+            Ok(()) => {
+                self.len += bytes.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                // Nothing of this group was acknowledged: remove whatever part of it reached the file.
+                self.dirty = self.file.set_len(self.len).is_err();
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The log files of `dir`, oldest first.
+pub fn log_files(dir: &Path) -> Result<Vec<PathBuf>, Error> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io_error(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| first_seq_of(p).is_some())
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// The name of a log file that starts at `time` with record `first_seq`.
+pub fn file_name(time: SystemTime, first_seq: u64) -> String {
+    let secs = time.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let t = chrono::DateTime::<chrono::Utc>::from_timestamp(secs as i64, 0).unwrap_or_default();
+    format!("trail-{}-{first_seq:020}.jsonl", t.format("%Y%m%dT%H%M%SZ"))
+}
+
+/// The first `seq` a log file holds, read from its name; `None` when the name is not a log file's.
+pub fn first_seq_of(path: &Path) -> Option<u64> {
+    let name = path.file_name()?.to_str()?;
+    let rest = name.strip_prefix("trail-")?.strip_suffix(".jsonl")?;
+    let (time, seq) = rest.split_once('-')?;
+    (time.len() == 16 && seq.len() == 20)
+        .then(|| seq.parse().ok())
+        .flatten()
+}
+
+fn sync_dir(dir: &Path) -> Result<(), Error> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error(dir))
+}
+
+/// Cuts whatever follows the last complete record of `path` (a crash can leave a torn line), keeping the cut bytes
+/// in a side file. Returns the new length and the last record's `seq`.
+fn recover(path: &Path) -> Result<(u64, Option<u64>), Error> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io_error(path))?;
+    let size = file.metadata().map_err(io_error(path))?.len();
+    let mut end = size;
+    let mut last_seq = None;
+    while end > 0 {
+        let (start, line) = last_line(&mut file, end).map_err(io_error(path))?;
+        let complete = line.last() == Some(&b'\n');
+        if complete
+            && let Some(head) = crate::record::parse_head(&line[..line.len() - 1])
+        {
+            last_seq = Some(head.seq);
+            break;
+        }
+        end = start;
+        if size - end > MAX_RECOVERY_CUT {
+            return Err(Error::Damaged {
+                path: path.to_owned(),
+                bytes: size - end,
+            });
+        }
+    }
+    if end < size {
+        let mut cut = vec![0; (size - end) as usize];
+        file.seek(SeekFrom::Start(end)).map_err(io_error(path))?;
+        file.read_exact(&mut cut).map_err(io_error(path))?;
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let aside = path.with_extension(format!("jsonl.torn-{end}-{nanos}"));
+        std::fs::write(&aside, &cut).map_err(io_error(&aside))?;
+        file.set_len(end).map_err(io_error(path))?;
+        file.sync_all().map_err(io_error(path))?;
+        warn!(
+            file = %path.display(),
+            offset = end,
+            bytes = size - end,
+            kept_in = %aside.display(),
+            "cut off a torn last line left by a crash"
+        );
+    }
+    Ok((end, last_seq))
+}
+
+/// The last line of `file[..end]` (with its newline, if it has one) and where it starts.
+fn last_line(file: &mut File, end: u64) -> std::io::Result<(u64, Vec<u8>)> {
+    const CHUNK: u64 = 64 << 10;
+    let mut line: Vec<u8> = Vec::new();
+    let mut pos = end;
+    // The line's own final newline, if any, is not its start.
+    let mut skip_last = true;
+    while pos > 0 {
+        let from = pos.saturating_sub(CHUNK);
+        let mut chunk = vec![0; (pos - from) as usize];
+        file.seek(SeekFrom::Start(from))?;
+        file.read_exact(&mut chunk)?;
+        let search = if skip_last && chunk.last() == Some(&b'\n') {
+            &chunk[..chunk.len() - 1]
+        } else {
+            &chunk[..]
+        };
+        skip_last = false;
+        if let Some(i) = memchr::memrchr(b'\n', search) {
+            chunk.drain(..=i);
+            chunk.extend_from_slice(&line);
+            return Ok((from + i as u64 + 1, chunk));
+        }
+        chunk.extend_from_slice(&line);
+        line = chunk;
+        pos = from;
+    }
+    Ok((0, line))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn record(seq: u64) -> String {
+        format!("{{\"seq\":{seq},\"id\":\"i{seq}\"}}\n")
+    }
+
+    /// Writes `content` to a log file, recovers it, and returns (new content, last seq, side files).
+    fn recovered(content: &[u8]) -> (Vec<u8>, Option<u64>, usize) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(file_name(UNIX_EPOCH, 1));
+        std::fs::write(&path, content).unwrap();
+        let (len, seq) = recover(&path).unwrap();
+        let after = std::fs::read(&path).unwrap();
+        assert_eq!(after.len() as u64, len);
+        let sides = std::fs::read_dir(dir.path()).unwrap().count() - 1;
+        (after, seq, sides)
+    }
+
+    #[test]
+    fn recovery() {
+        let three = format!("{}{}{}", record(1), record(2), record(3));
+        let check = |content: &[u8], kept: &[u8], seq: Option<u64>, sides: usize| {
+            assert_eq!(recovered(content), (kept.to_vec(), seq, sides), "{content:?}");
+        };
+        check(b"", b"", None, 0);
+        check(three.as_bytes(), three.as_bytes(), Some(3), 0);
+        check(
+            format!("{three}{{\"seq\":4,\"id").as_bytes(),
+            three.as_bytes(),
+            Some(3),
+            1,
+        );
+        check(format!("{three}\0\0\0").as_bytes(), three.as_bytes(), Some(3), 1);
+        check(format!("{three}garbage\n").as_bytes(), three.as_bytes(), Some(3), 1);
+        check(b"{\"seq\":1,\"i", b"", None, 1);
+        let long = format!("{}{}", record(1), record(2).repeat(1)).replace("i2", &"x".repeat(200_000));
+        check(long.as_bytes(), long.as_bytes(), Some(2), 0);
+        check(format!("{long}{{").as_bytes(), long.as_bytes(), Some(2), 1);
+    }
+
+    #[test]
+    fn file_names_round_trip_and_sort() {
+        let a = file_name(UNIX_EPOCH + Duration::from_secs(1_795_132_800), 7);
+        assert_eq!(a, "trail-20261120T000000Z-00000000000000000007.jsonl");
+        assert_eq!(first_seq_of(Path::new(&a)), Some(7));
+        let b = file_name(UNIX_EPOCH + Duration::from_secs(1_795_132_801), 10);
+        assert!(a < b);
+        for bad in [
+            "trail-x.jsonl",
+            "trail-20261120T000000Z-7.jsonl",
+            "trail-20261120T000000Z-00000000000000000007.jsonl.torn-1-2",
+        ] {
+            assert_eq!(first_seq_of(Path::new(bad)), None, "{bad}");
+        }
+    }
+}

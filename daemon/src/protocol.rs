@@ -1,0 +1,382 @@
+//! The submission protocol: what a request line may contain and how responses are written.
+//!
+//! Owns the wire format only (public API, documented in ARCHITECTURE.md): parsing and checking the request
+//! envelope against `schemas/event.schema.json`, and encoding the response lines. It knows nothing of sockets.
+
+use std::sync::OnceLock;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::event_types::Violation;
+
+/// The JSON Schema of a request line.
+pub const EVENT_SCHEMA: &str = include_str!("../../schemas/event.schema.json");
+
+/// A request: one event as a client submits it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    /// Name of the event type.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// Who did it.
+    #[serde(default)]
+    pub actor: Option<Actor>,
+    /// What it was done to.
+    #[serde(default)]
+    pub target: Option<Target>,
+    /// Human-readable description.
+    #[serde(default)]
+    pub message: Option<String>,
+    /// How it ended.
+    #[serde(default)]
+    pub outcome: Option<Outcome>,
+    /// Type-specific details.
+    #[serde(default)]
+    pub payload: Option<Value>,
+    /// When it happened, RFC 3339.
+    #[serde(default)]
+    pub occurred_at: Option<String>,
+}
+
+/// Who did it. Field order here is the order in stored records.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Actor {
+    /// Stable identifier.
+    pub id: String,
+    /// Display name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Kind of actor (user, service, ...).
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Network address the action came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+}
+
+/// What it was done to. Field order here is the order in stored records.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    /// Kind of object.
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Stable identifier.
+    pub id: String,
+    /// Display name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// How an action ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// It worked.
+    Success,
+    /// It was attempted and failed.
+    Failure,
+    /// It was refused by policy.
+    Denied,
+}
+
+impl Outcome {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Failure => "failure",
+            Outcome::Denied => "denied",
+        }
+    }
+}
+
+/// Why a request was refused; the wire names are a public API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The line is not JSON (or not UTF-8).
+    InvalidJson,
+    /// The envelope violates `schemas/event.schema.json`.
+    InvalidEvent,
+    /// The event type is not defined.
+    UnknownType,
+    /// The payload violates the type's payload schema.
+    InvalidPayload,
+    /// The line is longer than the configured limit.
+    TooLarge,
+    /// The daemon cannot take the event now (disk full, shutting down); retry later.
+    Unavailable,
+}
+
+impl ErrorCode {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidJson => "invalid_json",
+            ErrorCode::InvalidEvent => "invalid_event",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::InvalidPayload => "invalid_payload",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// A refused request, ready to be answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// Machine-readable reason.
+    pub code: ErrorCode,
+    /// Human-readable reason.
+    pub message: String,
+    /// Every violation found, when there are several.
+    pub details: Vec<Violation>,
+}
+
+impl Rejection {
+    /// A rejection without details.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Rejection {
+        Rejection {
+            code,
+            message: message.into(),
+            details: Vec::new(),
+        }
+    }
+
+    /// Appends the response line, newline included.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        #[derive(Serialize)]
+        struct Detail<'a> {
+            path: &'a str,
+            message: &'a str,
+        }
+        #[derive(Serialize)]
+        struct Body<'a> {
+            code: &'a str,
+            message: &'a str,
+            details: Vec<Detail<'a>>,
+        }
+        #[derive(Serialize)]
+        struct Response<'a> {
+            ok: bool,
+            error: Body<'a>,
+        }
+        let response = Response {
+            ok: false,
+            error: Body {
+                code: self.code.as_str(),
+                message: &self.message,
+                details: self
+                    .details
+                    .iter()
+                    .map(|d| Detail {
+                        path: &d.path,
+                        message: &d.message,
+                    })
+                    .collect(),
+            },
+        };
+        serde_json::to_writer(&mut *out, &response).expect("serializing to a Vec cannot fail");
+        out.push(b'\n');
+    }
+}
+
+/// Appends the success response line for an event stored as `seq` with `id`, newline included.
+pub fn encode_ack(id: &str, seq: u64, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"{\"ok\":true,\"id\":\"");
+    out.extend_from_slice(id.as_bytes());
+    out.extend_from_slice(b"\",\"seq\":");
+    out.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
+    out.extend_from_slice(b"}\n");
+}
+
+/// A request that passed the envelope checks; `occurred_at` is parsed.
+#[derive(Debug)]
+pub struct Checked {
+    /// The request.
+    pub request: Request,
+    /// `occurred_at`, when given.
+    pub occurred_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Parses one request line (without its newline) and checks its envelope.
+///
+/// The fast path deserializes straight into [`Request`]; only when that fails is the line checked against the
+/// envelope schema, so that a refused request lists every violation rather than the first.
+pub fn parse(line: &[u8]) -> Result<Checked, Rejection> {
+    let first_problem = match serde_json::from_slice::<Request>(line) {
+        Ok(request) => match check(request) {
+            Ok(checked) => return Ok(checked),
+            Err(v) => v,
+        },
+        Err(e) if e.classify() == serde_json::error::Category::Data => Violation {
+            path: String::new(),
+            message: e.to_string(),
+        },
+        Err(e) => return Err(syntax_error(line, &e)),
+    };
+    let value: Value = serde_json::from_slice(line).map_err(|e| syntax_error(line, &e))?;
+    let mut details: Vec<Violation> = envelope_validator()
+        .iter_errors(&value)
+        .map(|e| Violation {
+            path: e.instance_path().to_string(),
+            message: e.to_string(),
+        })
+        .collect();
+    if details.is_empty() {
+        details.push(first_problem);
+    }
+    let message = match details.as_slice() {
+        [only] if only.path.is_empty() => format!("invalid event: {}", only.message),
+        [only] => format!("invalid event: {}: {}", only.path, only.message),
+        many => format!("invalid event: {} problems", many.len()),
+    };
+    Err(Rejection {
+        code: ErrorCode::InvalidEvent,
+        message,
+        details,
+    })
+}
+
+/// Checks what serde cannot express: non-empty ids, an object payload, an RFC 3339 time.
+fn check(request: Request) -> Result<Checked, Violation> {
+    let violation = |path: &str, message: &str| Violation {
+        path: path.to_owned(),
+        message: message.to_owned(),
+    };
+    if request.event_type.is_empty() {
+        return Err(violation("/type", "must not be empty"));
+    }
+    if request.actor.as_ref().is_some_and(|a| a.id.is_empty()) {
+        return Err(violation("/actor/id", "must not be empty"));
+    }
+    if request.target.as_ref().is_some_and(|t| t.id.is_empty()) {
+        return Err(violation("/target/id", "must not be empty"));
+    }
+    if request.payload.as_ref().is_some_and(|p| !p.is_object()) {
+        return Err(violation("/payload", "must be a JSON object"));
+    }
+    let occurred_at = match &request.occurred_at {
+        None => None,
+        Some(text) => Some(
+            chrono::DateTime::parse_from_rfc3339(text)
+                .map_err(|e| {
+                    violation(
+                        "/occurred_at",
+                        &format!("{text:?} is not an RFC 3339 time: {e}"),
+                    )
+                })?
+                .to_utc(),
+        ),
+    };
+    Ok(Checked {
+        request,
+        occurred_at,
+    })
+}
+
+fn syntax_error(line: &[u8], e: &serde_json::Error) -> Rejection {
+    if let Err(u) = std::str::from_utf8(line) {
+        return Rejection::new(
+            ErrorCode::InvalidJson,
+            format!(
+                "line is not valid UTF-8: invalid byte at offset {}",
+                u.valid_up_to()
+            ),
+        );
+    }
+    Rejection::new(
+        ErrorCode::InvalidJson,
+        format!("line is not valid JSON: {e}"),
+    )
+}
+
+fn envelope_validator() -> &'static jsonschema::Validator {
+    static V: OnceLock<jsonschema::Validator> = OnceLock::new();
+    V.get_or_init(|| {
+        let schema: Value = serde_json::from_str(EVENT_SCHEMA).expect("embedded event schema is JSON");
+        jsonschema::draft202012::options()
+            .should_validate_formats(true)
+            .build(&schema)
+            .expect("embedded event schema compiles")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parses `line` and renders the outcome as `ok` or `code: path, path, ...`.
+    fn outcome(line: &str) -> String {
+        match parse(line.as_bytes()) {
+            Ok(_) => "ok".into(),
+            Err(r) => {
+                let mut paths: Vec<_> = r.details.iter().map(|d| d.path.as_str()).collect();
+                paths.sort();
+                format!("{}: {}", r.code.as_str(), paths.join(", "))
+            }
+        }
+    }
+
+    #[test]
+    fn requests() {
+        let check = |line: &str, expected: &str| assert_eq!(outcome(line), expected, "{line}");
+        check(r#"{"type":"user_login"}"#, "ok");
+        check(
+            r#"{"type":"user_login","actor":{"id":"u-1","name":"alice","type":"user","ip":"10.0.0.7"},"target":{"type":"project","id":"p-9","name":"billing"},"message":"m","outcome":"denied","payload":{"a":1},"occurred_at":"2026-11-22T10:00:00.123+01:00"}"#,
+            "ok",
+        );
+        check(r#"{"type":"#, "invalid_json: ");
+        check("not json", "invalid_json: ");
+        check(r#"{"type":"x"} trailing"#, "invalid_json: ");
+        check(r#"[1,2]"#, "invalid_event: ");
+        check(r#"{}"#, "invalid_event: ");
+        check(r#"{"type":""}"#, "invalid_event: /type");
+        check(r#"{"type":"x","colour":"blue"}"#, "invalid_event: ");
+        check(r#"{"type":"x","actor":{}}"#, "invalid_event: /actor");
+        check(r#"{"type":"x","actor":{"id":""}}"#, "invalid_event: /actor/id");
+        check(r#"{"type":"x","actor":{"id":"a","email":"e"}}"#, "invalid_event: /actor");
+        check(r#"{"type":"x","target":{"name":"n"}}"#, "invalid_event: /target");
+        check(r#"{"type":"x","payload":[1]}"#, "invalid_event: /payload");
+        check(r#"{"type":"x","outcome":"maybe"}"#, "invalid_event: /outcome");
+        check(r#"{"type":"x","occurred_at":"yesterday"}"#, "invalid_event: /occurred_at");
+        check(r#"{"type":"x","occurred_at":"2026-11-22"}"#, "invalid_event: /occurred_at");
+        check(
+            r#"{"type":7,"outcome":"maybe","payload":"p","actor":{"id":1}}"#,
+            "invalid_event: /actor/id, /outcome, /payload, /type",
+        );
+    }
+
+    #[test]
+    fn invalid_utf8_names_the_offset() {
+        let r = parse(b"{\"type\":\"ab\xc3\x28\"}").unwrap_err();
+        assert_eq!(r.code, ErrorCode::InvalidJson);
+        assert!(r.message.contains("UTF-8") && r.message.contains("offset 11"), "{}", r.message);
+    }
+
+    #[test]
+    fn responses() {
+        let mut out = Vec::new();
+        encode_ack("0192", 42, &mut out);
+        Rejection {
+            code: ErrorCode::InvalidPayload,
+            message: "bad \"ip\"".into(),
+            details: vec![Violation {
+                path: "/payload/ip".into(),
+                message: "not an ipv4".into(),
+            }],
+        }
+        .encode(&mut out);
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines[0], serde_json::json!({"ok": true, "id": "0192", "seq": 42}));
+        assert_eq!(
+            lines[1],
+            serde_json::json!({"ok": false, "error": {"code": "invalid_payload", "message": "bad \"ip\"",
+                "details": [{"path": "/payload/ip", "message": "not an ipv4"}]}})
+        );
+    }
+}

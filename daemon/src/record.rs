@@ -1,0 +1,206 @@
+//! The stored record: one compact JSON object per log line, with a documented and stable field order.
+//!
+//! ```text
+//! {"seq":…,"id":…,"received_at":…,"occurred_at":…,"type":…,"version":…,"severity":…,"code":…,
+//!  "source":{"uid":…,"gid":…,"pid":…,"host":…},"actor":{…},"target":{…},"outcome":…,"message":…,"payload":{…}}
+//! ```
+//!
+//! `code`, `actor`, `target`, `outcome`, `message` and `payload` are present only when set; `source.pid` only when
+//! the kernel reported it. Later versions may append fields at the end, never reorder.
+//!
+//! A record is built in two halves so that work is done where it is cheapest: the connection task, in parallel
+//! with other connections, serializes everything after `seq` (the *tail*, without the closing brace); the single
+//! log writer only prefixes `{"seq":N` and closes the object. Nothing here touches files.
+
+use std::cell::RefCell;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+
+use crate::event_types::EventType;
+use crate::protocol::Checked;
+
+/// Who submitted events on one connection, as the kernel reported it (`SO_PEERCRED`), plus the host name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    /// Effective user id of the submitting process.
+    pub uid: u32,
+    /// Effective group id of the submitting process.
+    pub gid: u32,
+    /// Process id at `connect()` time, when known.
+    pub pid: Option<i32>,
+    /// Host name of this machine.
+    pub host: String,
+}
+
+impl Source {
+    /// The `,"source":{…}` fragment, computed once per connection.
+    pub fn fragment(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + self.host.len());
+        out.extend_from_slice(b",\"source\":{\"uid\":");
+        out.extend_from_slice(itoa::Buffer::new().format(self.uid).as_bytes());
+        out.extend_from_slice(b",\"gid\":");
+        out.extend_from_slice(itoa::Buffer::new().format(self.gid).as_bytes());
+        if let Some(pid) = self.pid {
+            out.extend_from_slice(b",\"pid\":");
+            out.extend_from_slice(itoa::Buffer::new().format(pid).as_bytes());
+        }
+        out.extend_from_slice(b",\"host\":");
+        serde_json::to_writer(&mut out, &self.host).expect("writing to a Vec cannot fail");
+        out.push(b'}');
+        out
+    }
+}
+
+/// Appends the tail of a record (everything after `seq`, without the closing brace) to `out`.
+pub fn write_tail(
+    out: &mut Vec<u8>,
+    id: &str,
+    received_at: SystemTime,
+    event: &Checked,
+    ty: &EventType,
+    source_fragment: &[u8],
+) {
+    let r = &event.request;
+    out.extend_from_slice(b",\"id\":\"");
+    out.extend_from_slice(id.as_bytes());
+    out.extend_from_slice(b"\",\"received_at\":\"");
+    write_rfc3339(out, received_at);
+    out.extend_from_slice(b"\",\"occurred_at\":\"");
+    match event.occurred_at {
+        Some(t) => out.extend_from_slice(
+            t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+                .as_bytes(),
+        ),
+        None => write_rfc3339(out, received_at),
+    }
+    // Type names and codes are restricted by the definition schema to characters that need no escaping.
+    out.extend_from_slice(b"\",\"type\":\"");
+    out.extend_from_slice(ty.name.as_bytes());
+    out.extend_from_slice(b"\",\"version\":");
+    out.extend_from_slice(itoa::Buffer::new().format(ty.version).as_bytes());
+    out.extend_from_slice(b",\"severity\":\"");
+    out.extend_from_slice(ty.severity.as_str().as_bytes());
+    out.push(b'"');
+    if let Some(code) = &ty.code {
+        out.extend_from_slice(b",\"code\":\"");
+        out.extend_from_slice(code.as_bytes());
+        out.push(b'"');
+    }
+    out.extend_from_slice(source_fragment);
+    let json = |out: &mut Vec<u8>, key: &[u8], value: &dyn erased::Json| {
+        out.extend_from_slice(key);
+        value.write(out);
+    };
+    if let Some(a) = &r.actor {
+        json(out, b",\"actor\":", a);
+    }
+    if let Some(t) = &r.target {
+        json(out, b",\"target\":", t);
+    }
+    if let Some(o) = r.outcome {
+        out.extend_from_slice(b",\"outcome\":\"");
+        out.extend_from_slice(o.as_str().as_bytes());
+        out.push(b'"');
+    }
+    if let Some(m) = &r.message {
+        json(out, b",\"message\":", m);
+    }
+    if let Some(p) = &r.payload {
+        json(out, b",\"payload\":", p);
+    }
+}
+
+mod erased {
+    /// Serializes compactly into a buffer; lets `write_tail` treat its JSON-valued fields alike.
+    pub trait Json {
+        fn write(&self, out: &mut Vec<u8>);
+    }
+
+    impl<T: serde::Serialize> Json for T {
+        fn write(&self, out: &mut Vec<u8>) {
+            serde_json::to_writer(out, self).expect("writing to a Vec cannot fail");
+        }
+    }
+}
+
+/// Appends `t` as RFC 3339 UTC with nanoseconds, e.g. `2026-11-23T16:12:00.123456789Z`.
+///
+/// The date and time up to the second are cached per thread, so consecutive calls within one second only format
+/// the nanoseconds.
+pub fn write_rfc3339(out: &mut Vec<u8>, t: SystemTime) {
+    thread_local! {
+        static CACHE: RefCell<(u64, [u8; 20])> = const { RefCell::new((u64::MAX, [0; 20])) };
+    }
+    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let (secs, nanos) = (since.as_secs(), since.subsec_nanos());
+    CACHE.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if cache.0 != secs {
+            let dt = chrono::DateTime::<chrono::Utc>::from_timestamp(secs as i64, 0)
+                .unwrap_or_default();
+            let text = dt.format("%Y-%m-%dT%H:%M:%S.").to_string();
+            cache.1.copy_from_slice(&text.as_bytes()[..20]);
+            cache.0 = secs;
+        }
+        out.extend_from_slice(&cache.1);
+    });
+    let mut digits = [b'0'; 9];
+    let mut n = nanos;
+    for d in digits.iter_mut().rev() {
+        *d = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    out.extend_from_slice(&digits);
+    out.push(b'Z');
+}
+
+/// The fields of a stored record that recovery and tools need without parsing the whole thing.
+#[derive(Debug, Deserialize)]
+pub struct Head {
+    /// Position in the log.
+    pub seq: u64,
+    /// Event id.
+    pub id: String,
+}
+
+/// Reads the head of a stored line; `None` when it is not a trail record.
+pub fn parse_head(line: &[u8]) -> Option<Head> {
+    serde_json::from_slice(line).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn timestamps() {
+        let check = |secs: u64, nanos: u32, expected: &str| {
+            let mut out = Vec::new();
+            write_rfc3339(&mut out, UNIX_EPOCH + Duration::new(secs, nanos));
+            assert_eq!(String::from_utf8(out).unwrap(), expected);
+        };
+        check(0, 0, "1970-01-01T00:00:00.000000000Z");
+        check(1_795_132_800, 123_456_789, "2026-11-20T00:00:00.123456789Z");
+        check(1_795_132_800, 5, "2026-11-20T00:00:00.000000005Z");
+        check(1_795_132_801, 999_999_999, "2026-11-20T00:00:01.999999999Z");
+        check(1_795_132_800, 1, "2026-11-20T00:00:00.000000001Z");
+    }
+
+    #[test]
+    fn source_fragment() {
+        let s = Source {
+            uid: 1000,
+            gid: 100,
+            pid: Some(42),
+            host: "h\"1".into(),
+        };
+        assert_eq!(
+            String::from_utf8(s.fragment()).unwrap(),
+            r#","source":{"uid":1000,"gid":100,"pid":42,"host":"h\"1"}"#
+        );
+        let s = Source { pid: None, ..s };
+        assert!(!String::from_utf8(s.fragment()).unwrap().contains("pid"));
+    }
+}
