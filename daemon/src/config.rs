@@ -74,7 +74,9 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_line_bytes: 1 << 20 }
+        Limits {
+            max_line_bytes: 1 << 20,
+        }
     }
 }
 
@@ -305,7 +307,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("octal"), "{err}");
-        let err = parse("socket: {path: /x}\nlog: {dir: l}\n").unwrap_err().to_string();
+        let err = parse("socket: {path: /x}\nlog: {dir: l}\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("event_types"), "{err}");
     }
 

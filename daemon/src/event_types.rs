@@ -266,14 +266,19 @@ fn parse_definition(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Opt
         Err(e) => {
             let message = e
                 .to_string()
-                .replace(", set DuplicateKeyPolicy in Options if acceptable", "");
+                .replace(", set DuplicateKeyPolicy in Options if acceptable", "")
+                .replace("<input>", &file.display().to_string());
             problems.push(Problem::new(file, "", format!("invalid YAML: {message}")));
             return None;
         }
     };
     let before = problems.len();
     for e in definition_validator().iter_errors(&doc) {
-        problems.push(Problem::new(file, &e.instance_path().to_string(), e.to_string()));
+        problems.push(Problem::new(
+            file,
+            &e.instance_path().to_string(),
+            e.to_string(),
+        ));
     }
     if problems.len() > before {
         return None;
@@ -357,7 +362,13 @@ impl fmt::Display for Problem {
         if self.path.is_empty() {
             write!(f, "{}: {}", self.file.display(), self.message)
         } else {
-            write!(f, "{}: {}: {}", self.file.display(), self.path, self.message)
+            write!(
+                f,
+                "{}: {}: {}",
+                self.file.display(),
+                self.path,
+                self.message
+            )
         }
     }
 }
@@ -404,7 +415,10 @@ mod tests {
         let got = problems(file, text);
         assert_eq!(got.len(), expected.len(), "{got:#?}");
         for e in expected {
-            assert!(got.iter().any(|g| g.contains(e)), "expected {e:?} in {got:#?}");
+            assert!(
+                got.iter().any(|g| g.contains(e)),
+                "expected {e:?} in {got:#?}"
+            );
         }
     }
 
@@ -431,7 +445,11 @@ mod tests {
             &format!("{GOOD}name: again\n"),
             &["invalid YAML: error: line 5 column 1: duplicate mapping key: name"],
         );
-        check("user_login.yml", &format!("{GOOD}colour: blue\n"), &["colour"]);
+        check(
+            "user_login.yml",
+            &format!("{GOOD}colour: blue\n"),
+            &["colour"],
+        );
         check(
             "user_login.yml",
             "name: user_login\nsaved_to_database: yes-ish\nstreamed: false\n",
@@ -478,11 +496,23 @@ mod tests {
     #[test]
     fn every_problem_of_every_file_is_reported() {
         let err = load(&[
-            ("a.yml", "name: b\ndescription: x\nsaved_to_database: true\nstreamed: true\n"),
+            (
+                "a.yml",
+                "name: b\ndescription: x\nsaved_to_database: true\nstreamed: true\n",
+            ),
             ("c.yml", "name: c\nsaved_to_database: 3\nstreamed: true\n"),
-            ("d.yml", "name: d\ndescription: x\nsaved_to_database: true\nstreamed: true\ncode: T1I\n"),
-            ("e.yml", "name: e\ndescription: x\nsaved_to_database: true\nstreamed: true\ncode: T1000I\n"),
-            ("f.yml", "name: f\ndescription: x\nsaved_to_database: true\nstreamed: true\ncode: T1000I\n"),
+            (
+                "d.yml",
+                "name: d\ndescription: x\nsaved_to_database: true\nstreamed: true\ncode: T1I\n",
+            ),
+            (
+                "e.yml",
+                "name: e\ndescription: x\nsaved_to_database: true\nstreamed: true\ncode: T1000I\n",
+            ),
+            (
+                "f.yml",
+                "name: f\ndescription: x\nsaved_to_database: true\nstreamed: true\ncode: T1000I\n",
+            ),
         ])
         .unwrap_err();
         let text = err.to_string();
@@ -516,9 +546,10 @@ mod tests {
         );
         let r = load(&[("user_login.yml", &text)]).unwrap();
         let t = r.get("user_login").unwrap();
-        assert!(t
-            .check_payload(&serde_json::json!({"ip": "10.0.0.1", "method": "sso"}))
-            .is_ok());
+        assert!(
+            t.check_payload(&serde_json::json!({"ip": "10.0.0.1", "method": "sso"}))
+                .is_ok()
+        );
         let v = t
             .check_payload(&serde_json::json!({"ip": "10.0.0.300"}))
             .unwrap_err();

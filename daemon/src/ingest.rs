@@ -45,7 +45,9 @@ pub struct Context {
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
     /// Another process answers on the socket.
-    #[error("socket {0} is in use by another running daemon; stop it or choose another socket.path")]
+    #[error(
+        "socket {0} is in use by another running daemon; stop it or choose another socket.path"
+    )]
     InUse(PathBuf),
     /// Something that is not a socket is in the way.
     #[error("socket {0} exists and is not a socket; remove it or choose another socket.path")]
@@ -111,7 +113,10 @@ pub async fn serve(
     }
     drop(listener);
     let open = connections.len();
-    info!(connections = open, "stopped accepting; answering what was read");
+    info!(
+        connections = open,
+        "stopped accepting; answering what was read"
+    );
     let drained = tokio::time::timeout(grace, async {
         while connections.join_next().await.is_some() {}
     })
@@ -179,7 +184,9 @@ async fn connection(stream: UnixStream, ctx: Arc<Context>, stop: CancellationTok
             slots: Vec::new(),
             batch: Batch::default(),
         };
-        framer.push(&buf[..n], |frame| handle(frame, &ctx, &fragment, &mut chunk));
+        framer.push(&buf[..n], |frame| {
+            handle(frame, &ctx, &fragment, &mut chunk)
+        });
         if !send(&ctx, chunk, &pending_tx).await {
             break;
         }
@@ -271,7 +278,10 @@ fn check<'r>(
         && let Err(details) = ty.check_payload(payload)
     {
         let message = match details.as_slice() {
-            [only] => format!("invalid payload for {name:?}: {}: {}", only.path, only.message),
+            [only] => format!(
+                "invalid payload for {name:?}: {}: {}",
+                only.path, only.message
+            ),
             many => format!("invalid payload for {name:?}: {} problems", many.len()),
         };
         return Err(Rejection {
@@ -283,7 +293,9 @@ fn check<'r>(
     if !ty.saved_to_database {
         return Err(Rejection::new(
             ErrorCode::Unavailable,
-            format!("event type {name:?} is streamed only and this daemon has no sink to deliver it to"),
+            format!(
+                "event type {name:?} is streamed only and this daemon has no sink to deliver it to"
+            ),
         ));
     }
     Ok((event, ty))
@@ -295,7 +307,9 @@ async fn respond(mut writer: OwnedWriteHalf, mut pending: mpsc::Receiver<Pending
     while let Some(p) = pending.recv().await {
         let stored = match p.ack {
             Some(ack) => ack.await.unwrap_or_else(|_| {
-                Err(Unavailable("the log writer stopped before storing the event".into()))
+                Err(Unavailable(
+                    "the log writer stopped before storing the event".into(),
+                ))
             }),
             None => Ok(0),
         };
@@ -303,7 +317,11 @@ async fn respond(mut writer: OwnedWriteHalf, mut pending: mpsc::Receiver<Pending
         for slot in &p.slots {
             match (slot, &stored) {
                 (Slot::Accepted { id }, Ok(_)) => {
-                    protocol::encode_ack(std::str::from_utf8(id).unwrap_or_default(), seq, &mut out);
+                    protocol::encode_ack(
+                        std::str::from_utf8(id).unwrap_or_default(),
+                        seq,
+                        &mut out,
+                    );
                     seq += 1;
                 }
                 (Slot::Accepted { .. }, Err(e)) => {

@@ -296,7 +296,10 @@ pub fn log_files(dir: &Path) -> Result<Vec<PathBuf>, Error> {
 
 /// The name of a log file that starts at `time` with record `first_seq`.
 pub fn file_name(time: SystemTime, first_seq: u64) -> String {
-    let secs = time.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let secs = time
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
     let t = chrono::DateTime::<chrono::Utc>::from_timestamp(secs as i64, 0).unwrap_or_default();
     format!("trail-{}-{first_seq:020}.jsonl", t.format("%Y%m%dT%H%M%SZ"))
 }
@@ -331,9 +334,7 @@ fn recover(path: &Path) -> Result<(u64, Option<u64>), Error> {
     while end > 0 {
         let (start, line) = last_line(&mut file, end).map_err(io_error(path))?;
         let complete = line.last() == Some(&b'\n');
-        if complete
-            && let Some(head) = crate::record::parse_head(&line[..line.len() - 1])
-        {
+        if complete && let Some(head) = crate::record::parse_head(&line[..line.len() - 1]) {
             last_seq = Some(head.seq);
             break;
         }
@@ -423,7 +424,11 @@ mod tests {
     fn recovery() {
         let three = format!("{}{}{}", record(1), record(2), record(3));
         let check = |content: &[u8], kept: &[u8], seq: Option<u64>, sides: usize| {
-            assert_eq!(recovered(content), (kept.to_vec(), seq, sides), "{content:?}");
+            assert_eq!(
+                recovered(content),
+                (kept.to_vec(), seq, sides),
+                "{content:?}"
+            );
         };
         check(b"", b"", None, 0);
         check(three.as_bytes(), three.as_bytes(), Some(3), 0);
@@ -433,10 +438,20 @@ mod tests {
             Some(3),
             1,
         );
-        check(format!("{three}\0\0\0").as_bytes(), three.as_bytes(), Some(3), 1);
-        check(format!("{three}garbage\n").as_bytes(), three.as_bytes(), Some(3), 1);
+        check(
+            format!("{three}\0\0\0").as_bytes(),
+            three.as_bytes(),
+            Some(3),
+            1,
+        );
+        check(
+            format!("{three}garbage\n").as_bytes(),
+            three.as_bytes(),
+            Some(3),
+            1,
+        );
         check(b"{\"seq\":1,\"i", b"", None, 1);
-        let long = format!("{}{}", record(1), record(2).repeat(1)).replace("i2", &"x".repeat(200_000));
+        let long = format!("{}{}", record(1), record(2)).replace("i2", &"x".repeat(200_000));
         check(long.as_bytes(), long.as_bytes(), Some(2), 0);
         check(format!("{long}{{").as_bytes(), long.as_bytes(), Some(2), 1);
     }

@@ -297,7 +297,8 @@ fn syntax_error(line: &[u8], e: &serde_json::Error) -> Rejection {
 fn envelope_validator() -> &'static jsonschema::Validator {
     static V: OnceLock<jsonschema::Validator> = OnceLock::new();
     V.get_or_init(|| {
-        let schema: Value = serde_json::from_str(EVENT_SCHEMA).expect("embedded event schema is JSON");
+        let schema: Value =
+            serde_json::from_str(EVENT_SCHEMA).expect("embedded event schema is JSON");
         jsonschema::draft202012::options()
             .should_validate_formats(true)
             .build(&schema)
@@ -337,13 +338,31 @@ mod tests {
         check(r#"{"type":""}"#, "invalid_event: /type");
         check(r#"{"type":"x","colour":"blue"}"#, "invalid_event: ");
         check(r#"{"type":"x","actor":{}}"#, "invalid_event: /actor");
-        check(r#"{"type":"x","actor":{"id":""}}"#, "invalid_event: /actor/id");
-        check(r#"{"type":"x","actor":{"id":"a","email":"e"}}"#, "invalid_event: /actor");
-        check(r#"{"type":"x","target":{"name":"n"}}"#, "invalid_event: /target");
+        check(
+            r#"{"type":"x","actor":{"id":""}}"#,
+            "invalid_event: /actor/id",
+        );
+        check(
+            r#"{"type":"x","actor":{"id":"a","email":"e"}}"#,
+            "invalid_event: /actor",
+        );
+        check(
+            r#"{"type":"x","target":{"name":"n"}}"#,
+            "invalid_event: /target",
+        );
         check(r#"{"type":"x","payload":[1]}"#, "invalid_event: /payload");
-        check(r#"{"type":"x","outcome":"maybe"}"#, "invalid_event: /outcome");
-        check(r#"{"type":"x","occurred_at":"yesterday"}"#, "invalid_event: /occurred_at");
-        check(r#"{"type":"x","occurred_at":"2026-11-22"}"#, "invalid_event: /occurred_at");
+        check(
+            r#"{"type":"x","outcome":"maybe"}"#,
+            "invalid_event: /outcome",
+        );
+        check(
+            r#"{"type":"x","occurred_at":"yesterday"}"#,
+            "invalid_event: /occurred_at",
+        );
+        check(
+            r#"{"type":"x","occurred_at":"2026-11-22"}"#,
+            "invalid_event: /occurred_at",
+        );
         check(
             r#"{"type":7,"outcome":"maybe","payload":"p","actor":{"id":1}}"#,
             "invalid_event: /actor/id, /outcome, /payload, /type",
@@ -354,7 +373,11 @@ mod tests {
     fn invalid_utf8_names_the_offset() {
         let r = parse(b"{\"type\":\"ab\xc3\x28\"}").unwrap_err();
         assert_eq!(r.code, ErrorCode::InvalidJson);
-        assert!(r.message.contains("UTF-8") && r.message.contains("offset 11"), "{}", r.message);
+        assert!(
+            r.message.contains("UTF-8") && r.message.contains("offset 11"),
+            "{}",
+            r.message
+        );
     }
 
     #[test]
@@ -371,8 +394,14 @@ mod tests {
         }
         .encode(&mut out);
         let text = String::from_utf8(out).unwrap();
-        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-        assert_eq!(lines[0], serde_json::json!({"ok": true, "id": "0192", "seq": 42}));
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(
+            lines[0],
+            serde_json::json!({"ok": true, "id": "0192", "seq": 42})
+        );
         assert_eq!(
             lines[1],
             serde_json::json!({"ok": false, "error": {"code": "invalid_payload", "message": "bad \"ip\"",

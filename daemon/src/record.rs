@@ -137,8 +137,8 @@ pub fn write_rfc3339(out: &mut Vec<u8>, t: SystemTime) {
     CACHE.with(|cache| {
         let mut cache = cache.borrow_mut();
         if cache.0 != secs {
-            let dt = chrono::DateTime::<chrono::Utc>::from_timestamp(secs as i64, 0)
-                .unwrap_or_default();
+            let dt =
+                chrono::DateTime::<chrono::Utc>::from_timestamp(secs as i64, 0).unwrap_or_default();
             let text = dt.format("%Y-%m-%dT%H:%M:%S.").to_string();
             cache.1.copy_from_slice(&text.as_bytes()[..20]);
             cache.0 = secs;

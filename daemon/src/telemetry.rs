@@ -1,6 +1,8 @@
 //! The daemon's own log output through `tracing`: level from `RUST_LOG` (default `info`), text or JSON lines on
 //! standard error (journald adds its own timestamps, so text output has none when run under systemd).
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// How log lines look.
@@ -19,7 +21,8 @@ pub fn init(format: Format) {
     let under_systemd = std::env::var_os("JOURNAL_STREAM").is_some();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match (format, under_systemd) {
         (Format::Json, _) => builder.json().flatten_event(true).init(),
         (Format::Text, true) => builder.without_time().with_ansi(false).init(),

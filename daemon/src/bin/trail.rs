@@ -21,7 +21,7 @@ struct Cli {
 enum Command {
     /// Submit one event built from flags, or, without --type, every NDJSON line of standard input; prints each
     /// answer. Exits 0 when all were accepted, 1 when any was refused, 2 when the daemon cannot be reached.
-    Emit(Emit),
+    Emit(Box<Emit>),
     /// Check a configuration and its event types without starting anything (exit 0 valid, 78 invalid).
     Validate {
         /// Configuration file; without it, the embedded development configuration.
@@ -78,7 +78,7 @@ struct Emit {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Emit(e) => emit(e),
+        Command::Emit(e) => emit(*e),
         Command::Validate {
             config,
             event_types,
@@ -89,7 +89,10 @@ fn main() -> ExitCode {
 fn emit(args: Emit) -> ExitCode {
     let socket = args.socket.clone().unwrap_or_else(client::default_socket);
     let unreachable = |e: std::io::Error| {
-        eprintln!("trail: cannot talk to the daemon at {}: {e}", socket.display());
+        eprintln!(
+            "trail: cannot talk to the daemon at {}: {e}",
+            socket.display()
+        );
         ExitCode::from(2)
     };
     let Some(event) = event_from_flags(&args) else {

@@ -1,0 +1,238 @@
+//! The command-line tools: `trail emit`, `trail validate`, `traild validate`, start-up refusals, readiness.
+
+use std::os::unix::net::UnixDatagram;
+use std::process::Command;
+
+use serde_json::{Value, json};
+
+use crate::util::{Daemon, repo_event_types, trail};
+
+#[test]
+fn emit_from_flags_and_from_stdin() {
+    let daemon = Daemon::start();
+    let socket = daemon.socket.to_str().unwrap();
+    let (code, out, err) = trail(
+        &[
+            "emit",
+            "--socket",
+            socket,
+            "--type",
+            "user_login",
+            "--actor-id",
+            "u-42",
+            "--actor-name",
+            "alice",
+            "--target-type",
+            "project",
+            "--target-id",
+            "p-9",
+            "--message",
+            "signed in",
+            "--outcome",
+            "success",
+            "--payload",
+            r#"{"method":"sso"}"#,
+        ],
+        "",
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("{\"ok\":true,\"id\":"), "{out}");
+    let stdin = "{\"type\":\"user_logout\"}\n\nnot json\n{\"type\":\"user_logout\",\"payload\":{\"reason\":\"expired\"}}\n";
+    let (code, out, _) = trail(&["emit", "--socket", socket], stdin);
+    assert_eq!(code, 1, "one line was refused: {out}");
+    let answers: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(answers.len(), 3);
+    assert_eq!(answers[1]["error"]["code"], json!("invalid_json"));
+    assert_eq!(answers[2]["seq"], json!(3));
+    let records = daemon.records();
+    assert_eq!(records[0]["actor"], json!({"id": "u-42", "name": "alice"}));
+    assert_eq!(
+        records[0]["target"],
+        json!({"type": "project", "id": "p-9"})
+    );
+    let (code, _, err) = trail(
+        &["emit", "--socket", "/nonexistent/trail.sock", "-t", "x"],
+        "",
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("/nonexistent/trail.sock"), "{err}");
+}
+
+#[test]
+fn the_starter_set_and_the_schemas_validate() {
+    let dir = repo_event_types();
+    let (code, out, err) = trail(&["validate", "--event-types", dir.to_str().unwrap()], "");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("ok: "), "{out}");
+    for schema in ["event-type.schema.json", "event.schema.json"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("schemas")
+            .join(schema);
+        let value: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        jsonschema::meta::validate(&value).unwrap_or_else(|e| panic!("{schema}: {e}"));
+    }
+}
+
+/// Writes `files` as an event-type directory and returns what `trail validate` and `traild` say about it.
+fn refusals(files: &[(&str, &str)]) -> (String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let types = dir.path().join("types");
+    std::fs::create_dir(&types).unwrap();
+    for (name, text) in files {
+        std::fs::write(types.join(name), text).unwrap();
+    }
+    let (code, _, validate_err) =
+        trail(&["validate", "--event-types", types.to_str().unwrap()], "");
+    assert_eq!(code, 78, "{validate_err}");
+    let config = dir.path().join("trail.yaml");
+    std::fs::write(
+        &config,
+        "socket: {path: s.sock}\nevent_types: types\nlog: {dir: log}\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_traild"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        !dir.path().join("s.sock").exists(),
+        "no socket is bound for an invalid set"
+    );
+    (
+        validate_err,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn invalid_event_type_sets_are_refused_with_every_problem() {
+    let good = "description: d\nsaved_to_database: true\nstreamed: false\n";
+    let (validate, daemon) = refusals(&[
+        ("bad_yaml.yml", "name: bad_yaml\ndescription: [\n"),
+        ("mismatch.yml", &format!("name: other_name\n{good}")),
+        (
+            "no_destination.yml",
+            "name: no_destination\ndescription: d\nsaved_to_database: false\nstreamed: false\n",
+        ),
+        (
+            "wrong_field.yml",
+            &format!("name: wrong_field\n{good}colour: blue\n"),
+        ),
+        (
+            "bad_payload.yml",
+            &format!(
+                "name: bad_payload\n{good}payload: {{type: object, properties: {{ip: {{format: ipv5}}}}}}\n"
+            ),
+        ),
+        ("code_a.yml", &format!("name: code_a\n{good}code: T9000I\n")),
+        ("code_b.yml", &format!("name: code_b\n{good}code: T9000I\n")),
+        ("dup.yml", &format!("name: dup\n{good}")),
+        ("dup.yaml", &format!("name: dup\n{good}")),
+        ("fine.yml", &format!("name: fine\n{good}")),
+    ]);
+    for text in [&validate, &daemon] {
+        for needle in [
+            "7 problem(s)",
+            "bad_yaml.yml: invalid YAML: error: line 2",
+            "mismatch.yml: /name: name \"other_name\" does not match",
+            "no_destination.yml: saved_to_database and streamed are both false",
+            "wrong_field.yml: Additional properties are not allowed ('colour'",
+            "bad_payload.yml: /payload/properties/ip/format: Unknown format: 'ipv5'",
+            "code_b.yml: /code: code \"T9000I\" is already used by",
+            "dup.yml: /name: event type \"dup\" is already defined in",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
+        }
+        assert!(!text.contains("fine.yml"), "{text}");
+    }
+}
+
+#[test]
+fn traild_validate_and_a_bad_config_exit_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("trail.yaml");
+    let types = repo_event_types();
+    std::fs::write(
+        &config,
+        format!(
+            "socket: {{path: s.sock}}\nevent_types: {}\nlog: {{dir: log}}\n",
+            types.display()
+        ),
+    )
+    .unwrap();
+    let ok = Command::new(env!("CARGO_BIN_EXE_traild"))
+        .args(["validate", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    std::fs::write(
+        &config,
+        "socket: {path: s.sock}\nevent_types: t\nlog: {dir: log, fsync: sometimes}\n",
+    )
+    .unwrap();
+    let bad = Command::new(env!("CARGO_BIN_EXE_traild"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("fsync") && err.contains("sometimes"), "{err}");
+}
+
+#[test]
+fn readiness_is_sent_to_the_service_manager_once_the_socket_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify.sock");
+    let listener = UnixDatagram::bind(&notify).unwrap();
+    listener
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let config = dir.path().join("trail.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "socket: {{path: s.sock}}\nevent_types: {}\nlog: {{dir: log}}\n",
+            repo_event_types().display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_traild"))
+        .arg("--config")
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &notify)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = listener.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"READY=1");
+    // READY=1 means the socket already accepts.
+    assert!(std::os::unix::net::UnixStream::connect(dir.path().join("s.sock")).is_ok());
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let n = listener.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn the_sample_system_config_is_valid() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/trail.yaml");
+    let config = trail::Config::load(&path).unwrap();
+    assert_eq!(
+        config.socket.path,
+        std::path::Path::new("/run/trail/trail.sock")
+    );
+    assert_eq!(config.socket.mode, 0o660);
+    assert_eq!(config.log.fsync, trail::config::FsyncPolicy::Always);
+}

@@ -1,0 +1,243 @@
+//! The test harness: a temp dir, a config, the real daemon, and helpers to talk to it and read its log.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+pub use trail::client::Client;
+
+/// The repository's own event types.
+pub fn repo_event_types() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("event-types")
+}
+
+/// Polls `f` every few milliseconds until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// What to start a daemon with.
+pub struct Setup {
+    /// Extra lines appended to the generated config.
+    pub extra_config: String,
+    /// `fsync` policy.
+    pub fsync: &'static str,
+    /// Event-type files written next to copies of the repository's types: (file name, content).
+    pub extra_types: Vec<(String, String)>,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            extra_config: String::new(),
+            fsync: "always",
+            extra_types: Vec::new(),
+        }
+    }
+}
+
+/// A running (or stopped) `traild` in its own temp dir.
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub log_dir: PathBuf,
+    pub config: PathBuf,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl Daemon {
+    /// Starts a daemon with the repository's event types and `fsync: always`.
+    pub fn start() -> Daemon {
+        Daemon::with(Setup::default())
+    }
+
+    pub fn with(setup: Setup) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let types = dir.path().join("event-types");
+        fs::create_dir(&types).unwrap();
+        for entry in fs::read_dir(repo_event_types()).unwrap() {
+            let path = entry.unwrap().path();
+            fs::copy(&path, types.join(path.file_name().unwrap())).unwrap();
+        }
+        for (name, text) in &setup.extra_types {
+            fs::write(types.join(name), text).unwrap();
+        }
+        let config = dir.path().join("trail.yaml");
+        fs::write(
+            &config,
+            format!(
+                "socket: {{path: trail.sock}}\nevent_types: event-types\nlog: {{dir: log, fsync: {}}}\nshutdown_grace: 20s\n{}",
+                setup.fsync, setup.extra_config
+            ),
+        )
+        .unwrap();
+        let mut daemon = Daemon {
+            socket: dir.path().join("trail.sock"),
+            log_dir: dir.path().join("log"),
+            config,
+            dir,
+            child: None,
+            starts: 0,
+        };
+        daemon.spawn();
+        daemon
+    }
+
+    /// Starts the binary on this daemon's config and waits until the socket accepts.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        self.starts += 1;
+        let stderr = fs::File::create(self.stderr_path(self.starts)).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_traild"))
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let up = wait_until(Duration::from_secs(20), || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("traild exited early with {status}:\n{}", self.stderr());
+            }
+            std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
+        });
+        assert!(up, "traild did not open its socket:\n{}", self.stderr());
+        self.child = Some(child);
+    }
+
+    fn stderr_path(&self, start: u32) -> PathBuf {
+        self.dir.path().join(format!("traild.{start}.stderr"))
+    }
+
+    /// What the latest run wrote to standard error.
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(self.stderr_path(self.starts)).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(&self.socket).unwrap()
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait()
+    }
+
+    /// SIGKILL, then waits for the exit.
+    pub fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        self.wait();
+    }
+
+    pub fn signal(&self, signal: i32) {
+        let pid = self.pid() as i32;
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    }
+
+    pub fn wait(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let mut status = None;
+        let exited = wait_until(Duration::from_secs(30), || {
+            status = child.try_wait().unwrap();
+            status.is_some()
+        });
+        if !exited {
+            let _ = child.kill();
+            panic!("traild did not exit:\n{}", self.stderr());
+        }
+        status.unwrap()
+    }
+
+    /// The raw lines of every log file, oldest first.
+    pub fn log_lines(&self) -> Vec<String> {
+        let mut files: Vec<PathBuf> = fs::read_dir(&self.log_dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+            .collect();
+        files.sort();
+        let mut lines = Vec::new();
+        for f in files {
+            let mut text = String::new();
+            fs::File::open(&f)
+                .unwrap()
+                .read_to_string(&mut text)
+                .unwrap();
+            assert!(
+                text.is_empty() || text.ends_with('\n'),
+                "{} ends in a torn line",
+                f.display()
+            );
+            lines.extend(text.lines().map(str::to_owned));
+        }
+        lines
+    }
+
+    /// Every record of the log, parsed.
+    pub fn records(&self) -> Vec<Value> {
+        self.log_lines()
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("corrupt line {l:?}: {e}")))
+            .collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A minimal valid event of type `user_login` whose message is `message`.
+pub fn login(message: &str) -> Value {
+    serde_json::json!({"type": "user_login", "actor": {"id": "u-42", "name": "alice"}, "message": message, "outcome": "success", "payload": {"method": "sso"}})
+}
+
+/// Runs the `trail` tool with `args` and `stdin`, returning (exit code, stdout, stderr).
+pub fn trail(args: &[&str], stdin: &str) -> (i32, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_trail"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
