@@ -38,6 +38,8 @@ pub struct Setup {
     pub fsync: &'static str,
     /// Event-type files written next to copies of the repository's types: (file name, content).
     pub extra_types: Vec<(String, String)>,
+    /// Plugin libraries installed before start: (library, installed file name).
+    pub plugins: Vec<(PathBuf, String)>,
 }
 
 impl Default for Setup {
@@ -46,6 +48,7 @@ impl Default for Setup {
             extra_config: String::new(),
             fsync: "always",
             extra_types: Vec::new(),
+            plugins: Vec::new(),
         }
     }
 }
@@ -77,12 +80,18 @@ impl Daemon {
         for (name, text) in &setup.extra_types {
             fs::write(types.join(name), text).unwrap();
         }
+        let plugins = dir.path().join("plugins");
+        fs::create_dir(&plugins).unwrap();
+        for (library, name) in &setup.plugins {
+            install_plugin(&plugins, library, name);
+        }
         let config = dir.path().join("trail.yaml");
         fs::write(
             &config,
             format!(
                 "socket: {{path: trail.sock}}\nevent_types: event-types\nlog: {{dir: log, fsync: {}}}\nshutdown_grace: 20s\n{}",
-                setup.fsync, setup.extra_config
+                setup.fsync,
+                setup.extra_config.replace("$DIR", dir.path().to_str().unwrap())
             ),
         )
         .unwrap();
@@ -240,4 +249,138 @@ pub fn trail(args: &[&str], stdin: &str) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Test plugin libraries, built from the workspace's plugin crates once per test run.
+pub mod plugins {
+    use std::collections::HashMap;
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+    use std::sync::{Mutex, OnceLock};
+
+    const PACKAGES: [&str; 5] = [
+        "trail-test-recorder",
+        "trail-test-flaky",
+        "trail-test-panicker",
+        "trail-test-incompatible",
+        "trail-sink-template",
+    ];
+
+    /// One build at a time; outputs are copied aside before the next build can overwrite them.
+    static BUILDING: Mutex<()> = Mutex::new(());
+
+    fn workspace() -> &'static Path {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+    }
+
+    /// A target directory of its own: the outer `cargo test` may hold the lock of the default one.
+    fn target_dir() -> PathBuf {
+        workspace().join("target").join("plugin-tests")
+    }
+
+    fn build(packages: &[&str], mark: Option<&str>, label: &str) -> Vec<PathBuf> {
+        let _one = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo
+            .current_dir(workspace())
+            .env("CARGO_TARGET_DIR", target_dir())
+            .args(["build", "--quiet"]);
+        for p in packages {
+            cargo.args(["-p", p]);
+        }
+        match mark {
+            Some(m) => cargo.env("TRAIL_TEST_MARK", m),
+            None => cargo.env_remove("TRAIL_TEST_MARK"),
+        };
+        assert!(cargo.status().unwrap().success(), "building {packages:?}");
+        let staged = target_dir().join("staged-daemon-tests").join(label);
+        std::fs::create_dir_all(&staged).unwrap();
+        packages
+            .iter()
+            .map(|p| {
+                let file = format!("lib{}.so", p.replace('-', "_"));
+                let to = staged.join(&file);
+                let tmp = staged.join(format!(".{file}.{}", std::process::id()));
+                std::fs::copy(target_dir().join("debug").join(&file), &tmp).unwrap();
+                std::fs::rename(&tmp, &to).unwrap();
+                to
+            })
+            .collect()
+    }
+
+    /// The library of one of the test plugin packages (or the sink template).
+    pub fn library(package: &str) -> PathBuf {
+        static BUILT: OnceLock<HashMap<String, PathBuf>> = OnceLock::new();
+        BUILT.get_or_init(|| {
+            PACKAGES
+                .iter()
+                .map(|p| p.to_string())
+                .zip(build(&PACKAGES, None, "default"))
+                .collect()
+        })[package]
+            .clone()
+    }
+
+    /// The recorder built so that it marks every record `v2`.
+    pub fn recorder_v2() -> PathBuf {
+        static BUILT: OnceLock<PathBuf> = OnceLock::new();
+        BUILT
+            .get_or_init(|| build(&["trail-test-recorder"], Some("v2"), "v2").remove(0))
+            .clone()
+    }
+}
+
+impl Daemon {
+    /// The plugin directory of this daemon's setup.
+    pub fn plugins_dir(&self) -> PathBuf {
+        self.dir.path().join("plugins")
+    }
+
+    /// Installs `library` as `plugins/<name>` the safe way: written aside, then renamed into place.
+    pub fn install_plugin(&self, library: &Path, name: &str) {
+        install_plugin(&self.plugins_dir(), library, name);
+    }
+
+    /// A path in this daemon's temp dir.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Asks the admin socket.
+    pub fn admin(&self, request: Value) -> Value {
+        trail::client::admin(&self.dir.path().join("admin.sock"), &request).unwrap()
+    }
+}
+
+/// Installs `library` into `dir` as `name`: written to a hidden temporary name, then renamed into place.
+pub fn install_plugin(dir: &Path, library: &Path, name: &str) {
+    fs::create_dir_all(dir).unwrap();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    fs::copy(library, &tmp).unwrap();
+    fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+/// The lines a recorder-style plugin wrote to `path`, parsed.
+pub fn recorded(path: &Path) -> Vec<Value> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Waits until `path` holds at least `n` recorded lines and returns them.
+pub fn wait_recorded(path: &Path, n: usize) -> Vec<Value> {
+    let mut lines = Vec::new();
+    let ok = wait_until(Duration::from_secs(60), || {
+        lines = recorded(path);
+        lines.len() >= n
+    });
+    assert!(
+        ok,
+        "{} holds {} records, expected {n}",
+        path.display(),
+        lines.len()
+    );
+    lines
 }

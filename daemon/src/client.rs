@@ -16,6 +16,19 @@ pub fn default_socket() -> PathBuf {
     }
 }
 
+/// The admin socket a client uses when none is given: `$TRAIL_ADMIN_SOCKET`, else the development default.
+pub fn default_admin_socket() -> PathBuf {
+    match std::env::var_os("TRAIL_ADMIN_SOCKET") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => crate::Config::development().admin_socket(),
+    }
+}
+
+/// Sends one request to the admin socket and returns the answer.
+pub fn admin(socket: &Path, request: &Value) -> std::io::Result<Value> {
+    Client::connect(socket)?.emit(request)
+}
+
 /// One connection that sends a request and reads its answer.
 pub struct Client {
     writer: UnixStream,

@@ -29,6 +29,136 @@ pub struct Config {
     /// Host name stamped into `source.host`; defaults to the kernel's host name.
     #[serde(default)]
     pub host_name: Option<String>,
+    /// Directory of sink plugin libraries (`*.so`), watched for new and replaced files.
+    #[serde(default)]
+    pub plugins_dir: Option<PathBuf>,
+    /// The durable queue of streamed events; used when sinks are configured.
+    #[serde(default)]
+    pub spool: SpoolSettings,
+    /// Where streamed events go.
+    #[serde(default)]
+    pub sinks: Vec<SinkConfig>,
+    /// The admin socket (`trail status`, `trail reload`, `trail replay`); default: `admin.sock` beside the
+    /// submission socket.
+    #[serde(default)]
+    pub admin_socket: Option<PathBuf>,
+}
+
+/// The spool as written in the configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolSettings {
+    /// Directory of spool segments and sink cursors; default: `spool` beside the log directory.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// Most bytes of undelivered events kept; default 1 GiB.
+    #[serde(default, deserialize_with = "de_opt_size")]
+    pub max_bytes: Option<u64>,
+    /// What happens when it is full.
+    #[serde(default)]
+    pub when_full: WhenFull,
+}
+
+/// The spool, resolved.
+#[derive(Debug, Clone)]
+pub struct SpoolConfig {
+    /// Directory.
+    pub dir: PathBuf,
+    /// Bound on undelivered bytes.
+    pub max_bytes: u64,
+    /// Policy when full.
+    pub when_full: WhenFull,
+    /// Size at which a segment file is closed and a new one started.
+    pub segment_bytes: u64,
+}
+
+/// What to do when the spool is full.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Clients wait until sinks catch up: nothing is lost. The default.
+    #[default]
+    Block,
+    /// The slowest sinks skip their oldest events; every skipped event is counted and audited.
+    DropOldest,
+}
+
+/// One sink: an instance of a plugin with its own configuration, filter, batching and retry policy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    /// Unique name, used in logs, status, cursor and dead-letter files.
+    pub name: String,
+    /// The name the plugin declares.
+    pub plugin: String,
+    /// Which events it receives.
+    #[serde(default)]
+    pub events: crate::sinks::filter::FilterConfig,
+    /// Passed to the plugin's constructor as JSON.
+    #[serde(default = "empty_object")]
+    pub config: serde_json::Value,
+    /// How records are grouped into writes.
+    #[serde(default)]
+    pub batch: BatchConfig,
+    /// How failed writes are retried.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// A sink with undelivered events and no progress for this long is reported stuck.
+    #[serde(default = "default_stuck", deserialize_with = "de_duration")]
+    pub stuck_after: Duration,
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::Value::Object(Default::default())
+}
+
+fn default_stuck() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// Batching of one sink.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// Most records per write.
+    pub max_events: usize,
+    /// About the most bytes of record lines per write.
+    #[serde(deserialize_with = "de_size")]
+    pub max_bytes: u64,
+    /// Longest a record waits for its batch to fill.
+    #[serde(deserialize_with = "de_duration")]
+    pub max_wait: Duration,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_events: 500,
+            max_bytes: 1 << 20,
+            max_wait: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Retries of one sink: exponential backoff with full jitter between `initial` and `max`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// First delay.
+    #[serde(deserialize_with = "de_duration")]
+    pub initial: Duration,
+    /// Cap on the delay.
+    #[serde(deserialize_with = "de_duration")]
+    pub max: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(30),
+        }
+    }
 }
 
 /// The submission socket.
@@ -159,6 +289,10 @@ impl Config {
             limits: Limits::default(),
             shutdown_grace: default_grace(),
             host_name: None,
+            plugins_dir: None,
+            spool: SpoolSettings::default(),
+            sinks: Vec::new(),
+            admin_socket: None,
         };
         let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
         config.resolve(&cwd);
@@ -166,11 +300,20 @@ impl Config {
     }
 
     fn resolve(&mut self, base: &Path) {
+        let optional = [
+            self.plugins_dir.as_mut(),
+            self.spool.dir.as_mut(),
+            self.admin_socket.as_mut(),
+        ];
         for path in [
-            &mut self.socket.path,
-            &mut self.event_types,
-            &mut self.log.dir,
-        ] {
+            Some(&mut self.socket.path),
+            Some(&mut self.event_types),
+            Some(&mut self.log.dir),
+        ]
+        .into_iter()
+        .chain(optional)
+        .flatten()
+        {
             if path.is_relative() {
                 *path = base.join(&*path);
             }
@@ -204,7 +347,74 @@ impl Config {
         if matches!(&self.host_name, Some(h) if h.trim().is_empty()) {
             return Err(invalid("host_name: must not be empty".into()));
         }
+        if !self.sinks.is_empty() && self.plugins_dir.is_none() {
+            return Err(invalid(
+                "sinks are configured but plugins_dir is not: say where the plugin libraries are"
+                    .into(),
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, sink) in self.sinks.iter().enumerate() {
+            let at = format!("sinks[{i}]");
+            let valid_name = !sink.name.is_empty()
+                && sink
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !valid_name {
+                return Err(invalid(format!(
+                    "{at}.name: {:?} must be letters, digits, '-' or '_' (it names files)",
+                    sink.name
+                )));
+            }
+            if !names.insert(&sink.name) {
+                return Err(invalid(format!(
+                    "{at}.name: {:?} is used by another sink; sink names must be unique",
+                    sink.name
+                )));
+            }
+            if sink.batch.max_events == 0 || sink.batch.max_bytes == 0 {
+                return Err(invalid(format!(
+                    "{at}.batch: max_events and max_bytes must be at least 1"
+                )));
+            }
+            if sink.retry.initial.is_zero() || sink.retry.max < sink.retry.initial {
+                return Err(invalid(format!(
+                    "{at}.retry: initial must be above zero and max at least initial"
+                )));
+            }
+            if let Err(e) = crate::sinks::filter::Filter::new(&sink.events) {
+                return Err(invalid(format!("{at}.events: {e}")));
+            }
+        }
         Ok(())
+    }
+
+    /// The spool's settings with defaults filled in.
+    pub fn spool(&self) -> SpoolConfig {
+        SpoolConfig {
+            dir: self.spool.dir.clone().unwrap_or_else(|| {
+                self.log
+                    .dir
+                    .parent()
+                    .unwrap_or(Path::new("."))
+                    .join("spool")
+            }),
+            max_bytes: self.spool.max_bytes.unwrap_or(1 << 30),
+            when_full: self.spool.when_full,
+            segment_bytes: 64 << 20,
+        }
+    }
+
+    /// The admin socket's path.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.admin_socket.clone().unwrap_or_else(|| {
+            self.socket
+                .path
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("admin.sock")
+        })
     }
 }
 
@@ -260,6 +470,51 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         Raw::Seconds(s) => Ok(Duration::from_secs(s)),
         Raw::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
     }
+}
+
+/// Parses a size such as `512`, `64KiB`, `16MiB`, `1GiB` (also `KB`/`MB`/`GB`, as powers of 1000).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size; write e.g. 4096, 64KiB, 16MiB, 1GiB"))?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => {
+            return Err(format!(
+                "{text:?}: unknown unit {other:?}; use KiB, MiB or GiB"
+            ));
+        }
+    };
+    n.checked_mul(factor)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Bytes(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Bytes(b) => Ok(b),
+        Raw::Text(t) => parse_size(&t).map_err(serde::de::Error::custom),
+    }
+}
+
+fn de_opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    de_size(d).map(Some)
 }
 
 fn de_mode<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {

@@ -12,6 +12,27 @@ use std::sync::{Arc, OnceLock};
 use serde::Deserialize;
 use serde_json::Value;
 
+/// The daemon's own event types, embedded so that they exist whatever the configured directory holds (a file of
+/// the same name in the directory takes precedence).
+pub const BUILTIN: &[(&str, &str)] = &[
+    (
+        "trail_plugin_loaded.yml",
+        include_str!("../../event-types/trail_plugin_loaded.yml"),
+    ),
+    (
+        "trail_plugin_reloaded.yml",
+        include_str!("../../event-types/trail_plugin_reloaded.yml"),
+    ),
+    (
+        "trail_plugin_failed.yml",
+        include_str!("../../event-types/trail_plugin_failed.yml"),
+    ),
+    (
+        "trail_sink_events_dropped.yml",
+        include_str!("../../event-types/trail_sink_events_dropped.yml"),
+    ),
+];
+
 /// The JSON Schema every definition file must satisfy.
 pub const DEFINITION_SCHEMA: &str = include_str!("../../schemas/event-type.schema.json");
 
@@ -125,6 +146,18 @@ impl Registry {
         files.sort();
         let mut sources = Vec::with_capacity(files.len());
         let mut problems = Vec::new();
+        for (name, text) in BUILTIN {
+            let stem = name.trim_end_matches(".yml");
+            let defined = files
+                .iter()
+                .any(|f| f.file_stem().and_then(|s| s.to_str()) == Some(stem));
+            if !defined {
+                sources.push((
+                    PathBuf::from(format!("(built in)/{name}")),
+                    text.to_string(),
+                ));
+            }
+        }
         for file in files {
             match std::fs::read_to_string(&file) {
                 Ok(text) => sources.push((file, text)),

@@ -5,6 +5,7 @@
 //! order). The two are joined by a bounded queue and the journal's queue is bounded too, so a slow disk or a
 //! client that does not read its answers stops the reading, never grows memory.
 
+use std::collections::HashSet;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,8 +20,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::event_types::{EventType, Registry};
+
 use crate::framing::{Frame, Framer};
-use crate::journal::{Ack, Batch, Submitter, Unavailable};
+use crate::journal::{Ack, Batch, Route, Submitter, Unavailable};
 use crate::protocol::{self, ErrorCode, Rejection};
 use crate::record::{self, Source};
 
@@ -39,6 +41,8 @@ pub struct Context {
     pub host: String,
     /// Longest accepted request line.
     pub max_line_bytes: usize,
+    /// Event types at least one sink receives.
+    pub streamed_types: HashSet<String>,
 }
 
 /// The socket could not be set up.
@@ -239,8 +243,8 @@ fn handle(frame: Frame<'_>, ctx: &Context, source: &[u8], chunk: &mut Chunk) {
         Frame::Line(line) if line.iter().all(u8::is_ascii_whitespace) => return,
         Frame::Line(line) => line,
     };
-    let slot = match check(line, &ctx.registry) {
-        Ok((event, ty)) => {
+    let slot = match check(line, ctx) {
+        Ok((event, ty, route)) => {
             let id = uuid::Uuid::now_v7();
             let mut text = [0u8; 36];
             id.hyphenated().encode_lower(&mut text);
@@ -253,7 +257,7 @@ fn handle(frame: Frame<'_>, ctx: &Context, source: &[u8], chunk: &mut Chunk) {
                 ty,
                 source,
             );
-            chunk.batch.end_record();
+            chunk.batch.end_record(route);
             Slot::Accepted { id: text }
         }
         Err(rejection) => Slot::Rejected(rejection),
@@ -262,13 +266,13 @@ fn handle(frame: Frame<'_>, ctx: &Context, source: &[u8], chunk: &mut Chunk) {
 }
 
 /// Checks a request line completely: envelope, type, payload, destination.
-fn check<'r>(
+fn check<'c>(
     line: &[u8],
-    registry: &'r Registry,
-) -> Result<(protocol::Checked, &'r EventType), Rejection> {
+    ctx: &'c Context,
+) -> Result<(protocol::Checked, &'c EventType, Route), Rejection> {
     let event = protocol::parse(line)?;
     let name = &event.request.event_type;
-    let Some(ty) = registry.get(name) else {
+    let Some(ty) = ctx.registry.get(name) else {
         return Err(Rejection::new(
             ErrorCode::UnknownType,
             format!("event type {name:?} is not defined"),
@@ -290,15 +294,39 @@ fn check<'r>(
             details,
         });
     }
-    if !ty.saved_to_database {
+    let route = Route {
+        persist: ty.saved_to_database,
+        stream: ty.streamed && ctx.streamed_types.contains(name),
+    };
+    if !route.persist && !route.stream {
         return Err(Rejection::new(
             ErrorCode::Unavailable,
             format!(
-                "event type {name:?} is streamed only and this daemon has no sink to deliver it to"
+                "event type {name:?} is streamed only and no configured sink receives it; \
+                 it was not stored (configure a sink whose events filter matches it)"
             ),
         ));
     }
-    Ok((event, ty))
+    Ok((event, ty, route))
+}
+
+/// Records one of the daemon's own events (a request line) through the same checks and journal as a client's,
+/// attributed to `source`. Returns its `seq`.
+pub async fn record_own(ctx: &Context, line: &[u8], source: &[u8]) -> Result<u64, Rejection> {
+    let mut chunk = Chunk {
+        slots: Vec::new(),
+        batch: Batch::default(),
+    };
+    handle(Frame::Line(line), ctx, source, &mut chunk);
+    if let Some(Slot::Rejected(r)) = chunk.slots.pop() {
+        return Err(r);
+    }
+    ctx.submitter
+        .submit(chunk.batch)
+        .await
+        .await
+        .unwrap_or_else(|_| Err(Unavailable("the log writer stopped".into())))
+        .map_err(|e| Rejection::new(ErrorCode::Unavailable, e.0))
 }
 
 /// Writes the answers of a connection in request order, each once its records are durable.

@@ -10,6 +10,8 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -55,11 +57,21 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
-/// Record tails for one submission, in one buffer (see [`crate::record`]).
+/// Record tails for one submission, in one buffer (see [`crate::record`]), and where each record goes.
 #[derive(Debug, Default)]
 pub struct Batch {
     buf: Vec<u8>,
     ends: Vec<usize>,
+    routes: Vec<Route>,
+}
+
+/// Where a record is written: the log, the spool (for sinks), or both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    /// Written to the JSON-lines log.
+    pub persist: bool,
+    /// Written to the spool for sinks.
+    pub stream: bool,
 }
 
 impl Batch {
@@ -68,9 +80,10 @@ impl Batch {
         &mut self.buf
     }
 
-    /// Marks the end of the tail just written.
-    pub fn end_record(&mut self) {
+    /// Marks the end of the tail just written and says where the record goes.
+    pub fn end_record(&mut self, route: Route) {
         self.ends.push(self.buf.len());
+        self.routes.push(route);
     }
 
     /// Number of records.
@@ -83,13 +96,16 @@ impl Batch {
         self.ends.is_empty()
     }
 
-    fn tails(&self) -> impl Iterator<Item = &[u8]> {
+    fn tails(&self) -> impl Iterator<Item = (&[u8], Route)> {
         let mut start = 0;
-        self.ends.iter().map(move |&end| {
-            let tail = &self.buf[start..end];
-            start = end;
-            tail
-        })
+        self.ends
+            .iter()
+            .zip(&self.routes)
+            .map(move |(&end, &route)| {
+                let tail = &self.buf[start..end];
+                start = end;
+                (tail, route)
+            })
     }
 }
 
@@ -103,7 +119,8 @@ pub type Ack = oneshot::Receiver<Result<u64, Unavailable>>;
 
 struct Submission {
     batch: Batch,
-    done: oneshot::Sender<Result<u64, Unavailable>>,
+    /// Taken when answered.
+    done: Option<oneshot::Sender<Result<u64, Unavailable>>>,
 }
 
 /// A handle that submits batches to the writer; cheap to clone, one per connection.
@@ -117,10 +134,14 @@ impl Submitter {
     /// durable (or could not be stored).
     pub async fn submit(&self, batch: Batch) -> Ack {
         let (done, ack) = oneshot::channel();
-        if let Err(mpsc::error::SendError(s)) = self.tx.send(Submission { batch, done }).await {
-            let _ = s
-                .done
-                .send(Err(Unavailable("the log writer has stopped".into())));
+        let submission = Submission {
+            batch,
+            done: Some(done),
+        };
+        if let Err(mpsc::error::SendError(s)) = self.tx.send(submission).await
+            && let Some(done) = s.done
+        {
+            let _ = done.send(Err(Unavailable("the log writer has stopped".into())));
         }
         ack
     }
@@ -131,15 +152,25 @@ pub struct Journal {
     thread: JoinHandle<()>,
 }
 
+/// What the writer needs besides the log directory.
+pub struct Options {
+    /// When records are synced.
+    pub fsync: FsyncPolicy,
+    /// The spool's writing end, when sinks are configured.
+    pub spool: Option<crate::spool::Writer>,
+    /// Set when the daemon is stopping: a writer waiting for room in a full spool gives up.
+    pub stopping: Arc<AtomicBool>,
+}
+
 impl Journal {
     /// Opens (and if needed recovers) the log in `dir` and starts the writer thread.
-    pub fn start(dir: &Path, fsync: FsyncPolicy) -> Result<(Journal, Submitter), Error> {
+    pub fn start(dir: &Path, options: Options) -> Result<(Journal, Submitter), Error> {
         let log = LogFile::open(dir)?;
         info!(file = %log.path.display(), next_seq = log.next_seq, "log open");
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let thread = std::thread::Builder::new()
             .name("trail-journal".into())
-            .spawn(move || writer(log, rx, fsync))
+            .spawn(move || writer(log, rx, options))
             .map_err(io_error(dir))?;
         Ok((Journal { thread }, Submitter { tx }))
     }
@@ -152,10 +183,12 @@ impl Journal {
     }
 }
 
-fn writer(mut log: LogFile, mut rx: mpsc::Receiver<Submission>, fsync: FsyncPolicy) {
+fn writer(mut log: LogFile, mut rx: mpsc::Receiver<Submission>, mut options: Options) {
     let mut group: Vec<Submission> = Vec::new();
     let mut out: Vec<u8> = Vec::with_capacity(GROUP_BYTES + (1 << 20));
+    let mut streamed: Vec<u8> = Vec::new();
     let mut seq_text = itoa::Buffer::new();
+    let sync = options.fsync == FsyncPolicy::Always;
     while let Some(first) = rx.blocking_recv() {
         let mut bytes = first.batch.buf.len();
         group.push(first);
@@ -168,43 +201,122 @@ fn writer(mut log: LogFile, mut rx: mpsc::Receiver<Submission>, fsync: FsyncPoli
                 Err(_) => break,
             }
         }
-        out.clear();
-        let first_seq = log.next_seq;
-        let mut seq = first_seq;
-        for s in &group {
-            for tail in s.batch.tails() {
-                out.extend_from_slice(b"{\"seq\":");
-                out.extend_from_slice(seq_text.format(seq).as_bytes());
-                out.extend_from_slice(tail);
-                out.extend_from_slice(b"}\n");
-                seq += 1;
+        // Commit the group in parts when the spool cannot take all of it now: what fits is acknowledged
+        // without waiting for room for the rest.
+        let mut pending = &mut group[..];
+        while !pending.is_empty() {
+            out.clear();
+            streamed.clear();
+            let first_seq = log.next_seq;
+            let mut seq = first_seq;
+            let mut taken = 0;
+            for s in pending.iter() {
+                let (out_len, streamed_len) = (out.len(), streamed.len());
+                for (tail, route) in s.batch.tails() {
+                    let start = out.len();
+                    out.extend_from_slice(b"{\"seq\":");
+                    out.extend_from_slice(seq_text.format(seq).as_bytes());
+                    out.extend_from_slice(tail);
+                    out.extend_from_slice(b"}\n");
+                    if route.stream {
+                        streamed.extend_from_slice(&out[start..]);
+                    }
+                    if !route.persist {
+                        out.truncate(start);
+                    }
+                    seq += 1;
+                }
+                let fits = options
+                    .spool
+                    .as_ref()
+                    .is_none_or(|spool| spool.fits(streamed.len() as u64));
+                if taken > 0 && !fits {
+                    out.truncate(out_len);
+                    streamed.truncate(streamed_len);
+                    seq -= s.batch.len() as u64;
+                    break;
+                }
+                taken += 1;
+            }
+            let (part, rest) = std::mem::take(&mut pending).split_at_mut(taken);
+            pending = rest;
+            let started = Instant::now();
+            match store(&mut log, &out, &streamed, sync, &mut options) {
+                Ok(()) => {
+                    log.next_seq = seq;
+                    let mut seq = first_seq;
+                    for s in part.iter_mut() {
+                        let n = s.batch.len() as u64;
+                        if let Some(done) = s.done.take() {
+                            let _ = done.send(Ok(seq));
+                        }
+                        seq += n;
+                    }
+                    debug!(records = seq - first_seq, bytes = out.len() + streamed.len(), elapsed = ?started.elapsed(), "group committed");
+                }
+                Err(reason) => {
+                    error!(file = %log.path.display(), error = %reason, records = seq - first_seq, "cannot store events; answering unavailable");
+                    for s in part.iter_mut() {
+                        if let Some(done) = s.done.take() {
+                            let _ = done.send(Err(reason.clone()));
+                        }
+                    }
+                }
             }
         }
-        let started = Instant::now();
-        match log.append(&out, fsync) {
-            Ok(()) => {
-                log.next_seq = seq;
-                let mut seq = first_seq;
-                for s in group.drain(..) {
-                    let n = s.batch.len() as u64;
-                    let _ = s.done.send(Ok(seq));
-                    seq += n;
-                }
-                debug!(records = seq - first_seq, bytes = out.len(), elapsed = ?started.elapsed(), "group committed");
-            }
-            Err(e) => {
-                error!(file = %log.path.display(), error = %e, records = seq - first_seq, "cannot write the log; answering unavailable");
-                let reason = Unavailable(format!("the log cannot be written ({e}); retry later"));
-                for s in group.drain(..) {
-                    let _ = s.done.send(Err(reason.clone()));
-                }
-            }
-        }
+        group.clear();
     }
     if let Err(e) = log.file.sync_all() {
         error!(file = %log.path.display(), error = %e, "final sync failed");
     }
+    if let Some(spool) = &options.spool {
+        spool.close();
+    }
     info!(next_seq = log.next_seq, "log closed");
+}
+
+/// Writes a group to the log and the spool; on success both are durable (per `sync`) and the spooled records are
+/// visible to sinks. On failure nothing of the group remains in either.
+fn store(
+    log: &mut LogFile,
+    persisted: &[u8],
+    streamed: &[u8],
+    sync: bool,
+    options: &mut Options,
+) -> Result<(), Unavailable> {
+    let spool = match (&mut options.spool, streamed.is_empty()) {
+        (_, true) => None,
+        (Some(spool), false) => Some(spool),
+        (None, false) => {
+            return Err(Unavailable(
+                "no spool is configured for streamed events".into(),
+            ));
+        }
+    };
+    if let Some(spool) = spool {
+        let stopping = options.stopping.clone();
+        spool
+            .reserve(streamed.len() as u64, &|| stopping.load(Ordering::Relaxed))
+            .map_err(|e| Unavailable(format!("{e}; retry later")))?;
+        if !persisted.is_empty() {
+            log.append(persisted, sync).map_err(|e| {
+                Unavailable(format!("the log cannot be written ({e}); retry later"))
+            })?;
+        }
+        if let Err(e) = spool.append(streamed, sync) {
+            log.undo(persisted.len() as u64);
+            return Err(Unavailable(format!(
+                "the spool cannot be written ({e}); retry later"
+            )));
+        }
+        spool.publish();
+        return Ok(());
+    }
+    if !persisted.is_empty() {
+        log.append(persisted, sync)
+            .map_err(|e| Unavailable(format!("the log cannot be written ({e}); retry later")))?;
+    }
+    Ok(())
 }
 
 /// The file being appended to.
@@ -260,15 +372,15 @@ impl LogFile {
         })
     }
 
-    fn append(&mut self, bytes: &[u8], fsync: FsyncPolicy) -> std::io::Result<()> {
+    fn append(&mut self, bytes: &[u8], sync: bool) -> std::io::Result<()> {
         if self.dirty {
             self.file.set_len(self.len)?;
             self.dirty = false;
         }
-        let result = self.file.write_all(bytes).and_then(|()| match fsync {
-            FsyncPolicy::Always => self.file.sync_data(),
-            FsyncPolicy::Never => Ok(()),
-        });
+        let result = self
+            .file
+            .write_all(bytes)
+            .and_then(|()| if sync { self.file.sync_data() } else { Ok(()) });
         match result {
             Ok(()) => {
                 self.len += bytes.len() as u64;
@@ -279,6 +391,17 @@ impl LogFile {
                 self.dirty = self.file.set_len(self.len).is_err();
                 Err(e)
             }
+        }
+    }
+}
+
+impl LogFile {
+    /// Takes back the last `bytes` appended (their group could not be completed).
+    fn undo(&mut self, bytes: u64) {
+        self.len -= bytes;
+        self.dirty = self.file.set_len(self.len).is_err();
+        if !self.dirty {
+            let _ = self.file.sync_data();
         }
     }
 }
@@ -322,7 +445,7 @@ fn sync_dir(dir: &Path) -> Result<(), Error> {
 
 /// Cuts whatever follows the last complete record of `path` (a crash can leave a torn line), keeping the cut bytes
 /// in a side file. Returns the new length and the last record's `seq`.
-fn recover(path: &Path) -> Result<(u64, Option<u64>), Error> {
+pub(crate) fn recover(path: &Path) -> Result<(u64, Option<u64>), Error> {
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)

@@ -4,6 +4,8 @@
 //! its event type ([`event_types`]), stamped with who sent it ([`record`]) and written durably to a JSON-lines log
 //! ([`journal`]) before it is acknowledged. See ARCHITECTURE.md for the map.
 
+pub mod admin;
+pub mod audit;
 pub mod client;
 pub mod config;
 pub mod event_types;
@@ -13,13 +15,18 @@ pub mod journal;
 pub mod protocol;
 pub mod record;
 pub mod shutdown;
+pub mod sinks;
+pub mod spool;
 pub mod systemd;
 pub mod telemetry;
 
+use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{error, info, warn};
 
 pub use config::Config;
 
@@ -41,14 +48,20 @@ pub enum Error {
     /// The socket cannot be bound.
     #[error(transparent)]
     Socket(#[from] ingest::BindError),
+    /// The sinks cannot be set up.
+    #[error(transparent)]
+    Sinks(#[from] sinks::Error),
+    /// The spool cannot be opened.
+    #[error(transparent)]
+    Spool(#[from] spool::Error),
 }
 
 impl Error {
     /// The process exit code for this error: [`EXIT_CONFIG`] for mistakes in configuration, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Config(_) | Error::EventTypes(_) => EXIT_CONFIG,
-            Error::Log(_) | Error::Socket(_) => 1,
+            Error::Config(_) | Error::EventTypes(_) | Error::Sinks(_) => EXIT_CONFIG,
+            Error::Log(_) | Error::Socket(_) | Error::Spool(_) => 1,
         }
     }
 }
@@ -60,35 +73,154 @@ pub struct Validated {
     pub registry: event_types::Registry,
 }
 
-/// Checks a configuration's event types without starting anything.
+/// Checks a configuration's event types and sinks (loading every plugin and building every sink once) without
+/// starting anything.
 pub fn validate(config: &Config) -> Result<Validated, Error> {
     let registry = event_types::Registry::load_dir(&config.event_types)?;
+    sinks::check(config)?;
     Ok(Validated { registry })
 }
 
 /// Runs the daemon until `stop` is cancelled: everything is checked before the socket is bound; on stop, the
-/// socket stops accepting, connections answer what they read, and the log is synced.
+/// socket stops accepting, connections answer what they read, sinks finish their current write and save their
+/// positions, and the log is synced.
 pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
-    let Validated { registry } = validate(&config)?;
+    let started = Instant::now();
+    let registry = event_types::Registry::load_dir(&config.event_types)?;
     info!(count = registry.len(), dir = %config.event_types.display(), "event types loaded");
-    let (journal, submitter) = journal::Journal::start(&config.log.dir, config.log.fsync)?;
+    let sink_types = sinks::routes(&config.sinks, &registry);
+    let streamed_types: HashSet<String> = sink_types.iter().flatten().cloned().collect();
+    let (auditor, audit_rx) = audit::Auditor::new();
+    let stopping = Arc::new(AtomicBool::new(false));
+    let (spool_writer, sinks) = if config.sinks.is_empty() {
+        (None, None)
+    } else {
+        let names: Vec<String> = config.sinks.iter().map(|s| s.name.clone()).collect();
+        let (writer, spool) = spool::open(&config.spool(), &names)?;
+        let (config_for_sinks, auditor) = (config.clone(), auditor.clone());
+        let sinks = tokio::task::spawn_blocking(move || {
+            sinks::Sinks::start(&config_for_sinks, sink_types, spool, auditor)
+        })
+        .await
+        .expect("starting sinks")?;
+        (Some(writer), Some(Arc::new(sinks)))
+    };
+    let (journal, submitter) = journal::Journal::start(
+        &config.log.dir,
+        journal::Options {
+            fsync: config.log.fsync,
+            spool: spool_writer,
+            stopping: stopping.clone(),
+        },
+    )?;
     let listener = ingest::bind(&config.socket.path, config.socket.mode)?;
+    let admin_path = config.admin_socket();
+    let admin_listener = ingest::bind(&admin_path, 0o600)?;
+    let event_type_count = registry.len();
     let ctx = Arc::new(ingest::Context {
         registry: Arc::new(registry),
         submitter,
         host: config.host_name.clone().unwrap_or_else(host_name),
         max_line_bytes: config.limits.max_line_bytes,
+        streamed_types,
     });
-    info!(socket = %config.socket.path.display(), log = %config.log.dir.display(), fsync = ?config.log.fsync, "accepting events");
+    let background = CancellationToken::new();
+    let audit_task = tokio::spawn(record_own_events(ctx.clone(), audit_rx, background.clone()));
+    let admin = Arc::new(admin::Admin {
+        sinks: sinks.clone(),
+        event_types: event_type_count,
+        started,
+    });
+    tokio::spawn(admin::serve(admin_listener, admin, background.clone()));
+    let watcher = match &sinks {
+        Some(s) => {
+            tokio::spawn(reload_on_sighup(s.clone(), background.clone()));
+            tokio::spawn(watch_stuck(s.clone(), background.clone()));
+            match sinks::watch::start(s.clone()) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    warn!(error = %e, "cannot watch the plugin directory; reload with SIGHUP or `trail reload`");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    info!(socket = %config.socket.path.display(), admin = %admin_path.display(), log = %config.log.dir.display(), fsync = ?config.log.fsync, sinks = config.sinks.len(), "accepting events");
     systemd::notify("READY=1");
     ingest::serve(listener, ctx, stop, config.shutdown_grace).await;
     systemd::notify("STOPPING=1");
     let _ = std::fs::remove_file(&config.socket.path);
+    stopping.store(true, Ordering::Relaxed);
+    drop(watcher);
+    if let Some(s) = &sinks {
+        let s = s.clone();
+        tokio::task::spawn_blocking(move || s.stop())
+            .await
+            .expect("stopping sinks");
+    }
+    drop(sinks);
+    drop(auditor);
+    background.cancel();
+    let _ = audit_task.await;
+    let _ = std::fs::remove_file(&admin_path);
     tokio::task::spawn_blocking(move || journal.join())
         .await
         .expect("joining the log writer");
     info!("stopped");
     Ok(())
+}
+
+/// Records the daemon's own audit events, attributed to its own process, until `done` (then drains what is queued).
+async fn record_own_events(
+    ctx: Arc<ingest::Context>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    done: CancellationToken,
+) {
+    let source = record::Source {
+        uid: unsafe { libc::geteuid() },
+        gid: unsafe { libc::getegid() },
+        pid: Some(std::process::id() as i32),
+        host: ctx.host.clone(),
+    }
+    .fragment();
+    loop {
+        let line = tokio::select! {
+            biased;
+            line = rx.recv() => match line { Some(l) => l, None => break },
+            _ = done.cancelled() => match rx.try_recv() { Ok(l) => l, Err(_) => break },
+        };
+        if let Err(r) = ingest::record_own(&ctx, &line, &source).await {
+            error!(error = %r.message, event = %String::from_utf8_lossy(&line), "cannot record the daemon's own audit event");
+        }
+    }
+}
+
+async fn reload_on_sighup(sinks: Arc<sinks::Sinks>, done: CancellationToken) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        warn!("cannot handle SIGHUP; use `trail reload`");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = done.cancelled() => return,
+            _ = hup.recv() => {
+                info!("SIGHUP: rescanning the plugin directory");
+                let s = sinks.clone();
+                let _ = tokio::task::spawn_blocking(move || s.reload_all()).await;
+            }
+        }
+    }
+}
+
+async fn watch_stuck(sinks: Arc<sinks::Sinks>, done: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = done.cancelled() => return,
+            _ = tick.tick() => sinks.watch_stuck(),
+        }
+    }
 }
 
 /// The kernel's host name, or `localhost` when it cannot be read.

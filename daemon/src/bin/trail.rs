@@ -22,6 +22,18 @@ enum Command {
     /// Submit one event built from flags, or, without --type, every NDJSON line of standard input; prints each
     /// answer. Exits 0 when all were accepted, 1 when any was refused, 2 when the daemon cannot be reached.
     Emit(Box<Emit>),
+    /// Show the running daemon's state: sinks (delivered, dead letters, backlog, stuck), plugins and their
+    /// generations, the spool.
+    Status(AdminArgs),
+    /// Make the running daemon rescan its plugin directory and swap in changed plugin libraries (as SIGHUP does).
+    Reload(AdminArgs),
+    /// Send a sink's dead letters again; those refused again go back to its dead-letter file.
+    Replay {
+        /// The sink's name.
+        sink: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Check a configuration and its event types without starting anything (exit 0 valid, 78 invalid).
     Validate {
         /// Configuration file; without it, the embedded development configuration.
@@ -31,6 +43,13 @@ enum Command {
         #[arg(long)]
         event_types: Option<PathBuf>,
     },
+}
+
+#[derive(ClapArgs)]
+struct AdminArgs {
+    /// The daemon's admin socket [default: $TRAIL_ADMIN_SOCKET, else admin.sock beside the development socket]
+    #[arg(long)]
+    admin_socket: Option<PathBuf>,
 }
 
 #[derive(ClapArgs)]
@@ -79,10 +98,40 @@ struct Emit {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Emit(e) => emit(*e),
+        Command::Status(a) => admin(a, json!({"command": "status"})),
+        Command::Reload(a) => admin(a, json!({"command": "reload"})),
+        Command::Replay { sink, admin: a } => admin(a, json!({"command": "replay", "sink": sink})),
         Command::Validate {
             config,
             event_types,
         } => validate(config, event_types),
+    }
+}
+
+/// Sends one admin request and prints the answer, pretty; exits 0 when it says ok.
+fn admin(args: AdminArgs, request: Value) -> ExitCode {
+    let socket = args
+        .admin_socket
+        .unwrap_or_else(client::default_admin_socket);
+    match client::admin(&socket, &request) {
+        Ok(answer) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&answer).unwrap_or_default()
+            );
+            if answer["ok"] == json!(true) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!(
+                "trail: cannot talk to the daemon's admin socket {}: {e}",
+                socket.display()
+            );
+            ExitCode::from(2)
+        }
     }
 }
 

@@ -1,0 +1,98 @@
+//! The daemon's own audit events: plugin loads, reloads and failures, and events a sink dropped.
+//!
+//! Owns turning what happened into requests of the built-in event types (`event-types/trail_*.yml`, embedded
+//! into the binary so they exist whatever the configured directory holds). The requests go through the same
+//! checks and the same journal as any client's, attributed to the daemon's own process.
+
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use crate::sinks::loader::Plugin;
+
+/// Sends the daemon's own audit events; cheap to clone, never blocks (events are rare and queued).
+#[derive(Clone, Debug)]
+pub struct Auditor {
+    tx: Option<mpsc::UnboundedSender<Vec<u8>>>,
+}
+
+impl Auditor {
+    /// An auditor and the stream of request lines it produces.
+    pub fn new() -> (Auditor, mpsc::UnboundedReceiver<Vec<u8>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Auditor { tx: Some(tx) }, rx)
+    }
+
+    /// An auditor that records nothing (for checks that start nothing).
+    pub fn disabled() -> Auditor {
+        Auditor { tx: None }
+    }
+
+    fn send(&self, event_type: &str, message: String, outcome: &str, payload: Value) {
+        let Some(tx) = &self.tx else { return };
+        let request = json!({
+            "type": event_type,
+            "actor": {"id": "traild", "name": "trail daemon", "type": "system"},
+            "message": message,
+            "outcome": outcome,
+            "payload": payload,
+        });
+        let line = serde_json::to_vec(&request).expect("serializable");
+        if tx.send(line).is_err() {
+            warn!(
+                event_type,
+                "the daemon is stopping; own audit event not recorded"
+            );
+        }
+    }
+
+    /// A plugin build was loaded at start (`generation` 1) or swapped in by a reload.
+    pub fn plugin_loaded(&self, plugin: &Plugin, generation: u64, sinks: &[String]) {
+        let payload = json!({
+            "plugin": plugin.name, "version": plugin.version, "api_version": plugin.api_version,
+            "file": plugin.file.display().to_string(), "generation": generation, "sinks": sinks,
+        });
+        if generation <= 1 {
+            self.send(
+                "trail_plugin_loaded",
+                format!("loaded sink plugin {}", plugin.describe()),
+                "success",
+                payload,
+            );
+        } else {
+            self.send(
+                "trail_plugin_reloaded",
+                format!(
+                    "reloaded sink plugin {} (generation {generation})",
+                    plugin.describe()
+                ),
+                "success",
+                payload,
+            );
+        }
+    }
+
+    /// A plugin file could not be loaded, or its sinks could not be built from it.
+    pub fn plugin_failed(&self, file: &std::path::Path, plugin: Option<&str>, reason: &str) {
+        let mut payload = json!({"file": file.display().to_string(), "reason": reason});
+        if let Some(p) = plugin {
+            payload["plugin"] = json!(p);
+        }
+        self.send(
+            "trail_plugin_failed",
+            format!("sink plugin {} was not loaded: {reason}", file.display()),
+            "failure",
+            payload,
+        );
+    }
+
+    /// A sink skipped `dropped` events because the spool was full.
+    pub fn sink_events_dropped(&self, sink: &str, dropped: u64) {
+        self.send(
+            "trail_sink_events_dropped",
+            format!("sink {sink} skipped {dropped} events: the spool was full (drop_oldest)"),
+            "failure",
+            json!({"sink": sink, "dropped": dropped}),
+        );
+    }
+}

@@ -1,0 +1,276 @@
+//! Loading sink plugin libraries.
+//!
+//! Owns the private directory of library copies and the load sequence: every load copies the file to a path never
+//! used before (the dynamic loader returns the already-loaded object for a known path or inode, so loading a
+//! replaced file from its installed path would silently keep the old code), then calls abi_stable's
+//! `lib_header_from_path(copy)?.init_root_module()` (never `RootModule::load_from_file`, which caches the first
+//! module per type). abi_stable never unloads a library: every load stays mapped until the process exits, which
+//! is what keeps the `'static` data plugins hand out valid; [`Loader::libraries`] counts them.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use abi_stable::library::{LibraryError, lib_header_from_path};
+use abi_stable::std_types::RStr;
+use trail_plugin_api::{Host, HostCallbacks, LogLevel, SinkBox, SinkError, SinkPluginRef};
+
+/// A plugin library that could not be loaded.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("plugin {}: {reason}", file.display())]
+pub struct LoadError {
+    /// The installed library.
+    pub file: PathBuf,
+    /// What went wrong, for people.
+    pub reason: String,
+}
+
+/// What identifies one version of an installed file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    len: u64,
+    modified: Option<SystemTime>,
+    inode: u64,
+}
+
+impl FileStamp {
+    /// The stamp of `path` now.
+    pub fn of(path: &Path) -> std::io::Result<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = fs::metadata(path)?;
+        Ok(FileStamp {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+            inode: meta.ino(),
+        })
+    }
+}
+
+/// One loaded build of a plugin.
+pub struct Plugin {
+    /// The name the plugin declares.
+    pub name: String,
+    /// The plugin's own version.
+    pub version: String,
+    /// The plugin API version it was built against.
+    pub api_version: String,
+    /// The installed file it was loaded from.
+    pub file: PathBuf,
+    /// The installed file's stamp when it was copied.
+    pub stamp: FileStamp,
+    module: SinkPluginRef,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl Plugin {
+    /// Creates an instance for the sink `sink`; call it on the thread that will drive the instance.
+    pub fn instantiate(&self, sink: &str, config_json: &str) -> Result<SinkBox, SinkError> {
+        let new = self.module.new();
+        new(
+            RStr::from_str(config_json),
+            Host::new(HostLog {
+                sink: sink.to_owned(),
+            }),
+        )
+        .into_result()
+    }
+
+    /// `name version (api X.Y)` for logs.
+    pub fn describe(&self) -> String {
+        format!("{} {} (api {})", self.name, self.version, self.api_version)
+    }
+}
+
+/// Loads libraries through private copies.
+#[derive(Debug)]
+pub struct Loader {
+    copies: PathBuf,
+    counter: AtomicU64,
+    libraries: AtomicU64,
+}
+
+impl Loader {
+    /// A loader whose copies go to `copies` (emptied first: copies of earlier runs are not mapped by this process).
+    pub fn new(copies: &Path) -> std::io::Result<Loader> {
+        if copies.exists() {
+            fs::remove_dir_all(copies)?;
+        }
+        fs::create_dir_all(copies)?;
+        Ok(Loader {
+            copies: copies.to_owned(),
+            counter: AtomicU64::new(0),
+            libraries: AtomicU64::new(0),
+        })
+    }
+
+    /// Number of libraries mapped by this process so far (loads are never undone).
+    pub fn libraries(&self) -> u64 {
+        self.libraries.load(Ordering::Relaxed)
+    }
+
+    /// Loads the library installed at `file`.
+    pub fn load(&self, file: &Path) -> Result<Plugin, LoadError> {
+        let fail = |reason: String| LoadError {
+            file: file.to_owned(),
+            reason,
+        };
+        let stamp = FileStamp::of(file).map_err(|e| fail(format!("cannot read it: {e}")))?;
+        check_complete(file).map_err(fail)?;
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let stem = file.file_stem().unwrap_or_default().to_string_lossy();
+        let copy = self.copies.join(format!("{stem}.{n}.so"));
+        fs::copy(file, &copy)
+            .map_err(|e| fail(format!("cannot copy it to {}: {e}", copy.display())))?;
+        let loaded =
+            lib_header_from_path(&copy).and_then(|h| h.init_root_module::<SinkPluginRef>());
+        // The mapping outlives the file; the copy is not needed any more.
+        let _ = fs::remove_file(&copy);
+        let module = loaded.map_err(|e| fail(explain(e)))?;
+        self.libraries.fetch_add(1, Ordering::Relaxed);
+        Ok(Plugin {
+            name: module.name().to_string(),
+            version: module.version().to_string(),
+            api_version: module.api_version().to_string(),
+            file: file.to_owned(),
+            stamp,
+            module,
+        })
+    }
+}
+
+/// Checks that `file` is a complete 64-bit little-endian ELF file: its section and program headers, and every
+/// segment they describe, lie within the file. A library still being written fails this (mapping a truncated
+/// library can crash the process later, when code beyond the end of the file is touched).
+pub fn check_complete(file: &Path) -> Result<(), String> {
+    let bytes = fs::read(file).map_err(|e| format!("cannot read it: {e}"))?;
+    elf_complete(&bytes)
+}
+
+fn elf_complete(b: &[u8]) -> Result<(), String> {
+    let u16_at = |o: usize| {
+        b.get(o..o + 2)
+            .map(|s| u16::from_le_bytes([s[0], s[1]]) as u64)
+    };
+    let u64_at = |o: usize| {
+        b.get(o..o + 8)
+            .map(|s| u64::from_le_bytes(s.try_into().expect("8 bytes")))
+    };
+    if b.get(..4) != Some(b"\x7fELF") {
+        return Err("not a shared library (no ELF header)".into());
+    }
+    if b.get(4..6) != Some(&[2, 1]) {
+        return Err("not a 64-bit little-endian ELF file".into());
+    }
+    let short = || "incomplete (truncated ELF file; is it still being written?)".to_string();
+    let size = b.len() as u64;
+    let (phoff, shoff) = (
+        u64_at(0x20).ok_or_else(short)?,
+        u64_at(0x28).ok_or_else(short)?,
+    );
+    let (phentsize, phnum) = (
+        u16_at(0x36).ok_or_else(short)?,
+        u16_at(0x38).ok_or_else(short)?,
+    );
+    let (shentsize, shnum) = (
+        u16_at(0x3a).ok_or_else(short)?,
+        u16_at(0x3c).ok_or_else(short)?,
+    );
+    if shoff + shentsize * shnum > size || phoff + phentsize * phnum > size {
+        return Err(short());
+    }
+    for i in 0..phnum {
+        let h = (phoff + i * phentsize) as usize;
+        let (offset, filesz) = (
+            u64_at(h + 8).ok_or_else(short)?,
+            u64_at(h + 32).ok_or_else(short)?,
+        );
+        if offset.saturating_add(filesz) > size {
+            return Err(short());
+        }
+    }
+    Ok(())
+}
+
+fn explain(e: LibraryError) -> String {
+    match e {
+        LibraryError::AbiInstability(_) => format!(
+            "built against an incompatible plugin API (its types' layout differs from this daemon's \
+             trail-plugin-api {}); rebuild it against this version: {e}",
+            trail_plugin_api::API_VERSION
+        ),
+        LibraryError::IncompatibleVersionNumber { .. } => format!(
+            "built against another major version of the plugin API; this daemon speaks {}: {e}",
+            trail_plugin_api::API_VERSION
+        ),
+        LibraryError::GetSymbolError { .. } => {
+            format!("not a trail sink plugin (it exports no plugin root module): {e}")
+        }
+        other => format!("cannot be loaded: {other}"),
+    }
+}
+
+/// The daemon's side of the plugin's logging callback: lines land in the daemon's log, tagged with the sink.
+struct HostLog {
+    sink: String,
+}
+
+impl HostCallbacks for HostLog {
+    fn log(&self, level: LogLevel, message: RStr<'_>) {
+        let (sink, message) = (self.sink.as_str(), message.as_str());
+        match level.or_info() {
+            LogLevel::ERROR => tracing::error!(target: "trail::plugin", sink, "{message}"),
+            LogLevel::WARN => tracing::warn!(target: "trail::plugin", sink, "{message}"),
+            LogLevel::DEBUG => tracing::debug!(target: "trail::plugin", sink, "{message}"),
+            LogLevel::TRACE => tracing::trace!(target: "trail::plugin", sink, "{message}"),
+            _ => tracing::info!(target: "trail::plugin", sink, "{message}"),
+        }
+    }
+
+    fn sink_name(&self) -> RStr<'_> {
+        RStr::from_str(&self.sink)
+    }
+}
+
+/// The plugin libraries (`*.so`) installed in `dir`, sorted; hidden files (e.g. an install in progress) are skipped.
+pub fn installed(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| is_library(p))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Whether `path` names a plugin library (`*.so`, not hidden).
+pub fn is_library(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "so")
+        && !path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_complete_libraries_pass() {
+        let exe = fs::read("/proc/self/exe").unwrap();
+        assert_eq!(elf_complete(&exe), Ok(()));
+        for cut in [exe.len() - 1, exe.len() / 2, 100, 10, 0] {
+            assert!(elf_complete(&exe[..cut]).is_err(), "cut at {cut}");
+        }
+        assert!(
+            elf_complete(b"#!/bin/sh\necho\n")
+                .unwrap_err()
+                .contains("no ELF header")
+        );
+    }
+}
