@@ -189,8 +189,9 @@ impl Syslog {
     }
 
     fn failed(&self, delivered: usize, error: SinkError) -> WriteError {
+        // trail logs the error it gets back; this adds where in the write it happened.
         self.host
-            .warn(&format!("{error} (after {delivered} delivered)"));
+            .debug(&format!("{error} (after {delivered} delivered)"));
         WriteError::new(delivered as u64, error)
     }
 }

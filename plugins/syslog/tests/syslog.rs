@@ -526,7 +526,7 @@ fn a_tcp_collector_that_closed_the_connection_gets_a_new_one() {
     let mut sink =
         new_sink(serde_json::json!({"transport": "tcp", "address": address.to_string()}));
     // The plugin connected when it was created.
-    let (first, _) = listener.accept().unwrap();
+    let first = accept(&listener);
     write(&mut sink, &events(1..3)).unwrap();
     let framed = read_frames(&first, 2);
     assert!(framed[0].contains(r#""seq":1,"#), "{framed:?}");
@@ -538,10 +538,18 @@ fn a_tcp_collector_that_closed_the_connection_gets_a_new_one() {
         write(&mut sink, &sent).unwrap();
         sink
     });
-    let (second, _) = listener.accept().unwrap();
+    let second = accept(&listener);
     let framed = read_frames(&second, 3);
     assert!(framed[2].contains(r#""seq":5,"#), "{framed:?}");
     writer.join().unwrap();
+}
+
+/// The next connection to `listener`, within the deadline.
+fn accept(listener: &TcpListener) -> std::net::TcpStream {
+    listener.set_nonblocking(true).unwrap();
+    let (stream, _) = poll("a connection from the plugin", || listener.accept().ok());
+    stream.set_nonblocking(false).unwrap();
+    stream
 }
 
 /// Reads `n` octet-counted frames.

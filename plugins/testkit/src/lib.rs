@@ -297,6 +297,10 @@ pub fn deliver(sink: &mut SinkBox, events: &[Event], max_writes: usize) -> Deliv
         match error.error.kind {
             ErrorKind::PANIC => panic!("the plugin panicked: {error}"),
             ErrorKind::PERMANENT | ErrorKind::CONFIG => {
+                assert!(
+                    next < events.len(),
+                    "a permanent error after delivering everything"
+                );
                 delivery.dead.push((events[next].seq, error.error.clone()));
                 next += 1;
             }

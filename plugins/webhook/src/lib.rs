@@ -145,11 +145,24 @@ impl Webhook {
         Ok(())
     }
 
-    /// `records` were refused as one request for their content (`refusal`): bisects to
-    /// deliver the longest accepted prefix and find the first event refused on its own.
+    /// `records` were refused as one request for their content (`refusal`): delivers the
+    /// longest accepted prefix and finds the first event refused on its own. The first event is
+    /// tried alone first, so that a server refusing everything costs two requests per event;
+    /// otherwise the rest is bisected.
     fn narrow(&mut self, records: &[Record<'_>], mut refusal: String) -> Narrowed {
-        // records[start..end] was refused as a whole; records[..start] are delivered.
-        let (mut start, mut end) = (0, records.len());
+        match self.post(&records[..1]) {
+            Ok(()) => {}
+            Err(failure) => return Narrowed::Failed(0, failure),
+        }
+        if records.len() == 2 {
+            return match self.post(&records[1..]) {
+                Ok(()) => Narrowed::Delivered(2),
+                Err(failure) => Narrowed::Failed(1, failure),
+            };
+        }
+        // From here, records[..start] are delivered, and once a request has been refused,
+        // records[start..end] is the smallest range refused as a whole.
+        let (mut start, mut end) = (1, records.len());
         while end - start > 1 {
             let mid = start + (end - start) / 2;
             match self.post(&records[start..mid]) {
@@ -184,7 +197,8 @@ impl Webhook {
                 ))
             }
         };
-        self.host.warn(&format!(
+        // trail logs the error it gets back; this adds where in the write it happened.
+        self.host.debug(&format!(
             "{error} (after {delivered} of {} delivered)",
             records.len()
         ));

@@ -267,7 +267,8 @@ fn a_400_is_permanent_with_the_status_and_the_start_of_the_answer() {
         Reply::status(400, "{\"error\": \"schema mismatch\",\n \"detail\": \"…\"}")
     });
     let mut sink = new_sink(serde_json::json!({"url": server.url("/")}));
-    let error = write(&mut sink, &events(1..4)).unwrap_err();
+    let batch = events(1..6);
+    let error = write(&mut sink, &batch).unwrap_err();
     assert_eq!(error.delivered, 0);
     expect_error::<()>(
         Err(error.error),
@@ -278,6 +279,26 @@ fn a_400_is_permanent_with_the_status_and_the_start_of_the_answer() {
             "event seq 1",
         ],
     );
+
+    // Driven as trail does, every event of the batch ends up a dead letter, at the cost of
+    // two requests each (the batch, then its first event alone; the last one alone).
+    let server = Server::http(|_| Reply::status(400, "no"));
+    let mut sink = new_sink(serde_json::json!({"url": server.url("/")}));
+    let delivery = deliver(&mut sink, &batch, 10);
+    let dead: Vec<u64> = delivery.dead.iter().map(|(seq, _)| *seq).collect();
+    assert_eq!(dead, [1, 2, 3, 4, 5]);
+    for (seq, error) in &delivery.dead {
+        assert_eq!(error.kind, ErrorKind::PERMANENT);
+        assert!(
+            error.message.contains("HTTP 400 Bad Request: \"no\""),
+            "{error}"
+        );
+        assert!(
+            error.message.contains(&format!("event seq {seq},")),
+            "{error}"
+        );
+    }
+    assert_eq!(server.requests().len(), 9);
 }
 
 #[test]
