@@ -245,18 +245,11 @@ fn handle(frame: Frame<'_>, ctx: &Context, source: &[u8], chunk: &mut Chunk) {
     };
     let slot = match check(line, ctx) {
         Ok((event, ty, route)) => {
-            let id = uuid::Uuid::now_v7();
+            let now = SystemTime::now();
             let mut text = [0u8; 36];
-            id.hyphenated().encode_lower(&mut text);
+            record::new_id(now).hyphenated().encode_lower(&mut text);
             let id_str = std::str::from_utf8(&text).expect("uuid text is ascii");
-            record::write_tail(
-                chunk.batch.buf(),
-                id_str,
-                SystemTime::now(),
-                &event,
-                ty,
-                source,
-            );
+            record::write_tail(chunk.batch.buf(), id_str, now, &event, ty, source);
             chunk.batch.end_record(route);
             Slot::Accepted { id: text }
         }

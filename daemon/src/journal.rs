@@ -299,15 +299,39 @@ fn store(
             .reserve(streamed.len() as u64, &|| stopping.load(Ordering::Relaxed))
             .map_err(|e| Unavailable(format!("{e}; retry later")))?;
         if !persisted.is_empty() {
-            log.append(persisted, sync).map_err(|e| {
+            log.append(persisted, false).map_err(|e| {
                 Unavailable(format!("the log cannot be written ({e}); retry later"))
             })?;
         }
-        if let Err(e) = spool.append(streamed, sync) {
+        if let Err(e) = spool.append(streamed, false) {
             log.undo(persisted.len() as u64);
             return Err(Unavailable(format!(
                 "the spool cannot be written ({e}); retry later"
             )));
+        }
+        if sync {
+            // Both files are synced at once: the group waits for the slower of the two, not for their sum.
+            let spool_ref: &crate::spool::Writer = spool;
+            let synced = std::thread::scope(|scope| {
+                let spool_synced = scope.spawn(|| spool_ref.sync());
+                let log_synced = if persisted.is_empty() {
+                    Ok(())
+                } else {
+                    log.file.sync_data()
+                };
+                log_synced.and(
+                    spool_synced
+                        .join()
+                        .unwrap_or_else(|_| Err(std::io::Error::other("spool sync panicked"))),
+                )
+            });
+            if let Err(e) = synced {
+                log.undo(persisted.len() as u64);
+                spool.undo(streamed.len() as u64);
+                return Err(Unavailable(format!(
+                    "the log or the spool cannot be synced ({e}); retry later"
+                )));
+            }
         }
         spool.publish();
         return Ok(());

@@ -124,6 +124,50 @@ mod erased {
     }
 }
 
+/// A new event id: a UUID v7 (Unix milliseconds of `now`, then 74 random bits).
+///
+/// The random bits come from a per-thread generator seeded once from the kernel's random source, so that an id
+/// costs no system call; ids are unique, not secret.
+pub fn new_id(now: SystemTime) -> uuid::Uuid {
+    thread_local! {
+        static STATE: std::cell::Cell<u64> = std::cell::Cell::new(seed());
+    }
+    // wyrand: a small, fast generator with good statistical quality.
+    let next = || {
+        STATE.with(|s| {
+            let x = s.get().wrapping_add(0xa076_1d64_78bd_642f);
+            s.set(x);
+            let t = (x as u128).wrapping_mul((x ^ 0xe703_7ed1_a0b4_28db) as u128);
+            ((t >> 64) ^ t) as u64
+        })
+    };
+    let (a, b) = (next().to_le_bytes(), next().to_le_bytes());
+    let mut random = [0u8; 10];
+    random[..8].copy_from_slice(&a);
+    random[8..].copy_from_slice(&b[..2]);
+    let millis = now
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
+    uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()
+}
+
+fn seed() -> u64 {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer it is given.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        // No kernel randomness: mix the time, the process and this thread's stack address instead.
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
+        let here = &t as *const u64 as u64;
+        return t ^ here.rotate_left(32) ^ u64::from(std::process::id());
+    }
+    u64::from_le_bytes(bytes)
+}
+
 /// Appends `t` as RFC 3339 UTC with nanoseconds, e.g. `2026-11-23T16:12:00.123456789Z`.
 ///
 /// The date and time up to the second are cached per thread, so consecutive calls within one second only format
@@ -186,6 +230,21 @@ mod tests {
         check(1_795_132_800, 5, "2026-11-20T00:00:00.000000005Z");
         check(1_795_132_801, 999_999_999, "2026-11-20T00:00:01.999999999Z");
         check(1_795_132_800, 1, "2026-11-20T00:00:00.000000001Z");
+    }
+
+    #[test]
+    fn ids_are_v7_time_ordered_and_unique() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_795_132_800_123);
+        let ids: Vec<uuid::Uuid> = (0..10_000).map(|_| new_id(t)).collect();
+        let unique: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len());
+        for id in &ids {
+            assert_eq!(id.get_version_num(), 7);
+            let (secs, nanos) = id.get_timestamp().unwrap().to_unix();
+            assert_eq!((secs, nanos / 1_000_000), (1_795_132_800, 123));
+        }
+        let later = new_id(t + Duration::from_millis(1));
+        assert!(ids.iter().all(|id| *id < later));
     }
 
     #[test]

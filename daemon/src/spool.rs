@@ -15,8 +15,10 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use memchr::memmem::Finder;
 
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -296,6 +298,17 @@ impl Writer {
         }
     }
 
+    /// Syncs what was appended (`fdatasync`).
+    pub fn sync(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Takes back the last `bytes` appended (their group could not be completed); they were never published.
+    pub fn undo(&mut self, bytes: u64) {
+        self.len = self.len.saturating_sub(bytes);
+        self.dirty = self.file.set_len(self.len).is_err();
+    }
+
     /// Makes everything appended so far visible to readers.
     pub fn publish(&self) {
         let mut state = self.shared.lock();
@@ -324,40 +337,64 @@ impl Writer {
     }
 }
 
-/// One spooled record as a sink receives it.
+/// One spooled record as a sink receives it. Records of one read share one buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     /// The record's `seq`.
     pub seq: u64,
     /// Spool position just after the record: confirming it confirms everything before.
     pub end: u64,
-    /// The record line, without its newline.
-    pub line: Vec<u8>,
+    text: Arc<str>,
+    start: usize,
+    len: usize,
 }
 
 impl Entry {
+    /// An entry holding its own copy of `line`.
+    pub fn new(seq: u64, end: u64, line: &str) -> Entry {
+        Entry {
+            seq,
+            end,
+            text: Arc::from(line),
+            start: 0,
+            len: line.len(),
+        }
+    }
+
+    /// The record line, without its newline.
+    pub fn line(&self) -> &str {
+        &self.text[self.start..self.start + self.len]
+    }
+
     /// The record's event type, read from its fixed place in the line.
     pub fn event_type(&self) -> &str {
-        record_type(&self.line)
+        record_type(self.line().as_bytes())
     }
 
     /// The record's id.
     pub fn id(&self) -> &str {
-        record_field(&self.line, b",\"id\":\"")
+        record_id(self.line().as_bytes())
     }
 }
 
 /// The event type of a stored record line: `type` always follows the fixed-format fields, so its first occurrence
 /// is the record's own.
 pub fn record_type(line: &[u8]) -> &str {
-    record_field(line, b",\"type\":\"")
+    static TYPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b",\"type\":\""));
+    string_after(&TYPE, line)
 }
 
-fn record_field<'a>(line: &'a [u8], key: &[u8]) -> &'a str {
-    let Some(at) = memchr::memmem::find(line, key) else {
+fn record_id(line: &[u8]) -> &str {
+    static ID: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b",\"id\":\""));
+    string_after(&ID, line)
+}
+
+/// The string value that follows the first occurrence of `key` (a `,"name":"` prefix) in a record line.
+fn string_after<'a>(key: &Finder<'_>, line: &'a [u8]) -> &'a str {
+    let Some(at) = key.find(line) else {
         return "";
     };
-    let rest = &line[at + key.len()..];
+    let rest = &line[at + key.needle().len()..];
     let end = memchr::memchr(b'"', rest).unwrap_or(0);
     std::str::from_utf8(&rest[..end]).unwrap_or("")
 }
@@ -427,17 +464,20 @@ impl Spool {
 
 impl Reader {
     /// Reads up to `max_events` records / about `max_bytes` bytes past the current position, waiting up to `wait`
-    /// for the first one. Returns nothing when the wait ends or the spool closes.
+    /// until at least `min_bytes` are there (so that a batch filling up does not wake the reader for every commit).
+    /// Returns what there is when the wait ends or the spool closes, possibly nothing.
     pub fn next(
         &mut self,
         max_events: usize,
         max_bytes: usize,
+        min_bytes: u64,
         wait: Duration,
     ) -> std::io::Result<Read> {
         let deadline = Instant::now() + wait;
+        let wanted = self.pos + min_bytes.max(1);
         let (limit, segment_start, floor) = {
             let mut state = self.shared.lock();
-            while state.head <= self.pos && !state.closed {
+            while state.head < wanted && !state.closed {
                 let now = Instant::now();
                 if now >= deadline {
                     break;
@@ -489,9 +529,18 @@ impl Reader {
             want = available.min(want * 2);
             buf.resize(want, 0);
         }
+        // Only whole lines are used; they are UTF-8 (checked once per read, not per record).
+        buf.truncate(memchr::memrchr(b'\n', &buf).map_or(0, |i| i + 1));
+        let text: Arc<str> = Arc::from(String::from_utf8(buf).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("spool segment {segment_start} holds invalid UTF-8: {e}"),
+            )
+        })?);
+        let bytes = text.as_bytes();
         let mut offset = 0;
-        while let Some(n) = memchr::memchr(b'\n', &buf[offset..]) {
-            let line = &buf[offset..offset + n];
+        while let Some(n) = memchr::memchr(b'\n', &bytes[offset..]) {
+            let line = &bytes[offset..offset + n];
             let end = self.pos + (offset + n + 1) as u64;
             if end <= floor {
                 read.dropped += 1;
@@ -504,7 +553,9 @@ impl Reader {
                 read.entries.push(Entry {
                     seq: record_seq(line),
                     end,
-                    line: line.to_vec(),
+                    text: text.clone(),
+                    start: offset,
+                    len: n,
                 });
             }
             offset += n + 1;
@@ -596,7 +647,7 @@ mod tests {
     fn read_all(r: &mut Reader) -> Vec<u64> {
         let mut seqs = vec![];
         loop {
-            let read = r.next(7, 1 << 20, Duration::ZERO).unwrap();
+            let read = r.next(7, 1 << 20, 1, Duration::ZERO).unwrap();
             if read.entries.is_empty() && read.dropped == 0 {
                 return seqs;
             }
@@ -616,7 +667,7 @@ mod tests {
         assert_eq!(read_all(&mut a), (1..20).collect::<Vec<_>>());
         let entry = {
             b.rewind();
-            b.next(1, 1 << 20, Duration::ZERO)
+            b.next(1, 1 << 20, 1, Duration::ZERO)
                 .unwrap()
                 .entries
                 .remove(0)
@@ -677,7 +728,7 @@ mod tests {
             "full: the writer must wait"
         );
         let mut a = spool.reader("a");
-        let read = a.next(2, 1 << 20, Duration::ZERO).unwrap();
+        let read = a.next(2, 1 << 20, 1, Duration::ZERO).unwrap();
         a.confirm(read.end, true).unwrap();
         assert!(w.reserve(one * 2, &|| true).is_ok());
 
@@ -690,7 +741,7 @@ mod tests {
         let mut dropped = 0;
         let mut seqs = vec![];
         loop {
-            let read = a.next(100, 1 << 20, Duration::ZERO).unwrap();
+            let read = a.next(100, 1 << 20, 1, Duration::ZERO).unwrap();
             if read.entries.is_empty() && read.dropped == 0 {
                 break;
             }

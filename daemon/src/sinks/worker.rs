@@ -210,7 +210,15 @@ impl State {
             };
             let room_events = batch.max_events - entries.len();
             let room_bytes = (batch.max_bytes as usize).saturating_sub(bytes).max(1);
-            let read = self.w.reader.next(room_events, room_bytes, wait)?;
+            // Once a batch has started, wake only when enough has arrived to fill it (or max_wait is up).
+            let min_bytes = match entries.len() {
+                0 => 1,
+                n => room_bytes.min(room_events * (bytes / n).max(1)) as u64,
+            };
+            let read = self
+                .w
+                .reader
+                .next(room_events, room_bytes, min_bytes, wait)?;
             if read.dropped > 0 {
                 self.dropped(read.dropped);
             }
@@ -219,7 +227,7 @@ impl State {
             }
             for e in read.entries {
                 if self.w.types.contains(e.event_type()) {
-                    bytes += e.line.len();
+                    bytes += e.line().len();
                     entries.push(e);
                 }
             }
@@ -276,14 +284,7 @@ impl State {
             };
             let records: Vec<Record<'_>> = entries[i..]
                 .iter()
-                .map(|e| {
-                    Record::new(
-                        e.seq,
-                        e.id(),
-                        e.event_type(),
-                        std::str::from_utf8(&e.line).unwrap_or_default(),
-                    )
-                })
+                .map(|e| Record::new(e.seq, e.id(), e.event_type(), e.line()))
                 .collect();
             let result = instance
                 .write(RSlice::from_slice(&records))
@@ -461,7 +462,7 @@ impl State {
     /// Appends a record and the error that refused it to the dead-letter file, durably.
     fn dead_letter(&self, entry: &Entry, error: &SinkError) -> std::io::Result<()> {
         std::fs::create_dir_all(&self.w.dead_dir)?;
-        let mut line = Vec::with_capacity(entry.line.len() + 256);
+        let mut line = Vec::with_capacity(entry.line().len() + 256);
         #[derive(Serialize)]
         struct Head<'a> {
             sink: &'a str,
@@ -482,7 +483,7 @@ impl State {
         serde_json::to_writer(&mut line, &head).map_err(std::io::Error::other)?;
         line.pop();
         line.extend_from_slice(b",\"record\":");
-        line.extend_from_slice(&entry.line);
+        line.extend_from_slice(entry.line().as_bytes());
         line.extend_from_slice(b"}\n");
         let mut file = OpenOptions::new()
             .create(true)
@@ -558,11 +559,7 @@ fn read_dead_letters(path: &Path) -> std::io::Result<Vec<Entry>> {
     for line in BufReader::new(File::open(path)?).lines() {
         let line = line?;
         let dead: Dead = serde_json::from_str(&line).map_err(std::io::Error::other)?;
-        entries.push(Entry {
-            seq: dead.seq,
-            end: 0,
-            line: dead.record.get().as_bytes().to_vec(),
-        });
+        entries.push(Entry::new(dead.seq, 0, dead.record.get()));
     }
     Ok(entries)
 }
