@@ -258,12 +258,13 @@ pub mod plugins {
     use std::process::Command;
     use std::sync::{Mutex, OnceLock};
 
-    const PACKAGES: [&str; 5] = [
+    const PACKAGES: [&str; 6] = [
         "trail-test-recorder",
         "trail-test-flaky",
         "trail-test-panicker",
         "trail-test-incompatible",
         "trail-sink-template",
+        "trail-sink-webhook",
     ];
 
     /// One build at a time; outputs are copied aside before the next build can overwrite them.
