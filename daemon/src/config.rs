@@ -432,8 +432,31 @@ impl fmt::Display for Config {
     }
 }
 
-/// Parses a duration such as `500ms`, `10s`, `5m`, `2h`, `7d`; a bare number means seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+/// A unit of a quantity and how many base units it is.
+type Units = &'static [(&'static str, u64)];
+
+const DURATION_UNITS: Units = &[
+    ("ms", 1),
+    ("", 1_000),
+    ("s", 1_000),
+    ("m", 60_000),
+    ("h", 3_600_000),
+    ("d", 86_400_000),
+];
+
+const SIZE_UNITS: Units = &[
+    ("", 1),
+    ("B", 1),
+    ("KiB", 1 << 10),
+    ("MiB", 1 << 20),
+    ("GiB", 1 << 30),
+    ("KB", 1_000),
+    ("MB", 1_000_000),
+    ("GB", 1_000_000_000),
+];
+
+/// Parses `<digits><unit>` in base units; `what` names the quantity and gives examples for error messages.
+fn parse_quantity(text: &str, units: Units, what: &str) -> Result<u64, String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
@@ -441,75 +464,55 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = text.split_at(split);
     let n: u64 = number
         .parse()
-        .map_err(|_| format!("{text:?} is not a duration; write e.g. 500ms, 10s, 5m, 2h, 7d"))?;
-    let ms = match unit.trim() {
-        "ms" => 1,
-        "" | "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        other => {
-            return Err(format!(
-                "{text:?}: unknown unit {other:?}; use ms, s, m, h or d"
-            ));
-        }
-    };
-    n.checked_mul(ms)
-        .map(Duration::from_millis)
-        .ok_or_else(|| format!("{text:?} is too long"))
-}
-
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Seconds(u64),
-        Text(String),
-    }
-    match Raw::deserialize(d)? {
-        Raw::Seconds(s) => Ok(Duration::from_secs(s)),
-        Raw::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
-    }
-}
-
-/// Parses a size such as `512`, `64KiB`, `16MiB`, `1GiB` (also `KB`/`MB`/`GB`, as powers of 1000).
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size; write e.g. 4096, 64KiB, 16MiB, 1GiB"))?;
-    let factor: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        "KB" => 1_000,
-        "MB" => 1_000_000,
-        "GB" => 1_000_000_000,
-        other => {
-            return Err(format!(
-                "{text:?}: unknown unit {other:?}; use KiB, MiB or GiB"
-            ));
-        }
-    };
+        .map_err(|_| format!("{text:?} is not {what}"))?;
+    let unit = unit.trim();
+    let factor = units
+        .iter()
+        .find(|(name, _)| *name == unit)
+        .map(|(_, f)| *f)
+        .ok_or_else(|| format!("{text:?}: unknown unit {unit:?}; {what}"))?;
     n.checked_mul(factor)
         .ok_or_else(|| format!("{text:?} is too large"))
 }
 
-fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Bytes(u64),
-        Text(String),
+/// Parses a duration such as `500ms`, `10s`, `5m`, `2h`, `7d`; a bare number means seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    parse_quantity(
+        text,
+        DURATION_UNITS,
+        "a duration: write e.g. 500ms, 10s, 5m, 2h, 7d",
+    )
+    .map(Duration::from_millis)
+}
+
+/// Parses a size such as `512`, `64KiB`, `16MiB`, `1GiB` (also `KB`/`MB`/`GB`, as powers of 1000).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    parse_quantity(
+        text,
+        SIZE_UNITS,
+        "a size: write e.g. 4096, 64KiB, 16MiB, 1GiB",
+    )
+}
+
+/// A quantity in a config file: a bare number (seconds for durations, bytes for sizes) or text with a unit.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Quantity {
+    Number(u64),
+    Text(String),
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    match Quantity::deserialize(d)? {
+        Quantity::Number(s) => Ok(Duration::from_secs(s)),
+        Quantity::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
     }
-    match Raw::deserialize(d)? {
-        Raw::Bytes(b) => Ok(b),
-        Raw::Text(t) => parse_size(&t).map_err(serde::de::Error::custom),
+}
+
+fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    match Quantity::deserialize(d)? {
+        Quantity::Number(b) => Ok(b),
+        Quantity::Text(t) => parse_size(&t).map_err(serde::de::Error::custom),
     }
 }
 
@@ -566,6 +569,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("event_types"), "{err}");
+    }
+
+    #[test]
+    fn sizes() {
+        let check = |text: &str, expected: Option<u64>| {
+            assert_eq!(parse_size(text).ok(), expected, "{text}");
+        };
+        check("4096", Some(4096));
+        check("64KiB", Some(65536));
+        check("16MiB", Some(16 << 20));
+        check("1GiB", Some(1 << 30));
+        check("2 MB", Some(2_000_000));
+        check("1TiB", None);
+        check("MiB", None);
+        check("99999999999GiB", None);
     }
 
     #[test]
