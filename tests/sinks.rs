@@ -758,3 +758,48 @@ fn the_webhook_plugin_delivers_through_the_daemon_and_a_400_is_dead_lettered() {
     });
     assert!(delivered, "{:?}", accepted.lock().unwrap());
 }
+
+#[test]
+fn seq_continues_after_stream_only_records_across_a_restart() {
+    let mut daemon = Daemon::with(Setup {
+        extra_types: vec![(
+            "stream_only.yml".into(),
+            "name: stream_only\ndescription: d\nsaved_to_database: false\nstreamed: true\n".into(),
+        )],
+        ..with_sinks(
+            &[sink(
+                "rec",
+                "recorder",
+                "['stream_only']",
+                "{path: $DIR/rec.jsonl}",
+            )],
+            &[("trail-test-recorder", "librecorder.so")],
+            "",
+        )
+    });
+    let streamed = daemon
+        .client()
+        .emit(&json!({"type": "stream_only"}))
+        .unwrap();
+    assert_eq!(streamed["ok"], json!(true), "{streamed}");
+    let streamed = streamed["seq"].as_u64().unwrap();
+    assert!(daemon.stop().success());
+    daemon.spawn();
+    let next = daemon.client().emit(&login("after restart")).unwrap();
+    assert!(
+        next["seq"].as_u64().unwrap() > streamed,
+        "{next} reuses a seq at or before {streamed}"
+    );
+    // Nothing in the log (the daemon's own events included) reuses the stream-only record's seq.
+    let logged: Vec<u64> = daemon
+        .records()
+        .iter()
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
+    assert!(!logged.contains(&streamed), "{logged:?} reuses {streamed}");
+    assert!(logged.windows(2).all(|w| w[0] < w[1]), "{logged:?}");
+    assert_eq!(
+        seqs(&wait_recorded(&daemon.path("rec.jsonl"), 1)),
+        [streamed]
+    );
+}

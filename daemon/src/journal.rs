@@ -165,7 +165,11 @@ pub struct Options {
 impl Journal {
     /// Opens (and if needed recovers) the log in `dir` and starts the writer thread.
     pub fn start(dir: &Path, options: Options) -> Result<(Journal, Submitter), Error> {
-        let log = LogFile::open(dir)?;
+        let mut log = LogFile::open(dir)?;
+        // The newest records may be stream-only (in the spool, not the log): `seq` continues after them too.
+        if let Some(spooled) = options.spool.as_ref().and_then(|s| s.last_seq()) {
+            log.next_seq = log.next_seq.max(spooled + 1);
+        }
         info!(file = %log.path.display(), next_seq = log.next_seq, "log open");
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let thread = std::thread::Builder::new()

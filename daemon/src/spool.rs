@@ -104,6 +104,7 @@ pub struct Writer {
     len: u64,
     dirty: bool,
     segment_bytes: u64,
+    last_seq: Option<u64>,
 }
 
 /// The spool is full and the writer was told to stop waiting.
@@ -128,10 +129,20 @@ pub fn open(config: &SpoolConfig, sinks: &[String]) -> Result<(Writer, Spool), E
         .collect();
     segments.sort();
     let shared_dir = dir.clone();
+    let mut last_seq = None;
     let (start, len) = match segments.last() {
         Some(&start) => {
             let path = shared_dir.join(format!("spool-{start:020}.jsonl"));
-            let (len, _) = crate::journal::recover(&path)?;
+            let (len, seq) = crate::journal::recover(&path)?;
+            last_seq = seq;
+            // A segment just started may be empty: the last seq is then in the one before.
+            for &older in segments.iter().rev().skip(1) {
+                if last_seq.is_some() {
+                    break;
+                }
+                let path = shared_dir.join(format!("spool-{older:020}.jsonl"));
+                last_seq = crate::journal::recover(&path)?.1;
+            }
             (start, len)
         }
         None => {
@@ -207,6 +218,7 @@ pub fn open(config: &SpoolConfig, sinks: &[String]) -> Result<(Writer, Spool), E
         len,
         dirty: false,
         segment_bytes: config.segment_bytes,
+        last_seq,
     };
     Ok((writer, Spool { shared }))
 }
@@ -296,6 +308,12 @@ impl Writer {
                 Err(e)
             }
         }
+    }
+
+    /// The `seq` of the last record in the spool when it was opened: the journal continues after it, so that a
+    /// stream-only record (in the spool, not the log) never shares its `seq` with a later one.
+    pub fn last_seq(&self) -> Option<u64> {
+        self.last_seq
     }
 
     /// Syncs what was appended (`fdatasync`).
