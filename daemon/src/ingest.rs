@@ -9,7 +9,6 @@ use std::collections::HashSet;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::OwnedWriteHalf;
@@ -252,7 +251,7 @@ fn handle(frame: Frame<'_>, ctx: &Context, source: &[u8], chunk: &mut Chunk) {
             record::write_tail(
                 chunk.batch.buf(),
                 id_str,
-                SystemTime::now(),
+                crate::clock::now(),
                 &event,
                 ty,
                 source,

@@ -34,6 +34,20 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Check the log offline: the hash chain of every record, checkpoint signatures, missing, extra, truncated,
+    /// reordered or modified records and files. Prints each problem with file, line and seq; exit 0 only when all
+    /// is intact, 1 when something is wrong, 2 when the input cannot be read.
+    Verify {
+        /// Log directories (with their checkpoints/), log files (.jsonl, .jsonl.zst) or checkpoint files
+        /// [default: the configuration's log directory]
+        paths: Vec<PathBuf>,
+        /// The daemon's checkpoint public key: a PEM file or 64 hex digits.
+        #[arg(long)]
+        key: Option<String>,
+        /// Configuration file whose log directory to check when no path is given.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Check a configuration and its event types without starting anything (exit 0 valid, 78 invalid).
     Validate {
         /// Configuration file; without it, the embedded development configuration.
@@ -105,6 +119,81 @@ fn main() -> ExitCode {
             config,
             event_types,
         } => validate(config, event_types),
+        Command::Verify { paths, key, config } => verify(paths, key, config),
+    }
+}
+
+/// The log directory of `config` (or of the development configuration).
+fn log_dir(config: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
+    match config {
+        Some(path) => Config::load(&path).map(|c| c.log.dir).map_err(|e| {
+            eprintln!("{e}");
+            ExitCode::from(trail::EXIT_CONFIG as u8)
+        }),
+        None => Ok(Config::development().log.dir),
+    }
+}
+
+fn verify(mut paths: Vec<PathBuf>, key: Option<String>, config: Option<PathBuf>) -> ExitCode {
+    use trail::evidence::{checkpoint, verify};
+    if paths.is_empty() {
+        match log_dir(config) {
+            Ok(dir) => paths.push(dir),
+            Err(code) => return code,
+        }
+    }
+    let key = match key.as_deref().map(checkpoint::read_public_key).transpose() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("trail verify: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let inputs = match verify::Inputs::gather(&paths) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("trail verify: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let started = std::time::Instant::now();
+    let report = match verify::verify(&inputs, key.as_ref()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("trail verify: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    for p in &report.problems {
+        let _ = writeln!(out, "problem: {p}");
+    }
+    for n in &report.notes {
+        let _ = writeln!(out, "note: {n}");
+    }
+    let seqs = report
+        .seqs
+        .map(|(a, b)| format!(", seq {a}..{b}"))
+        .unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "{}: {} records in {} files ({} bytes{seqs}), {} checkpoints, {} problems, {:.2?}",
+        if report.intact() {
+            "intact"
+        } else {
+            "NOT INTACT"
+        },
+        report.records,
+        report.files,
+        report.bytes,
+        report.checkpoints,
+        report.problems.len(),
+        started.elapsed()
+    );
+    if report.intact() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
