@@ -151,6 +151,23 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
     });
     let background = CancellationToken::new();
     let audit_task = tokio::spawn(record_own_events(ctx.clone(), audit_rx, background.clone()));
+    let upkeep = {
+        let (ctx, source) = (ctx.clone(), own_source(&ctx));
+        tokio::spawn(evidence::maintenance::run(
+            config.log.dir.clone(),
+            evidence::maintenance::Policy::of(&config.log),
+            rotated,
+            background.clone(),
+            move |line| {
+                let (ctx, source) = (ctx.clone(), source.clone());
+                async move {
+                    ingest::record_own(&ctx, &line, &source)
+                        .await
+                        .map_err(|r| r.message)
+                }
+            },
+        ))
+    };
     let admin = Arc::new(admin::Admin {
         sinks: sinks.clone(),
         event_types: event_type_count,
@@ -188,6 +205,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
     drop(auditor);
     background.cancel();
     let _ = audit_task.await;
+    let _ = upkeep.await;
     let _ = std::fs::remove_file(&admin_path);
     tokio::task::spawn_blocking(move || journal.join())
         .await
@@ -196,19 +214,24 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
     Ok(())
 }
 
+/// The `source` of the daemon's own events: its own process.
+fn own_source(ctx: &ingest::Context) -> Vec<u8> {
+    record::Source {
+        uid: unsafe { libc::geteuid() },
+        gid: unsafe { libc::getegid() },
+        pid: Some(std::process::id() as i32),
+        host: ctx.host.clone(),
+    }
+    .fragment()
+}
+
 /// Records the daemon's own audit events, attributed to its own process, until `done` (then drains what is queued).
 async fn record_own_events(
     ctx: Arc<ingest::Context>,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
     done: CancellationToken,
 ) {
-    let source = record::Source {
-        uid: unsafe { libc::geteuid() },
-        gid: unsafe { libc::getegid() },
-        pid: Some(std::process::id() as i32),
-        host: ctx.host.clone(),
-    }
-    .fragment();
+    let source = own_source(&ctx);
     loop {
         let line = tokio::select! {
             biased;

@@ -9,4 +9,6 @@ pub mod chain;
 pub mod checkpoint;
 pub mod files;
 pub mod index;
+pub mod maintenance;
+pub mod search;
 pub mod verify;
