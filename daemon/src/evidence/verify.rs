@@ -423,7 +423,7 @@ impl Verifier {
         }
         let computed;
         let mut problem = None;
-        let mut reordered = false;
+        let reordered = false;
         match &self.prev {
             None => {
                 computed = chain::link(&chain::GENESIS, body);
@@ -480,9 +480,6 @@ impl Verifier {
                         seq,
                         prev_seq,
                     });
-                    if seq <= prev_seq {
-                        reordered = true;
-                    }
                 }
             }
         }
@@ -508,9 +505,11 @@ impl Verifier {
     /// Names a broken link, now that the `seq` of the line after it (if any) is known.
     fn resolve_pending(&mut self, next_seq: Option<u64>) {
         let Some(p) = self.pending.take() else { return };
-        let message = if p.seq <= p.prev_seq {
+        let message = if p.seq == p.prev_seq {
+            "a second record with this seq: it was inserted (or copied)".to_string()
+        } else if p.seq < p.prev_seq {
             format!(
-                "records out of order: this record comes after seq {}",
+                "records out of order: this record comes after seq {} (moved or inserted)",
                 p.prev_seq
             )
         } else if next_seq.is_some_and(|n| n < p.seq && n > p.prev_seq) {
@@ -574,51 +573,49 @@ impl Verifier {
         if chain::link(&chain::GENESIS, &first.body) == first.hash {
             return;
         }
-        let mut vouched: Vec<(u64, String, String)> = self
-            .deletions
-            .iter()
-            .filter_map(|d| {
-                Some((
-                    d.last_seq?,
-                    d.last_hash.clone()?,
-                    format!("deletion record of {}", d.file),
-                ))
-            })
-            .collect();
-        for (seq, claims) in &self.claims {
-            for c in claims {
-                vouched.push((*seq, c.hash.clone(), format!("checkpoint {}", c.by)));
-            }
-        }
-        let before: Option<u64> = vouched.iter().map(|v| v.0).filter(|&s| s < first.seq).max();
-        let Some(before) = before else {
-            self.problem(
-                &first.file,
-                Some(1),
-                Some(first.seq),
-                "the oldest record does not start the chain and nothing vouches for the record before it: older files \
-                 were removed without a deletion record, or the log was cut at its start"
-                    .into(),
-            );
-            return;
-        };
-        let candidates: Vec<&(u64, String, String)> =
-            vouched.iter().filter(|v| v.0 == before).collect();
-        let ok = candidates.iter().any(|(_, hash, _)| {
+        let follows = |hash: &str| {
             chain::parse_hex(hash.as_bytes())
                 .is_some_and(|h| chain::link(&h, &first.body) == first.hash)
-        });
-        if !ok {
+        };
+        // Retention deletes the oldest files and records each deletion, with the deleted file's last hash, in the
+        // chain that remains.
+        let deleted = self
+            .deletions
+            .iter()
+            .filter(|d| d.last_seq.is_some_and(|s| s < first.seq))
+            .max_by_key(|d| d.last_seq);
+        if let Some(d) = deleted {
+            if d.last_hash.as_deref().is_some_and(follows) {
+                return;
+            }
             self.problem(
                 &first.file,
                 Some(1),
                 Some(first.seq),
                 format!(
-                    "the oldest record does not follow seq {before} as {} records it: records are missing at the start, or the record was modified",
-                    candidates[0].2
+                    "the oldest record does not follow the last record of {}, deleted by retention: records are \
+                     missing at the start of the log, or this record was modified",
+                    d.file
                 ),
             );
+            return;
         }
+        let vouched = self
+            .claims
+            .iter()
+            .filter(|(s, _)| **s < first.seq)
+            .max_by_key(|(s, _)| **s)
+            .map(|(s, c)| (*s, c[0].by.clone()));
+        let message = match vouched {
+            Some((seq, by)) => format!(
+                "the records up to seq {seq} (vouched for by checkpoint {by}) are gone, and no deletion record says \
+                 retention removed them: a file was deleted"
+            ),
+            None => "the oldest record does not start the chain and nothing vouches for the record before it: \
+                     older files were removed without a deletion record, or the log was cut at its start"
+                .into(),
+        };
+        self.problem(&first.file, Some(1), Some(first.seq), message);
     }
 
     fn check_files(
@@ -629,13 +626,16 @@ impl Verifier {
     ) {
         let oldest = logs.first().map(|f| f.name.clone());
         let mut missing_reported = HashSet::new();
+        let mut size_reported = HashSet::new();
         // Newest first, so a missing file is described as the latest checkpoint saw it.
         for (by, cp) in checkpoints.iter().rev() {
             let files = &cp.body.files;
             for (i, entry) in files.iter().enumerate() {
                 let open = i + 1 == files.len();
                 match sizes.get(&entry.name) {
+                    Some(_) if size_reported.contains(&entry.name) => {}
                     Some(&bytes) if bytes < entry.bytes => {
+                        size_reported.insert(entry.name.clone());
                         self.problem(
                             &entry.name,
                             None,
@@ -644,6 +644,7 @@ impl Verifier {
                         );
                     }
                     Some(&bytes) if !open && bytes != entry.bytes => {
+                        size_reported.insert(entry.name.clone());
                         self.problem(
                             &entry.name,
                             None,
