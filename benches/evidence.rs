@@ -11,7 +11,8 @@
 //! - the cost of sealing a record into the chain, and the ingest rate of the real daemon (release `traild`,
 //!   `fsync: always`, 4 pipelining clients), giving the share of ingest time spent hashing.
 //!
-//! Set `TRAIL_BENCH_EVENTS` to change the size (default 3,000,000).
+//! Set `TRAIL_BENCH_EVENTS` to change the size (default 3,000,000), and `TRAIL_BENCH_BASELINE_TRAILD` to a
+//! `traild` built without the hash chain to add an alternating A/B ingest comparison.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -119,7 +120,7 @@ fn main() {
     }
 
     let t = Instant::now();
-    let inputs = verify::Inputs::gather(&[dir.clone()]).unwrap();
+    let inputs = verify::Inputs::gather(std::slice::from_ref(&dir)).unwrap();
     let report = verify::verify(&inputs, None).unwrap();
     let secs = t.elapsed().as_secs_f64();
     assert!(
@@ -246,15 +247,35 @@ fn hashing_overhead() {
         sample.len(),
         per_record * 1e9
     );
-    let rate = daemon_ingest_rate();
+    let ours = Path::new(env!("CARGO_BIN_EXE_traild"));
+    let rate = daemon_ingest_rate(ours);
     println!(
         "daemon ingest (release traild, fsync: always, 4 clients x 50,000 pipelined events): {rate:.0} events/s; \
          hashing is {:.1}% of that time (an upper bound on what removing it could gain)",
         rate * per_record * 100.0
     );
+    // An A/B comparison against a daemon built without the chain, when one is given.
+    if let Some(baseline) = std::env::var_os("TRAIL_BENCH_BASELINE_TRAILD") {
+        let baseline = PathBuf::from(baseline);
+        let (mut with, mut without) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            without.push(daemon_ingest_rate(&baseline));
+            with.push(daemon_ingest_rate(ours));
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (w, wo) = (median(&mut with), median(&mut without));
+        println!(
+            "ingest A/B, alternating, median of 3: without chain {wo:.0} events/s, with chain {w:.0} events/s: \
+             {:.1}% slower (runs: without {without:.0?}, with {with:.0?})",
+            (1.0 - w / wo) * 100.0
+        );
+    }
 }
 
-fn daemon_ingest_rate() -> f64 {
+fn daemon_ingest_rate(traild: &Path) -> f64 {
     let tmp = tempfile::tempdir().unwrap();
     let types = tmp.path().join("event-types");
     std::fs::create_dir(&types).unwrap();
@@ -268,7 +289,7 @@ fn daemon_ingest_rate() -> f64 {
         "socket: {path: trail.sock}\nevent_types: event-types\nlog: {dir: log}\n",
     )
     .unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_traild"))
+    let mut child = std::process::Command::new(traild)
         .arg("--config")
         .arg(&config)
         .env("RUST_LOG", "warn")
