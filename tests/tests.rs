@@ -4,5 +4,6 @@ mod util;
 
 mod cli;
 mod durability;
+mod evidence;
 mod sinks;
 mod submission;

@@ -40,6 +40,10 @@ pub struct Setup {
     pub extra_types: Vec<(String, String)>,
     /// Plugin libraries installed before start: (library, installed file name).
     pub plugins: Vec<(PathBuf, String)>,
+    /// Extra environment variables of the daemon.
+    pub env: Vec<(String, String)>,
+    /// Extra settings of the `log:` section, e.g. `max_file_bytes: 4096`.
+    pub log: Option<String>,
 }
 
 impl Default for Setup {
@@ -49,6 +53,8 @@ impl Default for Setup {
             fsync: "always",
             extra_types: Vec::new(),
             plugins: Vec::new(),
+            env: Vec::new(),
+            log: None,
         }
     }
 }
@@ -61,6 +67,7 @@ pub struct Daemon {
     pub config: PathBuf,
     child: Option<Child>,
     starts: u32,
+    env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -89,8 +96,9 @@ impl Daemon {
         fs::write(
             &config,
             format!(
-                "socket: {{path: trail.sock}}\nevent_types: event-types\nlog: {{dir: log, fsync: {}}}\nshutdown_grace: 20s\n{}",
+                "socket: {{path: trail.sock}}\nevent_types: event-types\nlog: {{dir: log, fsync: {}{}}}\nshutdown_grace: 20s\n{}",
                 setup.fsync,
+                setup.log.as_ref().map(|l| format!(", {l}")).unwrap_or_default(),
                 setup.extra_config.replace("$DIR", dir.path().to_str().unwrap())
             ),
         )
@@ -102,6 +110,7 @@ impl Daemon {
             dir,
             child: None,
             starts: 0,
+            env: setup.env,
         };
         daemon.spawn();
         daemon
@@ -116,6 +125,7 @@ impl Daemon {
             .arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)

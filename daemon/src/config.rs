@@ -181,6 +181,93 @@ pub struct LogConfig {
     /// Whether an acknowledgement waits for `fdatasync`.
     #[serde(default)]
     pub fsync: FsyncPolicy,
+    /// When a new file is started by the clock.
+    #[serde(default)]
+    pub rotate: Rotate,
+    /// A file that would grow past this is closed and a new one started.
+    #[serde(default = "default_max_file_bytes", deserialize_with = "de_size")]
+    pub max_file_bytes: u64,
+    /// Closed files older than this are deleted (oldest first); none when absent.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub retention: Option<Duration>,
+    /// The oldest closed files are deleted while all files together are larger than this; none when absent.
+    #[serde(default, deserialize_with = "de_opt_size")]
+    pub retention_bytes: Option<u64>,
+    /// Longer retention for some event types: a file is kept while it holds an event of a type listed here that
+    /// is younger than the type's period (type name globs allowed).
+    #[serde(default, deserialize_with = "de_duration_map")]
+    pub retention_by_type: Vec<(String, Duration)>,
+    /// Compress closed files with zstd (`….jsonl.zst`).
+    #[serde(default)]
+    pub compress: bool,
+    /// A signed checkpoint is written at least this often while records arrive (and at every rotation and stop).
+    #[serde(default = "default_checkpoint_every", deserialize_with = "de_duration")]
+    pub checkpoint_every: Duration,
+    /// Ed25519 private key (PKCS#8 PEM) that signs checkpoints; generated on first start when missing.
+    /// Default: `keys/checkpoint-ed25519.pem` beside the log directory.
+    #[serde(default)]
+    pub signing_key: Option<PathBuf>,
+}
+
+/// When the clock starts a new log file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rotate {
+    /// At every UTC midnight. The default.
+    #[default]
+    Daily,
+    /// At the start of every UTC hour.
+    Hourly,
+    /// Only by size.
+    Never,
+}
+
+impl Rotate {
+    /// The length of a period in seconds, `None` for [`Rotate::Never`].
+    pub fn period_secs(self) -> Option<i64> {
+        match self {
+            Rotate::Daily => Some(86_400),
+            Rotate::Hourly => Some(3_600),
+            Rotate::Never => None,
+        }
+    }
+}
+
+fn default_max_file_bytes() -> u64 {
+    256 << 20
+}
+
+fn default_checkpoint_every() -> Duration {
+    Duration::from_secs(600)
+}
+
+impl LogConfig {
+    /// A log in `dir` with every other setting at its default.
+    pub fn in_dir(dir: PathBuf) -> LogConfig {
+        LogConfig {
+            dir,
+            fsync: FsyncPolicy::Always,
+            rotate: Rotate::Daily,
+            max_file_bytes: default_max_file_bytes(),
+            retention: None,
+            retention_bytes: None,
+            retention_by_type: Vec::new(),
+            compress: false,
+            checkpoint_every: default_checkpoint_every(),
+            signing_key: None,
+        }
+    }
+
+    /// The checkpoint signing key's path.
+    pub fn signing_key(&self) -> PathBuf {
+        self.signing_key.clone().unwrap_or_else(|| {
+            self.dir
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("keys")
+                .join("checkpoint-ed25519.pem")
+        })
+    }
 }
 
 /// When the log is synced to stable storage.
@@ -282,10 +369,7 @@ impl Config {
                 mode: 0o600,
             },
             event_types: PathBuf::from("event-types"),
-            log: LogConfig {
-                dir: PathBuf::from("data").join("log"),
-                fsync: FsyncPolicy::Always,
-            },
+            log: LogConfig::in_dir(PathBuf::from("data").join("log")),
             limits: Limits::default(),
             shutdown_grace: default_grace(),
             host_name: None,
@@ -304,6 +388,7 @@ impl Config {
             self.plugins_dir.as_mut(),
             self.spool.dir.as_mut(),
             self.admin_socket.as_mut(),
+            self.log.signing_key.as_mut(),
         ];
         for path in [
             Some(&mut self.socket.path),
@@ -343,6 +428,21 @@ impl Config {
                 "socket.path: {} is longer than the 107 bytes a Unix socket path may have",
                 self.socket.path.display()
             )));
+        }
+        if self.log.max_file_bytes < 4096 {
+            return Err(invalid(format!(
+                "log.max_file_bytes: {} is too small; use at least 4096",
+                self.log.max_file_bytes
+            )));
+        }
+        if self.log.checkpoint_every < Duration::from_secs(1) {
+            return Err(invalid("log.checkpoint_every: use at least 1s".into()));
+        }
+        if self.log.retention.is_some_and(|r| r.is_zero()) || self.log.retention_bytes == Some(0) {
+            return Err(invalid(
+                "log.retention and log.retention_bytes must be above zero; leave them out to keep everything"
+                    .into(),
+            ));
         }
         if matches!(&self.host_name, Some(h) if h.trim().is_empty()) {
             return Err(invalid("host_name: must not be empty".into()));
@@ -516,6 +616,21 @@ fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     }
 }
 
+fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    de_duration(d).map(Some)
+}
+
+fn de_duration_map<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(String, Duration)>, D::Error> {
+    let raw = std::collections::BTreeMap::<String, String>::deserialize(d)?;
+    raw.into_iter()
+        .map(|(k, v)| {
+            parse_duration(&v)
+                .map(|d| (k.clone(), d))
+                .map_err(|e| serde::de::Error::custom(format!("{k}: {e}")))
+        })
+        .collect()
+}
+
 fn de_opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     de_size(d).map(Some)
 }
@@ -584,6 +699,52 @@ mod tests {
         check("1TiB", None);
         check("MiB", None);
         check("99999999999GiB", None);
+    }
+
+    #[test]
+    fn log_settings() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.log.rotate, Rotate::Daily);
+        assert_eq!(c.log.max_file_bytes, 256 << 20);
+        assert_eq!(
+            (c.log.retention, c.log.retention_bytes, c.log.compress),
+            (None, None, false)
+        );
+        assert_eq!(c.log.checkpoint_every, Duration::from_secs(600));
+        assert_eq!(
+            c.log.signing_key(),
+            Path::new("/var/lib/trail/keys/checkpoint-ed25519.pem")
+        );
+        let c = parse(
+            "socket: {path: /s}\nevent_types: t\nlog: {dir: l, rotate: hourly, max_file_bytes: 64MiB, retention: 90d, \
+             retention_bytes: 10GiB, retention_by_type: {user_login: 365d}, compress: true, checkpoint_every: 1m, \
+             signing_key: k.pem}\n",
+        )
+        .unwrap();
+        assert_eq!(c.log.rotate, Rotate::Hourly);
+        assert_eq!(c.log.max_file_bytes, 64 << 20);
+        assert_eq!(c.log.retention, Some(Duration::from_secs(90 * 86_400)));
+        assert_eq!(c.log.retention_bytes, Some(10 << 30));
+        assert_eq!(
+            c.log.retention_by_type,
+            vec![("user_login".to_string(), Duration::from_secs(365 * 86_400))]
+        );
+        assert!(c.log.compress);
+        assert_eq!(c.log.signing_key(), Path::new("/etc/trail/k.pem"));
+        let bad = |log: &str, expected: &str| {
+            let err = parse(&format!(
+                "socket: {{path: /s}}\nevent_types: t\nlog: {{dir: l, {log}}}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(expected), "{log}: {err}");
+        };
+        bad("rotate: weekly", "weekly");
+        bad("max_file_bytes: 10", "too small");
+        bad("retention: 0d", "above zero");
+        bad("retention_by_type: {user_login: forever}", "user_login");
+        bad("checkpoint_every: 0s", "at least 1s");
+        bad("retain: 7d", "retain");
     }
 
     #[test]

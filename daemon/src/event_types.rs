@@ -31,6 +31,10 @@ pub const BUILTIN: &[(&str, &str)] = &[
         "trail_sink_events_dropped.yml",
         include_str!("../../event-types/trail_sink_events_dropped.yml"),
     ),
+    (
+        "trail_log_file_deleted.yml",
+        include_str!("../../event-types/trail_log_file_deleted.yml"),
+    ),
 ];
 
 /// The JSON Schema every definition file must satisfy.

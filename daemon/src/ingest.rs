@@ -9,7 +9,6 @@ use std::collections::HashSet;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::OwnedWriteHalf;
@@ -245,7 +244,7 @@ fn handle(frame: Frame<'_>, ctx: &Context, source: &[u8], chunk: &mut Chunk) {
     };
     let slot = match check(line, ctx) {
         Ok((event, ty, route)) => {
-            let now = SystemTime::now();
+            let now = crate::clock::now();
             let mut text = [0u8; 36];
             record::new_id(now).hyphenated().encode_lower(&mut text);
             let id_str = std::str::from_utf8(&text).expect("uuid text is ascii");

@@ -5,7 +5,11 @@
 //! its records are written and, with `fsync: always`, after `fdatasync` returned.
 //!
 //! Files are named `trail-<UTC start, YYYYMMDDTHHMMSSZ>-<first seq, 20 digits>.jsonl`, so they sort by time and
-//! by `seq`; the newest one is appended to. Rotation is a later step; the naming leaves room for it.
+//! by `seq`; the newest one is appended to and the symlink `current` names it. The writer also seals every
+//! persisted record into the hash chain ([`crate::evidence::chain`]: it is the only place that knows the order),
+//! starts a new file at period boundaries of the daemon's clock and before a file would pass `max_file_bytes`,
+//! and writes signed checkpoints ([`crate::evidence::checkpoint`]) at each rotation, every `checkpoint_every`
+//! while records arrive, and at stop. A failed write or sync changes neither the file nor the chain.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -15,10 +19,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{mpsc, oneshot};
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
-use crate::config::FsyncPolicy;
+use crate::clock;
+use crate::config::{FsyncPolicy, Rotate};
+use crate::evidence::checkpoint::{self, Signer};
+use crate::evidence::{chain, files, index};
 
 /// How much the writer gathers into one write and one sync.
 const GROUP_BYTES: usize = 8 << 20;
@@ -123,10 +133,17 @@ struct Submission {
     done: Option<oneshot::Sender<Result<u64, Unavailable>>>,
 }
 
+/// What the writer receives: work, or a reminder that time passed (rotation and checkpoints are due by the clock
+/// even when no records arrive).
+enum Message {
+    Submit(Submission),
+    Tick,
+}
+
 /// A handle that submits batches to the writer; cheap to clone, one per connection.
 #[derive(Clone)]
 pub struct Submitter {
-    tx: mpsc::Sender<Submission>,
+    tx: mpsc::Sender<Message>,
 }
 
 impl Submitter {
@@ -138,7 +155,8 @@ impl Submitter {
             batch,
             done: Some(done),
         };
-        if let Err(mpsc::error::SendError(s)) = self.tx.send(submission).await
+        if let Err(mpsc::error::SendError(Message::Submit(s))) =
+            self.tx.send(Message::Submit(submission)).await
             && let Some(done) = s.done
         {
             let _ = done.send(Err(Unavailable("the log writer has stopped".into())));
@@ -160,6 +178,16 @@ pub struct Options {
     pub spool: Option<crate::spool::Writer>,
     /// Set when the daemon is stopping: a writer waiting for room in a full spool gives up.
     pub stopping: Arc<AtomicBool>,
+    /// When a new file is started.
+    pub rotate: Rotate,
+    /// Size at which a file is closed.
+    pub max_file_bytes: u64,
+    /// Signs checkpoints; none means no checkpoints are written.
+    pub signer: Option<Signer>,
+    /// How often a checkpoint is written while records arrive.
+    pub checkpoint_every: Duration,
+    /// Told whenever a file was closed (maintenance may index, compress or expire it).
+    pub rotated: Option<Arc<Notify>>,
 }
 
 impl Journal {
@@ -170,8 +198,19 @@ impl Journal {
         if let Some(spooled) = options.spool.as_ref().and_then(|s| s.last_seq()) {
             log.next_seq = log.next_seq.max(spooled + 1);
         }
-        info!(file = %log.path.display(), next_seq = log.next_seq, "log open");
+        info!(file = %log.path.display(), next_seq = log.next_seq, chain = %chain::hex(&log.chain), "log open");
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let weak = tx.downgrade();
+        std::thread::Builder::new()
+            .name("trail-journal-tick".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(TICK);
+                    let Some(tx) = weak.upgrade() else { return };
+                    let _ = tx.try_send(Message::Tick);
+                }
+            })
+            .map_err(io_error(dir))?;
         let thread = std::thread::Builder::new()
             .name("trail-journal".into())
             .spawn(move || writer(log, rx, options))
@@ -187,21 +226,39 @@ impl Journal {
     }
 }
 
-fn writer(mut log: LogFile, mut rx: mpsc::Receiver<Submission>, mut options: Options) {
+/// How often the writer looks at the clock when no records arrive.
+const TICK: Duration = Duration::from_secs(1);
+
+fn writer(mut log: LogFile, mut rx: mpsc::Receiver<Message>, mut options: Options) {
     let mut group: Vec<Submission> = Vec::new();
     let mut out: Vec<u8> = Vec::with_capacity(GROUP_BYTES + (1 << 20));
     let mut streamed: Vec<u8> = Vec::new();
     let mut seq_text = itoa::Buffer::new();
     let sync = options.fsync == FsyncPolicy::Always;
-    while let Some(first) = rx.blocking_recv() {
+    let mut checkpoints = Checkpoints {
+        last: Instant::now(),
+        changed: false,
+        retry_rotation: None,
+    };
+    log.point_current();
+    while let Some(message) = rx.blocking_recv() {
+        let first = match message {
+            Message::Tick => {
+                housekeeping(&mut log, &mut options, &mut checkpoints);
+                continue;
+            }
+            Message::Submit(s) => s,
+        };
+        let mut ticked = false;
         let mut bytes = first.batch.buf.len();
         group.push(first);
         while bytes < GROUP_BYTES {
             match rx.try_recv() {
-                Ok(s) => {
+                Ok(Message::Submit(s)) => {
                     bytes += s.batch.buf.len();
                     group.push(s);
                 }
+                Ok(Message::Tick) => ticked = true,
                 Err(_) => break,
             }
         }
@@ -213,15 +270,24 @@ fn writer(mut log: LogFile, mut rx: mpsc::Receiver<Submission>, mut options: Opt
             streamed.clear();
             let first_seq = log.next_seq;
             let mut seq = first_seq;
+            let mut chain = log.chain;
+            let mut last_persisted = None;
             let mut taken = 0;
             for s in pending.iter() {
                 let (out_len, streamed_len) = (out.len(), streamed.len());
+                let (chain_before, last_before) = (chain, last_persisted);
                 for (tail, route) in s.batch.tails() {
                     let start = out.len();
                     out.extend_from_slice(b"{\"seq\":");
                     out.extend_from_slice(seq_text.format(seq).as_bytes());
                     out.extend_from_slice(tail);
-                    out.extend_from_slice(b"}\n");
+                    if route.persist {
+                        chain = chain::seal(&chain, &mut out, start);
+                        last_persisted = Some(seq);
+                    } else {
+                        out.push(b'}');
+                    }
+                    out.push(b'\n');
                     if route.stream {
                         streamed.extend_from_slice(&out[start..]);
                     }
@@ -238,16 +304,26 @@ fn writer(mut log: LogFile, mut rx: mpsc::Receiver<Submission>, mut options: Opt
                     out.truncate(out_len);
                     streamed.truncate(streamed_len);
                     seq -= s.batch.len() as u64;
+                    (chain, last_persisted) = (chain_before, last_before);
                     break;
                 }
                 taken += 1;
             }
             let (part, rest) = std::mem::take(&mut pending).split_at_mut(taken);
             pending = rest;
+            if !out.is_empty() && log.rotation_due(&options, out.len() as u64) {
+                rotate(&mut log, &mut options, &mut checkpoints);
+            }
             let started = Instant::now();
             match store(&mut log, &out, &streamed, sync, &mut options) {
                 Ok(()) => {
                     log.next_seq = seq;
+                    if last_persisted.is_some() {
+                        log.chain = chain;
+                        log.last_seq = last_persisted;
+                        log.last_seq_any = last_persisted;
+                        checkpoints.changed = true;
+                    }
                     let mut seq = first_seq;
                     for s in part.iter_mut() {
                         let n = s.batch.len() as u64;
@@ -269,14 +345,98 @@ fn writer(mut log: LogFile, mut rx: mpsc::Receiver<Submission>, mut options: Opt
             }
         }
         group.clear();
+        if ticked {
+            housekeeping(&mut log, &mut options, &mut checkpoints);
+        }
     }
     if let Err(e) = log.file.sync_all() {
         error!(file = %log.path.display(), error = %e, "final sync failed");
+    }
+    if checkpoints.changed {
+        write_checkpoint(&mut log, &options, &mut checkpoints, "stop");
     }
     if let Some(spool) = &options.spool {
         spool.close();
     }
     info!(next_seq = log.next_seq, "log closed");
+}
+
+/// When checkpoints were written and whether the log changed since.
+struct Checkpoints {
+    last: Instant,
+    changed: bool,
+    /// A failed rotation is tried again only after this.
+    retry_rotation: Option<Instant>,
+}
+
+/// What the clock asks for: a rotation at a period boundary, a checkpoint every `checkpoint_every`.
+fn housekeeping(log: &mut LogFile, options: &mut Options, checkpoints: &mut Checkpoints) {
+    if log.rotation_due(options, 0) {
+        rotate(log, options, checkpoints);
+    } else if checkpoints.changed && checkpoints.last.elapsed() >= options.checkpoint_every {
+        write_checkpoint(log, options, checkpoints, "interval");
+    }
+}
+
+/// Closes the current file, starts the next one and writes a checkpoint that covers the closed file.
+fn rotate(log: &mut LogFile, options: &mut Options, checkpoints: &mut Checkpoints) {
+    if checkpoints
+        .retry_rotation
+        .is_some_and(|t| Instant::now() < t)
+    {
+        return;
+    }
+    match log.rotate() {
+        Ok(closed) => {
+            checkpoints.retry_rotation = None;
+            info!(closed = %closed, file = %log.path.display(), next_seq = log.next_seq, "log rotated");
+            write_checkpoint(log, options, checkpoints, "rotation");
+            if let Some(n) = &options.rotated {
+                n.notify_one();
+            }
+        }
+        Err(e) => {
+            checkpoints.retry_rotation = Some(Instant::now() + TICK);
+            error!(file = %log.path.display(), error = %e, "cannot start a new log file; appending to the current one");
+        }
+    }
+}
+
+fn write_checkpoint(
+    log: &mut LogFile,
+    options: &Options,
+    checkpoints: &mut Checkpoints,
+    reason: &str,
+) {
+    let Some(signer) = &options.signer else {
+        return;
+    };
+    checkpoints.last = Instant::now();
+    let files = match log.entries() {
+        Ok(f) => f,
+        Err(e) => {
+            error!(dir = %log.dir.display(), error = %e, "cannot list the log files; no checkpoint written");
+            return;
+        }
+    };
+    let mut created_at = Vec::new();
+    crate::record::write_rfc3339(&mut created_at, clock::now());
+    let body = checkpoint::Body {
+        checkpoint: 1,
+        created_at: String::from_utf8(created_at).expect("ascii"),
+        reason: reason.to_owned(),
+        seq: log.last_seq_any,
+        hash: chain::hex(&log.chain),
+        files,
+        key: signer.public_hex(),
+    };
+    match checkpoint::write(&log.dir, signer, &body) {
+        Ok(path) => {
+            checkpoints.changed = false;
+            debug!(file = %path.display(), seq = ?body.seq, reason, "checkpoint written");
+        }
+        Err(e) => error!(dir = %log.dir.display(), error = %e, "cannot write a checkpoint"),
+    }
 }
 
 /// Writes a group to the log and the spool; on success both are durable (per `sync`) and the spooled records are
@@ -347,8 +507,9 @@ fn store(
     Ok(())
 }
 
-/// The file being appended to.
+/// The file being appended to, and the chain's head.
 struct LogFile {
+    dir: PathBuf,
     path: PathBuf,
     file: File,
     /// Bytes known to be complete records.
@@ -356,35 +517,72 @@ struct LogFile {
     /// A failed append may have left bytes after `len`; cut them before the next append.
     dirty: bool,
     next_seq: u64,
+    /// UTC start of the file (from its name), seconds.
+    start: i64,
+    /// First `seq` of the file (from its name).
+    first_seq: u64,
+    /// The hash of the last record in the log (any file), or the genesis value.
+    chain: chain::Hash,
+    /// The last record's `seq` in this file.
+    last_seq: Option<u64>,
+    /// The last record's `seq` in the whole log.
+    last_seq_any: Option<u64>,
+    /// Checkpoint entries of closed files, by name (they do not change once closed).
+    closed: HashMap<String, checkpoint::FileEntry>,
 }
 
 impl LogFile {
     fn open(dir: &Path) -> Result<LogFile, Error> {
         std::fs::create_dir_all(dir).map_err(io_error(dir))?;
-        let files = log_files(dir)?;
-        let Some(newest) = files.last() else {
-            return LogFile::create(dir, 1);
+        let files = files::list(dir).map_err(io_error(dir))?;
+        let Some(newest) = files.last().filter(|f| !f.compressed) else {
+            let (chain, last) = chain_head(dir, &files, u64::MAX);
+            let next = last
+                .map_or(1, |s| s + 1)
+                .max(files.last().map_or(1, |f| f.first_seq));
+            let mut log = LogFile::create(dir, next, chain)?;
+            log.last_seq_any = last;
+            return Ok(log);
         };
-        let (len, last_seq) = recover(newest)?;
-        let next_seq = match last_seq {
-            Some(s) => s + 1,
-            None => first_seq_of(newest).unwrap_or(1),
+        let (len, last) = recover(&newest.path)?;
+        let next_seq = match &last {
+            Some(head) => head.seq + 1,
+            None => newest.first_seq,
+        };
+        let (chain, last_seq_any) = match last.as_ref().and_then(|h| h.hash.as_deref()) {
+            Some(hex) => match chain::parse_hex(hex.as_bytes()) {
+                Some(h) => (h, last.as_ref().map(|h| h.seq)),
+                None => (chain::GENESIS, None),
+            },
+            None if last.is_some() => {
+                warn!(file = %newest.path.display(), "the last record has no hash: the hash chain starts again here");
+                (chain::GENESIS, last.as_ref().map(|h| h.seq))
+            }
+            None => chain_head(dir, &files[..files.len() - 1], next_seq),
         };
         let file = OpenOptions::new()
             .append(true)
-            .open(newest)
-            .map_err(io_error(newest))?;
+            .open(&newest.path)
+            .map_err(io_error(&newest.path))?;
         Ok(LogFile {
-            path: newest.clone(),
+            dir: dir.to_owned(),
+            path: newest.path.clone(),
             file,
             len,
             dirty: false,
             next_seq,
+            start: newest.start,
+            first_seq: newest.first_seq,
+            chain,
+            last_seq: last.map(|h| h.seq),
+            last_seq_any,
+            closed: HashMap::new(),
         })
     }
 
-    fn create(dir: &Path, first_seq: u64) -> Result<LogFile, Error> {
-        let path = dir.join(file_name(SystemTime::now(), first_seq));
+    fn create(dir: &Path, first_seq: u64, chain: chain::Hash) -> Result<LogFile, Error> {
+        let now = clock::now();
+        let path = dir.join(file_name(now, first_seq));
         let file = OpenOptions::new()
             .append(true)
             .create_new(true)
@@ -392,12 +590,94 @@ impl LogFile {
             .map_err(io_error(&path))?;
         sync_dir(dir)?;
         Ok(LogFile {
+            dir: dir.to_owned(),
             path,
             file,
             len: 0,
             dirty: false,
             next_seq: first_seq,
+            start: clock::unix_secs(now),
+            first_seq,
+            chain,
+            last_seq: None,
+            last_seq_any: None,
+            closed: HashMap::new(),
         })
+    }
+
+    /// Whether the file should be closed before `bytes` more are appended: the clock passed a period boundary,
+    /// or the file would grow past `max_file_bytes`.
+    fn rotation_due(&self, options: &Options, bytes: u64) -> bool {
+        let by_time = options.rotate.period_secs().is_some_and(|p| {
+            clock::unix_secs(clock::now()).div_euclid(p) != self.start.div_euclid(p)
+        });
+        by_time || (self.len > 0 && self.len + bytes > options.max_file_bytes)
+    }
+
+    /// Closes this file and continues in a new one; returns the closed file's name.
+    fn rotate(&mut self) -> Result<String, Error> {
+        self.file.sync_all().map_err(io_error(&self.path))?;
+        let closed = self.entry();
+        let mut next = LogFile::create(&self.dir, self.next_seq, self.chain)?;
+        next.last_seq_any = self.last_seq_any;
+        next.closed = std::mem::take(&mut self.closed);
+        next.closed.insert(closed.name.clone(), closed.clone());
+        *self = next;
+        self.point_current();
+        Ok(closed.name)
+    }
+
+    /// This file as a checkpoint lists it.
+    fn entry(&self) -> checkpoint::FileEntry {
+        checkpoint::FileEntry {
+            name: self
+                .path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_owned(),
+            first_seq: self.first_seq,
+            last_seq: self.last_seq,
+            bytes: self.len,
+            last_hash: self.last_seq.map(|_| chain::hex(&self.chain)),
+        }
+    }
+
+    /// Every log file present, as a checkpoint lists them (closed files are read once, then remembered).
+    fn entries(&mut self) -> std::io::Result<Vec<checkpoint::FileEntry>> {
+        let mut entries = Vec::new();
+        for f in files::list(&self.dir)? {
+            if f.path == self.path {
+                continue;
+            }
+            let entry = match self.closed.get(&f.name) {
+                Some(e) => e.clone(),
+                None => {
+                    let e = index::summary(&f)?;
+                    self.closed.insert(f.name.clone(), e.clone());
+                    e
+                }
+            };
+            entries.push(entry);
+        }
+        self.closed
+            .retain(|name, _| entries.iter().any(|e| &e.name == name));
+        entries.push(self.entry());
+        Ok(entries)
+    }
+
+    /// Points the `current` symlink of the log directory at this file.
+    fn point_current(&self) {
+        let Some(name) = self.path.file_name() else {
+            return;
+        };
+        let tmp = self.dir.join(".current.tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let result = std::os::unix::fs::symlink(name, &tmp)
+            .and_then(|()| std::fs::rename(&tmp, self.dir.join(CURRENT)));
+        if let Err(e) = result {
+            warn!(dir = %self.dir.display(), error = %e, "cannot update the `current` symlink");
+        }
     }
 
     fn append(&mut self, bytes: &[u8], sync: bool) -> std::io::Result<()> {
@@ -421,6 +701,44 @@ impl LogFile {
             }
         }
     }
+}
+
+/// The symlink in the log directory that names the file being appended to.
+pub const CURRENT: &str = "current";
+
+/// The chain head and last `seq` from before `files` ended: the last record of the newest file that holds one, else
+/// the newest checkpoint, else the genesis value. Only records below `below` count.
+fn chain_head(dir: &Path, files: &[files::LogFile], below: u64) -> (chain::Hash, Option<u64>) {
+    for f in files.iter().rev() {
+        match index::summary(f) {
+            Ok(entry) => {
+                if let (Some(seq), Some(hash)) = (entry.last_seq, entry.last_hash) {
+                    if seq < below
+                        && let Some(h) = chain::parse_hex(hash.as_bytes())
+                    {
+                        return (h, Some(seq));
+                    }
+                    break;
+                }
+            }
+            Err(e) => {
+                warn!(file = %f.path.display(), error = %e, "cannot read the end of a log file");
+                break;
+            }
+        }
+    }
+    for path in checkpoint::list(dir).iter().rev() {
+        let Ok(bytes) = std::fs::read(path) else {
+            continue;
+        };
+        if let Ok(cp) = checkpoint::Checkpoint::parse(&bytes)
+            && let Some(h) = chain::parse_hex(cp.body.hash.as_bytes())
+            && cp.body.seq.is_none_or(|s| s < below)
+        {
+            return (h, cp.body.seq);
+        }
+    }
+    (chain::GENESIS, None)
 }
 
 impl LogFile {
@@ -472,8 +790,8 @@ fn sync_dir(dir: &Path) -> Result<(), Error> {
 }
 
 /// Cuts whatever follows the last complete record of `path` (a crash can leave a torn line), keeping the cut bytes
-/// in a side file. Returns the new length and the last record's `seq`.
-pub(crate) fn recover(path: &Path) -> Result<(u64, Option<u64>), Error> {
+/// in a side file. Returns the new length and the last record's head.
+pub(crate) fn recover(path: &Path) -> Result<(u64, Option<crate::record::Head>), Error> {
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -486,7 +804,7 @@ pub(crate) fn recover(path: &Path) -> Result<(u64, Option<u64>), Error> {
         let (start, line) = last_line(&mut file, end).map_err(io_error(path))?;
         let complete = line.last() == Some(&b'\n');
         if complete && let Some(head) = crate::record::parse_head(&line[..line.len() - 1]) {
-            last_seq = Some(head.seq);
+            last_seq = Some(head);
             break;
         }
         end = start;
@@ -521,7 +839,7 @@ pub(crate) fn recover(path: &Path) -> Result<(u64, Option<u64>), Error> {
 }
 
 /// The last line of `file[..end]` (with its newline, if it has one) and where it starts.
-fn last_line(file: &mut File, end: u64) -> std::io::Result<(u64, Vec<u8>)> {
+pub(crate) fn last_line(file: &mut File, end: u64) -> std::io::Result<(u64, Vec<u8>)> {
     const CHUNK: u64 = 64 << 10;
     let mut line: Vec<u8> = Vec::new();
     let mut pos = end;
@@ -564,7 +882,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(file_name(UNIX_EPOCH, 1));
         std::fs::write(&path, content).unwrap();
-        let (len, seq) = recover(&path).unwrap();
+        let (len, head) = recover(&path).unwrap();
+        let seq = head.map(|h| h.seq);
         let after = std::fs::read(&path).unwrap();
         assert_eq!(after.len() as u64, len);
         let sides = std::fs::read_dir(dir.path()).unwrap().count() - 1;

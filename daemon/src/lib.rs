@@ -7,8 +7,10 @@
 pub mod admin;
 pub mod audit;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod event_types;
+pub mod evidence;
 pub mod framing;
 pub mod ingest;
 pub mod journal;
@@ -54,6 +56,9 @@ pub enum Error {
     /// The spool cannot be opened.
     #[error(transparent)]
     Spool(#[from] spool::Error),
+    /// The checkpoint signing key cannot be loaded or created.
+    #[error(transparent)]
+    Key(#[from] evidence::checkpoint::KeyError),
 }
 
 impl Error {
@@ -61,7 +66,8 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Config(_) | Error::EventTypes(_) | Error::Sinks(_) => EXIT_CONFIG,
-            Error::Log(_) | Error::Socket(_) | Error::Spool(_) => 1,
+            Error::Key(evidence::checkpoint::KeyError::Format { .. }) => EXIT_CONFIG,
+            Error::Log(_) | Error::Socket(_) | Error::Spool(_) | Error::Key(_) => 1,
         }
     }
 }
@@ -105,12 +111,31 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         .expect("starting sinks")?;
         (Some(writer), Some(Arc::new(sinks)))
     };
+    if clock::is_shifted() {
+        warn!(
+            variable = clock::OFFSET_VAR,
+            "the daemon's clock is shifted (a testing aid); record times and file names are not the real time"
+        );
+    }
+    let signer = evidence::checkpoint::Signer::load_or_generate(&config.log.signing_key())?;
+    info!(
+        public_key = %signer.public_path.display(),
+        key = %signer.public_hex(),
+        generated = signer.generated,
+        "checkpoints are signed; check the log with `trail verify LOG_DIR --key PUBLIC_KEY`"
+    );
+    let rotated = Arc::new(tokio::sync::Notify::new());
     let (journal, submitter) = journal::Journal::start(
         &config.log.dir,
         journal::Options {
             fsync: config.log.fsync,
             spool: spool_writer,
             stopping: stopping.clone(),
+            rotate: config.log.rotate,
+            max_file_bytes: config.log.max_file_bytes,
+            signer: Some(signer),
+            checkpoint_every: config.log.checkpoint_every,
+            rotated: Some(rotated.clone()),
         },
     )?;
     let listener = ingest::bind(&config.socket.path, config.socket.mode)?;
@@ -126,6 +151,23 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
     });
     let background = CancellationToken::new();
     let audit_task = tokio::spawn(record_own_events(ctx.clone(), audit_rx, background.clone()));
+    let upkeep = {
+        let (ctx, source) = (ctx.clone(), own_source(&ctx));
+        tokio::spawn(evidence::maintenance::run(
+            config.log.dir.clone(),
+            evidence::maintenance::Policy::of(&config.log),
+            rotated,
+            background.clone(),
+            move |line| {
+                let (ctx, source) = (ctx.clone(), source.clone());
+                async move {
+                    ingest::record_own(&ctx, &line, &source)
+                        .await
+                        .map_err(|r| r.message)
+                }
+            },
+        ))
+    };
     let admin = Arc::new(admin::Admin {
         sinks: sinks.clone(),
         event_types: event_type_count,
@@ -163,6 +205,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
     drop(auditor);
     background.cancel();
     let _ = audit_task.await;
+    let _ = upkeep.await;
     let _ = std::fs::remove_file(&admin_path);
     tokio::task::spawn_blocking(move || journal.join())
         .await
@@ -171,19 +214,24 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
     Ok(())
 }
 
+/// The `source` of the daemon's own events: its own process.
+fn own_source(ctx: &ingest::Context) -> Vec<u8> {
+    record::Source {
+        uid: unsafe { libc::geteuid() },
+        gid: unsafe { libc::getegid() },
+        pid: Some(std::process::id() as i32),
+        host: ctx.host.clone(),
+    }
+    .fragment()
+}
+
 /// Records the daemon's own audit events, attributed to its own process, until `done` (then drains what is queued).
 async fn record_own_events(
     ctx: Arc<ingest::Context>,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
     done: CancellationToken,
 ) {
-    let source = record::Source {
-        uid: unsafe { libc::geteuid() },
-        gid: unsafe { libc::getegid() },
-        pid: Some(std::process::id() as i32),
-        host: ctx.host.clone(),
-    }
-    .fragment();
+    let source = own_source(&ctx);
     loop {
         let line = tokio::select! {
             biased;

@@ -6,7 +6,9 @@
 //! ```
 //!
 //! `code`, `actor`, `target`, `outcome`, `message` and `payload` are present only when set; `source.pid` only when
-//! the kernel reported it. Later versions may append fields at the end, never reorder.
+//! the kernel reported it. Every record written to the log ends with `"hash"`, its link in the hash chain
+//! (`crate::evidence::chain`), sealed by the journal writer. Later versions may add fields after `payload` and
+//! before `hash`, never reorder; `hash` stays last.
 //!
 //! A record is built in two halves so that work is done where it is cheapest: the connection task, in parallel
 //! with other connections, serializes everything after `seq` (the *tail*, without the closing brace); the single
@@ -206,6 +208,9 @@ pub struct Head {
     pub seq: u64,
     /// Event id.
     pub id: String,
+    /// Chain hash (absent in records written before the chain existed and in stream-only records).
+    #[serde(default)]
+    pub hash: Option<String>,
 }
 
 /// Reads the head of a stored line; `None` when it is not a trail record.

@@ -133,15 +133,15 @@ pub fn open(config: &SpoolConfig, sinks: &[String]) -> Result<(Writer, Spool), E
     let (start, len) = match segments.last() {
         Some(&start) => {
             let path = shared_dir.join(format!("spool-{start:020}.jsonl"));
-            let (len, seq) = crate::journal::recover(&path)?;
-            last_seq = seq;
+            let (len, head) = crate::journal::recover(&path)?;
+            last_seq = head.map(|h| h.seq);
             // A segment just started may be empty: the last seq is then in the one before.
             for &older in segments.iter().rev().skip(1) {
                 if last_seq.is_some() {
                     break;
                 }
                 let path = shared_dir.join(format!("spool-{older:020}.jsonl"));
-                last_seq = crate::journal::recover(&path)?.1;
+                last_seq = crate::journal::recover(&path)?.1.map(|h| h.seq);
             }
             (start, len)
         }

@@ -22,7 +22,10 @@ pub fn init(format: Format) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_ansi(std::io::stderr().is_terminal())
+        // An unwritable standard error (a full disk, a file-size limit) must not end the daemon: the default reports
+        // such errors with `eprintln!`, which panics when standard error cannot be written.
+        .log_internal_errors(false);
     match (format, under_systemd) {
         (Format::Json, _) => builder.json().flatten_event(true).init(),
         (Format::Text, true) => builder.without_time().with_ansi(false).init(),

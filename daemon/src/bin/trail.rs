@@ -34,6 +34,24 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Check the log offline: the hash chain of every record, checkpoint signatures, missing, extra, truncated,
+    /// reordered or modified records and files. Prints each problem with file, line and seq; exit 0 only when all
+    /// is intact, 1 when something is wrong, 2 when the input cannot be read.
+    Verify {
+        /// Log directories (with their checkpoints/), log files (.jsonl, .jsonl.zst) or checkpoint files
+        /// [default: the configuration's log directory]
+        paths: Vec<PathBuf>,
+        /// The daemon's checkpoint public key: a PEM file or 64 hex digits.
+        #[arg(long)]
+        key: Option<String>,
+        /// Configuration file whose log directory to check when no path is given.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Find records in the log files (read directly; the daemon need not run). Newest first unless --oldest-first;
+    /// JSON lines when the output is not a terminal, a table when it is. Exit 0 when any record matched, 1 when
+    /// none did, 2 on an error.
+    Search(Box<Search>),
     /// Check a configuration and its event types without starting anything (exit 0 valid, 78 invalid).
     Validate {
         /// Configuration file; without it, the embedded development configuration.
@@ -50,6 +68,55 @@ struct AdminArgs {
     /// The daemon's admin socket [default: $TRAIL_ADMIN_SOCKET, else admin.sock beside the development socket]
     #[arg(long)]
     admin_socket: Option<PathBuf>,
+}
+
+#[derive(ClapArgs)]
+struct Search {
+    /// The log directory [default: the configuration's]
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Configuration file whose log directory to search.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Only records received in this last span, e.g. 15m, 1h, 7d.
+    #[arg(long)]
+    since: Option<String>,
+    /// Only records received at or after this time (RFC 3339).
+    #[arg(long)]
+    from: Option<String>,
+    /// Only records received before this time (RFC 3339).
+    #[arg(long)]
+    to: Option<String>,
+    /// Event type; globs with * and ? allowed; repeat for any of several.
+    #[arg(long = "type", short = 't')]
+    types: Vec<String>,
+    /// actor.id
+    #[arg(long)]
+    actor: Option<String>,
+    /// target.id
+    #[arg(long)]
+    target: Option<String>,
+    /// success, failure or denied
+    #[arg(long)]
+    outcome: Option<String>,
+    /// source.uid
+    #[arg(long)]
+    uid: Option<u32>,
+    /// Text that any string value contains (case-sensitive).
+    #[arg(long)]
+    text: Option<String>,
+    /// Log order instead of newest first.
+    #[arg(long)]
+    oldest_first: bool,
+    /// At most this many records.
+    #[arg(long, short = 'n')]
+    limit: Option<usize>,
+    /// Output format [default: table on a terminal, json otherwise]
+    #[arg(long, value_parser = ["json", "table"])]
+    format: Option<String>,
+    /// Keep running and print new matching records as they are written (after the latest matches, oldest first).
+    #[arg(long, short = 'f')]
+    follow: bool,
 }
 
 #[derive(ClapArgs)]
@@ -105,6 +172,215 @@ fn main() -> ExitCode {
             config,
             event_types,
         } => validate(config, event_types),
+        Command::Verify { paths, key, config } => verify(paths, key, config),
+        Command::Search(s) => search(*s),
+    }
+}
+
+/// The log directory of `config` (or of the development configuration).
+fn log_dir(config: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
+    match config {
+        Some(path) => Config::load(&path).map(|c| c.log.dir).map_err(|e| {
+            eprintln!("{e}");
+            ExitCode::from(trail::EXIT_CONFIG as u8)
+        }),
+        None => Ok(Config::development().log.dir),
+    }
+}
+
+/// A time given as RFC 3339 or as a span back from now.
+fn time_arg(flag: &str, text: &str) -> Result<std::time::SystemTime, String> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(std::time::SystemTime::from)
+        .map_err(|e| {
+            format!("--{flag} {text:?}: not an RFC 3339 time ({e}), e.g. 2026-11-20T10:00:00Z")
+        })
+}
+
+fn search(args: Search) -> ExitCode {
+    use std::io::IsTerminal;
+    use trail::evidence::{files, search};
+    let dir = match args.dir {
+        Some(d) => d,
+        None => match log_dir(args.config) {
+            Ok(d) => d,
+            Err(code) => return code,
+        },
+    };
+    let fail = |message: String| {
+        eprintln!("trail search: {message}");
+        ExitCode::from(2)
+    };
+    let mut query = search::Query {
+        types: args.types,
+        actor: args.actor,
+        target: args.target,
+        outcome: args.outcome,
+        uid: args.uid,
+        text: args.text,
+        newest_first: !args.oldest_first || args.follow,
+        limit: args.limit,
+        ..Default::default()
+    };
+    if let Some(since) = &args.since {
+        match trail::config::parse_duration(since) {
+            Ok(d) => query.from = Some(files::stamp(std::time::SystemTime::now() - d)),
+            Err(e) => return fail(format!("--since: {e}")),
+        }
+    }
+    for (flag, value, slot) in [
+        ("from", &args.from, &mut query.from),
+        ("to", &args.to, &mut query.to),
+    ] {
+        if let Some(text) = value {
+            match time_arg(flag, text) {
+                Ok(t) => *slot = Some(files::stamp(t)),
+                Err(e) => return fail(e),
+            }
+        }
+    }
+    let table = match args.format.as_deref() {
+        Some("table") => true,
+        Some(_) => false,
+        None => std::io::stdout().is_terminal(),
+    };
+    let mut out = std::io::stdout().lock();
+    if table {
+        let _ = writeln!(
+            out,
+            "{:<30}  {:>8}  {:<26}  {:<14}  {:<14}  {:<8}  message",
+            "received_at", "seq", "type", "actor", "target", "outcome"
+        );
+    }
+    let print = |line: &[u8], out: &mut std::io::StdoutLock| -> bool {
+        if !table {
+            return out
+                .write_all(line)
+                .and_then(|()| out.write_all(b"\n"))
+                .is_ok();
+        }
+        let v: Value = serde_json::from_slice(line).unwrap_or_default();
+        let s = |v: &Value| {
+            v.as_str().map(str::to_owned).unwrap_or_else(|| {
+                if v.is_null() {
+                    String::new()
+                } else {
+                    v.to_string()
+                }
+            })
+        };
+        writeln!(
+            out,
+            "{:<30}  {:>8}  {:<26}  {:<14}  {:<14}  {:<8}  {}",
+            s(&v["received_at"]),
+            s(&v["seq"]),
+            s(&v["type"]),
+            s(&v["actor"]["id"]),
+            s(&v["target"]["id"]),
+            s(&v["outcome"]),
+            s(&v["message"])
+        )
+        .is_ok()
+    };
+    let mut held: Vec<Vec<u8>> = Vec::new();
+    let result = search::search(&dir, &query, &mut |line| {
+        if args.follow {
+            held.push(line.to_vec());
+            true
+        } else {
+            print(line, &mut out)
+        }
+    });
+    let stats = match result {
+        Ok(s) => s,
+        Err(e) => return fail(format!("{}: {e}", dir.display())),
+    };
+    if args.follow {
+        for line in held.iter().rev() {
+            if !print(line, &mut out) {
+                return ExitCode::SUCCESS;
+            }
+        }
+        let _ = out.flush();
+        let follow = search::follow(
+            &dir,
+            &query,
+            stats.end,
+            std::time::Duration::from_millis(200),
+            &mut |line| print(line, &mut out) && out.flush().is_ok(),
+        );
+        return match follow {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(format!("{}: {e}", dir.display())),
+        };
+    }
+    if stats.matches > 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn verify(mut paths: Vec<PathBuf>, key: Option<String>, config: Option<PathBuf>) -> ExitCode {
+    use trail::evidence::{checkpoint, verify};
+    if paths.is_empty() {
+        match log_dir(config) {
+            Ok(dir) => paths.push(dir),
+            Err(code) => return code,
+        }
+    }
+    let key = match key.as_deref().map(checkpoint::read_public_key).transpose() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("trail verify: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let inputs = match verify::Inputs::gather(&paths) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("trail verify: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let started = std::time::Instant::now();
+    let report = match verify::verify(&inputs, key.as_ref()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("trail verify: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    for p in &report.problems {
+        let _ = writeln!(out, "problem: {p}");
+    }
+    for n in &report.notes {
+        let _ = writeln!(out, "note: {n}");
+    }
+    let seqs = report
+        .seqs
+        .map(|(a, b)| format!(", seq {a}..{b}"))
+        .unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "{}: {} records in {} files ({} bytes{seqs}), {} checkpoints, {} problems, {:.2?}",
+        if report.intact() {
+            "intact"
+        } else {
+            "NOT INTACT"
+        },
+        report.records,
+        report.files,
+        report.bytes,
+        report.checkpoints,
+        report.problems.len(),
+        started.elapsed()
+    );
+    if report.intact() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

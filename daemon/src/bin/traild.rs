@@ -30,6 +30,9 @@ enum Command {
 fn main() -> ExitCode {
     let args = Args::parse();
     telemetry::init(args.log_format);
+    // A write past a file-size limit (RLIMIT_FSIZE) must fail with EFBIG, like a full disk, and be answered
+    // `unavailable`; the default action of SIGXFSZ would end the daemon instead.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let config = match &args.config {
         Some(path) => match Config::load(path) {
             Ok(c) => c,

@@ -1,0 +1,346 @@
+//! The evidence benchmark: hash-chain overhead on ingest, search and verify over about 1 GiB of logs.
+//!
+//! `cargo bench --bench evidence` generates (once, into `target/bench-evidence/`) about 3 million records over 30
+//! days in daily files, sealed into one hash chain with the library's own chain code, with sidecar indexes as the
+//! daemon's upkeep writes them; then measures:
+//!
+//! - search for one hour out of the month (first run in a fresh process, then warm), in-process and through the
+//!   `trail` binary;
+//! - a full scan for a rare actor id (MB/s of records);
+//! - `verify` over everything (MB/s);
+//! - the cost of sealing a record into the chain, and the ingest rate of the real daemon (release `traild`,
+//!   `fsync: always`, 4 pipelining clients), giving the share of ingest time spent hashing.
+//!
+//! Set `TRAIL_BENCH_EVENTS` to change the size (default 3,000,000), and `TRAIL_BENCH_BASELINE_TRAILD` to a
+//! `traild` built without the hash chain to add an alternating A/B ingest comparison.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use trail::evidence::{chain, files, index, search, verify};
+
+const DAYS: u64 = 30;
+const START: u64 = 1_793_491_200; // 2026-11-01T00:00:00Z
+
+fn main() {
+    let events: u64 = std::env::var("TRAIL_BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3_000_000);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join("bench-evidence")
+        .join(format!("log-{events}"));
+    if !dir.join("done").exists() {
+        let t = Instant::now();
+        generate(&dir, events);
+        println!("generated {events} records in {:.1?}", t.elapsed());
+    }
+    let total: u64 = files::list(&dir)
+        .unwrap()
+        .iter()
+        .map(|f| std::fs::metadata(&f.path).unwrap().len())
+        .sum();
+    println!(
+        "log: {} files, {:.1} MiB, {events} records over {DAYS} days",
+        files::list(&dir).unwrap().len(),
+        total as f64 / (1 << 20) as f64
+    );
+
+    // One hour out of the month: day 15, 10:00 to 11:00.
+    let from = UNIX_EPOCH + Duration::from_secs(START + 14 * 86_400 + 10 * 3_600);
+    let hour = search::Query {
+        from: Some(files::stamp(from)),
+        to: Some(files::stamp(from + Duration::from_secs(3_600))),
+        newest_first: true,
+        ..Default::default()
+    };
+    for run in ["first", "warm", "warm"] {
+        let t = Instant::now();
+        let mut n = 0;
+        let stats = search::search(&dir, &hour, &mut |_| {
+            n += 1;
+            true
+        })
+        .unwrap();
+        println!(
+            "search one hour ({run}, in-process): {n} records in {:.1?}; {} of {} files opened, {:.1} MiB read",
+            t.elapsed(),
+            stats.files_read,
+            stats.files,
+            stats.bytes_read as f64 / (1 << 20) as f64
+        );
+    }
+    let trail_bin = env!("CARGO_BIN_EXE_trail");
+    let from_text = chrono::DateTime::<chrono::Utc>::from(from).to_rfc3339();
+    let to_text =
+        chrono::DateTime::<chrono::Utc>::from(from + Duration::from_secs(3_600)).to_rfc3339();
+    for run in ["CLI", "CLI"] {
+        let t = Instant::now();
+        let out = std::process::Command::new(trail_bin)
+            .args([
+                "search",
+                "--dir",
+                dir.to_str().unwrap(),
+                "--from",
+                &from_text,
+                "--to",
+                &to_text,
+            ])
+            .output()
+            .unwrap();
+        let lines = out.stdout.iter().filter(|&&b| b == b'\n').count();
+        println!(
+            "search one hour ({run}: trail search --from {from_text} --to {to_text} > file): {lines} records in {:.1?}",
+            t.elapsed()
+        );
+    }
+
+    let rare = search::Query {
+        actor: Some("u-rare".into()),
+        newest_first: true,
+        ..Default::default()
+    };
+    for run in ["first", "warm"] {
+        let t = Instant::now();
+        let mut n = 0;
+        let stats = search::search(&dir, &rare, &mut |_| {
+            n += 1;
+            true
+        })
+        .unwrap();
+        let secs = t.elapsed().as_secs_f64();
+        println!(
+            "full scan for a rare actor ({run}): {n} records in {:.2}s, {:.0} MB/s of records",
+            secs,
+            stats.bytes_read as f64 / 1e6 / secs
+        );
+    }
+
+    let t = Instant::now();
+    let inputs = verify::Inputs::gather(std::slice::from_ref(&dir)).unwrap();
+    let report = verify::verify(&inputs, None).unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    assert!(
+        report.intact(),
+        "{:?}",
+        &report.problems[..report.problems.len().min(5)]
+    );
+    println!(
+        "verify: {} records, {:.0} MB in {secs:.2}s: {:.0} MB/s",
+        report.records,
+        report.bytes as f64 / 1e6,
+        report.bytes as f64 / 1e6 / secs
+    );
+
+    hashing_overhead();
+}
+
+/// Writes `events` records over [`DAYS`] days into daily files, sealed into one chain, with indexes.
+fn generate(dir: &Path, events: u64) {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    let types = [
+        "user_login",
+        "user_logout",
+        "project_deleted",
+        "role_granted",
+        "config_changed",
+        "data_exported",
+    ];
+    let outcomes = ["success", "success", "success", "failure", "denied"];
+    let step = DAYS * 86_400 * 1_000_000_000 / events;
+    let mut chain_head = chain::GENESIS;
+    let mut out = Vec::with_capacity(64 << 20);
+    let mut day = u64::MAX;
+    let mut file: Option<std::fs::File> = None;
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut paths = Vec::new();
+    for seq in 1..=events {
+        let nanos = START * 1_000_000_000 + (seq - 1) * step;
+        let t = UNIX_EPOCH + Duration::from_nanos(nanos);
+        if nanos / 86_400_000_000_000 != day {
+            day = nanos / 86_400_000_000_000;
+            if let Some(mut f) = file.take() {
+                f.write_all(&out).unwrap();
+                out.clear();
+            }
+            let path = dir.join(trail::journal::file_name(t, seq));
+            paths.push(path.clone());
+            file = Some(std::fs::File::create(path).unwrap());
+        }
+        let r = next();
+        let start = out.len();
+        let actor = if seq % 300_000 == 7 {
+            "u-rare".to_string()
+        } else {
+            format!("u-{}", r % 5_000)
+        };
+        write!(
+            out,
+            "{{\"seq\":{seq},\"id\":\"{:08x}-{:04x}-7{:03x}-8{:03x}-{:012x}\",\"received_at\":\"",
+            r >> 32,
+            r & 0xffff,
+            (r >> 16) & 0xfff,
+            (r >> 28) & 0xfff,
+            seq
+        )
+        .unwrap();
+        trail::record::write_rfc3339(&mut out, t);
+        out.extend_from_slice(b"\",\"occurred_at\":\"");
+        trail::record::write_rfc3339(&mut out, t);
+        let ty = types[(r % 6) as usize];
+        write!(
+            out,
+            "\",\"type\":\"{ty}\",\"version\":1,\"severity\":\"info\",\"source\":{{\"uid\":{},\"gid\":1000,\"pid\":{},\"host\":\"app-{}.example\"}},\"actor\":{{\"id\":\"{actor}\",\"name\":\"user {}\",\"type\":\"user\",\"ip\":\"10.0.{}.{}\"}},\"target\":{{\"type\":\"project\",\"id\":\"p-{}\"}},\"outcome\":\"{}\",\"message\":\"{ty} by {actor} on p-{}\",\"payload\":{{\"method\":\"sso\",\"request_id\":\"{:016x}\"}}",
+            1000 + r % 20,
+            1000 + (r >> 8) % 30_000,
+            r % 8,
+            r % 5_000,
+            (r >> 12) % 256,
+            (r >> 20) % 256,
+            (r >> 24) % 900,
+            outcomes[((r >> 40) % 5) as usize],
+            (r >> 24) % 900,
+            r.rotate_left(17)
+        )
+        .unwrap();
+        chain_head = chain::seal(&chain_head, &mut out, start);
+        out.push(b'\n');
+        if out.len() > 32 << 20 {
+            file.as_mut().unwrap().write_all(&out).unwrap();
+            out.clear();
+        }
+    }
+    file.unwrap().write_all(&out).unwrap();
+    // Closed files get indexes from the daemon's upkeep; the newest is the one being written.
+    for f in &files::list(dir).unwrap()[..paths.len() - 1] {
+        index::get(f, true).unwrap();
+    }
+    std::fs::write(dir.join("done"), b"").unwrap();
+}
+
+/// Sealing cost per record, and the ingest rate of the real daemon.
+fn hashing_overhead() {
+    let sample = br#"{"seq":123456,"id":"019ab7c4-1234-7abc-8def-0123456789ab","received_at":"2026-11-20T10:00:00.123456789Z","occurred_at":"2026-11-20T10:00:00.123456789Z","type":"user_login","version":1,"severity":"info","code":"T1000I","source":{"uid":1000,"gid":1000,"pid":4242,"host":"app-1.example"},"actor":{"id":"u-42","name":"alice"},"outcome":"success","message":"bench","payload":{"method":"sso"}"#;
+    let n = 2_000_000;
+    let mut out = Vec::with_capacity(512);
+    let mut head = chain::GENESIS;
+    let t = Instant::now();
+    for _ in 0..n {
+        out.clear();
+        out.extend_from_slice(sample);
+        head = chain::seal(&head, &mut out, 0);
+    }
+    let per_record = t.elapsed().as_secs_f64() / n as f64;
+    std::hint::black_box(head);
+    println!(
+        "sealing a {}-byte record into the chain: {:.0} ns",
+        sample.len(),
+        per_record * 1e9
+    );
+    let ours = Path::new(env!("CARGO_BIN_EXE_traild"));
+    let rate = daemon_ingest_rate(ours);
+    println!(
+        "daemon ingest (release traild, fsync: always, 4 clients x 50,000 pipelined events): {rate:.0} events/s; \
+         hashing is {:.1}% of that time (an upper bound on what removing it could gain)",
+        rate * per_record * 100.0
+    );
+    // An A/B comparison against a daemon built without the chain, when one is given.
+    if let Some(baseline) = std::env::var_os("TRAIL_BENCH_BASELINE_TRAILD") {
+        let baseline = PathBuf::from(baseline);
+        let (mut with, mut without) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            without.push(daemon_ingest_rate(&baseline));
+            with.push(daemon_ingest_rate(ours));
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (w, wo) = (median(&mut with), median(&mut without));
+        println!(
+            "ingest A/B, alternating, median of 3: without chain {wo:.0} events/s, with chain {w:.0} events/s: \
+             {:.1}% slower (runs: without {without:.0?}, with {with:.0?})",
+            (1.0 - w / wo) * 100.0
+        );
+    }
+}
+
+fn daemon_ingest_rate(traild: &Path) -> f64 {
+    let tmp = tempfile::tempdir().unwrap();
+    let types = tmp.path().join("event-types");
+    std::fs::create_dir(&types).unwrap();
+    for e in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("event-types")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, types.join(p.file_name().unwrap())).unwrap();
+    }
+    let config = tmp.path().join("trail.yaml");
+    std::fs::write(
+        &config,
+        "socket: {path: trail.sock}\nevent_types: event-types\nlog: {dir: log}\n",
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(traild)
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let socket: PathBuf = tmp.path().join("trail.sock");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while UnixStream::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "traild did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let per_client = 50_000;
+    let t = Instant::now();
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let stream = UnixStream::connect(&socket).unwrap();
+                let mut w = stream.try_clone().unwrap();
+                let writer = std::thread::spawn(move || {
+                    let mut buf = Vec::new();
+                    for i in 0..per_client {
+                        writeln!(
+                            buf,
+                            r#"{{"type":"user_login","actor":{{"id":"u-{c}","name":"alice"}},"outcome":"success","message":"bench {i}","payload":{{"method":"sso"}}}}"#
+                        )
+                        .unwrap();
+                        if buf.len() > 64 << 10 {
+                            w.write_all(&buf).unwrap();
+                            buf.clear();
+                        }
+                    }
+                    w.write_all(&buf).unwrap();
+                });
+                let mut ok = 0;
+                for line in BufReader::new(stream).lines().take(per_client) {
+                    if line.unwrap().starts_with(r#"{"ok":true"#) {
+                        ok += 1;
+                    }
+                }
+                writer.join().unwrap();
+                assert_eq!(ok, per_client);
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let rate = (4 * per_client) as f64 / t.elapsed().as_secs_f64();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let _ = SystemTime::now();
+    rate
+}

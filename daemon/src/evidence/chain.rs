@@ -1,0 +1,142 @@
+//! The hash chain that links every record of the log to all records before it.
+//!
+//! Definition (also in README.md, "The log"): every record written to the log carries `hash` as its last field,
+//! 64 lower-case hex digits:
+//!
+//! ```text
+//! hash_n = SHA-256( hash_{n-1} as 32 raw bytes  ||  canonical_n )
+//! ```
+//!
+//! where `canonical_n` is the record's line without its newline and without its `,"hash":"…"` field, i.e. the
+//! bytes before `,"hash":"` followed by `}`; `hash_0` (the predecessor of the very first record) is 32 zero bytes.
+//! The chain runs through every persisted record in `seq` order, across files, rotations, compression and
+//! restarts. Records that go only to sinks (stream-only types) are not in the log and not in the chain.
+//!
+//! Owns the arithmetic and the line layout only; the journal writer seals records, `verify` checks them.
+
+use sha2::{Digest, Sha256};
+
+/// A chain hash.
+pub type Hash = [u8; 32];
+
+/// The predecessor of the first record of a log.
+pub const GENESIS: Hash = [0; 32];
+
+/// What precedes the hex digits at the end of a sealed line.
+const FIELD: &[u8] = b",\"hash\":\"";
+/// Bytes of the hash field at the end of a sealed line: `,"hash":"` + 64 hex digits + `"}`.
+pub const SUFFIX_LEN: usize = FIELD.len() + 64 + 2;
+
+/// The hash of a record whose canonical bytes are `body` followed by `}`, given its predecessor's.
+pub fn link(prev: &Hash, body: &[u8]) -> Hash {
+    let mut h = Sha256::new();
+    h.update(prev);
+    h.update(body);
+    h.update(b"}");
+    h.finalize().into()
+}
+
+/// Seals the record at `out[start..]` (a JSON object without its closing brace): appends `,"hash":"…"}` and
+/// returns the new chain head.
+pub fn seal(prev: &Hash, out: &mut Vec<u8>, start: usize) -> Hash {
+    let hash = link(prev, &out[start..]);
+    out.extend_from_slice(FIELD);
+    push_hex(out, &hash);
+    out.extend_from_slice(b"\"}");
+    hash
+}
+
+/// Splits a sealed line (without newline) into its body (canonical bytes less the closing brace) and its hash;
+/// `None` when the line does not end in a well-formed hash field.
+pub fn split(line: &[u8]) -> Option<(&[u8], Hash)> {
+    let at = line.len().checked_sub(SUFFIX_LEN)?;
+    let (body, suffix) = line.split_at(at);
+    let hex = suffix.strip_prefix(FIELD)?.strip_suffix(b"\"}")?;
+    Some((body, parse_hex(hex)?))
+}
+
+/// Appends `bytes` as lower-case hex.
+pub fn push_hex(out: &mut Vec<u8>, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(DIGITS[(b >> 4) as usize]);
+        out.push(DIGITS[(b & 15) as usize]);
+    }
+}
+
+/// `bytes` as lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    let mut out = Vec::with_capacity(bytes.len() * 2);
+    push_hex(&mut out, bytes);
+    String::from_utf8(out).expect("hex digits are ascii")
+}
+
+/// Parses 64 lower-case hex digits.
+pub fn parse_hex(hex: &[u8]) -> Option<Hash> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; 32];
+    for (i, pair) in hex.chunks_exact(2).enumerate() {
+        out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(out)
+}
+
+/// The `seq` at the start of a stored line (`{"seq":N,…`).
+pub fn line_seq(line: &[u8]) -> Option<u64> {
+    let rest = line.strip_prefix(b"{\"seq\":")?;
+    let end = rest.iter().position(|b| !b.is_ascii_digit())?;
+    if end == 0 || end > 20 {
+        return None;
+    }
+    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealing_and_splitting_agree_with_the_definition() {
+        let mut out = b"junk".to_vec();
+        let body = br#"{"seq":1,"id":"x","type":"t""#;
+        out.extend_from_slice(body);
+        let h = seal(&GENESIS, &mut out, 4);
+        let line = &out[4..];
+        let mut canonical = body.to_vec();
+        canonical.push(b'}');
+        let mut expected = Sha256::new();
+        expected.update([0u8; 32]);
+        expected.update(&canonical);
+        assert_eq!(h, <Hash>::from(expected.finalize()));
+        assert_eq!(split(line), Some((&body[..], h)));
+        assert!(line.ends_with(format!(",\"hash\":\"{}\"}}", hex(&h)).as_bytes()));
+        assert_eq!(parse_hex(hex(&h).as_bytes()), Some(h));
+    }
+
+    #[test]
+    fn malformed_lines_do_not_split() {
+        let check = |line: &str| assert_eq!(split(line.as_bytes()), None, "{line}");
+        check("");
+        check(r#"{"seq":1}"#);
+        check(&format!(r#"{{"seq":1,"hash":"{}"}}"#, "A".repeat(64)));
+        check(&format!(r#"{{"seq":1,"hash":"{}"}}x"#, "a".repeat(64)));
+        check(&format!(r#"{{"seq":1,"hash":"{}"}}"#, "a".repeat(63)));
+    }
+
+    #[test]
+    fn seqs() {
+        let check =
+            |line: &str, seq: Option<u64>| assert_eq!(line_seq(line.as_bytes()), seq, "{line}");
+        check(r#"{"seq":17,"id":"x"}"#, Some(17));
+        check(r#"{"seq":,"id":"x"}"#, None);
+        check(r#"{"seq":17"#, None);
+        check(r#"{"id":"x","seq":17}"#, None);
+    }
+}

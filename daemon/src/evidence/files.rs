@@ -1,0 +1,239 @@
+//! Finding and reading log files, compressed or not.
+//!
+//! Owns the names of log files as tools see them (`trail-<UTC start>-<first seq>.jsonl`, and `….jsonl.zst` once
+//! compressed) and reading their lines in large chunks without caring which form a file has. When an interrupted
+//! compression left both forms, the uncompressed one is the file and the other is ignored.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+/// Extension of a compressed log file, after `.jsonl`.
+pub const ZST: &str = ".zst";
+
+/// One log file in a directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogFile {
+    /// Where it is.
+    pub path: PathBuf,
+    /// Its name as the log knows it: `trail-….jsonl`, also for a compressed file.
+    pub name: String,
+    /// UTC start from its name, seconds since the epoch.
+    pub start: i64,
+    /// The first `seq` it may hold, from its name.
+    pub first_seq: u64,
+    /// Stored as zstd frames.
+    pub compressed: bool,
+}
+
+impl LogFile {
+    /// Reads a log file's name; `None` when `path` does not name one.
+    pub fn parse(path: &Path) -> Option<LogFile> {
+        let file_name = path.file_name()?.to_str()?;
+        let (name, compressed) = match file_name.strip_suffix(ZST) {
+            Some(n) => (n, true),
+            None => (file_name, false),
+        };
+        let rest = name.strip_prefix("trail-")?.strip_suffix(".jsonl")?;
+        let (time, seq) = rest.split_once('-')?;
+        if time.len() != 16 || seq.len() != 20 || !seq.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let start = chrono::NaiveDateTime::parse_from_str(time, "%Y%m%dT%H%M%SZ")
+            .ok()?
+            .and_utc()
+            .timestamp();
+        Some(LogFile {
+            path: path.to_owned(),
+            name: name.to_owned(),
+            start,
+            first_seq: seq.parse().ok()?,
+            compressed,
+        })
+    }
+
+    /// The file's bytes as records, decompressed when needed.
+    pub fn open(&self) -> io::Result<Box<dyn Read + Send>> {
+        let file = File::open(&self.path)?;
+        if self.compressed {
+            Ok(Box::new(zstd::stream::read::Decoder::new(file)?))
+        } else {
+            Ok(Box::new(file))
+        }
+    }
+
+    /// The sidecar index's path.
+    pub fn index_path(&self) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push(".idx");
+        PathBuf::from(p)
+    }
+}
+
+/// The log files of `dir`, oldest first (one entry per file, the uncompressed form when both exist).
+pub fn list(dir: &Path) -> io::Result<Vec<LogFile>> {
+    let mut files: Vec<LogFile> = std::fs::read_dir(dir)?
+        .filter_map(|e| LogFile::parse(&e.ok()?.path()))
+        .collect();
+    files.sort_by(|a, b| a.name.cmp(&b.name).then(a.compressed.cmp(&b.compressed)));
+    files.dedup_by(|later, earlier| later.name == earlier.name);
+    Ok(files)
+}
+
+/// Reads whole lines in large chunks.
+pub struct Chunks<R> {
+    inner: R,
+    buf: Vec<u8>,
+    /// Bytes of `buf` that are filled.
+    filled: usize,
+    /// Bytes at the front of `buf` handed out by the last call.
+    taken: usize,
+    /// Offset in the stream of `buf[0]`.
+    offset: u64,
+    eof: bool,
+}
+
+/// What [`Chunks::next_chunk`] produced.
+pub enum Chunk<'a> {
+    /// Complete lines (each with its newline) starting at this stream offset.
+    Lines(u64, &'a [u8]),
+    /// The end of the stream holds bytes after the last newline: a torn or truncated line.
+    Torn(u64, &'a [u8]),
+}
+
+impl<R: Read> Chunks<R> {
+    /// Reads `inner` in chunks of about `size` bytes (more when a line is longer).
+    pub fn new(inner: R, size: usize) -> Chunks<R> {
+        Chunks {
+            inner,
+            buf: vec![0; size.max(1 << 12)],
+            filled: 0,
+            taken: 0,
+            offset: 0,
+            eof: false,
+        }
+    }
+
+    /// The next chunk, `None` at the end.
+    pub fn next_chunk(&mut self) -> io::Result<Option<Chunk<'_>>> {
+        if self.taken > 0 {
+            self.buf.copy_within(self.taken..self.filled, 0);
+            self.filled -= self.taken;
+            self.offset += self.taken as u64;
+            self.taken = 0;
+        }
+        loop {
+            while !self.eof && self.filled < self.buf.len() {
+                match self.inner.read(&mut self.buf[self.filled..]) {
+                    Ok(0) => self.eof = true,
+                    Ok(n) => self.filled += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if let Some(last) = memchr::memrchr(b'\n', &self.buf[..self.filled]) {
+                self.taken = last + 1;
+                return Ok(Some(Chunk::Lines(self.offset, &self.buf[..self.taken])));
+            }
+            if self.eof {
+                if self.filled == 0 {
+                    return Ok(None);
+                }
+                self.taken = self.filled;
+                return Ok(Some(Chunk::Torn(self.offset, &self.buf[..self.filled])));
+            }
+            // One line longer than the buffer: grow it.
+            let len = self.buf.len();
+            self.buf.resize(len * 2, 0);
+        }
+    }
+}
+
+/// The 30 bytes of a stored line's `received_at` (`YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`), found at its fixed place
+/// after `seq` and `id`; `None` when the line does not have the daemon's layout.
+pub fn received_at(line: &[u8]) -> Option<&[u8]> {
+    const ID: &[u8] = b",\"id\":\"";
+    const RECEIVED: &[u8] = b"\",\"received_at\":\"";
+    let rest = line.strip_prefix(b"{\"seq\":")?;
+    let digits = rest.iter().position(|b| !b.is_ascii_digit())?;
+    let rest = rest[digits..].strip_prefix(ID)?;
+    let rest = rest.get(36..)?.strip_prefix(RECEIVED)?;
+    let t = rest.get(..30)?;
+    (t[29] == b'Z' && t[10] == b'T').then_some(t)
+}
+
+/// Formats a time like a record's `received_at`, for comparing with [`received_at`] byte by byte.
+pub fn stamp(t: std::time::SystemTime) -> Vec<u8> {
+    let mut out = Vec::with_capacity(30);
+    crate::record::write_rfc3339(&mut out, t);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        let check = |name: &str, expected: Option<(&str, i64, u64, bool)>| {
+            let got = LogFile::parse(Path::new(name))
+                .map(|f| (f.name.clone(), f.start, f.first_seq, f.compressed));
+            assert_eq!(
+                got,
+                expected.map(|(n, s, q, c)| (n.to_string(), s, q, c)),
+                "{name}"
+            );
+        };
+        let plain = "trail-20261120T000000Z-00000000000000000007.jsonl";
+        check(plain, Some((plain, 1_795_132_800, 7, false)));
+        check(
+            &format!("{plain}.zst"),
+            Some((plain, 1_795_132_800, 7, true)),
+        );
+        check(&format!("{plain}.idx"), None);
+        check(&format!("{plain}.torn-1-2"), None);
+        check("trail-2026112T000000Z-00000000000000000007.jsonl", None);
+        check("trail-20261120T000000Z-0000000000000000000x.jsonl", None);
+        check("current", None);
+    }
+
+    #[test]
+    fn chunks_hold_whole_lines_and_report_a_torn_end() {
+        let text = b"a\nbb\n".repeat(3000);
+        let mut torn = text.clone();
+        torn.extend_from_slice(b"ccc");
+        for (input, tail) in [(&text, None), (&torn, Some(&b"ccc"[..]))] {
+            let mut chunks = Chunks::new(&input[..], 4096);
+            let mut seen = Vec::new();
+            let mut end = None;
+            while let Some(c) = chunks.next_chunk().unwrap() {
+                match c {
+                    Chunk::Lines(offset, lines) => {
+                        assert_eq!(offset as usize, seen.len());
+                        assert!(lines.ends_with(b"\n"));
+                        seen.extend_from_slice(lines);
+                    }
+                    Chunk::Torn(offset, rest) => end = Some((offset, rest.to_vec())),
+                }
+            }
+            assert_eq!(seen, text);
+            assert_eq!(
+                end.map(|(o, r)| (o as usize, r)),
+                tail.map(|t| (text.len(), t.to_vec()))
+            );
+        }
+    }
+
+    #[test]
+    fn received_at_is_read_from_its_fixed_place() {
+        let line = br#"{"seq":12,"id":"019ab7c4-0000-7000-8000-000000000000","received_at":"2026-11-20T00:00:00.123456789Z","occurred_at":"x"}"#;
+        assert_eq!(
+            received_at(line),
+            Some(&b"2026-11-20T00:00:00.123456789Z"[..])
+        );
+        assert_eq!(
+            received_at(br#"{"seq":12,"id":"short","received_at":"x"}"#),
+            None
+        );
+    }
+}

@@ -1,0 +1,309 @@
+//! Upkeep of closed log files: sidecar indexes, compression, and retention.
+//!
+//! Owns what happens to a file after the journal writer closed it. Runs after every rotation and once a minute:
+//! it indexes closed files that have no index, compresses them when `log.compress` is set, and deletes the oldest
+//! closed files that retention expires. The file being appended to (the newest) is never touched.
+//!
+//! Deletion keeps the chain verifiable: before a file is deleted, a `trail_log_file_deleted` record naming it,
+//! its `seq` range and the hash of its last record is written to the log (through the journal, like any of the
+//! daemon's own events); the file is deleted only once that record is durable, and only ever the oldest files,
+//! so the log never has holes. Sinks read the spool, never the log files, so deleting a log file never loses an
+//! event a sink has not confirmed.
+//!
+//! Compression is crash-safe: `X.jsonl.zst` is written aside, synced and renamed into place before `X.jsonl` is
+//! deleted; if both exist, `X.jsonl` is the file and the other is redone. Each index block is one zstd frame, so
+//! search can decompress only the blocks it needs, and the file is still an ordinary zstd stream.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde_json::json;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::checkpoint::{self, FileEntry};
+use super::files::{self, LogFile};
+use super::index::{self, Index};
+use crate::config::LogConfig;
+
+/// zstd level for closed files: fast, and about 8x on audit records.
+const LEVEL: i32 = 3;
+
+/// What retention and compression do.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// Closed files older than this are deleted.
+    pub retention: Option<Duration>,
+    /// The oldest closed files are deleted while all files together are larger than this.
+    pub retention_bytes: Option<u64>,
+    /// Files holding these types (globs) are kept at least this long.
+    pub by_type: Vec<(String, Duration)>,
+    /// Compress closed files.
+    pub compress: bool,
+}
+
+impl Policy {
+    /// The policy a log configuration asks for.
+    pub fn of(log: &LogConfig) -> Policy {
+        Policy {
+            retention: log.retention,
+            retention_bytes: log.retention_bytes,
+            by_type: log.retention_by_type.clone(),
+            compress: log.compress,
+        }
+    }
+}
+
+/// A closed file that retention wants deleted.
+#[derive(Debug, Clone)]
+pub struct Expired {
+    /// The file.
+    pub file: LogFile,
+    /// Its range and last hash.
+    pub entry: FileEntry,
+    /// Records in it.
+    pub records: u64,
+    /// `age` or `size`.
+    pub reason: &'static str,
+}
+
+/// Indexes and (per policy) compresses every closed file of `dir`, then returns the files retention expires at
+/// `now`, oldest first.
+pub fn tidy(dir: &Path, policy: &Policy, now: SystemTime) -> io::Result<Vec<Expired>> {
+    let mut files = files::list(dir)?;
+    // The newest file is being appended to.
+    files.pop();
+    let mut closed: Vec<(LogFile, Index)> = Vec::with_capacity(files.len());
+    for f in files {
+        let mut f = f;
+        let mut ix = index::get(&f, true)?;
+        if policy.compress && !f.compressed {
+            match compress(&f, &ix) {
+                Ok((zf, zix)) => {
+                    (f, ix) = (zf, zix);
+                }
+                Err(e) => {
+                    warn!(file = %f.path.display(), error = %e, "cannot compress a closed log file")
+                }
+            }
+        }
+        closed.push((f, ix));
+    }
+    let mut total: u64 = closed.iter().map(|(_, ix)| ix.size).sum();
+    if let Some(newest) = files::list(dir)?.last() {
+        total += std::fs::metadata(&newest.path)
+            .map(|m| m.len())
+            .unwrap_or(0);
+    }
+    let now_secs = crate::clock::unix_secs(now);
+    let mut expired = Vec::new();
+    for i in 0..closed.len() {
+        let (f, ix) = &closed[i];
+        // Every record of a closed file was written before the next file was started.
+        let end = closed
+            .get(i + 1)
+            .map(|(n, _)| n.start)
+            .or_else(|| files::list(dir).ok()?.last().map(|n| n.start))
+            .unwrap_or(now_secs);
+        let age = Duration::from_secs((now_secs - end).max(0) as u64);
+        let keep_for = ix
+            .types
+            .keys()
+            .flat_map(|t| {
+                policy
+                    .by_type
+                    .iter()
+                    .filter(move |(g, _)| crate::sinks::filter::glob(g, t))
+                    .map(|(_, d)| *d)
+            })
+            .chain(policy.retention)
+            .max();
+        let reason = if policy.retention_bytes.is_some_and(|max| total > max) {
+            "size"
+        } else if policy.retention.is_some() && keep_for.is_some_and(|k| age > k) {
+            "age"
+        } else {
+            break;
+        };
+        total -= ix.size;
+        expired.push(Expired {
+            file: f.clone(),
+            entry: ix.entry(f),
+            records: ix.records,
+            reason,
+        });
+    }
+    Ok(expired)
+}
+
+/// Compresses a closed file, one zstd frame per index block; returns the compressed file and its index.
+fn compress(file: &LogFile, ix: &Index) -> io::Result<(LogFile, Index)> {
+    let mut zname = file.path.clone().into_os_string();
+    zname.push(files::ZST);
+    let zpath = std::path::PathBuf::from(zname);
+    let mut tmp = zpath.clone().into_os_string();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let source = File::open(&file.path)?;
+    let mut out = File::create(&tmp)?;
+    let mut zix = ix.clone();
+    let mut zoff = 0u64;
+    let mut buf = Vec::new();
+    for block in &mut zix.blocks {
+        buf.resize(block.len as usize, 0);
+        source.read_exact_at(&mut buf, block.off)?;
+        let frame = zstd::bulk::compress(&buf, LEVEL)?;
+        out.write_all(&frame)?;
+        block.zoff = zoff;
+        block.zlen = frame.len() as u64;
+        zoff += frame.len() as u64;
+    }
+    out.sync_all()?;
+    drop(out);
+    std::fs::rename(&tmp, &zpath)?;
+    let zfile = LogFile::parse(&zpath).ok_or_else(|| io::Error::other("compressed name"))?;
+    zix.file = zpath
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_owned();
+    zix.size = zoff;
+    zix.framed = true;
+    index::store(&zfile, &zix)?;
+    std::fs::remove_file(&file.path)?;
+    let _ = std::fs::remove_file(file.index_path());
+    if let Some(dir) = file.path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok((zfile, zix))
+}
+
+/// Deletes an expired file and its index, and the checkpoints that vouch only for records older than every file
+/// left.
+pub fn delete(dir: &Path, expired: &Expired) -> io::Result<()> {
+    std::fs::remove_file(&expired.file.path)?;
+    let _ = std::fs::remove_file(expired.file.index_path());
+    File::open(dir)?.sync_all()?;
+    if let Some(oldest) = files::list(dir)?.first() {
+        for path in checkpoint::list(dir) {
+            let seq = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.rsplit('-').next())
+                .and_then(|s| s.parse::<u64>().ok());
+            if seq.is_some_and(|s| s < oldest.first_seq) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes what an interrupted compression left: a compressed copy of a file that still exists uncompressed.
+fn clean_up(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if name.ends_with(".zst.tmp") {
+            let _ = std::fs::remove_file(&path);
+        } else if let Some(plain) = name.strip_suffix(files::ZST)
+            && dir.join(plain).exists()
+        {
+            let _ = std::fs::remove_file(&path);
+            let _ = std::fs::remove_file(dir.join(format!("{name}.idx")));
+        }
+    }
+}
+
+/// Runs upkeep after every rotation and once a minute until `stop`; deletion records go through `record`, which
+/// resolves once the record is durable (or failed).
+pub async fn run<R, F>(
+    dir: std::path::PathBuf,
+    policy: Policy,
+    rotated: Arc<Notify>,
+    stop: CancellationToken,
+    record: R,
+) where
+    R: Fn(Vec<u8>) -> F,
+    F: std::future::Future<Output = Result<u64, String>>,
+{
+    {
+        let dir = dir.clone();
+        let _ = tokio::task::spawn_blocking(move || clean_up(&dir)).await;
+    }
+    loop {
+        let (d, p) = (dir.clone(), policy.clone());
+        let expired =
+            match tokio::task::spawn_blocking(move || tidy(&d, &p, crate::clock::now())).await {
+                Ok(Ok(e)) => e,
+                Ok(Err(e)) => {
+                    error!(dir = %dir.display(), error = %e, "log upkeep failed");
+                    Vec::new()
+                }
+                Err(_) => Vec::new(),
+            };
+        for e in expired {
+            let line = deletion_request(&e);
+            match record(line).await {
+                Ok(seq) => {
+                    let (d, ex) = (dir.clone(), e.clone());
+                    match tokio::task::spawn_blocking(move || delete(&d, &ex)).await {
+                        Ok(Ok(())) => info!(
+                            file = %e.file.path.display(), reason = e.reason, recorded_as = seq,
+                            "deleted an expired log file (sinks read the spool, not log files: no undelivered event is lost)"
+                        ),
+                        Ok(Err(err)) => {
+                            error!(file = %e.file.path.display(), error = %err, "cannot delete an expired log file");
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                Err(reason) => {
+                    warn!(file = %e.file.path.display(), error = %reason, "cannot record a log file deletion; the file is kept");
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = rotated.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+    }
+}
+
+/// The daemon's own request that records a deletion.
+pub fn deletion_request(e: &Expired) -> Vec<u8> {
+    let mut payload = json!({
+        "file": e.entry.name,
+        "first_seq": e.entry.first_seq,
+        "records": e.records,
+        "bytes": e.entry.bytes,
+        "reason": e.reason,
+    });
+    if let (Some(seq), Some(hash)) = (e.entry.last_seq, &e.entry.last_hash) {
+        payload["last_seq"] = json!(seq);
+        payload["last_hash"] = json!(hash);
+    }
+    let request = json!({
+        "type": "trail_log_file_deleted",
+        "actor": {"id": "traild", "name": "trail daemon", "type": "system"},
+        "target": {"type": "log_file", "id": e.entry.name},
+        "message": format!("deleted log file {} ({} records, retention by {})", e.entry.name, e.records, e.reason),
+        "outcome": "success",
+        "payload": payload,
+    });
+    serde_json::to_vec(&request).expect("serializable")
+}
