@@ -12,8 +12,7 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::io::{Read as _, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -362,7 +361,7 @@ pub struct Entry {
     pub seq: u64,
     /// Spool position just after the record: confirming it confirms everything before.
     pub end: u64,
-    text: Arc<str>,
+    text: Arc<String>,
     start: usize,
     len: usize,
 }
@@ -373,7 +372,7 @@ impl Entry {
         Entry {
             seq,
             end,
-            text: Arc::from(line),
+            text: Arc::new(line.to_owned()),
             start: 0,
             len: line.len(),
         }
@@ -534,22 +533,23 @@ impl Reader {
             let path = self.shared.segment_path(segment_start);
             self.file = Some((segment_start, File::open(&path)?));
         }
-        let file = &self.file.as_ref().expect("opened above").1;
+        let mut file = &self.file.as_ref().expect("opened above").1;
         let available = (limit - self.pos) as usize;
-        let mut want = available.min(max_bytes.max(1 << 16));
-        let mut buf = vec![0u8; want];
-        loop {
-            file.read_exact_at(&mut buf, self.pos - segment_start)?;
-            // Records are published whole, so `available` ends at a newline; make sure we hold one whole line.
-            if memchr::memchr(b'\n', &buf).is_some() || want == available {
+        let want = available.min(max_bytes.max(1 << 16));
+        let mut buf = Vec::with_capacity(want);
+        file.seek(SeekFrom::Start(self.pos - segment_start))?;
+        // `read_to_end` fills the buffer's spare capacity without zeroing it first.
+        file.take(want as u64).read_to_end(&mut buf)?;
+        // Records are published whole, so `available` ends at a newline; make sure we hold one whole line.
+        while memchr::memchr(b'\n', &buf).is_none() && buf.len() < available {
+            let more = (available - buf.len()).min(buf.len().max(1 << 16));
+            if file.take(more as u64).read_to_end(&mut buf)? == 0 {
                 break;
             }
-            want = available.min(want * 2);
-            buf.resize(want, 0);
         }
         // Only whole lines are used; they are UTF-8 (checked once per read, not per record).
         buf.truncate(memchr::memrchr(b'\n', &buf).map_or(0, |i| i + 1));
-        let text: Arc<str> = Arc::from(String::from_utf8(buf).map_err(|e| {
+        let text: Arc<String> = Arc::new(String::from_utf8(buf).map_err(|e| {
             std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!("spool segment {segment_start} holds invalid UTF-8: {e}"),
