@@ -189,8 +189,10 @@ impl Daemon {
         status.unwrap()
     }
 
-    /// The raw lines of every log file, oldest first.
+    /// The raw lines of every log file, oldest first. While the daemon runs, a group being written may be seen
+    /// half-way: the newest file's unterminated tail is then left out; once it has stopped, there must be none.
     pub fn log_lines(&self) -> Vec<String> {
+        let running = self.child.is_some();
         let mut files: Vec<PathBuf> = fs::read_dir(&self.log_dir)
             .unwrap()
             .map(|e| e.unwrap().path())
@@ -198,12 +200,14 @@ impl Daemon {
             .collect();
         files.sort();
         let mut lines = Vec::new();
-        for f in files {
-            let mut text = String::new();
-            fs::File::open(&f)
-                .unwrap()
-                .read_to_string(&mut text)
-                .unwrap();
+        let newest = files.len().saturating_sub(1);
+        for (i, f) in files.iter().enumerate() {
+            let mut bytes = Vec::new();
+            fs::File::open(f).unwrap().read_to_end(&mut bytes).unwrap();
+            if running && i == newest {
+                bytes.truncate(bytes.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1));
+            }
+            let text = String::from_utf8(bytes).unwrap();
             assert!(
                 text.is_empty() || text.ends_with('\n'),
                 "{} ends in a torn line",
