@@ -475,20 +475,13 @@ fn store(
         }
         if sync {
             // Both files are synced at once: the group waits for the slower of the two, not for their sum.
-            let spool_ref: &crate::spool::Writer = spool;
-            let synced = std::thread::scope(|scope| {
-                let spool_synced = scope.spawn(|| spool_ref.sync());
-                let log_synced = if persisted.is_empty() {
-                    Ok(())
-                } else {
-                    log.file.sync_data()
-                };
-                log_synced.and(
-                    spool_synced
-                        .join()
-                        .unwrap_or_else(|_| Err(std::io::Error::other("spool sync panicked"))),
-                )
-            });
+            let spool_synced = spool.start_sync();
+            let log_synced = if persisted.is_empty() {
+                Ok(())
+            } else {
+                log.file.sync_data()
+            };
+            let synced = log_synced.and(spool_synced.wait());
             if let Err(e) = synced {
                 log.undo(persisted.len() as u64);
                 spool.undo(streamed.len() as u64);

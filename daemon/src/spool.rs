@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read as _, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard, mpsc};
 use std::time::{Duration, Instant};
 
 use memchr::memmem::Finder;
@@ -104,6 +104,34 @@ pub struct Writer {
     dirty: bool,
     segment_bytes: u64,
     last_seq: Option<u64>,
+    syncer: mpsc::Sender<SyncRequest>,
+}
+
+/// A sync running on the spool's sync thread.
+pub struct PendingSync(std::io::Result<mpsc::Receiver<std::io::Result<()>>>);
+
+impl PendingSync {
+    /// Waits for the sync to finish.
+    pub fn wait(self) -> std::io::Result<()> {
+        self.0?
+            .recv()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the spool's sync thread has stopped")))
+    }
+}
+
+type SyncRequest = (File, mpsc::Sender<std::io::Result<()>>);
+
+/// Starts the thread that syncs spool files for the writer; it ends when the writer is dropped.
+fn start_syncer() -> std::io::Result<mpsc::Sender<SyncRequest>> {
+    let (tx, rx) = mpsc::channel::<SyncRequest>();
+    std::thread::Builder::new()
+        .name("trail-spool-sync".into())
+        .spawn(move || {
+            for (file, reply) in rx {
+                let _ = reply.send(file.sync_data());
+            }
+        })?;
+    Ok(tx)
 }
 
 /// The spool is full and the writer was told to stop waiting.
@@ -204,6 +232,7 @@ pub fn open(config: &SpoolConfig, sinks: &[String]) -> Result<(Writer, Spool), E
     for (sink, pos) in shared.lock().cursors.clone() {
         write_cursor(&shared, &sink, pos).map_err(io_error(&shared.cursor_path(&sink)))?;
     }
+    let shared_dir_for_errors = shared.dir.clone();
     let path = shared.segment_path(start);
     let file = OpenOptions::new()
         .create(true)
@@ -218,6 +247,7 @@ pub fn open(config: &SpoolConfig, sinks: &[String]) -> Result<(Writer, Spool), E
         dirty: false,
         segment_bytes: config.segment_bytes,
         last_seq,
+        syncer: start_syncer().map_err(io_error(&shared_dir_for_errors))?,
     };
     Ok((writer, Spool { shared }))
 }
@@ -315,9 +345,16 @@ impl Writer {
         self.last_seq
     }
 
-    /// Syncs what was appended (`fdatasync`).
-    pub fn sync(&self) -> std::io::Result<()> {
-        self.file.sync_data()
+    /// Starts syncing what was appended (`fdatasync`) on the spool's sync thread, so that the caller can sync
+    /// another file meanwhile; [`PendingSync::wait`] gives the outcome.
+    pub fn start_sync(&self) -> PendingSync {
+        let (reply, outcome) = mpsc::channel();
+        let sent = self.file.try_clone().and_then(|file| {
+            self.syncer
+                .send((file, reply))
+                .map_err(|_| std::io::Error::other("the spool's sync thread has stopped"))
+        });
+        PendingSync(sent.map(|()| outcome))
     }
 
     /// Takes back the last `bytes` appended (their group could not be completed); they were never published.
