@@ -12,7 +12,7 @@
 //! while records arrive, and at stop. A failed write or sync changes neither the file nor the chain.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +25,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
+use crate::append::AppendFile;
 use crate::clock;
 use crate::config::{FsyncPolicy, Rotate};
 use crate::evidence::checkpoint::{self, Signer};
@@ -349,7 +350,7 @@ fn writer(mut log: LogFile, mut rx: mpsc::Receiver<Message>, mut options: Option
             housekeeping(&mut log, &mut options, &mut checkpoints);
         }
     }
-    if let Err(e) = log.file.sync_all() {
+    if let Err(e) = log.out.file().sync_all() {
         error!(file = %log.path.display(), error = %e, "final sync failed");
     }
     if checkpoints.changed {
@@ -463,12 +464,12 @@ fn store(
             .reserve(streamed.len() as u64, &|| stopping.load(Ordering::Relaxed))
             .map_err(|e| Unavailable(format!("{e}; retry later")))?;
         if !persisted.is_empty() {
-            log.append(persisted, false).map_err(|e| {
+            log.out.append(persisted, false).map_err(|e| {
                 Unavailable(format!("the log cannot be written ({e}); retry later"))
             })?;
         }
         if let Err(e) = spool.append(streamed, false) {
-            log.undo(persisted.len() as u64);
+            log.out.undo(persisted.len() as u64);
             return Err(Unavailable(format!(
                 "the spool cannot be written ({e}); retry later"
             )));
@@ -479,11 +480,11 @@ fn store(
             let log_synced = if persisted.is_empty() {
                 Ok(())
             } else {
-                log.file.sync_data()
+                log.out.file().sync_data()
             };
             let synced = log_synced.and(spool_synced.wait());
             if let Err(e) = synced {
-                log.undo(persisted.len() as u64);
+                log.out.undo(persisted.len() as u64);
                 spool.undo(streamed.len() as u64);
                 return Err(Unavailable(format!(
                     "the log or the spool cannot be synced ({e}); retry later"
@@ -494,7 +495,8 @@ fn store(
         return Ok(());
     }
     if !persisted.is_empty() {
-        log.append(persisted, sync)
+        log.out
+            .append(persisted, sync)
             .map_err(|e| Unavailable(format!("the log cannot be written ({e}); retry later")))?;
     }
     Ok(())
@@ -504,11 +506,8 @@ fn store(
 struct LogFile {
     dir: PathBuf,
     path: PathBuf,
-    file: File,
-    /// Bytes known to be complete records.
-    len: u64,
-    /// A failed append may have left bytes after `len`; cut them before the next append.
-    dirty: bool,
+    /// The file, and how many of its bytes are complete records.
+    out: AppendFile,
     next_seq: u64,
     /// UTC start of the file (from its name), seconds.
     start: i64,
@@ -560,9 +559,7 @@ impl LogFile {
         Ok(LogFile {
             dir: dir.to_owned(),
             path: newest.path.clone(),
-            file,
-            len,
-            dirty: false,
+            out: AppendFile::new(file, len),
             next_seq,
             start: newest.start,
             first_seq: newest.first_seq,
@@ -585,9 +582,7 @@ impl LogFile {
         Ok(LogFile {
             dir: dir.to_owned(),
             path,
-            file,
-            len: 0,
-            dirty: false,
+            out: AppendFile::new(file, 0),
             next_seq: first_seq,
             start: clock::unix_secs(now),
             first_seq,
@@ -604,12 +599,12 @@ impl LogFile {
         let by_time = options.rotate.period_secs().is_some_and(|p| {
             clock::unix_secs(clock::now()).div_euclid(p) != self.start.div_euclid(p)
         });
-        by_time || (self.len > 0 && self.len + bytes > options.max_file_bytes)
+        by_time || (!self.out.is_empty() && self.out.len() + bytes > options.max_file_bytes)
     }
 
     /// Closes this file and continues in a new one; returns the closed file's name.
     fn rotate(&mut self) -> Result<String, Error> {
-        self.file.sync_all().map_err(io_error(&self.path))?;
+        self.out.file().sync_all().map_err(io_error(&self.path))?;
         let closed = self.entry();
         let mut next = LogFile::create(&self.dir, self.next_seq, self.chain)?;
         next.last_seq_any = self.last_seq_any;
@@ -631,7 +626,7 @@ impl LogFile {
                 .to_owned(),
             first_seq: self.first_seq,
             last_seq: self.last_seq,
-            bytes: self.len,
+            bytes: self.out.len(),
             last_hash: self.last_seq.map(|_| chain::hex(&self.chain)),
         }
     }
@@ -672,28 +667,6 @@ impl LogFile {
             warn!(dir = %self.dir.display(), error = %e, "cannot update the `current` symlink");
         }
     }
-
-    fn append(&mut self, bytes: &[u8], sync: bool) -> std::io::Result<()> {
-        if self.dirty {
-            self.file.set_len(self.len)?;
-            self.dirty = false;
-        }
-        let result = self
-            .file
-            .write_all(bytes)
-            .and_then(|()| if sync { self.file.sync_data() } else { Ok(()) });
-        match result {
-            Ok(()) => {
-                self.len += bytes.len() as u64;
-                Ok(())
-            }
-            Err(e) => {
-                // Nothing of this group was acknowledged: remove whatever part of it reached the file.
-                self.dirty = self.file.set_len(self.len).is_err();
-                Err(e)
-            }
-        }
-    }
 }
 
 /// The symlink in the log directory that names the file being appended to.
@@ -732,17 +705,6 @@ fn chain_head(dir: &Path, files: &[files::LogFile], below: u64) -> (chain::Hash,
         }
     }
     (chain::GENESIS, None)
-}
-
-impl LogFile {
-    /// Takes back the last `bytes` appended (their group could not be completed).
-    fn undo(&mut self, bytes: u64) {
-        self.len -= bytes;
-        self.dirty = self.file.set_len(self.len).is_err();
-        if !self.dirty {
-            let _ = self.file.sync_data();
-        }
-    }
 }
 
 /// The log files of `dir`, oldest first.

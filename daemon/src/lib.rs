@@ -5,6 +5,7 @@
 //! ([`journal`]) before it is acknowledged. See ARCHITECTURE.md for the map.
 
 pub mod admin;
+pub mod append;
 pub mod audit;
 pub mod client;
 pub mod clock;

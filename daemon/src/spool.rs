@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{Read as _, Seek, SeekFrom, Write};
+use std::io::{Read as _, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard, mpsc};
 use std::time::{Duration, Instant};
@@ -22,6 +22,7 @@ use memchr::memmem::Finder;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use crate::append::AppendFile;
 use crate::config::{SpoolConfig, WhenFull};
 
 /// The spool could not be opened.
@@ -98,10 +99,10 @@ pub struct Spool {
 /// The writer's end, owned by the journal thread.
 pub struct Writer {
     shared: Arc<Shared>,
-    file: File,
+    /// The segment being appended to.
+    out: AppendFile,
+    /// Its start position.
     start: u64,
-    len: u64,
-    dirty: bool,
     segment_bytes: u64,
     last_seq: Option<u64>,
     syncer: mpsc::Sender<SyncRequest>,
@@ -241,10 +242,8 @@ pub fn open(config: &SpoolConfig, sinks: &[String]) -> Result<(Writer, Spool), E
         .map_err(io_error(&path))?;
     let writer = Writer {
         shared: shared.clone(),
-        file,
+        out: AppendFile::new(file, len),
         start,
-        len,
-        dirty: false,
         segment_bytes: config.segment_bytes,
         last_seq,
         syncer: start_syncer().map_err(io_error(&shared_dir_for_errors))?,
@@ -316,27 +315,10 @@ impl Writer {
 
     /// Appends record lines (not yet visible to readers) and, with `sync`, syncs them.
     pub fn append(&mut self, bytes: &[u8], sync: bool) -> std::io::Result<()> {
-        if self.dirty {
-            self.file.set_len(self.len)?;
-            self.dirty = false;
-        }
-        if self.len > 0 && self.len + bytes.len() as u64 > self.segment_bytes {
+        if !self.out.is_empty() && self.out.len() + bytes.len() as u64 > self.segment_bytes {
             self.rotate()?;
         }
-        let result = self
-            .file
-            .write_all(bytes)
-            .and_then(|()| if sync { self.file.sync_data() } else { Ok(()) });
-        match result {
-            Ok(()) => {
-                self.len += bytes.len() as u64;
-                Ok(())
-            }
-            Err(e) => {
-                self.dirty = self.file.set_len(self.len).is_err();
-                Err(e)
-            }
-        }
+        self.out.append(bytes, sync)
     }
 
     /// The `seq` of the last record in the spool when it was opened: the journal continues after it, so that a
@@ -349,7 +331,7 @@ impl Writer {
     /// another file meanwhile; [`PendingSync::wait`] gives the outcome.
     pub fn start_sync(&self) -> PendingSync {
         let (reply, outcome) = mpsc::channel();
-        let sent = self.file.try_clone().and_then(|file| {
+        let sent = self.out.file().try_clone().and_then(|file| {
             self.syncer
                 .send((file, reply))
                 .map_err(|_| std::io::Error::other("the spool's sync thread has stopped"))
@@ -359,33 +341,31 @@ impl Writer {
 
     /// Takes back the last `bytes` appended (their group could not be completed); they were never published.
     pub fn undo(&mut self, bytes: u64) {
-        self.len = self.len.saturating_sub(bytes);
-        self.dirty = self.file.set_len(self.len).is_err();
+        self.out.undo(bytes);
     }
 
     /// Makes everything appended so far visible to readers.
     pub fn publish(&self) {
         let mut state = self.shared.lock();
-        state.head = self.start + self.len;
+        state.head = self.start + self.out.len();
         self.shared.changed.notify_all();
     }
 
     /// Tells readers that no more records will come.
     pub fn close(&self) {
-        let _ = self.file.sync_all();
+        let _ = self.out.file().sync_all();
         self.shared.lock().closed = true;
         self.shared.changed.notify_all();
     }
 
     fn rotate(&mut self) -> std::io::Result<()> {
-        self.file.sync_all()?;
-        let start = self.start + self.len;
+        self.out.file().sync_all()?;
+        let start = self.start + self.out.len();
         let path = self.shared.segment_path(start);
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
         File::open(&self.shared.dir)?.sync_all()?;
-        self.file = file;
+        self.out = AppendFile::new(file, 0);
         self.start = start;
-        self.len = 0;
         self.shared.lock().segments.push(start);
         Ok(())
     }

@@ -1,0 +1,105 @@
+//! A file that is only ever appended to, where an append that fails leaves nothing behind.
+//!
+//! Owns the bookkeeping shared by the log and the spool: how many bytes are known to be complete, and cutting the
+//! file back to that length when a write or a sync fails (or, if even that fails, before the next append), so that
+//! no half-written group stays in a file between complete ones.
+
+use std::fs::File;
+use std::io::Write;
+
+/// An append-only file and the length of what it holds completely.
+#[derive(Debug)]
+pub struct AppendFile {
+    file: File,
+    len: u64,
+    /// A failed append may have left bytes after `len`; they are cut before the next append.
+    dirty: bool,
+}
+
+impl AppendFile {
+    /// Wraps `file`, opened for appending, whose first `len` bytes are complete.
+    pub fn new(file: File, len: u64) -> AppendFile {
+        AppendFile {
+            file,
+            len,
+            dirty: false,
+        }
+    }
+
+    /// Bytes known to be complete.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True when the file holds nothing complete.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The underlying file (for syncs and clones; never write to it directly).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Appends `bytes` and, with `sync`, syncs them (`fdatasync`). On failure nothing of `bytes` remains.
+    pub fn append(&mut self, bytes: &[u8], sync: bool) -> std::io::Result<()> {
+        if self.dirty {
+            self.file.set_len(self.len)?;
+            self.dirty = false;
+        }
+        let written = self
+            .file
+            .write_all(bytes)
+            .and_then(|()| if sync { self.file.sync_data() } else { Ok(()) });
+        match written {
+            Ok(()) => {
+                self.len += bytes.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                self.dirty = self.file.set_len(self.len).is_err();
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes back the last `bytes` appended (their group could not be completed elsewhere).
+    pub fn undo(&mut self, bytes: u64) {
+        self.len = self.len.saturating_sub(bytes);
+        self.dirty = self.file.set_len(self.len).is_err();
+        if !self.dirty {
+            let _ = self.file.sync_data();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appends_and_takes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let open = || {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .unwrap()
+        };
+        let mut f = AppendFile::new(open(), 0);
+        f.append(b"one\n", true).unwrap();
+        f.append(b"two\n", false).unwrap();
+        assert_eq!(f.len(), 8);
+        f.undo(4);
+        assert_eq!(std::fs::read(&path).unwrap(), b"one\n");
+        f.append(b"three\n", true).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"one\nthree\n");
+        // A write that fails (a read-only handle) leaves nothing and the length unchanged.
+        let mut ro = AppendFile::new(std::fs::File::open(&path).unwrap(), 10);
+        assert!(ro.append(b"four\n", true).is_err());
+        assert_eq!(ro.len(), 10);
+        assert_eq!(std::fs::read(&path).unwrap(), b"one\nthree\n");
+    }
+}
