@@ -14,7 +14,13 @@ pub struct AppendFile {
     len: u64,
     /// A failed append may have left bytes after `len`; they are cut before the next append.
     dirty: bool,
+    /// Start of the bytes whose writeback has not been started yet (appends without sync).
+    unstarted: u64,
 }
+
+/// Without syncs, writeback of appended bytes is started every this many bytes, so that dirty pages never pile
+/// up until the kernel throttles the writer for a long moment.
+const WRITEBACK_EVERY: u64 = 8 << 20;
 
 impl AppendFile {
     /// Wraps `file`, opened for appending, whose first `len` bytes are complete.
@@ -23,6 +29,7 @@ impl AppendFile {
             file,
             len,
             dirty: false,
+            unstarted: len,
         }
     }
 
@@ -54,6 +61,11 @@ impl AppendFile {
         match written {
             Ok(()) => {
                 self.len += bytes.len() as u64;
+                if sync {
+                    self.unstarted = self.len;
+                } else if self.len - self.unstarted >= WRITEBACK_EVERY {
+                    self.start_writeback();
+                }
                 Ok(())
             }
             Err(e) => {
@@ -63,9 +75,26 @@ impl AppendFile {
         }
     }
 
+    /// Asks the kernel to start writing the bytes appended since the last time, without waiting for it.
+    fn start_writeback(&mut self) {
+        use std::os::fd::AsRawFd;
+        let (offset, count) = (self.unstarted, self.len - self.unstarted);
+        // SAFETY: sync_file_range only reads its integer arguments; the descriptor is owned by `self.file`.
+        unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                offset as libc::off64_t,
+                count as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+        self.unstarted = self.len;
+    }
+
     /// Takes back the last `bytes` appended (their group could not be completed elsewhere).
     pub fn undo(&mut self, bytes: u64) {
         self.len = self.len.saturating_sub(bytes);
+        self.unstarted = self.unstarted.min(self.len);
         self.dirty = self.file.set_len(self.len).is_err();
         if !self.dirty {
             let _ = self.file.sync_data();

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -324,13 +324,24 @@ pub async fn record_own(ctx: &Context, line: &[u8], source: &[u8]) -> Result<u64
 /// Writes the answers of a connection in request order, each once its records are durable.
 async fn respond(mut writer: OwnedWriteHalf, mut pending: mpsc::Receiver<Pending>) {
     let mut out = Vec::with_capacity(READ_BYTES);
+    let stopped = || {
+        Err(Unavailable(
+            "the log writer stopped before storing the event".into(),
+        ))
+    };
     while let Some(p) = pending.recv().await {
         let stored = match p.ack {
-            Some(ack) => ack.await.unwrap_or_else(|_| {
-                Err(Unavailable(
-                    "the log writer stopped before storing the event".into(),
-                ))
-            }),
+            Some(mut ack) => match ack.try_recv() {
+                Ok(stored) => stored,
+                Err(oneshot::error::TryRecvError::Closed) => stopped(),
+                Err(oneshot::error::TryRecvError::Empty) => {
+                    // Answers already encoded are for events already stored: send them before waiting for more.
+                    if !flush(&mut writer, &mut out).await {
+                        return;
+                    }
+                    ack.await.unwrap_or_else(|_| stopped())
+                }
+            },
             None => Ok(0),
         };
         let mut seq = stored.as_ref().copied().unwrap_or(0);

@@ -184,7 +184,7 @@ pub struct Options {
     /// Size at which a file is closed.
     pub max_file_bytes: u64,
     /// Signs checkpoints; none means no checkpoints are written.
-    pub signer: Option<Signer>,
+    pub signer: Option<Arc<Signer>>,
     /// How often a checkpoint is written while records arrive.
     pub checkpoint_every: Duration,
     /// Told whenever a file was closed (maintenance may index, compress or expire it).
@@ -431,12 +431,28 @@ fn write_checkpoint(
         files,
         key: signer.public_hex(),
     };
-    match checkpoint::write(&log.dir, signer, &body) {
-        Ok(path) => {
-            checkpoints.changed = false;
-            debug!(file = %path.display(), seq = ?body.seq, reason, "checkpoint written");
+    // Signing and syncing the checkpoint file happen beside the writer, which goes on committing groups.
+    checkpoints.changed = false;
+    let reason_is_stop = reason == "stop";
+    let (dir, signer, reason) = (log.dir.clone(), signer.clone(), reason.to_owned());
+    let spawned = std::thread::Builder::new()
+        .name("trail-checkpoint".into())
+        .spawn(move || match checkpoint::write(&dir, &signer, &body) {
+            Ok(path) => {
+                debug!(file = %path.display(), seq = ?body.seq, reason, "checkpoint written")
+            }
+            Err(e) => error!(dir = %dir.display(), error = %e, "cannot write a checkpoint"),
+        });
+    match spawned {
+        // The last checkpoint, at stop, must be on disk before the daemon exits.
+        Ok(thread) if reason_is_stop => {
+            let _ = thread.join();
         }
-        Err(e) => error!(dir = %log.dir.display(), error = %e, "cannot write a checkpoint"),
+        Ok(_) => {}
+        Err(e) => {
+            checkpoints.changed = true;
+            error!(error = %e, "cannot start writing a checkpoint");
+        }
     }
 }
 
@@ -604,7 +620,18 @@ impl LogFile {
 
     /// Closes this file and continues in a new one; returns the closed file's name.
     fn rotate(&mut self) -> Result<String, Error> {
-        self.out.file().sync_all().map_err(io_error(&self.path))?;
+        // With `fsync: always` every group is already synced; with `never` the closed file may hold hundreds of
+        // MiB not yet on disk. Either way the writer does not wait for that: the file is synced in the background.
+        let file = self.out.file().try_clone().map_err(io_error(&self.path))?;
+        let path = self.path.clone();
+        std::thread::Builder::new()
+            .name("trail-log-sync".into())
+            .spawn(move || {
+                if let Err(e) = file.sync_all() {
+                    error!(file = %path.display(), error = %e, "cannot sync a closed log file");
+                }
+            })
+            .map_err(io_error(&self.path))?;
         let closed = self.entry();
         let mut next = LogFile::create(&self.dir, self.next_seq, self.chain)?;
         next.last_seq_any = self.last_seq_any;

@@ -134,7 +134,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
             stopping: stopping.clone(),
             rotate: config.log.rotate,
             max_file_bytes: config.log.max_file_bytes,
-            signer: Some(signer),
+            signer: Some(Arc::new(signer)),
             checkpoint_every: config.log.checkpoint_every,
             rotated: Some(rotated.clone()),
         },

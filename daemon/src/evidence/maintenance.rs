@@ -226,6 +226,26 @@ fn clean_up(dir: &Path) {
     }
 }
 
+/// Runs `work` on a thread of its own at the lowest CPU priority, so that indexing and compressing closed files
+/// never delays acknowledgements on a busy machine; `None` when the thread could not run it.
+async fn in_background<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("trail-upkeep".into())
+        .spawn(move || {
+            // SAFETY: plain system calls on this thread's own id; a failure only leaves the priority as it was.
+            unsafe {
+                let tid = libc::gettid();
+                libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
+            }
+            let _ = tx.send(work());
+        });
+    if spawned.is_err() {
+        return None;
+    }
+    rx.await.ok()
+}
+
 /// Runs upkeep after every rotation and once a minute until `stop`; deletion records go through `record`, which
 /// resolves once the record is durable (or failed).
 pub async fn run<R, F>(
@@ -244,15 +264,14 @@ pub async fn run<R, F>(
     }
     loop {
         let (d, p) = (dir.clone(), policy.clone());
-        let expired =
-            match tokio::task::spawn_blocking(move || tidy(&d, &p, crate::clock::now())).await {
-                Ok(Ok(e)) => e,
-                Ok(Err(e)) => {
-                    error!(dir = %dir.display(), error = %e, "log upkeep failed");
-                    Vec::new()
-                }
-                Err(_) => Vec::new(),
-            };
+        let expired = match in_background(move || tidy(&d, &p, crate::clock::now())).await {
+            Some(Ok(e)) => e,
+            Some(Err(e)) => {
+                error!(dir = %dir.display(), error = %e, "log upkeep failed");
+                Vec::new()
+            }
+            None => Vec::new(),
+        };
         for e in expired {
             let line = deletion_request(&e);
             match record(line).await {
