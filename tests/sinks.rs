@@ -519,9 +519,9 @@ fn stream_events(socket: &Path, stop: Arc<AtomicBool>) -> std::thread::JoinHandl
     })
 }
 
-#[test]
-fn hot_reload_under_load_swaps_builds_without_losing_or_reordering() {
-    let daemon = Daemon::with(with_sinks(
+/// A daemon with one sink, `rec`, that records `user_login` events marked `v1` into `rec.jsonl`.
+fn recorder_daemon() -> Daemon {
+    Daemon::with(with_sinks(
         &[sink(
             "rec",
             "recorder",
@@ -530,7 +530,12 @@ fn hot_reload_under_load_swaps_builds_without_losing_or_reordering() {
         )],
         &[("trail-test-recorder", "librecorder.so")],
         "",
-    ));
+    ))
+}
+
+#[test]
+fn hot_reload_under_load_swaps_builds_without_losing_or_reordering() {
+    let daemon = recorder_daemon();
     let path = daemon.path("rec.jsonl");
     let stop = Arc::new(AtomicBool::new(false));
     let client = stream_events(&daemon.socket, stop.clone());
@@ -604,16 +609,7 @@ fn hot_reload_under_load_swaps_builds_without_losing_or_reordering() {
 
 #[test]
 fn reload_by_command_and_sighup_without_inotify_events() {
-    let daemon = Daemon::with(with_sinks(
-        &[sink(
-            "rec",
-            "recorder",
-            "['user_login']",
-            "{path: $DIR/rec.jsonl, mark: v1}",
-        )],
-        &[("trail-test-recorder", "librecorder.so")],
-        "",
-    ));
+    let daemon = recorder_daemon();
     let mut c = daemon.client();
     c.emit(&login("one")).unwrap();
     wait_recorded(&daemon.path("rec.jsonl"), 1);
