@@ -406,15 +406,24 @@ fn the_daemon_rotates_at_utc_midnight_on_its_clock() {
     );
 }
 
-/// The records of every log file (compressed or not), oldest first, read with the library.
+/// The records of every log file (compressed or not), oldest first, read with the library. A running daemon may
+/// compress (replace) a file between the listing and the reading: the listing is then taken again.
 fn all_records(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    for f in trail::evidence::files::list(dir).unwrap() {
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut f.open().unwrap(), &mut text).unwrap();
-        out.extend(text.lines().map(str::to_owned));
+    'listing: loop {
+        let mut out = Vec::new();
+        for f in trail::evidence::files::list(dir).unwrap() {
+            let mut text = String::new();
+            let read = f
+                .open()
+                .and_then(|mut r| std::io::Read::read_to_string(&mut r, &mut text));
+            match read {
+                Ok(_) => out.extend(text.lines().map(str::to_owned)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue 'listing,
+                Err(e) => panic!("{}: {e}", f.path.display()),
+            }
+        }
+        return out;
     }
-    out
 }
 
 #[test]
