@@ -4,11 +4,14 @@
 //! 64 lower-case hex digits:
 //!
 //! ```text
-//! hash_n = SHA-256( hash_{n-1} as 32 raw bytes  ||  canonical_n )
+//! hash_n = SHA-256( hash_{n-1} as 32 raw bytes  ||  seq_n as 8 bytes big-endian  ||  SHA-256(rest_n) )
 //! ```
 //!
 //! where `canonical_n` is the record's line without its newline and without its `,"hash":"…"` field, i.e. the
-//! bytes before `,"hash":"` followed by `}`; `hash_0` (the predecessor of the very first record) is 32 zero bytes.
+//! bytes before `,"hash":"` followed by `}`, and `rest_n` is `canonical_n` after its leading `{"seq":<digits>`
+//! (so it starts with `,"id":`); `hash_0` (the predecessor of the very first record) is 32 zero bytes. The inner
+//! digest covers every byte of the record but the `seq`, which the outer hash covers: connection tasks compute
+//! the inner digests in parallel, and the single writer, which assigns `seq`, chains 72 bytes per record.
 //! The chain runs through every persisted record in `seq` order, across files, rotations, compression and
 //! restarts. Records that go only to sinks (stream-only types) are not in the log and not in the chain.
 //!
@@ -27,13 +30,50 @@ const FIELD: &[u8] = b",\"hash\":\"";
 /// Bytes of the hash field at the end of a sealed line: `,"hash":"` + 64 hex digits + `"}`.
 pub const SUFFIX_LEN: usize = FIELD.len() + 64 + 2;
 
+/// What precedes the digits of `seq` at the start of every record.
+const SEQ_PREFIX: &[u8] = b"{\"seq\":";
+
 /// The hash of a record whose canonical bytes are `body` followed by `}`, given its predecessor's.
 pub fn link(prev: &Hash, body: &[u8]) -> Hash {
+    let digits = body
+        .strip_prefix(SEQ_PREFIX)
+        .map_or(0, |r| r.iter().take_while(|b| b.is_ascii_digit()).count());
+    let seq = std::str::from_utf8(&body[SEQ_PREFIX.len().min(body.len())..][..digits])
+        .ok()
+        .and_then(|d| d.parse().ok());
+    match seq {
+        Some(seq) => link_digest(prev, seq, &digest(&body[SEQ_PREFIX.len() + digits..])),
+        // Not a record: no hash a writer produced can match, and this one will not either.
+        None => link_digest(prev, u64::MAX, &digest(body)),
+    }
+}
+
+/// The inner digest of a record: SHA-256 of `rest` (the record after its `{"seq":<digits>`, without the closing
+/// brace) followed by `}`.
+pub fn digest(rest: &[u8]) -> Hash {
     let mut h = Sha256::new();
-    h.update(prev);
-    h.update(body);
+    h.update(rest);
     h.update(b"}");
     h.finalize().into()
+}
+
+/// The hash of record `seq` whose inner digest is `digest`, given its predecessor's.
+pub fn link_digest(prev: &Hash, seq: u64, digest: &Hash) -> Hash {
+    let mut h = Sha256::new();
+    h.update(prev);
+    h.update(seq.to_be_bytes());
+    h.update(digest);
+    h.finalize().into()
+}
+
+/// Seals a record whose inner digest was computed beforehand: appends `,"hash":"…"}` to `out` (which ends with
+/// the record without its closing brace) and returns the new chain head. Same result as [`seal`].
+pub fn seal_digest(prev: &Hash, seq: u64, digest: &Hash, out: &mut Vec<u8>) -> Hash {
+    let hash = link_digest(prev, seq, digest);
+    out.extend_from_slice(FIELD);
+    push_hex(out, &hash);
+    out.extend_from_slice(b"\"}");
+    hash
 }
 
 /// Seals the record at `out[start..]` (a JSON object without its closing brace): appends `,"hash":"…"}` and
@@ -105,17 +145,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sealing_with_a_digest_made_elsewhere_is_sealing() {
+        let tail = br#","id":"x","type":"user_login","message":"hi""#;
+        let prev = link(&GENESIS, b"{\"seq\":6,\"id\":\"w\"");
+        let mut a = b"{\"seq\":7".to_vec();
+        a.extend_from_slice(tail);
+        let mut b = a.clone();
+        let ha = seal(&prev, &mut a, 0);
+        let hb = seal_digest(&prev, 7, &digest(tail), &mut b);
+        assert_eq!((ha, &a), (hb, &b));
+        // The seq is covered: the same bytes under another seq chain differently.
+        assert_ne!(link_digest(&prev, 8, &digest(tail)), ha);
+        assert_ne!(link(&prev, b"garbage"), ha);
+    }
+
+    #[test]
     fn sealing_and_splitting_agree_with_the_definition() {
         let mut out = b"junk".to_vec();
         let body = br#"{"seq":1,"id":"x","type":"t""#;
         out.extend_from_slice(body);
         let h = seal(&GENESIS, &mut out, 4);
         let line = &out[4..];
-        let mut canonical = body.to_vec();
-        canonical.push(b'}');
+        // The definition, spelled out: SHA-256(prev || seq as u64 BE || SHA-256(rest after the seq, with `}`)).
+        let mut inner = Sha256::new();
+        inner.update(br#","id":"x","type":"t"}"#);
+        let inner: Hash = inner.finalize().into();
         let mut expected = Sha256::new();
         expected.update([0u8; 32]);
-        expected.update(&canonical);
+        expected.update(1u64.to_be_bytes());
+        expected.update(inner);
         assert_eq!(h, <Hash>::from(expected.finalize()));
         assert_eq!(split(line), Some((&body[..], h)));
         assert!(line.ends_with(format!(",\"hash\":\"{}\"}}", hex(&h)).as_bytes()));
