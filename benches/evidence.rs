@@ -33,7 +33,10 @@ fn main() {
         .join("target")
         .join("bench-evidence")
         .join(format!("log-{events}"));
-    if !dir.join("done").exists() {
+    // The marker names the chain's definition: data sealed under another one is generated again.
+    let done = dir.join("done-chain-v2");
+    if !done.exists() {
+        let _ = std::fs::remove_dir_all(&dir);
         let t = Instant::now();
         generate(&dir, events);
         println!("generated {events} records in {:.1?}", t.elapsed());
@@ -225,7 +228,7 @@ fn generate(dir: &Path, events: u64) {
     for f in &files::list(dir).unwrap()[..paths.len() - 1] {
         index::get(f, true).unwrap();
     }
-    std::fs::write(dir.join("done"), b"").unwrap();
+    std::fs::write(dir.join("done-chain-v2"), b"").unwrap();
 }
 
 /// Sealing cost per record, and the ingest rate of the real daemon.
