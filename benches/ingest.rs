@@ -66,6 +66,7 @@ usage: cargo bench --bench ingest -- [options]
 Unknown arguments (cargo passes --bench) are ignored.
 TRAIL_BENCH_DAEMON_LOG=<filter> runs the daemon with RUST_LOG=<filter> (default info) and keeps its stderr as
 <target>/bench-ingest-<scenario>.log, e.g. TRAIL_BENCH_DAEMON_LOG=info,trail::journal=debug to see every group commit.
+TRAIL_BENCH_TRAILD=<path> runs another traild build instead of this one (A/B comparisons).
 ";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -377,7 +378,7 @@ impl Daemon {
         let config_path = run_dir.path().join("trail.yaml");
         std::fs::write(&config_path, config).context("writing the config")?;
         let stderr = run_dir.path().join("traild.stderr");
-        let child = Command::new(env!("CARGO_BIN_EXE_traild"))
+        let child = Command::new(daemon_binary())
             .arg("--config")
             .arg(&config_path)
             .env("RUST_LOG", daemon_log_filter().unwrap_or("info"))
@@ -1329,7 +1330,7 @@ fn run() -> Result<()> {
     };
     eprintln!(
         "trail ingest benchmark: daemon {}, {} CPUs, {} connections, events ~{avg_template:.0} bytes{}",
-        env!("CARGO_BIN_EXE_traild"),
+        daemon_binary().display(),
         thread::available_parallelism().map_or(0, |n| n.get()),
         opts.connections,
         if opts.quick { ", quick run" } else { "" }
@@ -1407,4 +1408,11 @@ fn run() -> Result<()> {
         bail!("targets missed (--enforce-targets)");
     }
     Ok(())
+}
+
+/// The daemon under test: this build's `traild`, or `$TRAIL_BENCH_TRAILD` (for A/B comparisons with another build).
+fn daemon_binary() -> std::path::PathBuf {
+    std::env::var_os("TRAIL_BENCH_TRAILD")
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| env!("CARGO_BIN_EXE_traild").into(), Into::into)
 }
