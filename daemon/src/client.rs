@@ -67,11 +67,6 @@ impl Client {
         }
         serde_json::from_str(&line).map_err(std::io::Error::other)
     }
-
-    /// Closes the sending side: the daemon answers what it has and then closes.
-    pub fn finish_sending(&mut self) -> std::io::Result<()> {
-        self.writer.shutdown(std::net::Shutdown::Write)
-    }
 }
 
 /// Counts of a [`pipeline`] run.

@@ -743,17 +743,6 @@ fn chain_head(dir: &Path, files: &[files::LogFile], below: u64) -> (chain::Hash,
     (chain::GENESIS, None)
 }
 
-/// The log files of `dir`, oldest first.
-pub fn log_files(dir: &Path) -> Result<Vec<PathBuf>, Error> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(io_error(dir))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| first_seq_of(p).is_some())
-        .collect();
-    files.sort();
-    Ok(files)
-}
-
 /// The name of a log file that starts at `time` with record `first_seq`.
 pub fn file_name(time: SystemTime, first_seq: u64) -> String {
     let secs = time
@@ -762,16 +751,6 @@ pub fn file_name(time: SystemTime, first_seq: u64) -> String {
         .as_secs();
     let t = chrono::DateTime::<chrono::Utc>::from_timestamp(secs as i64, 0).unwrap_or_default();
     format!("trail-{}-{first_seq:020}.jsonl", t.format("%Y%m%dT%H%M%SZ"))
-}
-
-/// The first `seq` a log file holds, read from its name; `None` when the name is not a log file's.
-pub fn first_seq_of(path: &Path) -> Option<u64> {
-    let name = path.file_name()?.to_str()?;
-    let rest = name.strip_prefix("trail-")?.strip_suffix(".jsonl")?;
-    let (time, seq) = rest.split_once('-')?;
-    (time.len() == 16 && seq.len() == 20)
-        .then(|| seq.parse().ok())
-        .flatten()
 }
 
 fn sync_dir(dir: &Path) -> Result<(), Error> {
@@ -915,6 +894,11 @@ mod tests {
         let long = format!("{}{}", record(1), record(2)).replace("i2", &"x".repeat(200_000));
         check(long.as_bytes(), long.as_bytes(), Some(2), 0);
         check(format!("{long}{{").as_bytes(), long.as_bytes(), Some(2), 1);
+    }
+
+    /// The first `seq` of a log file, as tools read it from the name.
+    fn first_seq_of(path: &Path) -> Option<u64> {
+        files::LogFile::parse(path).map(|f| f.first_seq)
     }
 
     #[test]

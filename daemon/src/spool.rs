@@ -628,17 +628,6 @@ impl Reader {
         Ok(())
     }
 
-    /// Goes back to the last confirmed position (to deliver again what was read but not confirmed).
-    pub fn rewind(&mut self) {
-        self.pos = self
-            .shared
-            .lock()
-            .cursors
-            .get(&self.sink)
-            .copied()
-            .unwrap_or(self.pos);
-    }
-
     /// With `drop_oldest`, records ending at or before this position are to be skipped.
     pub fn floor(&self) -> u64 {
         self.shared.lock().floor
@@ -701,7 +690,6 @@ mod tests {
         let mut b = spool.reader("b");
         assert_eq!(read_all(&mut a), (1..20).collect::<Vec<_>>());
         let entry = {
-            b.rewind();
             b.next(1, 1 << 20, 1, Duration::ZERO)
                 .unwrap()
                 .entries
