@@ -59,6 +59,13 @@ pub struct SpoolSettings {
     pub when_full: WhenFull,
 }
 
+/// Size of a spool segment file. Small, so that the spool's footprint in the page cache stays close to what sinks
+/// have not confirmed: a segment's pages are freed as soon as every sink is past it, and taken again for the next
+/// segments, instead of the spool growing over pages that hold more useful data.
+const SEGMENT_BYTES: u64 = 8 << 20;
+/// Newest spooled records kept in memory for sinks that keep up (see [`SpoolConfig::memory_bytes`]).
+const MEMORY_BYTES: u64 = 16 << 20;
+
 /// The spool, resolved.
 #[derive(Debug, Clone)]
 pub struct SpoolConfig {
@@ -70,6 +77,11 @@ pub struct SpoolConfig {
     pub when_full: WhenFull,
     /// Size at which a segment file is closed and a new one started.
     pub segment_bytes: u64,
+    /// Whether segment files are synced when they are closed and created (the log's `fsync: always`).
+    pub sync: bool,
+    /// About this many bytes of the newest published records are also kept in memory: sinks reading there take
+    /// them without a system call, a copy or a parse of their own.
+    pub memory_bytes: u64,
 }
 
 /// What to do when the spool is full.
@@ -502,7 +514,9 @@ impl Config {
             }),
             max_bytes: self.spool.max_bytes.unwrap_or(1 << 30),
             when_full: self.spool.when_full,
-            segment_bytes: 64 << 20,
+            segment_bytes: SEGMENT_BYTES,
+            sync: self.log.fsync == FsyncPolicy::Always,
+            memory_bytes: MEMORY_BYTES,
         }
     }
 

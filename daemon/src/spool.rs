@@ -6,15 +6,20 @@
 //! appends and publishes; each sink's worker reads through a [`Reader`]. A record is visible to readers only once
 //! the journal has synced it, and a segment is deleted only when every sink's cursor is past it.
 //!
+//! The newest published records (`memory_bytes` of them) are also kept in memory, in the blocks the journal
+//! published them in: a sink that keeps up reads them from there, and the first sink to read a block parses it for
+//! all, so the cost of a sink that keeps up is no system call, copy or parse of its own. Sinks that fall behind, and
+//! every sink after a restart, read the segment files.
+//!
 //! The queue is bounded by `max_bytes` of unconfirmed records (between the slowest cursor and the head). When it is
 //! full the writer waits (`block`, the default: clients wait, nothing is lost) or moves a floor forward so the
 //! slowest sinks skip their oldest records (`drop_oldest`); every record skipped that way is counted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{Read as _, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard, mpsc};
+use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use memchr::memmem::Finder;
@@ -59,6 +64,10 @@ struct State {
     floor: u64,
     /// The writer is stopping: readers stop waiting for more.
     closed: bool,
+    /// The newest published blocks, contiguous and ending at `head`, at most about `memory_bytes` in all.
+    recent: VecDeque<Arc<Block>>,
+    /// Bytes in `recent`.
+    recent_bytes: u64,
 }
 
 impl State {
@@ -74,6 +83,42 @@ struct Shared {
     changed: Condvar,
     max_bytes: u64,
     when_full: WhenFull,
+    memory_bytes: u64,
+}
+
+/// Records published together, as kept in memory for readers.
+struct Block {
+    /// Spool position of its first byte.
+    start: u64,
+    /// Its bytes until the first reader parses them.
+    raw: Mutex<Vec<u8>>,
+    len: u64,
+    /// Parsed once, by the first reader; `None` if the bytes are not UTF-8 (readers then read the file, which
+    /// reports it).
+    entries: OnceLock<Option<Vec<Entry>>>,
+}
+
+impl Block {
+    fn end(&self) -> u64 {
+        self.start + self.len
+    }
+
+    fn entries(&self) -> Option<&[Entry]> {
+        self.entries
+            .get_or_init(|| {
+                let raw = std::mem::take(&mut *self.raw.lock().unwrap_or_else(|e| e.into_inner()));
+                let text = Arc::new(String::from_utf8(raw).ok()?);
+                let mut entries = Vec::new();
+                let mut offset = 0;
+                while let Some(n) = memchr::memchr(b'\n', &text.as_bytes()[offset..]) {
+                    let end = self.start + (offset + n + 1) as u64;
+                    entries.push(Entry::parse(&text, offset, n, end));
+                    offset += n + 1;
+                }
+                Some(entries)
+            })
+            .as_deref()
+    }
 }
 
 impl Shared {
@@ -104,6 +149,12 @@ pub struct Writer {
     /// Its start position.
     start: u64,
     segment_bytes: u64,
+    /// Sync the directory after creating a segment file (`fsync: always`).
+    sync: bool,
+    /// A segment file was created since the last sync: the next sync includes the directory.
+    created: bool,
+    /// Bytes appended since the last publish, for the in-memory blocks; `None` when they would not fit there.
+    unpublished: Option<Vec<u8>>,
     last_seq: Option<u64>,
     syncer: mpsc::Sender<SyncRequest>,
 }
@@ -120,7 +171,9 @@ impl PendingSync {
     }
 }
 
-type SyncRequest = (File, mpsc::Sender<std::io::Result<()>>);
+/// A segment file to sync, the spool directory too when a segment was created since the last sync, and where to
+/// answer.
+type SyncRequest = (File, Option<PathBuf>, mpsc::Sender<std::io::Result<()>>);
 
 /// Starts the thread that syncs spool files for the writer; it ends when the writer is dropped.
 fn start_syncer() -> std::io::Result<mpsc::Sender<SyncRequest>> {
@@ -128,8 +181,9 @@ fn start_syncer() -> std::io::Result<mpsc::Sender<SyncRequest>> {
     std::thread::Builder::new()
         .name("trail-spool-sync".into())
         .spawn(move || {
-            for (file, reply) in rx {
-                let _ = reply.send(file.sync_data());
+            for (file, dir, reply) in rx {
+                let dir_synced = dir.map_or(Ok(()), |d| File::open(d)?.sync_all());
+                let _ = reply.send(file.sync_data().and(dir_synced));
             }
         })?;
     Ok(tx)
@@ -225,10 +279,13 @@ pub fn open(config: &SpoolConfig, sinks: &[String]) -> Result<(Writer, Spool), E
             cursors,
             floor: 0,
             closed: false,
+            recent: VecDeque::new(),
+            recent_bytes: 0,
         }),
         changed: Condvar::new(),
         max_bytes: config.max_bytes,
         when_full: config.when_full,
+        memory_bytes: config.memory_bytes,
     });
     for (sink, pos) in shared.lock().cursors.clone() {
         write_cursor(&shared, &sink, pos).map_err(io_error(&shared.cursor_path(&sink)))?;
@@ -245,6 +302,9 @@ pub fn open(config: &SpoolConfig, sinks: &[String]) -> Result<(Writer, Spool), E
         out: AppendFile::new(file, len),
         start,
         segment_bytes: config.segment_bytes,
+        sync: config.sync,
+        created: false,
+        unpublished: Some(Vec::new()),
         last_seq,
         syncer: start_syncer().map_err(io_error(&shared_dir_for_errors))?,
     };
@@ -318,7 +378,17 @@ impl Writer {
         if !self.out.is_empty() && self.out.len() + bytes.len() as u64 > self.segment_bytes {
             self.rotate()?;
         }
-        self.out.append(bytes, sync)
+        self.out.append(bytes, sync)?;
+        if let Some(unpublished) = &mut self.unpublished {
+            if (unpublished.len() + bytes.len()) as u64 <= self.shared.memory_bytes {
+                // Usually one append per publish: one allocation of the right size.
+                unpublished.reserve_exact(bytes.len());
+                unpublished.extend_from_slice(bytes);
+            } else {
+                self.unpublished = None;
+            }
+        }
+        Ok(())
     }
 
     /// The `seq` of the last record in the spool when it was opened: the journal continues after it, so that a
@@ -329,11 +399,12 @@ impl Writer {
 
     /// Starts syncing what was appended (`fdatasync`) on the spool's sync thread, so that the caller can sync
     /// another file meanwhile; [`PendingSync::wait`] gives the outcome.
-    pub fn start_sync(&self) -> PendingSync {
+    pub fn start_sync(&mut self) -> PendingSync {
         let (reply, outcome) = mpsc::channel();
+        let dir = std::mem::take(&mut self.created).then(|| self.shared.dir.clone());
         let sent = self.out.file().try_clone().and_then(|file| {
             self.syncer
-                .send((file, reply))
+                .send((file, dir, reply))
                 .map_err(|_| std::io::Error::other("the spool's sync thread has stopped"))
         });
         PendingSync(sent.map(|()| outcome))
@@ -342,12 +413,43 @@ impl Writer {
     /// Takes back the last `bytes` appended (their group could not be completed); they were never published.
     pub fn undo(&mut self, bytes: u64) {
         self.out.undo(bytes);
+        if let Some(unpublished) = &mut self.unpublished {
+            match unpublished.len().checked_sub(bytes as usize) {
+                Some(keep) => unpublished.truncate(keep),
+                None => self.unpublished = None,
+            }
+        }
     }
 
     /// Makes everything appended so far visible to readers.
-    pub fn publish(&self) {
+    pub fn publish(&mut self) {
+        let unpublished = self.unpublished.replace(Vec::new());
         let mut state = self.shared.lock();
-        state.head = self.start + self.out.len();
+        let head = self.start + self.out.len();
+        match unpublished {
+            Some(raw) if !raw.is_empty() && state.head + raw.len() as u64 == head => {
+                let (len, start) = (raw.len() as u64, state.head);
+                state.recent.push_back(Arc::new(Block {
+                    start,
+                    raw: Mutex::new(raw),
+                    len,
+                    entries: OnceLock::new(),
+                }));
+                state.recent_bytes += len;
+                while state.recent_bytes > self.shared.memory_bytes {
+                    let oldest = state.recent.pop_front().expect("bytes are in blocks");
+                    state.recent_bytes -= oldest.len;
+                }
+            }
+            Some(raw) if raw.is_empty() && state.head == head => {}
+            // What was published does not fit in memory (or does not line up): readers go to the files until
+            // the blocks after this one are there.
+            _ => {
+                state.recent.clear();
+                state.recent_bytes = 0;
+            }
+        }
+        state.head = head;
         self.shared.changed.notify_all();
     }
 
@@ -358,12 +460,13 @@ impl Writer {
         self.shared.changed.notify_all();
     }
 
+    /// Starts a new segment. The closed one needs no sync of its own: with `fsync: always` every group in it was
+    /// synced (`fdatasync` covers its length), and the new file's directory entry is synced with the next group.
     fn rotate(&mut self) -> std::io::Result<()> {
-        self.out.file().sync_all()?;
         let start = self.start + self.out.len();
         let path = self.shared.segment_path(start);
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
-        File::open(&self.shared.dir)?.sync_all()?;
+        self.created = self.sync;
         self.out = AppendFile::new(file, 0);
         self.start = start;
         self.shared.lock().segments.push(start);
@@ -381,6 +484,20 @@ pub struct Entry {
     text: Arc<String>,
     start: usize,
     len: usize,
+    /// Where the values of `id` and `type` are in the line, found once.
+    id: Span,
+    event_type: Span,
+}
+
+/// A part of a line: offset and length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Span(u32, u32);
+
+impl Span {
+    fn of<'a>(&self, line: &'a str) -> &'a str {
+        line.get(self.0 as usize..(self.0 + self.1) as usize)
+            .unwrap_or("")
+    }
 }
 
 impl Entry {
@@ -388,10 +505,21 @@ impl Entry {
     pub fn new(seq: u64, end: u64, line: &str) -> Entry {
         Entry {
             seq,
+            ..Entry::parse(&Arc::new(line.to_owned()), 0, line.len(), end)
+        }
+    }
+
+    /// The record at `text[start..start + len]`, which ends at spool position `end`.
+    fn parse(text: &Arc<String>, start: usize, len: usize, end: u64) -> Entry {
+        let line = &text.as_bytes()[start..start + len];
+        Entry {
+            seq: record_seq(line),
             end,
-            text: Arc::new(line.to_owned()),
-            start: 0,
-            len: line.len(),
+            text: text.clone(),
+            start,
+            len,
+            id: value_after(&ID, line),
+            event_type: value_after(&TYPE, line),
         }
     }
 
@@ -402,35 +530,33 @@ impl Entry {
 
     /// The record's event type, read from its fixed place in the line.
     pub fn event_type(&self) -> &str {
-        record_type(self.line().as_bytes())
+        self.event_type.of(self.line())
     }
 
     /// The record's id.
     pub fn id(&self) -> &str {
-        record_id(self.line().as_bytes())
+        self.id.of(self.line())
     }
 }
+
+static TYPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b",\"type\":\""));
+static ID: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b",\"id\":\""));
 
 /// The event type of a stored record line: `type` always follows the fixed-format fields, so its first occurrence
 /// is the record's own.
 pub fn record_type(line: &[u8]) -> &str {
-    static TYPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b",\"type\":\""));
-    string_after(&TYPE, line)
+    let Span(at, len) = value_after(&TYPE, line);
+    std::str::from_utf8(&line[at as usize..(at + len) as usize]).unwrap_or("")
 }
 
-fn record_id(line: &[u8]) -> &str {
-    static ID: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b",\"id\":\""));
-    string_after(&ID, line)
-}
-
-/// The string value that follows the first occurrence of `key` (a `,"name":"` prefix) in a record line.
-fn string_after<'a>(key: &Finder<'_>, line: &'a [u8]) -> &'a str {
+/// Where the string value that follows the first occurrence of `key` (a `,"name":"` prefix) in a record line is.
+fn value_after(key: &Finder<'_>, line: &[u8]) -> Span {
     let Some(at) = key.find(line) else {
-        return "";
+        return Span::default();
     };
-    let rest = &line[at + key.needle().len()..];
-    let end = memchr::memchr(b'"', rest).unwrap_or(0);
-    std::str::from_utf8(&rest[..end]).unwrap_or("")
+    let at = at + key.needle().len();
+    let len = memchr::memchr(b'"', &line[at..]).unwrap_or(0);
+    Span(at as u32, len as u32)
 }
 
 fn record_seq(line: &[u8]) -> u64 {
@@ -454,6 +580,99 @@ pub struct Read {
     pub dropped: u64,
     /// Position after the last record read or skipped.
     pub end: u64,
+}
+
+/// The in-memory blocks from the one holding `pos` on, enough for `max_events` records / `max_bytes` bytes; none
+/// when `pos` is not in memory.
+fn in_memory(
+    recent: &VecDeque<Arc<Block>>,
+    pos: u64,
+    max_events: usize,
+    max_bytes: usize,
+) -> Vec<Arc<Block>> {
+    if recent.front().is_none_or(|b| b.start > pos) {
+        return Vec::new();
+    }
+    let first = recent.partition_point(|b| b.end() <= pos);
+    let mut blocks = Vec::new();
+    let mut bytes = 0;
+    // Every block holds at least one record: `max_events` blocks are always enough.
+    for block in recent.range(first..).take(max_events.max(1)) {
+        blocks.push(block.clone());
+        bytes += block.end() - pos.max(block.start);
+        if bytes >= max_bytes as u64 {
+            break;
+        }
+    }
+    blocks
+}
+
+/// What [`Taker`] needs to know of a record before taking it: where it ends and its length.
+trait Extent {
+    fn end(&self) -> u64;
+    fn len(&self) -> usize;
+}
+
+impl Extent for Entry {
+    fn end(&self) -> u64 {
+        self.end
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+/// A record in a buffer, before it is parsed.
+struct Probe {
+    end: u64,
+    len: usize,
+}
+
+impl Extent for Probe {
+    fn end(&self) -> u64 {
+        self.end
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+/// Fills a [`Read`] with records in order, skipping those below the `drop_oldest` floor, up to the limits.
+struct Taker<'a> {
+    read: &'a mut Read,
+    floor: u64,
+    max_events: usize,
+    max_bytes: usize,
+    bytes: usize,
+}
+
+impl<'a> Taker<'a> {
+    fn new(read: &'a mut Read, floor: u64, max_events: usize, max_bytes: usize) -> Taker<'a> {
+        Taker {
+            read,
+            floor,
+            max_events,
+            max_bytes,
+            bytes: 0,
+        }
+    }
+
+    /// Takes the record (made by `entry` only when it is taken); false when the limits are reached.
+    fn take(&mut self, record: &impl Extent, entry: impl FnOnce() -> Entry) -> bool {
+        if record.end() <= self.floor {
+            self.read.dropped += 1;
+        } else {
+            let full = self.read.entries.len() >= self.max_events
+                || (!self.read.entries.is_empty() && self.bytes + record.len() > self.max_bytes);
+            if full {
+                return false;
+            }
+            self.bytes += record.len() + 1;
+            self.read.entries.push(entry());
+        }
+        self.read.end = record.end();
+        true
+    }
 }
 
 /// A sink's view of the spool: reads from its confirmed position onwards.
@@ -509,7 +728,7 @@ impl Reader {
     ) -> std::io::Result<Read> {
         let deadline = Instant::now() + wait;
         let wanted = self.pos + min_bytes.max(1);
-        let (limit, segment_start, floor) = {
+        let (limit, segment_start, floor, blocks) = {
             let mut state = self.shared.lock();
             while state.head < wanted && !state.closed {
                 let now = Instant::now();
@@ -534,15 +753,39 @@ impl Reader {
                 .find(|&&s| s > start)
                 .copied()
                 .unwrap_or(u64::MAX);
-            (state.head.min(next), start, state.floor)
+            (
+                state.head.min(next),
+                start,
+                state.floor,
+                in_memory(&state.recent, self.pos, max_events, max_bytes),
+            )
         };
-        if self.pos < segment_start {
-            self.pos = segment_start;
-        }
         let mut read = Read {
             end: self.pos,
             ..Read::default()
         };
+        if !blocks.is_empty() {
+            let mut taken = Taker::new(&mut read, floor, max_events, max_bytes);
+            'blocks: for block in &blocks {
+                let Some(entries) = block.entries() else {
+                    break;
+                };
+                let first = entries.partition_point(|e| e.end <= taken.read.end);
+                for entry in &entries[first..] {
+                    if !taken.take(entry, || entry.clone()) {
+                        break 'blocks;
+                    }
+                }
+            }
+            if read.end > self.pos {
+                self.pos = read.end;
+                return Ok(read);
+            }
+        }
+        if self.pos < segment_start {
+            self.pos = segment_start;
+            read.end = self.pos;
+        }
         if self.pos >= limit {
             return Ok(read);
         }
@@ -573,28 +816,15 @@ impl Reader {
             )
         })?);
         let bytes = text.as_bytes();
+        let mut taken = Taker::new(&mut read, floor, max_events, max_bytes);
         let mut offset = 0;
         while let Some(n) = memchr::memchr(b'\n', &bytes[offset..]) {
-            let line = &bytes[offset..offset + n];
             let end = self.pos + (offset + n + 1) as u64;
-            if end <= floor {
-                read.dropped += 1;
-            } else {
-                if read.entries.len() >= max_events
-                    || (!read.entries.is_empty() && offset + n > max_bytes)
-                {
-                    break;
-                }
-                read.entries.push(Entry {
-                    seq: record_seq(line),
-                    end,
-                    text: text.clone(),
-                    start: offset,
-                    len: n,
-                });
+            let probe = Probe { end, len: n };
+            if !taken.take(&probe, || Entry::parse(&text, offset, n, end)) {
+                break;
             }
             offset += n + 1;
-            read.end = end;
         }
         self.pos = read.end;
         Ok(read)
@@ -654,6 +884,27 @@ mod tests {
             max_bytes,
             when_full,
             segment_bytes: 200,
+            sync: true,
+            memory_bytes: 1 << 20,
+        }
+    }
+
+    type Got = Vec<(u64, u64, String, String, String)>;
+
+    fn take(read: &Read, got: &mut Got) {
+        got.extend(read.entries.iter().map(|e| {
+            let (id, ty, line) = (e.id().into(), e.event_type().into(), e.line().into());
+            (e.seq, e.end, id, ty, line)
+        }));
+    }
+
+    fn drain(r: &mut Reader, got: &mut Got) {
+        loop {
+            let read = r.next(3, 1 << 20, 1, Duration::ZERO).unwrap();
+            if read.entries.is_empty() {
+                return;
+            }
+            take(&read, got);
         }
     }
 
@@ -711,6 +962,54 @@ mod tests {
             read_all(&mut spool.reader("a")),
             (2..25).collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn readers_get_the_same_records_from_memory_as_from_the_files() {
+        let one = line(1).len() as u64;
+        let mut expected = Got::new();
+        let mut end = 0;
+        for seq in 1..22 {
+            end += line(seq).len() as u64;
+            let text = String::from_utf8(line(seq)).unwrap();
+            let ty = format!("t{}", seq % 3);
+            expected.push((seq, end, format!("i{seq}"), ty, text.trim_end().into()));
+        }
+        // Files only; memory for a few records (a reader that falls behind goes to the files); plenty of memory.
+        for memory in [0, one * 4, 1 << 20] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut cfg = config(dir.path(), 1 << 20, WhenFull::Block);
+            cfg.memory_bytes = memory;
+            let (mut w, spool) = open(&cfg, &["a".into(), "b".into()]).unwrap();
+            let (mut a, mut b) = (spool.reader("a"), spool.reader("b"));
+            let (mut got_a, mut got_b) = (Got::new(), Got::new());
+            let mut next = 1;
+            for group in [1, 3, 2, 5, 1, 7, 2] {
+                append(&mut w, next..next + group);
+                next += group;
+                // `a` reads two records per group: it falls further behind with every group.
+                take(&a.next(2, 1 << 20, 1, Duration::ZERO).unwrap(), &mut got_a);
+            }
+            drain(&mut a, &mut got_a);
+            drain(&mut b, &mut got_b);
+            assert_eq!(got_a, expected, "memory {memory}");
+            assert_eq!(got_b, expected, "memory {memory}");
+        }
+        // With the records in memory, a reader that keeps up does not touch the files.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, spool) =
+            open(&config(dir.path(), 1 << 20, WhenFull::Block), &["c".into()]).unwrap();
+        let mut c = spool.reader("c");
+        append(&mut w, 1..4);
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            if segment_start(&path).is_some() {
+                std::fs::remove_file(path).unwrap();
+            }
+        }
+        let mut got = Got::new();
+        drain(&mut c, &mut got);
+        assert_eq!(got, expected[..3]);
     }
 
     #[test]
