@@ -142,16 +142,17 @@ fn delivery(library: &Path, n: u64) -> f64 {
     );
     let config = Config::parse(&yaml, Path::new("bench.yaml"), dir.path()).unwrap();
     let (mut writer, spool) = trail::spool::open(&config.spool(), &["noop0".to_string()]).unwrap();
-    let mut chunk = Vec::with_capacity(8 << 20);
+    // Stream-only records, so that every one is read from the spool's files (the newest are also in memory).
+    let mut group = trail::spool::Group::default();
     for seq in 1..=n {
-        chunk.extend_from_slice(record(seq).as_bytes());
-        chunk.push(b'\n');
-        if chunk.len() > (8 << 20) - 1024 || seq == n {
-            writer.append(&chunk, false).unwrap();
-            chunk.clear();
+        let mut line = record(seq).into_bytes();
+        line.push(b'\n');
+        group.push(&line, false);
+        if group.file_len() > (8 << 20) - 1024 || seq == n {
+            writer.append(&group, false).unwrap();
+            writer.publish(&mut group);
         }
     }
-    writer.publish();
     let types = vec![HashSet::from(["user_login".to_string()])];
     let started = Instant::now();
     let sinks = Sinks::start(&config, types, spool, Auditor::disabled()).unwrap();

@@ -326,6 +326,68 @@ fn restart_mid_delivery_redelivers_what_was_not_confirmed() {
 }
 
 #[test]
+fn a_sink_that_falls_behind_reads_the_log_and_retention_waits_for_it() {
+    let mut setup = with_sinks(
+        &[sink(
+            "slow",
+            "flaky",
+            "['user_login']",
+            "{path: $DIR/slow.jsonl, fail_times: 1000000}",
+        )],
+        &[("trail-test-flaky", "libflaky.so")],
+        "",
+    );
+    setup.log = Some("max_file_bytes: 4096, compress: true, retention_bytes: 6000".into());
+    let mut daemon = Daemon::with(setup);
+    let mut c = daemon.client();
+    let answers: Vec<Value> = (0..60)
+        .map(|i| c.emit(&login(&i.to_string())).unwrap())
+        .collect();
+    let acked: Vec<u64> = answers.iter().map(|a| a["seq"].as_u64().unwrap()).collect();
+    drop(c);
+    // Retention wants the oldest files gone, but the sink has not confirmed their records: they stay.
+    let kept = wait_until(Duration::from_secs(30), || {
+        daemon
+            .stderr()
+            .contains("an expired log file is kept: a sink has not confirmed")
+    });
+    assert!(kept, "{}", daemon.stderr());
+    let first_file = |daemon: &Daemon| {
+        std::fs::read_dir(&daemon.log_dir).unwrap().any(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains("-00000000000000000001.jsonl")
+        })
+    };
+    assert!(first_file(&daemon));
+    assert!(!daemon.stderr().contains("deleted an expired log file"));
+    // With a plugin that works, the sink gets everything, in order, from the log (compressed files included),
+    // since the spool only refers to records that are in the log.
+    assert!(daemon.stop().success());
+    let config = std::fs::read_to_string(&daemon.config)
+        .unwrap()
+        .replace(", fail_times: 1000000", "");
+    std::fs::write(&daemon.config, config).unwrap();
+    daemon.spawn();
+    let got = wait_recorded(&daemon.path("slow.jsonl"), 60);
+    assert_eq!(seqs(&got)[..60], acked[..]);
+    for (record, answer) in got.iter().zip(&answers) {
+        assert_eq!(
+            (&record["id"], &record["type"]),
+            (&answer["id"], &json!("user_login"))
+        );
+    }
+    assert!(!daemon.stderr().contains("missing from the log"));
+    // Once the sink has confirmed them, the next upkeep (after a rotation) deletes the expired files.
+    let deleted = wait_until(Duration::from_secs(30), || {
+        daemon.client().emit(&login("more")).unwrap();
+        !first_file(&daemon)
+    });
+    assert!(deleted, "{}", daemon.stderr());
+}
+
+#[test]
 fn a_full_spool_makes_clients_wait_and_loses_nothing() {
     let stuck = Arc::new(AtomicBool::new(true));
     let daemon = Daemon::with(with_sinks(

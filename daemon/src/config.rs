@@ -82,6 +82,8 @@ pub struct SpoolConfig {
     /// About this many bytes of the newest published records are also kept in memory: sinks reading there take
     /// them without a system call, a copy or a parse of their own.
     pub memory_bytes: u64,
+    /// The log directory: the spool refers to records that are in the log too instead of holding them twice.
+    pub log_dir: PathBuf,
 }
 
 /// What to do when the spool is full.
@@ -517,6 +519,7 @@ impl Config {
             segment_bytes: SEGMENT_BYTES,
             sync: self.log.fsync == FsyncPolicy::Always,
             memory_bytes: MEMORY_BYTES,
+            log_dir: self.log.dir.clone(),
         }
     }
 

@@ -30,6 +30,7 @@ use crate::clock;
 use crate::config::{FsyncPolicy, Rotate};
 use crate::evidence::checkpoint::{self, Signer};
 use crate::evidence::{chain, files, index};
+use crate::spool;
 
 /// How much the writer gathers into one write and one sync.
 const GROUP_BYTES: usize = 8 << 20;
@@ -242,7 +243,7 @@ const TICK: Duration = Duration::from_secs(1);
 fn writer(mut log: LogFile, mut rx: mpsc::Receiver<Message>, mut options: Options) {
     let mut group: Vec<Submission> = Vec::new();
     let mut out: Vec<u8> = Vec::with_capacity(GROUP_BYTES + (1 << 20));
-    let mut streamed: Vec<u8> = Vec::new();
+    let mut streamed = spool::Group::default();
     let mut seq_text = itoa::Buffer::new();
     let sync = options.fsync == FsyncPolicy::Always;
     let mut checkpoints = Checkpoints {
@@ -284,7 +285,7 @@ fn writer(mut log: LogFile, mut rx: mpsc::Receiver<Message>, mut options: Option
             let mut last_persisted = None;
             let mut taken = 0;
             for s in pending.iter() {
-                let (out_len, streamed_len) = (out.len(), streamed.len());
+                let (out_len, streamed_mark) = (out.len(), streamed.mark());
                 let (chain_before, last_before) = (chain, last_persisted);
                 for (tail, route, digest) in s.batch.tails() {
                     let start = out.len();
@@ -299,7 +300,7 @@ fn writer(mut log: LogFile, mut rx: mpsc::Receiver<Message>, mut options: Option
                     }
                     out.push(b'\n');
                     if route.stream {
-                        streamed.extend_from_slice(&out[start..]);
+                        streamed.push(&out[start..], route.persist);
                     }
                     if !route.persist {
                         out.truncate(start);
@@ -309,10 +310,10 @@ fn writer(mut log: LogFile, mut rx: mpsc::Receiver<Message>, mut options: Option
                 let fits = options
                     .spool
                     .as_ref()
-                    .is_none_or(|spool| spool.fits(streamed.len() as u64));
+                    .is_none_or(|spool| spool.fits(streamed.file_len()));
                 if taken > 0 && !fits {
                     out.truncate(out_len);
-                    streamed.truncate(streamed_len);
+                    streamed.truncate(streamed_mark);
                     seq -= s.batch.len() as u64;
                     (chain, last_persisted) = (chain_before, last_before);
                     break;
@@ -325,7 +326,7 @@ fn writer(mut log: LogFile, mut rx: mpsc::Receiver<Message>, mut options: Option
                 rotate(&mut log, &mut options, &mut checkpoints);
             }
             let started = Instant::now();
-            match store(&mut log, &out, &streamed, sync, &mut options) {
+            match store(&mut log, &out, &mut streamed, sync, &mut options) {
                 Ok(()) => {
                     log.next_seq = seq;
                     if last_persisted.is_some() {
@@ -342,7 +343,7 @@ fn writer(mut log: LogFile, mut rx: mpsc::Receiver<Message>, mut options: Option
                         }
                         seq += n;
                     }
-                    debug!(records = seq - first_seq, bytes = out.len() + streamed.len(), elapsed = ?started.elapsed(), "group committed");
+                    debug!(records = seq - first_seq, bytes = out.len() as u64 + streamed.file_len(), elapsed = ?started.elapsed(), "group committed");
                 }
                 Err(reason) => {
                     error!(file = %log.path.display(), error = %reason, records = seq - first_seq, "cannot store events; answering unavailable");
@@ -470,7 +471,7 @@ fn write_checkpoint(
 fn store(
     log: &mut LogFile,
     persisted: &[u8],
-    streamed: &[u8],
+    streamed: &mut spool::Group,
     sync: bool,
     options: &mut Options,
 ) -> Result<(), Unavailable> {
@@ -486,7 +487,7 @@ fn store(
     if let Some(spool) = spool {
         let stopping = options.stopping.clone();
         spool
-            .reserve(streamed.len() as u64, &|| stopping.load(Ordering::Relaxed))
+            .reserve(streamed.file_len(), &|| stopping.load(Ordering::Relaxed))
             .map_err(|e| Unavailable(format!("{e}; retry later")))?;
         if !persisted.is_empty() {
             log.out.append(persisted, false).map_err(|e| {
@@ -510,13 +511,13 @@ fn store(
             let synced = log_synced.and(spool_synced.wait());
             if let Err(e) = synced {
                 log.out.undo(persisted.len() as u64);
-                spool.undo(streamed.len() as u64);
+                spool.undo(streamed.file_len());
                 return Err(Unavailable(format!(
                     "the log or the spool cannot be synced ({e}); retry later"
                 )));
             }
         }
-        spool.publish();
+        spool.publish(streamed);
         return Ok(());
     }
     if !persisted.is_empty() {

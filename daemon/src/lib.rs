@@ -99,18 +99,19 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
     let streamed_types: HashSet<String> = sink_types.iter().flatten().cloned().collect();
     let (auditor, audit_rx) = audit::Auditor::new();
     let stopping = Arc::new(AtomicBool::new(false));
-    let (spool_writer, sinks) = if config.sinks.is_empty() {
-        (None, None)
+    let (spool_writer, spool, sinks) = if config.sinks.is_empty() {
+        (None, None, None)
     } else {
         let names: Vec<String> = config.sinks.iter().map(|s| s.name.clone()).collect();
         let (writer, spool) = spool::open(&config.spool(), &names)?;
-        let (config_for_sinks, auditor) = (config.clone(), auditor.clone());
+        let (config_for_sinks, auditor, for_sinks) =
+            (config.clone(), auditor.clone(), spool.clone());
         let sinks = tokio::task::spawn_blocking(move || {
-            sinks::Sinks::start(&config_for_sinks, sink_types, spool, auditor)
+            sinks::Sinks::start(&config_for_sinks, sink_types, for_sinks, auditor)
         })
         .await
         .expect("starting sinks")?;
-        (Some(writer), Some(Arc::new(sinks)))
+        (Some(writer), Some(spool), Some(Arc::new(sinks)))
     };
     if clock::is_shifted() {
         warn!(
@@ -157,6 +158,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         tokio::spawn(evidence::maintenance::run(
             config.log.dir.clone(),
             evidence::maintenance::Policy::of(&config.log),
+            spool,
             rotated,
             background.clone(),
             move |line| {

@@ -1,10 +1,14 @@
 //! The spool: the durable queue of streamed events that sinks read from, each at its own confirmed position.
 //!
-//! Owns the spool directory: segment files of record lines (the same bytes as log lines) named by the byte
-//! position of their first record in the whole spool (`spool-<pos, 20 digits>.jsonl`), and one cursor file per
-//! sink (`cursors/<sink>.json`) holding the position up to which that sink confirmed delivery. The journal writer
-//! appends and publishes; each sink's worker reads through a [`Reader`]. A record is visible to readers only once
-//! the journal has synced it, and a segment is deleted only when every sink's cursor is past it.
+//! Owns the spool directory: segment files of one line per streamed record, named by the byte position of their
+//! first line in the whole spool (`spool-<pos, 20 digits>.jsonl`), and one cursor file per sink
+//! (`cursors/<sink>.json`) holding the position up to which that sink confirmed delivery. A record that is only
+//! streamed is spooled whole (the line the log would hold); a record that is also in the log is spooled as a
+//! reference to it, `{"seq":…,"id":…,"type":…,"in_log":true}`, and a reader that meets one reads the record from
+//! the log, which keeps it until every sink has confirmed it (see `evidence::maintenance`). So such records are
+//! written and synced whole once. The journal writer appends and publishes; each sink's worker reads through a
+//! [`Reader`]. A record is visible to readers only once the journal has synced it, and a segment is deleted only
+//! when every sink's cursor is past it.
 //!
 //! The newest published records (`memory_bytes` of them) are also kept in memory, in the blocks the journal
 //! published them in: a sink that keeps up reads them from there, and the first sink to read a block parses it for
@@ -15,9 +19,9 @@
 //! full the writer waits (`block`, the default: clients wait, nothing is lost) or moves a floor forward so the
 //! slowest sinks skip their oldest records (`drop_oldest`); every record skipped that way is counted.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::io::{Read as _, Seek, SeekFrom};
+use std::io::{BufRead, BufReader, Read as _, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard, OnceLock, mpsc};
 use std::time::{Duration, Instant};
@@ -25,7 +29,7 @@ use std::time::{Duration, Instant};
 use memchr::memmem::Finder;
 
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::append::AppendFile;
 use crate::config::{SpoolConfig, WhenFull};
@@ -84,17 +88,25 @@ struct Shared {
     max_bytes: u64,
     when_full: WhenFull,
     memory_bytes: u64,
+    /// The log directory, where records the spool refers to are.
+    log_dir: PathBuf,
 }
 
-/// Records published together, as kept in memory for readers.
+/// Records published together, as kept in memory for readers: whole record lines, also of records whose spool
+/// line is a reference to the log.
 struct Block {
     /// Spool position of its first byte.
     start: u64,
-    /// Its bytes until the first reader parses them.
-    raw: Mutex<Vec<u8>>,
+    /// Its spool bytes.
     len: u64,
-    /// Parsed once, by the first reader; `None` if the bytes are not UTF-8 (readers then read the file, which
-    /// reports it).
+    /// Bytes of its record lines.
+    bytes: u64,
+    /// The record lines until the first reader parses them.
+    lines: Mutex<Vec<u8>>,
+    /// Spool position after each record.
+    ends: Vec<u64>,
+    /// Parsed once, by the first reader; `None` if the lines are not UTF-8 or do not match `ends` (readers then
+    /// read the files).
     entries: OnceLock<Option<Vec<Entry>>>,
 }
 
@@ -106,18 +118,94 @@ impl Block {
     fn entries(&self) -> Option<&[Entry]> {
         self.entries
             .get_or_init(|| {
-                let raw = std::mem::take(&mut *self.raw.lock().unwrap_or_else(|e| e.into_inner()));
+                let raw =
+                    std::mem::take(&mut *self.lines.lock().unwrap_or_else(|e| e.into_inner()));
                 let text = Arc::new(String::from_utf8(raw).ok()?);
-                let mut entries = Vec::new();
+                let mut entries = Vec::with_capacity(self.ends.len());
                 let mut offset = 0;
                 while let Some(n) = memchr::memchr(b'\n', &text.as_bytes()[offset..]) {
-                    let end = self.start + (offset + n + 1) as u64;
+                    let end = *self.ends.get(entries.len())?;
                     entries.push(Entry::parse(&text, offset, n, end));
                     offset += n + 1;
                 }
-                Some(entries)
+                (entries.len() == self.ends.len()).then_some(entries)
             })
             .as_deref()
+    }
+}
+
+/// The spool's part of one group commit, built by the journal writer: the bytes for the segment file, where every
+/// record that is also in the log is only a reference to it (`{"seq":…,"id":…,"type":…,"in_log":true}`), and
+/// the whole record lines for the in-memory blocks.
+#[derive(Debug, Default)]
+pub struct Group {
+    file: Vec<u8>,
+    lines: Vec<u8>,
+    /// End of each record's spool line in `file`.
+    ends: Vec<u64>,
+}
+
+/// A point in a [`Group`] to go back to.
+#[derive(Debug, Clone, Copy)]
+pub struct Mark(usize, usize, usize);
+
+/// How a spool line that refers to the log ends.
+const IN_LOG: &[u8] = b",\"in_log\":true}";
+
+impl Group {
+    /// Adds a record: `line` is its whole stored line with the newline; `in_log` says it is in the log too.
+    pub fn push(&mut self, line: &[u8], in_log: bool) {
+        self.lines.extend_from_slice(line);
+        if in_log {
+            let record = &line[..line.len() - 1];
+            let digits = record_seq_len(record);
+            let id = value_after(&ID, record);
+            let ty = value_after(&TYPE, record);
+            self.file
+                .extend_from_slice(&record[..b"{\"seq\":".len() + digits]);
+            self.file.extend_from_slice(b",\"id\":\"");
+            self.file.extend_from_slice(id.bytes(record));
+            self.file.extend_from_slice(b"\",\"type\":\"");
+            self.file.extend_from_slice(ty.bytes(record));
+            self.file.push(b'"');
+            self.file.extend_from_slice(IN_LOG);
+            self.file.push(b'\n');
+        } else {
+            self.file.extend_from_slice(line);
+        }
+        self.ends.push(self.file.len() as u64);
+    }
+
+    /// Bytes for the segment file.
+    pub fn file_len(&self) -> u64 {
+        self.file.len() as u64
+    }
+
+    /// True when no record was added.
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// The current point.
+    pub fn mark(&self) -> Mark {
+        Mark(self.file.len(), self.lines.len(), self.ends.len())
+    }
+
+    /// Takes out what was added after `mark`.
+    pub fn truncate(&mut self, mark: Mark) {
+        self.file.truncate(mark.0);
+        self.lines.truncate(mark.1);
+        self.ends.truncate(mark.2);
+    }
+
+    /// Empties the group.
+    pub fn clear(&mut self) {
+        self.truncate(Mark(0, 0, 0));
+    }
+
+    /// Memory the in-memory block needs besides the lines.
+    fn recorded_bytes(&self) -> usize {
+        self.ends.len() * std::mem::size_of::<u64>()
     }
 }
 
@@ -153,8 +241,6 @@ pub struct Writer {
     sync: bool,
     /// A segment file was created since the last sync: the next sync includes the directory.
     created: bool,
-    /// Bytes appended since the last publish, for the in-memory blocks; `None` when they would not fit there.
-    unpublished: Option<Vec<u8>>,
     last_seq: Option<u64>,
     syncer: mpsc::Sender<SyncRequest>,
 }
@@ -215,6 +301,8 @@ pub fn open(config: &SpoolConfig, sinks: &[String]) -> Result<(Writer, Spool), E
     let (start, len) = match segments.last() {
         Some(&start) => {
             let path = shared_dir.join(format!("spool-{start:020}.jsonl"));
+            crate::journal::recover(&path)?;
+            cut_orphans(&path, &config.log_dir)?;
             let (len, head) = crate::journal::recover(&path)?;
             last_seq = head.map(|h| h.seq);
             // A segment just started may be empty: the last seq is then in the one before.
@@ -286,6 +374,7 @@ pub fn open(config: &SpoolConfig, sinks: &[String]) -> Result<(Writer, Spool), E
         max_bytes: config.max_bytes,
         when_full: config.when_full,
         memory_bytes: config.memory_bytes,
+        log_dir: config.log_dir.clone(),
     });
     for (sink, pos) in shared.lock().cursors.clone() {
         write_cursor(&shared, &sink, pos).map_err(io_error(&shared.cursor_path(&sink)))?;
@@ -304,11 +393,71 @@ pub fn open(config: &SpoolConfig, sinks: &[String]) -> Result<(Writer, Spool), E
         segment_bytes: config.segment_bytes,
         sync: config.sync,
         created: false,
-        unpublished: Some(Vec::new()),
         last_seq,
         syncer: start_syncer().map_err(io_error(&shared_dir_for_errors))?,
     };
     Ok((writer, Spool { shared }))
+}
+
+/// The log and the spool of a group are synced in parallel: after a crash between the two, the spool's last
+/// segment may refer to records that the log never got (their group was not acknowledged). Cuts the segment
+/// before the first such reference, keeping the cut bytes aside, so that no sink looks for them.
+fn cut_orphans(path: &Path, log_dir: &Path) -> Result<(), Error> {
+    use std::io::Write as _;
+    let Some(log_last) = log_last_seq(log_dir).map_err(io_error(log_dir))? else {
+        return Ok(());
+    };
+    let content = std::fs::read(path).map_err(io_error(path))?;
+    let mut offset = 0;
+    while let Some(n) = memchr::memchr(b'\n', &content[offset..]) {
+        let line = &content[offset..offset + n];
+        if line.ends_with(IN_LOG) && record_seq(line) > log_last {
+            let aside = path.with_extension(format!("jsonl.orphans-{offset}"));
+            std::fs::File::create(&aside)
+                .and_then(|mut f| f.write_all(&content[offset..]))
+                .map_err(io_error(&aside))?;
+            let file = OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(io_error(path))?;
+            file.set_len(offset as u64).map_err(io_error(path))?;
+            file.sync_all().map_err(io_error(path))?;
+            warn!(
+                file = %path.display(), offset, log_last_seq = log_last, kept_in = %aside.display(),
+                "the spool referred to records the log does not have (a crash between their syncs; they were \
+                 never acknowledged): cut"
+            );
+            break;
+        }
+        offset += n + 1;
+    }
+    Ok(())
+}
+
+/// The `seq` of the last complete record of the log; `None` when the log directory does not exist yet.
+fn log_last_seq(log_dir: &Path) -> std::io::Result<Option<u64>> {
+    let files = match crate::evidence::files::list(log_dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        listed => listed?,
+    };
+    let Some(newest) = files.last() else {
+        return Ok(Some(0));
+    };
+    if !newest.compressed {
+        let mut file = File::open(&newest.path)?;
+        let mut end = file.metadata()?.len();
+        while end > 0 {
+            let (start, line) = crate::journal::last_line(&mut file, end)?;
+            if line.last() == Some(&b'\n')
+                && let Some(seq) = crate::evidence::chain::line_seq(&line)
+            {
+                return Ok(Some(seq));
+            }
+            end = start;
+        }
+    }
+    // No complete record in the newest file: the log ends just before the first `seq` it may hold.
+    Ok(Some(newest.first_seq.saturating_sub(1)))
 }
 
 fn segment_start(path: &Path) -> Option<u64> {
@@ -373,22 +522,13 @@ impl Writer {
         }
     }
 
-    /// Appends record lines (not yet visible to readers) and, with `sync`, syncs them.
-    pub fn append(&mut self, bytes: &[u8], sync: bool) -> std::io::Result<()> {
+    /// Appends a group's spool lines (not yet visible to readers) and, with `sync`, syncs them.
+    pub fn append(&mut self, group: &Group, sync: bool) -> std::io::Result<()> {
+        let bytes = &group.file;
         if !self.out.is_empty() && self.out.len() + bytes.len() as u64 > self.segment_bytes {
             self.rotate()?;
         }
-        self.out.append(bytes, sync)?;
-        if let Some(unpublished) = &mut self.unpublished {
-            if (unpublished.len() + bytes.len()) as u64 <= self.shared.memory_bytes {
-                // Usually one append per publish: one allocation of the right size.
-                unpublished.reserve_exact(bytes.len());
-                unpublished.extend_from_slice(bytes);
-            } else {
-                self.unpublished = None;
-            }
-        }
-        Ok(())
+        self.out.append(bytes, sync)
     }
 
     /// The `seq` of the last record in the spool when it was opened: the journal continues after it, so that a
@@ -413,42 +553,39 @@ impl Writer {
     /// Takes back the last `bytes` appended (their group could not be completed); they were never published.
     pub fn undo(&mut self, bytes: u64) {
         self.out.undo(bytes);
-        if let Some(unpublished) = &mut self.unpublished {
-            match unpublished.len().checked_sub(bytes as usize) {
-                Some(keep) => unpublished.truncate(keep),
-                None => self.unpublished = None,
-            }
-        }
     }
 
-    /// Makes everything appended so far visible to readers.
-    pub fn publish(&mut self) {
-        let unpublished = self.unpublished.replace(Vec::new());
+    /// Makes everything appended so far visible to readers; `group` (cleared here) is what was appended since the
+    /// last publish.
+    pub fn publish(&mut self, group: &mut Group) {
         let mut state = self.shared.lock();
         let head = self.start + self.out.len();
-        match unpublished {
-            Some(raw) if !raw.is_empty() && state.head + raw.len() as u64 == head => {
-                let (len, start) = (raw.len() as u64, state.head);
-                state.recent.push_back(Arc::new(Block {
-                    start,
-                    raw: Mutex::new(raw),
-                    len,
-                    entries: OnceLock::new(),
-                }));
-                state.recent_bytes += len;
-                while state.recent_bytes > self.shared.memory_bytes {
-                    let oldest = state.recent.pop_front().expect("bytes are in blocks");
-                    state.recent_bytes -= oldest.len;
-                }
+        let (start, len) = (state.head, group.file.len() as u64);
+        let capacity = group.lines.len();
+        let lines = std::mem::replace(&mut group.lines, Vec::with_capacity(capacity));
+        let in_memory = (lines.len() + group.recorded_bytes()) as u64 <= self.shared.memory_bytes;
+        if len > 0 && start + len == head && in_memory {
+            let ends = group.ends.iter().map(|&e| start + e).collect();
+            let bytes = lines.len() as u64;
+            state.recent.push_back(Arc::new(Block {
+                start,
+                len,
+                bytes,
+                lines: Mutex::new(lines),
+                ends,
+                entries: OnceLock::new(),
+            }));
+            state.recent_bytes += bytes;
+            while state.recent_bytes > self.shared.memory_bytes {
+                let oldest = state.recent.pop_front().expect("bytes are in blocks");
+                state.recent_bytes -= oldest.bytes;
             }
-            Some(raw) if raw.is_empty() && state.head == head => {}
-            // What was published does not fit in memory (or does not line up): readers go to the files until
-            // the blocks after this one are there.
-            _ => {
-                state.recent.clear();
-                state.recent_bytes = 0;
-            }
+        } else if start + len != head || len > 0 {
+            // What was published is not in memory: readers go to the files until the blocks after it are there.
+            state.recent.clear();
+            state.recent_bytes = 0;
         }
+        group.clear();
         state.head = head;
         self.shared.changed.notify_all();
     }
@@ -498,6 +635,11 @@ impl Span {
         line.get(self.0 as usize..(self.0 + self.1) as usize)
             .unwrap_or("")
     }
+
+    fn bytes<'a>(&self, line: &'a [u8]) -> &'a [u8] {
+        line.get(self.0 as usize..(self.0 + self.1) as usize)
+            .unwrap_or(b"")
+    }
 }
 
 impl Entry {
@@ -521,6 +663,11 @@ impl Entry {
             id: value_after(&ID, line),
             event_type: value_after(&TYPE, line),
         }
+    }
+
+    /// True for a spool line that only refers to a record in the log.
+    fn in_log(&self) -> bool {
+        self.line().as_bytes().ends_with(IN_LOG)
     }
 
     /// The record line, without its newline.
@@ -561,14 +708,18 @@ fn value_after(key: &Finder<'_>, line: &[u8]) -> Span {
 
 fn record_seq(line: &[u8]) -> u64 {
     let rest = line.strip_prefix(b"{\"seq\":").unwrap_or(b"");
-    let end = rest
-        .iter()
-        .position(|b| !b.is_ascii_digit())
-        .unwrap_or(rest.len());
-    std::str::from_utf8(&rest[..end])
+    std::str::from_utf8(&rest[..record_seq_len(line)])
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0)
+}
+
+/// Digits of the `seq` at the start of a record line.
+fn record_seq_len(line: &[u8]) -> usize {
+    let rest = line.strip_prefix(b"{\"seq\":").unwrap_or(b"");
+    rest.iter()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(rest.len())
 }
 
 /// What one [`Reader::next`] call produced.
@@ -576,8 +727,11 @@ fn record_seq(line: &[u8]) -> u64 {
 pub struct Read {
     /// Records in spool order.
     pub entries: Vec<Entry>,
-    /// Records skipped because the spool was full and `drop_oldest` is configured.
+    /// Records skipped because the spool was full and `drop_oldest` is configured (or, after damage, missing
+    /// from the log).
     pub dropped: u64,
+    /// Records of types the reader does not want, passed over.
+    pub passed: u64,
     /// Position after the last record read or skipped.
     pub end: u64,
 }
@@ -607,71 +761,137 @@ fn in_memory(
     blocks
 }
 
-/// What [`Taker`] needs to know of a record before taking it: where it ends and its length.
-trait Extent {
-    fn end(&self) -> u64;
-    fn len(&self) -> usize;
-}
-
-impl Extent for Entry {
-    fn end(&self) -> u64 {
-        self.end
-    }
-    fn len(&self) -> usize {
-        self.len
-    }
-}
-
-/// A record in a buffer, before it is parsed.
-struct Probe {
-    end: u64,
-    len: usize,
-}
-
-impl Extent for Probe {
-    fn end(&self) -> u64 {
-        self.end
-    }
-    fn len(&self) -> usize {
-        self.len
-    }
-}
-
-/// Fills a [`Read`] with records in order, skipping those below the `drop_oldest` floor, up to the limits.
+/// Fills a [`Read`] with records in order, skipping those below the `drop_oldest` floor and those of types the
+/// reader does not want, up to the limits.
 struct Taker<'a> {
-    read: &'a mut Read,
+    read: Read,
     floor: u64,
+    wants: Option<&'a HashSet<String>>,
     max_events: usize,
     max_bytes: usize,
     bytes: usize,
 }
 
+/// What [`Taker::admit`] decided.
+enum Admit {
+    Take,
+    Skip,
+    Full,
+}
+
 impl<'a> Taker<'a> {
-    fn new(read: &'a mut Read, floor: u64, max_events: usize, max_bytes: usize) -> Taker<'a> {
-        Taker {
-            read,
-            floor,
-            max_events,
-            max_bytes,
-            bytes: 0,
+    /// Says whether `entry` is to be taken; advances the read's end past what is taken or skipped.
+    fn admit(&mut self, entry: &Entry) -> Admit {
+        if entry.end <= self.floor {
+            self.read.dropped += 1;
+        } else if self.wants.is_some_and(|w| !w.contains(entry.event_type())) {
+            self.read.passed += 1;
+        } else {
+            let full = self.read.entries.len() >= self.max_events
+                || (!self.read.entries.is_empty() && self.bytes + entry.len > self.max_bytes);
+            if full {
+                return Admit::Full;
+            }
+            self.bytes += entry.len + 1;
+            self.read.end = entry.end;
+            return Admit::Take;
+        }
+        self.read.end = entry.end;
+        Admit::Skip
+    }
+}
+
+/// Reads records of the log by `seq`, forwards, for the spool lines that refer to it.
+struct LogSource {
+    dir: PathBuf,
+    /// The file being read: its first `seq` and a reader.
+    file: Option<(u64, BufReader<Box<dyn std::io::Read + Send>>)>,
+    /// Bytes read after the last whole line (the writer is still appending to the file).
+    partial: Vec<u8>,
+    /// A whole line read but not used yet: a later `seq` than was asked for.
+    ahead: Option<Vec<u8>>,
+}
+
+impl LogSource {
+    fn new(dir: PathBuf) -> LogSource {
+        LogSource {
+            dir,
+            file: None,
+            partial: Vec::new(),
+            ahead: None,
         }
     }
 
-    /// Takes the record (made by `entry` only when it is taken); false when the limits are reached.
-    fn take(&mut self, record: &impl Extent, entry: impl FnOnce() -> Entry) -> bool {
-        if record.end() <= self.floor {
-            self.read.dropped += 1;
-        } else {
-            let full = self.read.entries.len() >= self.max_events
-                || (!self.read.entries.is_empty() && self.bytes + record.len() > self.max_bytes);
-            if full {
-                return false;
-            }
-            self.bytes += record.len() + 1;
-            self.read.entries.push(entry());
+    /// The line of record `seq`, without its newline; `None` when the log does not have it. Each call must ask
+    /// for a later `seq` than the one before (or start over with a new source).
+    fn find(&mut self, seq: u64) -> std::io::Result<Option<String>> {
+        if self.file.is_none() && !self.open(seq, None)? {
+            return Ok(None);
         }
-        self.read.end = record.end();
-        true
+        loop {
+            let Some(line) = self.next_line()? else {
+                // The end of this file: a later one may start at or before `seq`.
+                let first = self.file.as_ref().map_or(0, |(f, _)| *f);
+                if self.open(seq, Some(first))? {
+                    continue;
+                }
+                return Ok(None);
+            };
+            match crate::evidence::chain::line_seq(&line) {
+                Some(s) if s == seq => {
+                    return String::from_utf8(line).map(Some).map_err(|e| {
+                        std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
+                    });
+                }
+                Some(s) if s > seq => {
+                    self.ahead = Some(line);
+                    return Ok(None);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Opens the last file whose first `seq` is at most `seq` (and later than `after`); false when there is none.
+    fn open(&mut self, seq: u64, after: Option<u64>) -> std::io::Result<bool> {
+        let files = match crate::evidence::files::list(&self.dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            listed => listed?,
+        };
+        let candidate = files
+            .iter()
+            .rev()
+            .find(|f| f.first_seq <= seq)
+            .or(files.first())
+            .filter(|f| after.is_none_or(|a| f.first_seq > a));
+        let Some(file) = candidate else {
+            return Ok(false);
+        };
+        self.file = Some((
+            file.first_seq,
+            BufReader::with_capacity(1 << 18, file.open()?),
+        ));
+        self.partial.clear();
+        self.ahead = None;
+        Ok(true)
+    }
+
+    /// The next whole line of the file, without its newline; `None` at the end of what is written.
+    fn next_line(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        if let Some(line) = self.ahead.take() {
+            return Ok(Some(line));
+        }
+        let Some((_, reader)) = self.file.as_mut() else {
+            return Ok(None);
+        };
+        let mut line = std::mem::take(&mut self.partial);
+        reader.read_until(b'\n', &mut line)?;
+        if line.last() != Some(&b'\n') {
+            self.partial = line;
+            return Ok(None);
+        }
+        line.pop();
+        Ok(Some(line))
     }
 }
 
@@ -682,6 +902,10 @@ pub struct Reader {
     /// Next position to read.
     pos: u64,
     file: Option<(u64, File)>,
+    /// Where records that the spool holds only a reference to are read.
+    log: LogSource,
+    /// The event types the sink receives; `None` for all.
+    wants: Option<HashSet<String>>,
 }
 
 impl Spool {
@@ -699,7 +923,42 @@ impl Spool {
             sink: sink.to_owned(),
             pos,
             file: None,
+            log: LogSource::new(self.shared.log_dir.clone()),
+            wants: None,
         }
+    }
+
+    /// The lowest `seq` that some sink has not confirmed durably (read at the positions in the cursor files, where
+    /// a restart resumes); `None` when every sink has everything. The log must keep the files holding it and every
+    /// later record: the spool may refer to them.
+    pub fn oldest_unconfirmed(&self) -> std::io::Result<Option<u64>> {
+        use std::os::unix::fs::FileExt;
+        let (head, floor, sinks, segments) = {
+            let state = self.shared.lock();
+            let sinks: Vec<String> = state.cursors.keys().cloned().collect();
+            (state.head, state.floor, sinks, state.segments.clone())
+        };
+        let mut cursors = Vec::with_capacity(sinks.len());
+        for sink in sinks {
+            let bytes = std::fs::read(self.shared.cursor_path(&sink))?;
+            let cursor: CursorFile =
+                serde_json::from_slice(&bytes).map_err(std::io::Error::other)?;
+            cursors.push(cursor.pos);
+        }
+        let mut oldest: Option<u64> = None;
+        for pos in cursors.into_iter().map(|p| p.max(floor)) {
+            if pos >= head {
+                continue;
+            }
+            let start = segments.iter().rev().find(|&&s| s <= pos).copied();
+            let start = start.unwrap_or(segments[0]).max(segments[0]).min(pos);
+            let mut head_bytes = [0u8; 32];
+            let path = self.shared.segment_path(start);
+            let n = File::open(&path)?.read_at(&mut head_bytes, pos.max(start) - start)?;
+            let seq = record_seq(&head_bytes[..n]);
+            oldest = Some(oldest.map_or(seq, |o| o.min(seq)));
+        }
+        Ok(oldest)
     }
 
     /// Bytes of records not yet confirmed by the slowest sink.
@@ -760,28 +1019,35 @@ impl Reader {
                 in_memory(&state.recent, self.pos, max_events, max_bytes),
             )
         };
-        let mut read = Read {
-            end: self.pos,
-            ..Read::default()
+        let mut taken = Taker {
+            read: Read {
+                end: self.pos,
+                ..Read::default()
+            },
+            floor,
+            wants: self.wants.as_ref(),
+            max_events,
+            max_bytes,
+            bytes: 0,
         };
-        if !blocks.is_empty() {
-            let mut taken = Taker::new(&mut read, floor, max_events, max_bytes);
-            'blocks: for block in &blocks {
-                let Some(entries) = block.entries() else {
-                    break;
-                };
-                let first = entries.partition_point(|e| e.end <= taken.read.end);
-                for entry in &entries[first..] {
-                    if !taken.take(entry, || entry.clone()) {
-                        break 'blocks;
-                    }
+        'blocks: for block in &blocks {
+            let Some(entries) = block.entries() else {
+                break;
+            };
+            let first = entries.partition_point(|e| e.end <= taken.read.end);
+            for entry in &entries[first..] {
+                match taken.admit(entry) {
+                    Admit::Take => taken.read.entries.push(entry.clone()),
+                    Admit::Skip => {}
+                    Admit::Full => break 'blocks,
                 }
             }
-            if read.end > self.pos {
-                self.pos = read.end;
-                return Ok(read);
-            }
         }
+        if taken.read.end > self.pos {
+            self.pos = taken.read.end;
+            return Ok(taken.read);
+        }
+        let mut read = taken.read;
         if self.pos < segment_start {
             self.pos = segment_start;
             read.end = self.pos;
@@ -816,18 +1082,62 @@ impl Reader {
             )
         })?);
         let bytes = text.as_bytes();
-        let mut taken = Taker::new(&mut read, floor, max_events, max_bytes);
+        let mut taken = Taker {
+            read,
+            floor,
+            wants: self.wants.as_ref(),
+            max_events,
+            max_bytes,
+            bytes: 0,
+        };
         let mut offset = 0;
         while let Some(n) = memchr::memchr(b'\n', &bytes[offset..]) {
             let end = self.pos + (offset + n + 1) as u64;
-            let probe = Probe { end, len: n };
-            if !taken.take(&probe, || Entry::parse(&text, offset, n, end)) {
-                break;
+            let entry = Entry::parse(&text, offset, n, end);
+            match taken.admit(&entry) {
+                Admit::Take => taken.read.entries.push(entry),
+                Admit::Skip => {}
+                Admit::Full => break,
             }
             offset += n + 1;
         }
+        let mut read = taken.read;
+        if read.entries.iter().any(Entry::in_log) {
+            // Records that are in the log too are only referred to here: read them from there.
+            let mut resolved = Vec::with_capacity(read.entries.len());
+            for entry in read.entries {
+                if !entry.in_log() {
+                    resolved.push(entry);
+                    continue;
+                }
+                match self.log.find(entry.seq)? {
+                    Some(line) => {
+                        let len = line.len();
+                        resolved.push(Entry::parse(&Arc::new(line), 0, len, entry.end));
+                    }
+                    None => {
+                        error!(sink = %self.sink, seq = entry.seq, log = %self.log.dir.display(),
+                            "a spooled record is missing from the log: the sink cannot get it");
+                        read.dropped += 1;
+                    }
+                }
+            }
+            read.entries = resolved;
+        }
         self.pos = read.end;
         Ok(read)
+    }
+
+    /// The position after what was read so far.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    /// Delivers only records of `types` (the others are passed over); records in the log are then read from it
+    /// only when wanted.
+    pub fn wanting(mut self, types: HashSet<String>) -> Reader {
+        self.wants = Some(types);
+        self
     }
 
     /// Records that everything before `pos` was delivered (or dead-lettered). With `persist`, also writes the
@@ -886,6 +1196,7 @@ mod tests {
             segment_bytes: 200,
             sync: true,
             memory_bytes: 1 << 20,
+            log_dir: dir.join("log"),
         }
     }
 
@@ -913,10 +1224,36 @@ mod tests {
     }
 
     fn append(w: &mut Writer, seqs: std::ops::Range<u64>) {
-        let bytes: Vec<u8> = seqs.flat_map(line).collect();
-        w.reserve(bytes.len() as u64, &|| true).unwrap();
-        w.append(&bytes, true).unwrap();
-        w.publish();
+        append_logged(w, seqs, None);
+    }
+
+    /// Appends records `seqs` as a group; with a log directory, every record whose `seq` is a multiple of 3 is
+    /// written to the log there and the spool only refers to it.
+    fn append_logged(w: &mut Writer, seqs: std::ops::Range<u64>, log: Option<&Path>) -> Group {
+        let mut group = Group::default();
+        for seq in seqs {
+            let in_log = log.is_some() && seq % 3 == 0;
+            if let (Some(dir), true) = (log, in_log) {
+                std::fs::create_dir_all(dir).unwrap();
+                let path = dir.join("trail-20261123T000000Z-00000000000000000001.jsonl");
+                let mut f = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .unwrap();
+                std::io::Write::write_all(&mut f, &line(seq)).unwrap();
+            }
+            group.push(&line(seq), in_log);
+        }
+        let copy = Group {
+            file: group.file.clone(),
+            lines: group.lines.clone(),
+            ends: group.ends.clone(),
+        };
+        w.reserve(group.file_len(), &|| true).unwrap();
+        w.append(&group, true).unwrap();
+        w.publish(&mut group);
+        copy
     }
 
     fn read_all(r: &mut Reader) -> Vec<u64> {
@@ -966,50 +1303,114 @@ mod tests {
 
     #[test]
     fn readers_get_the_same_records_from_memory_as_from_the_files() {
-        let one = line(1).len() as u64;
-        let mut expected = Got::new();
-        let mut end = 0;
-        for seq in 1..22 {
-            end += line(seq).len() as u64;
-            let text = String::from_utf8(line(seq)).unwrap();
-            let ty = format!("t{}", seq % 3);
-            expected.push((seq, end, format!("i{seq}"), ty, text.trim_end().into()));
-        }
+        let groups = [1, 3, 2, 5, 1, 7, 2];
+        let total: u64 = groups.iter().sum();
         // Files only; memory for a few records (a reader that falls behind goes to the files); plenty of memory.
-        for memory in [0, one * 4, 1 << 20] {
+        for memory in [0, 200, 1 << 20] {
             let dir = tempfile::tempdir().unwrap();
             let mut cfg = config(dir.path(), 1 << 20, WhenFull::Block);
             cfg.memory_bytes = memory;
-            let (mut w, spool) = open(&cfg, &["a".into(), "b".into()]).unwrap();
+            let log = cfg.log_dir.clone();
+            let (mut w, spool) = open(&cfg, &["a".into(), "b".into(), "c".into()]).unwrap();
             let (mut a, mut b) = (spool.reader("a"), spool.reader("b"));
-            let (mut got_a, mut got_b) = (Got::new(), Got::new());
-            let mut next = 1;
-            for group in [1, 3, 2, 5, 1, 7, 2] {
-                append(&mut w, next..next + group);
+            let mut c = spool.reader("c").wanting(HashSet::from(["t0".to_string()]));
+            let (mut got_a, mut got_b, mut got_c) = (Got::new(), Got::new(), Got::new());
+            let mut expected = Got::new();
+            let (mut next, mut end) = (1, 0);
+            for group in groups {
+                let appended = append_logged(&mut w, next..next + group, Some(&log));
+                for (seq, spooled) in (next..).zip(&appended.ends) {
+                    let text = String::from_utf8(line(seq)).unwrap();
+                    let ty = format!("t{}", seq % 3);
+                    let at = end + spooled;
+                    expected.push((seq, at, format!("i{seq}"), ty, text.trim_end().into()));
+                }
+                end += appended.file_len();
                 next += group;
                 // `a` reads two records per group: it falls further behind with every group.
                 take(&a.next(2, 1 << 20, 1, Duration::ZERO).unwrap(), &mut got_a);
             }
+            assert_eq!(next, total + 1);
             drain(&mut a, &mut got_a);
             drain(&mut b, &mut got_b);
+            loop {
+                let read = c.next(3, 1 << 20, 1, Duration::ZERO).unwrap();
+                if read.end == c.position() && read.entries.is_empty() && read.passed == 0 {
+                    break;
+                }
+                take(&read, &mut got_c);
+            }
             assert_eq!(got_a, expected, "memory {memory}");
             assert_eq!(got_b, expected, "memory {memory}");
+            let only_t0: Got = expected.iter().filter(|e| e.3 == "t0").cloned().collect();
+            assert_eq!(got_c, only_t0, "memory {memory}");
+            assert!(expected.iter().any(|e| e.3 == "t0"));
         }
-        // With the records in memory, a reader that keeps up does not touch the files.
+    }
+
+    #[test]
+    fn records_in_the_log_are_only_referred_to_in_the_spool_files() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut w, spool) =
-            open(&config(dir.path(), 1 << 20, WhenFull::Block), &["c".into()]).unwrap();
-        let mut c = spool.reader("c");
-        append(&mut w, 1..4);
-        for entry in std::fs::read_dir(dir.path()).unwrap() {
-            let path = entry.unwrap().path();
-            if segment_start(&path).is_some() {
-                std::fs::remove_file(path).unwrap();
-            }
-        }
-        let mut got = Got::new();
-        drain(&mut c, &mut got);
-        assert_eq!(got, expected[..3]);
+        let mut cfg = config(dir.path(), 1 << 20, WhenFull::Block);
+        cfg.memory_bytes = 0;
+        cfg.segment_bytes = 1 << 20;
+        let log = cfg.log_dir.clone();
+        let (mut w, spool) = open(&cfg, &["a".into(), "b".into()]).unwrap();
+        append_logged(&mut w, 1..10, Some(&log));
+        let segment =
+            std::fs::read_to_string(dir.path().join(format!("spool-{:020}.jsonl", 0))).unwrap();
+        let lines: Vec<&str> = segment.lines().collect();
+        assert_eq!(lines[2], r#"{"seq":3,"id":"i3","type":"t0","in_log":true}"#);
+        assert_eq!(lines[3].as_bytes(), line(4).trim_ascii_end());
+        // The slowest sink decides what the log must keep: `a` confirmed 1-4, `b` nothing.
+        let mut a = spool.reader("a");
+        let read = a.next(4, 1 << 20, 1, Duration::ZERO).unwrap();
+        a.confirm(read.end, true).unwrap();
+        assert_eq!(spool.oldest_unconfirmed().unwrap(), Some(1));
+        let mut b = spool.reader("b");
+        let read = b.next(100, 1 << 20, 1, Duration::ZERO).unwrap();
+        assert_eq!(read.entries.len(), 9);
+        b.confirm(read.end, true).unwrap();
+        assert_eq!(spool.oldest_unconfirmed().unwrap(), Some(5));
+        // A record that the log lost (it was deleted by hand) is counted as dropped, and the others still arrive.
+        std::fs::remove_dir_all(&log).unwrap();
+        let mut a = spool.reader("a");
+        let read = a.next(100, 1 << 20, 1, Duration::ZERO).unwrap();
+        let seqs: Vec<u64> = read.entries.iter().map(|e| e.seq).collect();
+        assert_eq!((seqs, read.dropped), (vec![5, 7, 8], 2));
+        a.confirm(read.end, true).unwrap();
+        assert_eq!(spool.oldest_unconfirmed().unwrap(), None);
+    }
+
+    #[test]
+    fn references_to_records_the_log_never_got_are_cut_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path(), 1 << 20, WhenFull::Block);
+        cfg.segment_bytes = 1 << 20;
+        let log = cfg.log_dir.clone();
+        let (mut w, _) = open(&cfg, &["a".into()]).unwrap();
+        append_logged(&mut w, 1..5, Some(&log));
+        // The log's last record is 3 (the only one of 1-4 in it); a crash lost the group of 5-7 from the log
+        // but not from the spool.
+        let mut group = Group::default();
+        group.push(&line(5), false);
+        group.push(&line(6), true);
+        group.push(&line(7), false);
+        w.append(&group, true).unwrap();
+        drop(w);
+        let (w, spool) = open(&cfg, &["a".into()]).unwrap();
+        assert_eq!(
+            w.last_seq(),
+            Some(5),
+            "5 is stream-only: kept; 6 is not in the log: cut with what follows"
+        );
+        assert_eq!(read_all(&mut spool.reader("a")), vec![1, 2, 3, 4, 5]);
+        let aside: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("orphans"))
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
     }
 
     #[test]

@@ -7,8 +7,8 @@
 //! Deletion keeps the chain verifiable: before a file is deleted, a `trail_log_file_deleted` record naming it,
 //! its `seq` range and the hash of its last record is written to the log (through the journal, like any of the
 //! daemon's own events); the file is deleted only once that record is durable, and only ever the oldest files,
-//! so the log never has holes. Sinks read the spool, never the log files, so deleting a log file never loses an
-//! event a sink has not confirmed.
+//! so the log never has holes. The spool refers to records that are in the log instead of holding them twice, so
+//! a file is never deleted while it holds a record some sink has not confirmed: retention waits for the sinks.
 //!
 //! Compression is crash-safe: `X.jsonl.zst` is written aside, synced and renamed into place before `X.jsonl` is
 //! deleted; if both exist, `X.jsonl` is the file and the other is redone. Each index block is one zstd frame, so
@@ -73,8 +73,14 @@ pub struct Expired {
 }
 
 /// Indexes and (per policy) compresses every closed file of `dir`, then returns the files retention expires at
-/// `now`, oldest first.
-pub fn tidy(dir: &Path, policy: &Policy, now: SystemTime) -> io::Result<Vec<Expired>> {
+/// `now`, oldest first, stopping before the first file that holds `unconfirmed` (the lowest `seq` some sink has not
+/// confirmed) or a later record.
+pub fn tidy(
+    dir: &Path,
+    policy: &Policy,
+    now: SystemTime,
+    unconfirmed: Option<u64>,
+) -> io::Result<Vec<Expired>> {
     let mut files = files::list(dir)?;
     // The newest file is being appended to.
     files.pop();
@@ -130,10 +136,18 @@ pub fn tidy(dir: &Path, policy: &Policy, now: SystemTime) -> io::Result<Vec<Expi
         } else {
             break;
         };
+        let entry = ix.entry(f);
+        if let Some(seq) = unconfirmed.filter(|&s| entry.last_seq.is_some_and(|l| l >= s)) {
+            info!(
+                file = %f.path.display(), reason, unconfirmed = seq,
+                "an expired log file is kept: a sink has not confirmed all of its records yet"
+            );
+            break;
+        }
         total -= ix.size;
         expired.push(Expired {
             file: f.clone(),
-            entry: ix.entry(f),
+            entry,
             records: ix.records,
             reason,
         });
@@ -251,6 +265,7 @@ async fn in_background<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'sta
 pub async fn run<R, F>(
     dir: std::path::PathBuf,
     policy: Policy,
+    spool: Option<crate::spool::Spool>,
     rotated: Arc<Notify>,
     stop: CancellationToken,
     record: R,
@@ -263,8 +278,15 @@ pub async fn run<R, F>(
         let _ = tokio::task::spawn_blocking(move || clean_up(&dir)).await;
     }
     loop {
-        let (d, p) = (dir.clone(), policy.clone());
-        let expired = match in_background(move || tidy(&d, &p, crate::clock::now())).await {
+        let (d, p, s) = (dir.clone(), policy.clone(), spool.clone());
+        let upkeep = move || {
+            let unconfirmed = match &s {
+                Some(spool) => spool.oldest_unconfirmed()?,
+                None => None,
+            };
+            tidy(&d, &p, crate::clock::now(), unconfirmed)
+        };
+        let expired = match in_background(upkeep).await {
             Some(Ok(e)) => e,
             Some(Err(e)) => {
                 error!(dir = %dir.display(), error = %e, "log upkeep failed");
@@ -280,7 +302,7 @@ pub async fn run<R, F>(
                     match tokio::task::spawn_blocking(move || delete(&d, &ex)).await {
                         Ok(Ok(())) => info!(
                             file = %e.file.path.display(), reason = e.reason, recorded_as = seq,
-                            "deleted an expired log file (sinks read the spool, not log files: no undelivered event is lost)"
+                            "deleted an expired log file (no sink was waiting for its records)"
                         ),
                         Ok(Err(err)) => {
                             error!(file = %e.file.path.display(), error = %err, "cannot delete an expired log file");

@@ -207,8 +207,7 @@ impl Sinks {
             }
             let worker = Worker {
                 config: sink.clone(),
-                types,
-                reader: spool.reader(&sink.name),
+                reader: spool.reader(&sink.name).wanting(types),
                 plugin: plugin.clone(),
                 control: control_rx,
                 status: status.clone(),

@@ -7,7 +7,6 @@
 //! Hot reload is two-phase: `Prepare` builds the new instance here, `Commit` flushes and closes the old one and
 //! continues from the same position with the new one, `Abort` discards it.
 
-use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -118,8 +117,6 @@ pub(crate) fn now_ms() -> u64 {
 pub struct Worker {
     /// The sink's configuration.
     pub config: SinkConfig,
-    /// Event types the sink's filter accepts.
-    pub types: HashSet<String>,
     /// The sink's reader of the spool.
     pub reader: spool::Reader,
     /// The serving build.
@@ -203,6 +200,7 @@ impl State {
         let mut bytes = 0usize;
         let mut end = None;
         let mut first_at: Option<Instant> = None;
+        let start = self.w.reader.position();
         loop {
             let wait = match first_at {
                 None => POLL,
@@ -210,10 +208,14 @@ impl State {
             };
             let room_events = batch.max_events - entries.len();
             let room_bytes = (batch.max_bytes as usize).saturating_sub(bytes).max(1);
-            // Once a batch has started, wake only when enough has arrived to fill it (or max_wait is up).
+            // Once a batch has started, wake only when enough has arrived to fill it (or max_wait is up). Spool
+            // bytes, not record bytes: records that are in the log take less room in the spool.
             let min_bytes = match entries.len() {
                 0 => 1,
-                n => room_bytes.min(room_events * (bytes / n).max(1)) as u64,
+                n => {
+                    let spooled = end.unwrap_or(start) - start;
+                    (room_events as u64 * (spooled / n as u64).max(1)).min(room_bytes as u64)
+                }
             };
             let read = self
                 .w
@@ -222,14 +224,13 @@ impl State {
             if read.dropped > 0 {
                 self.dropped(read.dropped);
             }
-            if read.dropped > 0 || !read.entries.is_empty() {
+            if read.dropped > 0 || read.passed > 0 || !read.entries.is_empty() {
                 end = Some(read.end);
             }
+            // The reader passes over records of types this sink does not receive.
             for e in read.entries {
-                if self.w.types.contains(e.event_type()) {
-                    bytes += e.line().len();
-                    entries.push(e);
-                }
+                bytes += e.line().len();
+                entries.push(e);
             }
             if entries.is_empty() {
                 // Idle, or only records for other sinks: hand back what there is to confirm.
