@@ -149,7 +149,7 @@ fn delivery(library: &Path, n: u64) -> f64 {
         line.push(b'\n');
         group.push(&line, false);
         if group.file_len() > (8 << 20) - 1024 || seq == n {
-            writer.append(&group, false).unwrap();
+            writer.append(&group).unwrap();
             writer.publish(&mut group);
         }
     }

@@ -494,15 +494,23 @@ fn store(
                 Unavailable(format!("the log cannot be written ({e}); retry later"))
             })?;
         }
-        if let Err(e) = spool.append(streamed, false) {
-            log.out.undo(persisted.len() as u64);
-            return Err(Unavailable(format!(
-                "the spool cannot be written ({e}); retry later"
-            )));
-        }
+        let spool_sync = match spool.append(streamed) {
+            Ok(needed) => needed,
+            Err(e) => {
+                log.out.undo(persisted.len() as u64);
+                return Err(Unavailable(format!(
+                    "the spool cannot be written ({e}); retry later"
+                )));
+            }
+        };
         if sync {
-            // Both files are synced at once: the group waits for the slower of the two, not for their sum.
-            let spool_synced = spool.start_sync();
+            // Both files are synced at once: the group waits for the slower of the two, not for their sum. The
+            // spool only when it holds something the log does not (see `spool::Writer::append`).
+            let spool_synced = if spool_sync {
+                spool.start_sync()
+            } else {
+                spool::PendingSync::done()
+            };
             let log_synced = if persisted.is_empty() {
                 Ok(())
             } else {

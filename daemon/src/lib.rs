@@ -103,7 +103,8 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         (None, None, None)
     } else {
         let names: Vec<String> = config.sinks.iter().map(|s| s.name.clone()).collect();
-        let (writer, spool) = spool::open(&config.spool(), &names)?;
+        let (mut writer, spool) = spool::open(&config.spool(), &names)?;
+        writer.repair(&streamed_types)?;
         let (config_for_sinks, auditor, for_sinks) =
             (config.clone(), auditor.clone(), spool.clone());
         let sinks = tokio::task::spawn_blocking(move || {

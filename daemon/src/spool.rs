@@ -137,17 +137,22 @@ impl Block {
 /// The spool's part of one group commit, built by the journal writer: the bytes for the segment file, where every
 /// record that is also in the log is only a reference to it (`{"seq":…,"id":…,"type":…,"in_log":true}`), and
 /// the whole record lines for the in-memory blocks.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Group {
     file: Vec<u8>,
     lines: Vec<u8>,
     /// End of each record's spool line in `file`.
     ends: Vec<u64>,
+    /// Records spooled whole (not in the log).
+    whole: usize,
 }
 
 /// A point in a [`Group`] to go back to.
 #[derive(Debug, Clone, Copy)]
-pub struct Mark(usize, usize, usize);
+pub struct Mark(usize, usize, usize, usize);
+
+/// Left in the spool directory by a clean stop: the spool then lacks nothing.
+const CLEAN: &str = "closed-cleanly";
 
 /// How a spool line that refers to the log ends.
 const IN_LOG: &[u8] = b",\"in_log\":true}";
@@ -172,6 +177,7 @@ impl Group {
             self.file.push(b'\n');
         } else {
             self.file.extend_from_slice(line);
+            self.whole += 1;
         }
         self.ends.push(self.file.len() as u64);
     }
@@ -188,7 +194,12 @@ impl Group {
 
     /// The current point.
     pub fn mark(&self) -> Mark {
-        Mark(self.file.len(), self.lines.len(), self.ends.len())
+        Mark(
+            self.file.len(),
+            self.lines.len(),
+            self.ends.len(),
+            self.whole,
+        )
     }
 
     /// Takes out what was added after `mark`.
@@ -196,11 +207,12 @@ impl Group {
         self.file.truncate(mark.0);
         self.lines.truncate(mark.1);
         self.ends.truncate(mark.2);
+        self.whole = mark.3;
     }
 
     /// Empties the group.
     pub fn clear(&mut self) {
-        self.truncate(Mark(0, 0, 0));
+        self.truncate(Mark(0, 0, 0, 0));
     }
 
     /// Memory the in-memory block needs besides the lines.
@@ -241,6 +253,12 @@ pub struct Writer {
     sync: bool,
     /// A segment file was created since the last sync: the next sync includes the directory.
     created: bool,
+    /// Bytes appended since the last sync was asked for.
+    unsynced: u64,
+    /// The segment holds a synced record, so that after a crash the spool's last record is known.
+    anchored: bool,
+    /// The spool was closed cleanly before this start: it lacks nothing.
+    clean_start: bool,
     last_seq: Option<u64>,
     syncer: mpsc::Sender<SyncRequest>,
 }
@@ -249,6 +267,13 @@ pub struct Writer {
 pub struct PendingSync(std::io::Result<mpsc::Receiver<std::io::Result<()>>>);
 
 impl PendingSync {
+    /// A sync that was not needed.
+    pub fn done() -> PendingSync {
+        let (reply, outcome) = mpsc::channel();
+        let _ = reply.send(Ok(()));
+        PendingSync(Ok(outcome))
+    }
+
     /// Waits for the sync to finish.
     pub fn wait(self) -> std::io::Result<()> {
         self.0?
@@ -258,8 +283,16 @@ impl PendingSync {
 }
 
 /// A segment file to sync, the spool directory too when a segment was created since the last sync, and where to
-/// answer.
-type SyncRequest = (File, Option<PathBuf>, mpsc::Sender<std::io::Result<()>>);
+/// answer (nowhere for a sync in the background).
+type SyncRequest = (
+    File,
+    Option<PathBuf>,
+    Option<mpsc::Sender<std::io::Result<()>>>,
+);
+
+/// With `fsync: always`, groups that need no sync of the spool (see [`Writer::append`]) still have it synced in
+/// the background every this many bytes, so that closing a segment (which syncs it) waits for little.
+const BACKGROUND_SYNC_BYTES: u64 = 1 << 20;
 
 /// Starts the thread that syncs spool files for the writer; it ends when the writer is dropped.
 fn start_syncer() -> std::io::Result<mpsc::Sender<SyncRequest>> {
@@ -269,7 +302,17 @@ fn start_syncer() -> std::io::Result<mpsc::Sender<SyncRequest>> {
         .spawn(move || {
             for (file, dir, reply) in rx {
                 let dir_synced = dir.map_or(Ok(()), |d| File::open(d)?.sync_all());
-                let _ = reply.send(file.sync_data().and(dir_synced));
+                let synced = file.sync_data().and(dir_synced);
+                match reply {
+                    Some(reply) => {
+                        let _ = reply.send(synced);
+                    }
+                    None => {
+                        if let Err(e) = synced {
+                            warn!(error = %e, "a background sync of the spool failed");
+                        }
+                    }
+                }
             }
         })?;
     Ok(tx)
@@ -297,6 +340,12 @@ pub fn open(config: &SpoolConfig, sinks: &[String]) -> Result<(Writer, Spool), E
         .collect();
     segments.sort();
     let shared_dir = dir.clone();
+    let clean = dir.join(CLEAN);
+    let clean_start = match std::fs::remove_file(&clean) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(io_error(&clean)(e)),
+    };
     let mut last_seq = None;
     let (start, len) = match segments.last() {
         Some(&start) => {
@@ -393,6 +442,9 @@ pub fn open(config: &SpoolConfig, sinks: &[String]) -> Result<(Writer, Spool), E
         segment_bytes: config.segment_bytes,
         sync: config.sync,
         created: false,
+        unsynced: len,
+        anchored: false,
+        clean_start,
         last_seq,
         syncer: start_syncer().map_err(io_error(&shared_dir_for_errors))?,
     };
@@ -523,12 +575,25 @@ impl Writer {
     }
 
     /// Appends a group's spool lines (not yet visible to readers) and, with `sync`, syncs them.
-    pub fn append(&mut self, group: &Group, sync: bool) -> std::io::Result<()> {
+    ///
+    /// Returns whether the group must be synced before it is acknowledged (with `fsync: always`): when it holds
+    /// a stream-only record, or is the first in its segment. A group whose records are all in the log need not
+    /// be: if a crash loses its references, [`Writer::repair`] writes them again from the log.
+    pub fn append(&mut self, group: &Group) -> std::io::Result<bool> {
         let bytes = &group.file;
         if !self.out.is_empty() && self.out.len() + bytes.len() as u64 > self.segment_bytes {
             self.rotate()?;
         }
-        self.out.append(bytes, sync)
+        self.out.append(bytes, false)?;
+        self.unsynced += bytes.len() as u64;
+        let needed = group.whole > 0 || !self.anchored;
+        if self.sync && !needed && self.unsynced >= BACKGROUND_SYNC_BYTES {
+            self.unsynced = 0;
+            if let Ok(file) = self.out.file().try_clone() {
+                let _ = self.syncer.send((file, None, None));
+            }
+        }
+        Ok(needed)
     }
 
     /// The `seq` of the last record in the spool when it was opened: the journal continues after it, so that a
@@ -540,11 +605,13 @@ impl Writer {
     /// Starts syncing what was appended (`fdatasync`) on the spool's sync thread, so that the caller can sync
     /// another file meanwhile; [`PendingSync::wait`] gives the outcome.
     pub fn start_sync(&mut self) -> PendingSync {
+        self.unsynced = 0;
+        self.anchored = true;
         let (reply, outcome) = mpsc::channel();
         let dir = std::mem::take(&mut self.created).then(|| self.shared.dir.clone());
         let sent = self.out.file().try_clone().and_then(|file| {
             self.syncer
-                .send((file, dir, reply))
+                .send((file, dir, Some(reply)))
                 .map_err(|_| std::io::Error::other("the spool's sync thread has stopped"))
         });
         PendingSync(sent.map(|()| outcome))
@@ -553,6 +620,8 @@ impl Writer {
     /// Takes back the last `bytes` appended (their group could not be completed); they were never published.
     pub fn undo(&mut self, bytes: u64) {
         self.out.undo(bytes);
+        // Whether what remains was synced is not known any more: the next group syncs.
+        self.anchored = false;
     }
 
     /// Makes everything appended so far visible to readers; `group` (cleared here) is what was appended since the
@@ -592,14 +661,85 @@ impl Writer {
 
     /// Tells readers that no more records will come.
     pub fn close(&self) {
-        let _ = self.out.file().sync_all();
+        match self.out.file().sync_all() {
+            // Everything is in the spool: the next start has nothing to repair.
+            Ok(()) => {
+                let clean = self.shared.dir.join(CLEAN);
+                if let Err(e) = File::create(&clean).and_then(|f| f.sync_all()) {
+                    warn!(file = %clean.display(), error = %e, "cannot mark the spool as closed cleanly");
+                }
+            }
+            Err(e) => error!(error = %e, "the spool's final sync failed"),
+        }
         self.shared.lock().closed = true;
         self.shared.changed.notify_all();
     }
 
-    /// Starts a new segment. The closed one needs no sync of its own: with `fsync: always` every group in it was
-    /// synced (`fdatasync` covers its length), and the new file's directory entry is synced with the next group.
+    /// After a crash (not a clean stop), adds references to the log's records after the spool's last record
+    /// whose types are `streamed`: with `fsync: always` a group whose records are all in the log does not sync the
+    /// spool, so a crash may lose their references (never a stream-only record: its group syncs). Returns how
+    /// many were added. Run before the journal and the sinks start.
+    pub fn repair(&mut self, streamed: &HashSet<String>) -> Result<u64, Error> {
+        if self.clean_start {
+            return Ok(0);
+        }
+        // A spool that never held a record has nothing to continue; new sinks get events from now on.
+        let Some(last) = self.last_seq else {
+            return Ok(0);
+        };
+        let log_dir = self.shared.log_dir.clone();
+        let mut source = LogSource::new(log_dir.clone());
+        let mut group = Group::default();
+        let mut added = 0;
+        let mut line = Vec::new();
+        if source.open(last + 1, None).map_err(io_error(&log_dir))? {
+            loop {
+                let Some(record) = source.next_line().map_err(io_error(&log_dir))? else {
+                    let first = source.file.as_ref().map_or(0, |(f, _)| *f);
+                    if source
+                        .open(u64::MAX, Some(first))
+                        .map_err(io_error(&log_dir))?
+                    {
+                        continue;
+                    }
+                    break;
+                };
+                let seq = crate::evidence::chain::line_seq(&record);
+                if seq.is_some_and(|s| s > last) && streamed.contains(record_type(&record)) {
+                    line.clear();
+                    line.extend_from_slice(&record);
+                    line.push(b'\n');
+                    group.push(&line, true);
+                    added += 1;
+                    self.last_seq = seq;
+                }
+            }
+        }
+        if added > 0 {
+            let dir = self.shared.dir.clone();
+            self.append(&group).map_err(io_error(&dir))?;
+            self.out.file().sync_all().map_err(io_error(&dir))?;
+            self.anchored = true;
+            self.unsynced = 0;
+            self.publish(&mut group);
+            warn!(
+                records = added,
+                after_seq = last,
+                "the spool lost references to logged records in a crash: written again from the log"
+            );
+        }
+        Ok(added)
+    }
+
+    /// Starts a new segment. With `fsync: always` the closed one is synced first (little is left to write: see
+    /// [`BACKGROUND_SYNC_BYTES`]), so that a crash can only lose the spool's tail, never a part in the middle; the
+    /// new file's directory entry is synced with its first group, which always syncs.
     fn rotate(&mut self) -> std::io::Result<()> {
+        if self.sync {
+            self.out.file().sync_data()?;
+        }
+        self.unsynced = 0;
+        self.anchored = false;
         let start = self.start + self.out.len();
         let path = self.shared.segment_path(start);
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
@@ -1245,13 +1385,10 @@ mod tests {
             }
             group.push(&line(seq), in_log);
         }
-        let copy = Group {
-            file: group.file.clone(),
-            lines: group.lines.clone(),
-            ends: group.ends.clone(),
-        };
+        let copy = group.clone();
         w.reserve(group.file_len(), &|| true).unwrap();
-        w.append(&group, true).unwrap();
+        w.append(&group).unwrap();
+        w.start_sync().wait().unwrap();
         w.publish(&mut group);
         copy
     }
@@ -1396,7 +1533,8 @@ mod tests {
         group.push(&line(5), false);
         group.push(&line(6), true);
         group.push(&line(7), false);
-        w.append(&group, true).unwrap();
+        w.append(&group).unwrap();
+        w.start_sync().wait().unwrap();
         drop(w);
         let (w, spool) = open(&cfg, &["a".into()]).unwrap();
         assert_eq!(
@@ -1411,6 +1549,54 @@ mod tests {
             .filter(|n| n.contains("orphans"))
             .collect();
         assert_eq!(aside.len(), 1, "{aside:?}");
+    }
+
+    #[test]
+    fn references_lost_in_a_crash_are_written_again_from_the_log_but_not_after_a_clean_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path(), 1 << 20, WhenFull::Block);
+        cfg.segment_bytes = 1 << 20;
+        let log = cfg.log_dir.clone();
+        let streamed = HashSet::from(["t0".to_string(), "t1".to_string(), "t2".to_string()]);
+        let segment = dir.path().join(format!("spool-{:020}.jsonl", 0));
+        let (mut w, _) = open(&cfg, &["a".into()]).unwrap();
+        let first = append_logged(&mut w, 1..4, Some(&log));
+        let second = append_logged(&mut w, 6..10, Some(&log));
+        drop(w);
+        // A crash loses the unsynced tail: the reference to 9 (7 and 8 are stream-only, whole in the spool).
+        let kept = first.file_len() + second.ends[2];
+        OpenOptions::new()
+            .write(true)
+            .open(&segment)
+            .unwrap()
+            .set_len(kept)
+            .unwrap();
+        let (mut w, spool) = open(&cfg, &["a".into()]).unwrap();
+        assert_eq!(w.last_seq(), Some(8));
+        assert_eq!(w.repair(&streamed).unwrap(), 1);
+        assert_eq!(w.last_seq(), Some(9));
+        let mut a = spool.reader("a");
+        assert_eq!(read_all(&mut a), vec![1, 2, 3, 6, 7, 8, 9]);
+        let read = spool
+            .reader("a")
+            .next(100, 1 << 20, 1, Duration::ZERO)
+            .unwrap();
+        assert_eq!(
+            read.entries.last().unwrap().line().as_bytes(),
+            line(9).trim_ascii_end()
+        );
+        // After a clean stop the spool lacks nothing, even where the log has more of a streamed type.
+        w.close();
+        drop((w, spool));
+        let extra = log.join("trail-20261123T000000Z-00000000000000000001.jsonl");
+        let mut f = OpenOptions::new().append(true).open(extra).unwrap();
+        std::io::Write::write_all(&mut f, &line(12)).unwrap();
+        let (mut w, _) = open(&cfg, &["a".into()]).unwrap();
+        assert_eq!(w.repair(&streamed).unwrap(), 0);
+        drop(w);
+        // Without the clean mark (a crash now), 12 is taken as lost and referred to.
+        let (mut w, _) = open(&cfg, &["a".into()]).unwrap();
+        assert_eq!(w.repair(&streamed).unwrap(), 1);
     }
 
     #[test]
