@@ -962,9 +962,19 @@ impl LogSource {
         }
     }
 
-    /// The line of record `seq`, without its newline; `None` when the log does not have it. Each call must ask
-    /// for a later `seq` than the one before (or start over with a new source).
-    fn find(&mut self, seq: u64) -> std::io::Result<Option<String>> {
+    /// The line of record `seq` whose id is `id`, without its newline; `None` when the log does not have it.
+    /// Calls ask for ever later records; what was read ahead is used by the next call. When what was read does not
+    /// have the record (the writer took back a group that failed to sync and wrote other records under the same
+    /// `seq`s, after this source had read ahead), it is looked for once more from a fresh start.
+    fn find(&mut self, seq: u64, id: &str) -> std::io::Result<Option<String>> {
+        if let Some(line) = self.scan(seq, id)? {
+            return Ok(Some(line));
+        }
+        self.file = None;
+        self.scan(seq, id)
+    }
+
+    fn scan(&mut self, seq: u64, id: &str) -> std::io::Result<Option<String>> {
         if self.file.is_none() && !self.open(seq, None)? {
             return Ok(None);
         }
@@ -979,6 +989,9 @@ impl LogSource {
             };
             match crate::evidence::chain::line_seq(&line) {
                 Some(s) if s == seq => {
+                    if value_after(&ID, &line).bytes(&line) != id.as_bytes() {
+                        return Ok(None);
+                    }
                     return String::from_utf8(line).map(Some).map_err(|e| {
                         std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
                     });
@@ -1250,7 +1263,7 @@ impl Reader {
                     resolved.push(entry);
                     continue;
                 }
-                match self.log.find(entry.seq)? {
+                match self.log.find(entry.seq, entry.id())? {
                     Some(line) => {
                         let len = line.len();
                         resolved.push(Entry::parse(&Arc::new(line), 0, len, entry.end));
@@ -1597,6 +1610,33 @@ mod tests {
         // Without the clean mark (a crash now), 12 is taken as lost and referred to.
         let (mut w, _) = open(&cfg, &["a".into()]).unwrap();
         assert_eq!(w.repair(&streamed).unwrap(), 1);
+    }
+
+    #[test]
+    fn the_log_source_rereads_what_the_writer_took_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir
+            .path()
+            .join("trail-20261123T000000Z-00000000000000000001.jsonl");
+        let record =
+            |seq: u64, id: &str| format!("{{\"seq\":{seq},\"id\":\"{id}\",\"type\":\"t\"}}\n");
+        std::fs::write(&path, record(1, "a") + &record(2, "b") + &record(3, "c")).unwrap();
+        let mut source = LogSource::new(dir.path().to_owned());
+        assert_eq!(
+            source.find(1, "a").unwrap().unwrap(),
+            record(1, "a").trim_end()
+        );
+        // Records 2 and 3 were read ahead; their group failed, was taken back, and others took their seqs.
+        std::fs::write(&path, record(1, "a") + &record(2, "x") + &record(3, "y")).unwrap();
+        assert_eq!(
+            source.find(2, "x").unwrap().unwrap(),
+            record(2, "x").trim_end()
+        );
+        assert_eq!(
+            source.find(3, "y").unwrap().unwrap(),
+            record(3, "y").trim_end()
+        );
+        assert_eq!(source.find(4, "z").unwrap(), None);
     }
 
     #[test]
