@@ -16,6 +16,8 @@ pub struct AppendFile {
     dirty: bool,
     /// Start of the bytes whose writeback has not been started yet (appends without sync).
     unstarted: u64,
+    /// Writeback is started every this many bytes appended without sync.
+    writeback_every: u64,
 }
 
 /// Without syncs, writeback of appended bytes is started every this many bytes, so that dirty pages never pile
@@ -30,7 +32,14 @@ impl AppendFile {
             len,
             dirty: false,
             unstarted: len,
+            writeback_every: WRITEBACK_EVERY,
         }
+    }
+
+    /// Starts writeback every `bytes` appended without sync instead of every 8 MiB.
+    pub fn with_writeback_every(mut self, bytes: u64) -> AppendFile {
+        self.writeback_every = bytes;
+        self
     }
 
     /// Bytes known to be complete.
@@ -63,7 +72,7 @@ impl AppendFile {
                 self.len += bytes.len() as u64;
                 if sync {
                     self.unstarted = self.len;
-                } else if self.len - self.unstarted >= WRITEBACK_EVERY {
+                } else if self.len - self.unstarted >= self.writeback_every {
                     self.start_writeback();
                 }
                 Ok(())

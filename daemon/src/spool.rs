@@ -253,8 +253,6 @@ pub struct Writer {
     sync: bool,
     /// A segment file was created since the last sync: the next sync includes the directory.
     created: bool,
-    /// Bytes appended since the last sync was asked for.
-    unsynced: u64,
     /// The segment holds a synced record, so that after a crash the spool's last record is known.
     anchored: bool,
     /// The spool was closed cleanly before this start: it lacks nothing.
@@ -283,16 +281,12 @@ impl PendingSync {
 }
 
 /// A segment file to sync, the spool directory too when a segment was created since the last sync, and where to
-/// answer (nowhere for a sync in the background).
-type SyncRequest = (
-    File,
-    Option<PathBuf>,
-    Option<mpsc::Sender<std::io::Result<()>>>,
-);
+/// answer.
+type SyncRequest = (File, Option<PathBuf>, mpsc::Sender<std::io::Result<()>>);
 
-/// With `fsync: always`, groups that need no sync of the spool (see [`Writer::append`]) still have it synced in
-/// the background every this many bytes, so that closing a segment (which syncs it) waits for little.
-const BACKGROUND_SYNC_BYTES: u64 = 1 << 20;
+/// Writeback of spool segments starts every this many bytes: groups that need no sync of the spool (see
+/// [`Writer::append`]) are on their way to the disk anyway, and closing a segment (which syncs it) waits for little.
+const WRITEBACK_BYTES: u64 = 1 << 20;
 
 /// Starts the thread that syncs spool files for the writer; it ends when the writer is dropped.
 fn start_syncer() -> std::io::Result<mpsc::Sender<SyncRequest>> {
@@ -302,17 +296,7 @@ fn start_syncer() -> std::io::Result<mpsc::Sender<SyncRequest>> {
         .spawn(move || {
             for (file, dir, reply) in rx {
                 let dir_synced = dir.map_or(Ok(()), |d| File::open(d)?.sync_all());
-                let synced = file.sync_data().and(dir_synced);
-                match reply {
-                    Some(reply) => {
-                        let _ = reply.send(synced);
-                    }
-                    None => {
-                        if let Err(e) = synced {
-                            warn!(error = %e, "a background sync of the spool failed");
-                        }
-                    }
-                }
+                let _ = reply.send(file.sync_data().and(dir_synced));
             }
         })?;
     Ok(tx)
@@ -437,12 +421,11 @@ pub fn open(config: &SpoolConfig, sinks: &[String]) -> Result<(Writer, Spool), E
         .map_err(io_error(&path))?;
     let writer = Writer {
         shared: shared.clone(),
-        out: AppendFile::new(file, len),
+        out: AppendFile::new(file, len).with_writeback_every(WRITEBACK_BYTES),
         start,
         segment_bytes: config.segment_bytes,
         sync: config.sync,
         created: false,
-        unsynced: len,
         anchored: false,
         clean_start,
         last_seq,
@@ -585,15 +568,7 @@ impl Writer {
             self.rotate()?;
         }
         self.out.append(bytes, false)?;
-        self.unsynced += bytes.len() as u64;
-        let needed = group.whole > 0 || !self.anchored;
-        if self.sync && !needed && self.unsynced >= BACKGROUND_SYNC_BYTES {
-            self.unsynced = 0;
-            if let Ok(file) = self.out.file().try_clone() {
-                let _ = self.syncer.send((file, None, None));
-            }
-        }
-        Ok(needed)
+        Ok(group.whole > 0 || !self.anchored)
     }
 
     /// The `seq` of the last record in the spool when it was opened: the journal continues after it, so that a
@@ -605,13 +580,12 @@ impl Writer {
     /// Starts syncing what was appended (`fdatasync`) on the spool's sync thread, so that the caller can sync
     /// another file meanwhile; [`PendingSync::wait`] gives the outcome.
     pub fn start_sync(&mut self) -> PendingSync {
-        self.unsynced = 0;
         self.anchored = true;
         let (reply, outcome) = mpsc::channel();
         let dir = std::mem::take(&mut self.created).then(|| self.shared.dir.clone());
         let sent = self.out.file().try_clone().and_then(|file| {
             self.syncer
-                .send((file, dir, Some(reply)))
+                .send((file, dir, reply))
                 .map_err(|_| std::io::Error::other("the spool's sync thread has stopped"))
         });
         PendingSync(sent.map(|()| outcome))
@@ -720,7 +694,6 @@ impl Writer {
             self.append(&group).map_err(io_error(&dir))?;
             self.out.file().sync_all().map_err(io_error(&dir))?;
             self.anchored = true;
-            self.unsynced = 0;
             self.publish(&mut group);
             warn!(
                 records = added,
@@ -732,19 +705,18 @@ impl Writer {
     }
 
     /// Starts a new segment. With `fsync: always` the closed one is synced first (little is left to write: see
-    /// [`BACKGROUND_SYNC_BYTES`]), so that a crash can only lose the spool's tail, never a part in the middle; the
+    /// [`WRITEBACK_BYTES`]), so that a crash can only lose the spool's tail, never a part in the middle; the
     /// new file's directory entry is synced with its first group, which always syncs.
     fn rotate(&mut self) -> std::io::Result<()> {
         if self.sync {
             self.out.file().sync_data()?;
         }
-        self.unsynced = 0;
         self.anchored = false;
         let start = self.start + self.out.len();
         let path = self.shared.segment_path(start);
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
         self.created = self.sync;
-        self.out = AppendFile::new(file, 0);
+        self.out = AppendFile::new(file, 0).with_writeback_every(WRITEBACK_BYTES);
         self.start = start;
         self.shared.lock().segments.push(start);
         Ok(())
