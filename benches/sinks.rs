@@ -32,9 +32,16 @@ fn main() {
     let mut results = serde_json::Map::new();
 
     let n = 2_000_000 / scale;
-    let rate = delivery(&libs.v1, n);
-    println!("delivery: {n} records, one no-op sink: {rate:.0} events/s");
+    let rate = delivery(&libs.v1, n, false);
+    println!(
+        "delivery: {n} stream-only records from the spool's files, one no-op sink: {rate:.0} events/s"
+    );
     results.insert("delivery_events_per_s".into(), json!(rate));
+    let rate = delivery(&libs.v1, n, true);
+    println!(
+        "delivery: {n} records also in the log (the spool refers to them), one no-op sink: {rate:.0} events/s"
+    );
+    results.insert("delivery_from_log_events_per_s".into(), json!(rate));
 
     for fsync in ["never", "always"] {
         let n = 400_000 / scale;
@@ -44,9 +51,16 @@ fn main() {
             nones.push(ingest_with_sinks(&libs.v1, 0, n, fsync));
             fours.push(ingest_with_sinks(&libs.v1, 4, n, fsync));
         }
+        let runs = |v: &[f64]| {
+            v.iter()
+                .map(|r| format!("{:.0}k", r / 1e3))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let (each_none, each_four) = (runs(&nones), runs(&fours));
         let (none, four) = (median(nones), median(fours));
         println!(
-            "fan-out (fsync {fsync}): {n} events over 4 connections, median of 5 alternating runs: no sink {none:.0} events/s, 4 sinks {four:.0} events/s, ratio {:.2}",
+            "fan-out (fsync {fsync}): {n} events over 4 connections, median of 5 alternating runs: no sink {none:.0} events/s, 4 sinks {four:.0} events/s, ratio {:.2} (runs: no sink {each_none}; 4 sinks {each_four})",
             four / none
         );
         results.insert(format!("ingest_no_sink_{fsync}"), json!(none));
@@ -131,8 +145,10 @@ fn sinks_yaml(count: usize) -> String {
     y
 }
 
-/// Delivery rate of the real worker from a pre-filled spool to a no-op plugin.
-fn delivery(library: &Path, n: u64) -> f64 {
+/// Delivery rate of the real worker from a pre-filled spool to a no-op plugin. With `in_log`, the records are in
+/// a log file and the spool only refers to them, as for types that are both saved and streamed: the worker reads
+/// them from the log.
+fn delivery(library: &Path, n: u64, in_log: bool) -> f64 {
     let dir = tempfile::tempdir().unwrap();
     install(&dir.path().join("plugins"), library);
     let yaml = format!(
@@ -142,13 +158,23 @@ fn delivery(library: &Path, n: u64) -> f64 {
     );
     let config = Config::parse(&yaml, Path::new("bench.yaml"), dir.path()).unwrap();
     let (mut writer, spool) = trail::spool::open(&config.spool(), &["noop0".to_string()]).unwrap();
-    // Stream-only records, so that every one is read from the spool's files (the newest are also in memory).
+    // Every record is read from the files, except the newest, which are also in memory.
+    let log_dir = dir.path().join("log");
+    std::fs::create_dir_all(&log_dir).unwrap();
+    let mut log = std::io::BufWriter::new(
+        std::fs::File::create(log_dir.join("trail-20261123T000000Z-00000000000000000001.jsonl"))
+            .unwrap(),
+    );
     let mut group = trail::spool::Group::default();
     for seq in 1..=n {
         let mut line = record(seq).into_bytes();
         line.push(b'\n');
-        group.push(&line, false);
+        if in_log {
+            log.write_all(&line).unwrap();
+        }
+        group.push(&line, in_log);
         if group.file_len() > (8 << 20) - 1024 || seq == n {
+            log.flush().unwrap();
             writer.append(&group).unwrap();
             writer.publish(&mut group);
         }
