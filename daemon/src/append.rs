@@ -7,6 +7,21 @@
 use std::fs::File;
 use std::io::Write;
 
+/// Asks the kernel to start writing `count` bytes of `file` from `offset` (`sync_file_range`), without waiting for
+/// it to finish (it may wait for room in the device's queue).
+pub fn start_writeback(file: &File, offset: u64, count: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range only reads its integer arguments; the descriptor is owned by `file`.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            count as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
 /// An append-only file and the length of what it holds completely.
 #[derive(Debug)]
 pub struct AppendFile {
@@ -36,9 +51,9 @@ impl AppendFile {
         }
     }
 
-    /// Starts writeback every `bytes` appended without sync instead of every 8 MiB.
-    pub fn with_writeback_every(mut self, bytes: u64) -> AppendFile {
-        self.writeback_every = bytes;
+    /// Never starts writeback itself: the owner does (see [`start_writeback`]).
+    pub fn without_writeback(mut self) -> AppendFile {
+        self.writeback_every = u64::MAX;
         self
     }
 
@@ -86,17 +101,7 @@ impl AppendFile {
 
     /// Asks the kernel to start writing the bytes appended since the last time, without waiting for it.
     fn start_writeback(&mut self) {
-        use std::os::fd::AsRawFd;
-        let (offset, count) = (self.unstarted, self.len - self.unstarted);
-        // SAFETY: sync_file_range only reads its integer arguments; the descriptor is owned by `self.file`.
-        unsafe {
-            libc::sync_file_range(
-                self.file.as_raw_fd(),
-                offset as libc::off64_t,
-                count as libc::off64_t,
-                libc::SYNC_FILE_RANGE_WRITE,
-            );
-        }
+        start_writeback(&self.file, self.unstarted, self.len - self.unstarted);
         self.unstarted = self.len;
     }
 

@@ -255,6 +255,10 @@ pub struct Writer {
     created: bool,
     /// The segment holds a synced record, so that after a crash the spool's last record is known.
     anchored: bool,
+    /// The segment closed last, synced with the first group of the next one (`fsync: always`).
+    closing: Option<File>,
+    /// Writeback of the segment was asked for up to here.
+    written_back: u64,
     /// The spool was closed cleanly before this start: it lacks nothing.
     clean_start: bool,
     last_seq: Option<u64>,
@@ -280,12 +284,21 @@ impl PendingSync {
     }
 }
 
-/// A segment file to sync, the spool directory too when a segment was created since the last sync, and where to
-/// answer.
-type SyncRequest = (File, Option<PathBuf>, mpsc::Sender<std::io::Result<()>>);
+/// Work for the spool's sync thread, so that the journal writer never waits for the disk because of the spool.
+enum SyncRequest {
+    /// Sync segment files (and the directory, when a segment was created since the last sync); answer.
+    Sync {
+        files: Vec<File>,
+        dir: Option<PathBuf>,
+        reply: mpsc::Sender<std::io::Result<()>>,
+    },
+    /// Start writing back part of a segment (see [`WRITEBACK_BYTES`]).
+    Writeback { file: File, offset: u64, len: u64 },
+}
 
-/// Writeback of spool segments starts every this many bytes: groups that need no sync of the spool (see
-/// [`Writer::append`]) are on their way to the disk anyway, and closing a segment (which syncs it) waits for little.
+/// Writeback of a spool segment starts every this many bytes appended: the references of groups that need no
+/// sync of the spool (see [`Writer::append`]) are on their way to the disk anyway, and the sync that goes with
+/// closing a segment waits for little.
 const WRITEBACK_BYTES: u64 = 1 << 20;
 
 /// Starts the thread that syncs spool files for the writer; it ends when the writer is dropped.
@@ -294,9 +307,19 @@ fn start_syncer() -> std::io::Result<mpsc::Sender<SyncRequest>> {
     std::thread::Builder::new()
         .name("trail-spool-sync".into())
         .spawn(move || {
-            for (file, dir, reply) in rx {
-                let dir_synced = dir.map_or(Ok(()), |d| File::open(d)?.sync_all());
-                let _ = reply.send(file.sync_data().and(dir_synced));
+            for request in rx {
+                match request {
+                    SyncRequest::Sync { files, dir, reply } => {
+                        let synced = files
+                            .iter()
+                            .try_for_each(File::sync_data)
+                            .and_then(|()| dir.map_or(Ok(()), |d| File::open(d)?.sync_all()));
+                        let _ = reply.send(synced);
+                    }
+                    SyncRequest::Writeback { file, offset, len } => {
+                        crate::append::start_writeback(&file, offset, len)
+                    }
+                }
             }
         })?;
     Ok(tx)
@@ -323,6 +346,7 @@ pub fn open(config: &SpoolConfig, sinks: &[String]) -> Result<(Writer, Spool), E
         .filter_map(|e| segment_start(&e.ok()?.path()))
         .collect();
     segments.sort();
+    set_aside_after_gap(dir, &mut segments)?;
     let shared_dir = dir.clone();
     let clean = dir.join(CLEAN);
     let clean_start = match std::fs::remove_file(&clean) {
@@ -421,12 +445,14 @@ pub fn open(config: &SpoolConfig, sinks: &[String]) -> Result<(Writer, Spool), E
         .map_err(io_error(&path))?;
     let writer = Writer {
         shared: shared.clone(),
-        out: AppendFile::new(file, len).with_writeback_every(WRITEBACK_BYTES),
+        out: AppendFile::new(file, len).without_writeback(),
         start,
         segment_bytes: config.segment_bytes,
         sync: config.sync,
         created: false,
         anchored: false,
+        closing: None,
+        written_back: len,
         clean_start,
         last_seq,
         syncer: start_syncer().map_err(io_error(&shared_dir_for_errors))?,
@@ -493,6 +519,30 @@ fn log_last_seq(log_dir: &Path) -> std::io::Result<Option<u64>> {
     }
     // No complete record in the newest file: the log ends just before the first `seq` it may hold.
     Ok(Some(newest.first_seq.saturating_sub(1)))
+}
+
+/// A crash just after a segment was started may leave the new segment holding its first group while the old
+/// one lost its unsynced tail: the new segment then starts after the old one's end. Nothing in it was acknowledged
+/// (its first group waits for the old segment's sync): it is moved aside, and the old segment's lost references
+/// are written again from the log by [`Writer::repair`].
+fn set_aside_after_gap(dir: &Path, segments: &mut Vec<u64>) -> Result<(), Error> {
+    let &[.., before, last] = segments.as_slice() else {
+        return Ok(());
+    };
+    let path = dir.join(format!("spool-{before:020}.jsonl"));
+    let (len, _) = crate::journal::recover(&path)?;
+    if before + len >= last {
+        return Ok(());
+    }
+    let after = dir.join(format!("spool-{last:020}.jsonl"));
+    let aside = after.with_extension("jsonl.after-gap");
+    std::fs::rename(&after, &aside).map_err(io_error(&after))?;
+    warn!(
+        file = %after.display(), gap_from = before + len, gap_to = last, kept_in = %aside.display(),
+        "a spool segment followed a gap left by a crash (nothing in it was acknowledged): set aside"
+    );
+    segments.pop();
+    Ok(())
 }
 
 fn segment_start(path: &Path) -> Option<u64> {
@@ -568,6 +618,15 @@ impl Writer {
             self.rotate()?;
         }
         self.out.append(bytes, false)?;
+        if self.out.len() - self.written_back >= WRITEBACK_BYTES {
+            if let Ok(file) = self.out.file().try_clone() {
+                let (offset, len) = (self.written_back, self.out.len() - self.written_back);
+                let _ = self
+                    .syncer
+                    .send(SyncRequest::Writeback { file, offset, len });
+            }
+            self.written_back = self.out.len();
+        }
         Ok(group.whole > 0 || !self.anchored)
     }
 
@@ -583,9 +642,11 @@ impl Writer {
         self.anchored = true;
         let (reply, outcome) = mpsc::channel();
         let dir = std::mem::take(&mut self.created).then(|| self.shared.dir.clone());
+        let closing = self.closing.take();
         let sent = self.out.file().try_clone().and_then(|file| {
+            let files = closing.into_iter().chain([file]).collect();
             self.syncer
-                .send((file, dir, reply))
+                .send(SyncRequest::Sync { files, dir, reply })
                 .map_err(|_| std::io::Error::other("the spool's sync thread has stopped"))
         });
         PendingSync(sent.map(|()| outcome))
@@ -594,6 +655,7 @@ impl Writer {
     /// Takes back the last `bytes` appended (their group could not be completed); they were never published.
     pub fn undo(&mut self, bytes: u64) {
         self.out.undo(bytes);
+        self.written_back = self.written_back.min(self.out.len());
         // Whether what remains was synced is not known any more: the next group syncs.
         self.anchored = false;
     }
@@ -704,19 +766,20 @@ impl Writer {
         Ok(added)
     }
 
-    /// Starts a new segment. With `fsync: always` the closed one is synced first (little is left to write: see
-    /// [`WRITEBACK_BYTES`]), so that a crash can only lose the spool's tail, never a part in the middle; the
-    /// new file's directory entry is synced with its first group, which always syncs.
+    /// Starts a new segment. With `fsync: always` the closed one is synced with the new one's first group, which
+    /// always syncs (with the directory): no group in the new segment is acknowledged before the old segment is
+    /// durable. If a crash comes first, the new segment may follow a gap; [`open`] then sets it aside.
     fn rotate(&mut self) -> std::io::Result<()> {
         if self.sync {
-            self.out.file().sync_data()?;
+            self.closing = Some(self.out.file().try_clone()?);
         }
         self.anchored = false;
+        self.written_back = 0;
         let start = self.start + self.out.len();
         let path = self.shared.segment_path(start);
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
         self.created = self.sync;
-        self.out = AppendFile::new(file, 0).with_writeback_every(WRITEBACK_BYTES);
+        self.out = AppendFile::new(file, 0).without_writeback();
         self.start = start;
         self.shared.lock().segments.push(start);
         Ok(())
@@ -1609,6 +1672,64 @@ mod tests {
             record(3, "y").trim_end()
         );
         assert_eq!(source.find(4, "z").unwrap(), None);
+    }
+
+    #[test]
+    fn a_segment_after_a_gap_left_by_a_crash_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), 1 << 20, WhenFull::Block);
+        let log = cfg.log_dir.clone();
+        let streamed = HashSet::from(["t0".to_string(), "t1".to_string(), "t2".to_string()]);
+        let (mut w, _) = open(&cfg, &["a".into()]).unwrap();
+        // 200-byte segments of one or two records; multiples of 3 are in the log.
+        for seq in 1..12 {
+            append_logged(&mut w, seq..seq + 1, Some(&log));
+        }
+        drop(w);
+        let mut segments: Vec<u64> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| segment_start(&e.unwrap().path()))
+            .collect();
+        segments.sort();
+        let path = |start: u64| dir.path().join(format!("spool-{start:020}.jsonl"));
+        let seqs_in = |start: u64| -> Vec<u64> {
+            let text = std::fs::read(path(start)).unwrap();
+            text.split(|&b| b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(record_seq)
+                .collect()
+        };
+        let [.., before, middle, last] = segments[..] else {
+            panic!("{segments:?}");
+        };
+        let kept: Vec<u64> = segments
+            .iter()
+            .take_while(|&&s| s <= before)
+            .flat_map(|&s| seqs_in(s))
+            .collect();
+        let kept_last = *kept.last().unwrap();
+        // The crash lost the middle segment's unsynced tail, but the last segment's first group made it.
+        OpenOptions::new()
+            .write(true)
+            .open(path(middle))
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        let (mut w, spool) = open(&cfg, &["a".into()]).unwrap();
+        assert!(
+            dir.path()
+                .join(format!("spool-{last:020}.jsonl.after-gap"))
+                .exists()
+        );
+        assert_eq!(w.last_seq(), Some(kept_last));
+        // What the log has after that is referred to again; stream-only records after the gap were never
+        // acknowledged.
+        let again: Vec<u64> = (kept_last + 1..12).filter(|s| s % 3 == 0).collect();
+        assert_eq!(w.repair(&streamed).unwrap(), again.len() as u64);
+        let mut a = spool.reader("a");
+        a.pos = segments[0];
+        let expected: Vec<u64> = kept.iter().copied().chain(again).collect();
+        assert_eq!(read_all(&mut a), expected);
     }
 
     #[test]
