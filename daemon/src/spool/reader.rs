@@ -1,0 +1,280 @@
+//! A sink's reader: from memory when it keeps up, else from the segment files, resolving references from the log.
+
+use super::*;
+
+/// What one [`Reader::next`] call produced.
+#[derive(Debug, Default)]
+pub struct Read {
+    /// Records in spool order.
+    pub entries: Vec<Entry>,
+    /// Records skipped because the spool was full and `drop_oldest` is configured (or, after damage, missing
+    /// from the log).
+    pub dropped: u64,
+    /// Records of types the reader does not want, passed over.
+    pub passed: u64,
+    /// Position after the last record read or skipped.
+    pub end: u64,
+}
+
+/// Fills a [`Read`] with records in order, skipping those below the `drop_oldest` floor and those of types the
+/// reader does not want, up to the limits.
+pub(super) struct Taker<'a> {
+    pub(super) read: Read,
+    pub(super) floor: u64,
+    pub(super) wants: Option<&'a HashSet<String>>,
+    pub(super) max_events: usize,
+    pub(super) max_bytes: usize,
+    pub(super) bytes: usize,
+}
+
+/// What [`Taker::admit`] decided.
+pub(super) enum Admit {
+    Take,
+    Skip,
+    Full,
+}
+
+impl<'a> Taker<'a> {
+    /// Says whether `entry` is to be taken; advances the read's end past what is taken or skipped.
+    pub(super) fn admit(&mut self, entry: &Entry) -> Admit {
+        if entry.end <= self.floor {
+            self.read.dropped += 1;
+        } else if self.wants.is_some_and(|w| !w.contains(entry.event_type())) {
+            self.read.passed += 1;
+        } else {
+            let full = self.read.entries.len() >= self.max_events
+                || (!self.read.entries.is_empty() && self.bytes + entry.len > self.max_bytes);
+            if full {
+                return Admit::Full;
+            }
+            self.bytes += entry.len + 1;
+            self.read.end = entry.end;
+            return Admit::Take;
+        }
+        self.read.end = entry.end;
+        Admit::Skip
+    }
+}
+
+/// A sink's view of the spool: reads from its confirmed position onwards.
+pub struct Reader {
+    pub(super) shared: Arc<Shared>,
+    pub(super) sink: String,
+    /// Next position to read.
+    pub(super) pos: u64,
+    pub(super) file: Option<(u64, File)>,
+    /// Where records that the spool holds only a reference to are read.
+    pub(super) log: LogSource,
+    /// The event types the sink receives; `None` for all.
+    pub(super) wants: Option<HashSet<String>>,
+}
+
+impl Reader {
+    /// Reads up to `max_events` records / about `max_bytes` bytes past the current position, waiting up to `wait`
+    /// until at least `min_bytes` are there (so that a batch filling up does not wake the reader for every commit).
+    /// Returns what there is when the wait ends or the spool closes, possibly nothing.
+    pub fn next(
+        &mut self,
+        max_events: usize,
+        max_bytes: usize,
+        min_bytes: u64,
+        wait: Duration,
+    ) -> std::io::Result<Read> {
+        let deadline = Instant::now() + wait;
+        let wanted = self.pos + min_bytes.max(1);
+        let (limit, segment_start, floor, blocks) = {
+            let mut state = self.shared.lock();
+            while state.head < wanted && !state.closed {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                state = self
+                    .shared
+                    .changed
+                    .wait_timeout(state, deadline - now)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            let start = match state.segments.iter().rev().find(|&&s| s <= self.pos) {
+                Some(&s) => s,
+                None => state.segments[0],
+            };
+            // Read no further than the head or the end of this segment.
+            let next = state
+                .segments
+                .iter()
+                .find(|&&s| s > start)
+                .copied()
+                .unwrap_or(u64::MAX);
+            (
+                state.head.min(next),
+                start,
+                state.floor,
+                in_memory(&state.recent, self.pos, max_events, max_bytes),
+            )
+        };
+        let mut taken = Taker {
+            read: Read {
+                end: self.pos,
+                ..Read::default()
+            },
+            floor,
+            wants: self.wants.as_ref(),
+            max_events,
+            max_bytes,
+            bytes: 0,
+        };
+        'blocks: for block in &blocks {
+            let Some(entries) = block.entries() else {
+                break;
+            };
+            let first = entries.partition_point(|e| e.end <= taken.read.end);
+            for entry in &entries[first..] {
+                match taken.admit(entry) {
+                    Admit::Take => taken.read.entries.push(entry.clone()),
+                    Admit::Skip => {}
+                    Admit::Full => break 'blocks,
+                }
+            }
+        }
+        if taken.read.end > self.pos {
+            self.pos = taken.read.end;
+            return Ok(taken.read);
+        }
+        let mut read = taken.read;
+        if self.pos < segment_start {
+            self.pos = segment_start;
+            read.end = self.pos;
+        }
+        if self.pos >= limit {
+            return Ok(read);
+        }
+        if self.file.as_ref().is_none_or(|(s, _)| *s != segment_start) {
+            let path = self.shared.segment_path(segment_start);
+            self.file = Some((segment_start, File::open(&path)?));
+        }
+        let mut file = &self.file.as_ref().expect("opened above").1;
+        let available = (limit - self.pos) as usize;
+        let want = available.min(max_bytes.max(1 << 16));
+        let mut buf = Vec::with_capacity(want);
+        file.seek(SeekFrom::Start(self.pos - segment_start))?;
+        // `read_to_end` fills the buffer's spare capacity without zeroing it first.
+        file.take(want as u64).read_to_end(&mut buf)?;
+        // Records are published whole, so `available` ends at a newline; make sure we hold one whole line.
+        while memchr::memchr(b'\n', &buf).is_none() && buf.len() < available {
+            let more = (available - buf.len()).min(buf.len().max(1 << 16));
+            if file.take(more as u64).read_to_end(&mut buf)? == 0 {
+                break;
+            }
+        }
+        // Only whole lines are used; they are UTF-8 (checked once per read, not per record).
+        buf.truncate(memchr::memrchr(b'\n', &buf).map_or(0, |i| i + 1));
+        let text: Arc<String> = Arc::new(String::from_utf8(buf).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("spool segment {segment_start} holds invalid UTF-8: {e}"),
+            )
+        })?);
+        let bytes = text.as_bytes();
+        let mut taken = Taker {
+            read,
+            floor,
+            wants: self.wants.as_ref(),
+            max_events,
+            max_bytes,
+            bytes: 0,
+        };
+        let mut offset = 0;
+        while let Some(n) = memchr::memchr(b'\n', &bytes[offset..]) {
+            let end = self.pos + (offset + n + 1) as u64;
+            let entry = Entry::parse(&text, offset, n, end);
+            match taken.admit(&entry) {
+                Admit::Take => taken.read.entries.push(entry),
+                Admit::Skip => {}
+                Admit::Full => break,
+            }
+            offset += n + 1;
+        }
+        let mut read = taken.read;
+        if read.entries.iter().any(Entry::in_log) {
+            // Records that are in the log too are only referred to here: read them from there.
+            let mut resolved = Vec::with_capacity(read.entries.len());
+            for entry in read.entries {
+                if !entry.in_log() {
+                    resolved.push(entry);
+                    continue;
+                }
+                match self.log.find(entry.seq, entry.id())? {
+                    Some(line) => {
+                        let len = line.len();
+                        resolved.push(Entry::parse(&Arc::new(line), 0, len, entry.end));
+                    }
+                    None => {
+                        error!(sink = %self.sink, seq = entry.seq, log = %self.log.dir.display(),
+                            "a spooled record is missing from the log: the sink cannot get it");
+                        read.dropped += 1;
+                    }
+                }
+            }
+            read.entries = resolved;
+        }
+        self.pos = read.end;
+        Ok(read)
+    }
+
+    /// The position after what was read so far.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    /// Delivers only records of `types` (the others are passed over); records in the log are then read from it
+    /// only when wanted.
+    pub fn wanting(mut self, types: HashSet<String>) -> Reader {
+        self.wants = Some(types);
+        self
+    }
+
+    /// Records that everything before `pos` was delivered (or dead-lettered). With `persist`, also writes the
+    /// position to the sink's cursor file and deletes segments that every sink is done with; without, a crash
+    /// redelivers what was confirmed since the last persisted position (delivery is at least once).
+    pub fn confirm(&mut self, pos: u64, persist: bool) -> std::io::Result<()> {
+        {
+            let mut state = self.shared.lock();
+            state.cursors.insert(self.sink.clone(), pos);
+            self.shared.changed.notify_all();
+        }
+        if !persist {
+            return Ok(());
+        }
+        write_cursor(&self.shared, &self.sink, pos)?;
+        let doomed: Vec<u64> = {
+            let mut state = self.shared.lock();
+            let min = state.min_cursor();
+            let keep_from = state.segments.iter().rposition(|&s| s <= min).unwrap_or(0);
+            state.segments.drain(..keep_from).collect()
+        };
+        for start in doomed {
+            let path = self.shared.segment_path(start);
+            if let Err(e) = std::fs::remove_file(&path) {
+                warn!(file = %path.display(), error = %e, "cannot delete a delivered spool segment");
+            }
+        }
+        Ok(())
+    }
+
+    /// With `drop_oldest`, records ending at or before this position are to be skipped.
+    pub fn floor(&self) -> u64 {
+        self.shared.lock().floor
+    }
+
+    /// The sink's confirmed position.
+    pub fn confirmed(&self) -> u64 {
+        self.shared
+            .lock()
+            .cursors
+            .get(&self.sink)
+            .copied()
+            .unwrap_or(0)
+    }
+}
