@@ -10,7 +10,8 @@ pub struct Writer {
     /// Its start position.
     pub(super) start: u64,
     pub(super) segment_bytes: u64,
-    /// Sync the directory after creating a segment file (`fsync: always`).
+    /// `fsync: always`: groups sync the spool when they need to (see [`Writer::append`]), with closed segments and
+    /// the directory entries of new ones.
     pub(super) sync: bool,
     /// A segment file was created since the last sync: the next sync includes the directory.
     pub(super) created: bool,
