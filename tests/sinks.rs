@@ -292,9 +292,9 @@ fn a_panicking_plugin_does_not_stop_the_daemon_or_the_other_sinks() {
     assert_eq!(c.emit(&login("still alive")).unwrap()["ok"], json!(true));
 }
 
-#[test]
-fn restart_mid_delivery_redelivers_what_was_not_confirmed() {
-    let setup = with_sinks(
+/// One sink, `slow`, whose plugin fails every write until [`unstick`] restarts the daemon without that.
+fn stuck_sink() -> Setup {
+    with_sinks(
         &[sink(
             "slow",
             "flaky",
@@ -303,8 +303,21 @@ fn restart_mid_delivery_redelivers_what_was_not_confirmed() {
         )],
         &[("trail-test-flaky", "libflaky.so")],
         "",
-    );
-    let mut daemon = Daemon::with(setup);
+    )
+}
+
+/// Starts the stopped daemon of [`stuck_sink`] again with a plugin configuration that delivers.
+fn unstick(daemon: &mut Daemon) {
+    let config = std::fs::read_to_string(&daemon.config)
+        .unwrap()
+        .replace(", fail_times: 1000000", "");
+    std::fs::write(&daemon.config, config).unwrap();
+    daemon.spawn();
+}
+
+#[test]
+fn restart_mid_delivery_redelivers_what_was_not_confirmed() {
+    let mut daemon = Daemon::with(stuck_sink());
     let mut c = daemon.client();
     let acked: Vec<u64> = (0..50)
         .map(|i| {
@@ -316,27 +329,14 @@ fn restart_mid_delivery_redelivers_what_was_not_confirmed() {
     // The sink cannot deliver; crash the daemon with everything pending.
     drop(c);
     daemon.kill9();
-    let config = std::fs::read_to_string(&daemon.config)
-        .unwrap()
-        .replace(", fail_times: 1000000", "");
-    std::fs::write(&daemon.config, config).unwrap();
-    daemon.spawn();
+    unstick(&mut daemon);
     let got = wait_recorded(&daemon.path("slow.jsonl"), 50);
     assert_eq!(seqs(&got)[..50], acked[..]);
 }
 
 #[test]
 fn a_sink_that_falls_behind_reads_the_log_and_retention_waits_for_it() {
-    let mut setup = with_sinks(
-        &[sink(
-            "slow",
-            "flaky",
-            "['user_login']",
-            "{path: $DIR/slow.jsonl, fail_times: 1000000}",
-        )],
-        &[("trail-test-flaky", "libflaky.so")],
-        "",
-    );
+    let mut setup = stuck_sink();
     setup.log = Some("max_file_bytes: 4096, compress: true, retention_bytes: 6000".into());
     let mut daemon = Daemon::with(setup);
     let mut c = daemon.client();
@@ -365,11 +365,7 @@ fn a_sink_that_falls_behind_reads_the_log_and_retention_waits_for_it() {
     // With a plugin that works, the sink gets everything, in order, from the log (compressed files included),
     // since the spool only refers to records that are in the log.
     assert!(daemon.stop().success());
-    let config = std::fs::read_to_string(&daemon.config)
-        .unwrap()
-        .replace(", fail_times: 1000000", "");
-    std::fs::write(&daemon.config, config).unwrap();
-    daemon.spawn();
+    unstick(&mut daemon);
     let got = wait_recorded(&daemon.path("slow.jsonl"), 60);
     assert_eq!(seqs(&got)[..60], acked[..]);
     for (record, answer) in got.iter().zip(&answers) {

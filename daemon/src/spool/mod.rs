@@ -445,6 +445,14 @@ mod tests {
         }
     }
 
+    /// A spool in `dir` whose records fit one segment, and its log directory.
+    fn one_segment(dir: &Path) -> (SpoolConfig, PathBuf) {
+        let mut cfg = config(dir, 1 << 20, WhenFull::Block);
+        cfg.segment_bytes = 1 << 20;
+        let log = cfg.log_dir.clone();
+        (cfg, log)
+    }
+
     type Got = Vec<(u64, u64, String, String, String)>;
 
     fn take(read: &Read, got: &mut Got) {
@@ -593,10 +601,8 @@ mod tests {
     #[test]
     fn records_in_the_log_are_only_referred_to_in_the_spool_files() {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = config(dir.path(), 1 << 20, WhenFull::Block);
+        let (mut cfg, log) = one_segment(dir.path());
         cfg.memory_bytes = 0;
-        cfg.segment_bytes = 1 << 20;
-        let log = cfg.log_dir.clone();
         let (mut w, spool) = open(&cfg, &["a".into(), "b".into()]).unwrap();
         append_logged(&mut w, 1..10, Some(&log));
         let segment =
@@ -627,9 +633,7 @@ mod tests {
     #[test]
     fn references_to_records_the_log_never_got_are_cut_at_start() {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = config(dir.path(), 1 << 20, WhenFull::Block);
-        cfg.segment_bytes = 1 << 20;
-        let log = cfg.log_dir.clone();
+        let (cfg, log) = one_segment(dir.path());
         let (mut w, _) = open(&cfg, &["a".into()]).unwrap();
         append_logged(&mut w, 1..5, Some(&log));
         // The log's last record is 3 (the only one of 1-4 in it); a crash lost the group of 5-7 from the log
@@ -659,9 +663,7 @@ mod tests {
     #[test]
     fn references_lost_in_a_crash_are_written_again_from_the_log_but_not_after_a_clean_stop() {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = config(dir.path(), 1 << 20, WhenFull::Block);
-        cfg.segment_bytes = 1 << 20;
-        let log = cfg.log_dir.clone();
+        let (cfg, log) = one_segment(dir.path());
         let streamed = HashSet::from(["t0".to_string(), "t1".to_string(), "t2".to_string()]);
         let segment = dir.path().join(format!("spool-{:020}.jsonl", 0));
         let (mut w, _) = open(&cfg, &["a".into()]).unwrap();
