@@ -7,6 +7,7 @@ use std::{path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Deserializer, de};
 use trail_plugin_api::SinkError;
+use trail_plugin_settings::de_duration;
 
 /// The sink's `config` section, as written in trail.yaml. See README.md.
 #[derive(Deserialize)]
@@ -273,6 +274,10 @@ impl Settings {
         check_header_field("app_name", &app_name, 48)?;
         let sd_id = config.sd_id.unwrap_or_else(|| SD_ID.to_owned());
         check_sd_id(&sd_id)?;
+        let timeout = config.timeout.unwrap_or(TIMEOUT);
+        if timeout.is_zero() {
+            return Err("\"timeout\" must be a positive duration, e.g. \"10s\"".into());
+        }
         Ok(Self {
             destination,
             facility: config.facility.unwrap_or(FACILITY),
@@ -281,7 +286,7 @@ impl Settings {
             hostname,
             app_name,
             sd_id,
-            timeout: config.timeout.unwrap_or(TIMEOUT),
+            timeout,
         })
     }
 }
@@ -352,49 +357,6 @@ fn kernel_hostname() -> String {
         Ok(name) if check_header_field("hostname", name, 255).is_ok() => name.to_owned(),
         _ => "-".to_owned(),
     }
-}
-
-/// Parses a duration such as `500ms`, `10s`, `5m`; a bare number means seconds (as in the
-/// rest of trail's configuration).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration: write e.g. 500ms, 10s, 5m"))?;
-    let seconds = match unit.trim() {
-        "ms" => number / 1000.0,
-        "" | "s" => number,
-        "m" => number * 60.0,
-        other => {
-            return Err(format!(
-                "{text:?}: unknown unit {other:?}: write e.g. 500ms, 10s, 5m"
-            ));
-        }
-    };
-    match Duration::try_from_secs_f64(seconds) {
-        Ok(d) if !d.is_zero() => Ok(d),
-        _ => Err(format!("{text:?} must be a positive duration")),
-    }
-}
-
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Seconds(u64),
-        Text(String),
-    }
-    let text = match Raw::deserialize(d).map_err(|_| {
-        de::Error::custom("expected a duration such as \"500ms\", \"10s\" or a number of seconds")
-    })? {
-        Raw::Seconds(s) => s.to_string(),
-        Raw::Text(t) => t,
-    };
-    parse_duration(&text).map(Some).map_err(de::Error::custom)
 }
 
 #[cfg(test)]

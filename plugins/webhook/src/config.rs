@@ -10,6 +10,7 @@ use serde::{
     de::{self, MapAccess, Visitor},
 };
 use trail_plugin_api::SinkError;
+use trail_plugin_settings::de_duration;
 use ureq::http::{HeaderName, HeaderValue, Uri};
 
 use crate::slack::Template;
@@ -404,46 +405,6 @@ impl<'de> Deserialize<'de> for Secret {
     }
 }
 
-/// Parses a duration such as `500ms`, `10s`, `5m`, `2h`; a bare number means seconds (as in
-/// the rest of trail's configuration).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration: write e.g. 500ms, 10s, 5m"))?;
-    let seconds = match unit.trim() {
-        "ms" => number / 1000.0,
-        "" | "s" => number,
-        "m" => number * 60.0,
-        "h" => number * 3600.0,
-        other => {
-            return Err(format!(
-                "{text:?}: unknown unit {other:?}: write e.g. 500ms, 10s, 5m"
-            ));
-        }
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} is out of range"))
-}
-
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Seconds(u64),
-        Text(String),
-    }
-    match Raw::deserialize(d).map_err(|_| {
-        de::Error::custom("expected a duration such as \"500ms\", \"10s\" or a number of seconds")
-    })? {
-        Raw::Seconds(s) => Ok(Some(Duration::from_secs(s))),
-        Raw::Text(t) => parse_duration(&t).map(Some).map_err(de::Error::custom),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use trail_plugin_api::ErrorKind;
@@ -608,27 +569,6 @@ mod tests {
             ]
         );
         assert!(s.headers.iter().all(|(_, v)| v.is_sensitive()));
-    }
-
-    #[test]
-    fn durations() {
-        let check = |text: &str, millis: Option<u64>| {
-            assert_eq!(
-                parse_duration(text).ok().map(|d| d.as_millis() as u64),
-                millis,
-                "{text}"
-            );
-        };
-        check("500ms", Some(500));
-        check("10s", Some(10_000));
-        check("10", Some(10_000));
-        check("1.5s", Some(1500));
-        check("2m", Some(120_000));
-        check("1h", Some(3_600_000));
-        check("", None);
-        check("s", None);
-        check("-1s", None);
-        check("10 parsecs", None);
     }
 
     #[test]

@@ -1,0 +1,105 @@
+//! Configuration parsing shared by trail's first-party sink plugins (`webhook`, `syslog`): durations written the
+//! way the rest of trail's configuration writes them. Not part of the plugin API: third-party plugins depend on
+//! `trail-plugin-api` alone.
+
+#![deny(missing_docs)]
+
+use std::time::Duration;
+
+use serde::de::{self, Deserialize, Deserializer};
+
+/// Parses a duration such as `500ms`, `10s`, `5m`, `2h`; a bare number means seconds. Zero is accepted: a plugin
+/// that needs a positive duration says so itself.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration: write e.g. 500ms, 10s, 5m"))?;
+    let seconds = match unit.trim() {
+        "ms" => number / 1000.0,
+        "" | "s" => number,
+        "m" => number * 60.0,
+        "h" => number * 3600.0,
+        other => {
+            return Err(format!(
+                "{text:?}: unknown unit {other:?}: write e.g. 500ms, 10s, 5m"
+            ));
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} is out of range"))
+}
+
+/// For `#[serde(default, deserialize_with = "de_duration")]` on an `Option<Duration>`: a number of seconds or a
+/// string that [`parse_duration`] reads.
+pub fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Seconds(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d).map_err(|_| {
+        de::Error::custom("expected a duration such as \"500ms\", \"10s\" or a number of seconds")
+    })? {
+        Raw::Seconds(s) => Ok(Some(Duration::from_secs(s))),
+        Raw::Text(t) => parse_duration(&t).map(Some).map_err(de::Error::custom),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        let check = |text: &str, millis: Option<u64>| {
+            assert_eq!(
+                parse_duration(text).ok().map(|d| d.as_millis() as u64),
+                millis,
+                "{text}"
+            );
+        };
+        check("500ms", Some(500));
+        check("10s", Some(10_000));
+        check("10", Some(10_000));
+        check("1.5s", Some(1500));
+        check("2m", Some(120_000));
+        check("1h", Some(3_600_000));
+        check("0s", Some(0));
+        check("", None);
+        check("s", None);
+        check("-1s", None);
+        check("1 fortnight", None);
+    }
+
+    #[test]
+    fn numbers_and_strings_deserialize() {
+        #[derive(serde::Deserialize)]
+        struct C {
+            #[serde(default, deserialize_with = "de_duration")]
+            t: Option<Duration>,
+        }
+        let t = |json: &str| {
+            serde_json::from_str::<C>(json)
+                .map(|c| c.t)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(t(r#"{"t": 3}"#), Ok(Some(Duration::from_secs(3))));
+        assert_eq!(t(r#"{"t": "250ms"}"#), Ok(Some(Duration::from_millis(250))));
+        assert_eq!(t(r#"{}"#), Ok(None));
+        assert!(
+            t(r#"{"t": "3 parsecs"}"#)
+                .unwrap_err()
+                .contains("unknown unit")
+        );
+        assert!(
+            t(r#"{"t": true}"#)
+                .unwrap_err()
+                .contains("expected a duration")
+        );
+    }
+}
