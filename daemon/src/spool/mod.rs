@@ -160,7 +160,7 @@ pub fn open(config: &SpoolConfig, sinks: &[String]) -> Result<(Writer, Spool), E
     let (start, len) = match segments.last() {
         Some(&start) => {
             let path = shared_dir.join(format!("spool-{start:020}.jsonl"));
-            crate::journal::recover(&path)?;
+            // Orphans first: they are whole lines, so a torn tail after them goes aside with them.
             cut_orphans(&path, &config.log_dir)?;
             let (len, head) = crate::journal::recover(&path)?;
             last_seq = head.map(|h| h.seq);

@@ -1,5 +1,5 @@
-//! Configuration parsing shared by trail's first-party sink plugins (`webhook`, `syslog`): durations written the
-//! way the rest of trail's configuration writes them. Not part of the plugin API: third-party plugins depend on
+//! Configuration parsing shared by trail's first-party sink plugins (`webhook`, `syslog`): durations such as
+//! `500ms`, `10s`, `5m`, `2h` or a number of seconds. Not part of the plugin API: third-party plugins depend on
 //! `trail-plugin-api` alone.
 
 #![deny(missing_docs)]
@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use serde::de::{self, Deserialize, Deserializer};
 
-/// Parses a duration such as `500ms`, `10s`, `5m`, `2h`; a bare number means seconds. Zero is accepted: a plugin
-/// that needs a positive duration says so itself.
+/// Parses a duration such as `500ms`, `10s`, `5m`, `2h`; a bare number means seconds. Zero is accepted (see
+/// [`de_positive_duration`] for settings where it makes no sense).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -31,6 +31,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         }
     };
     Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} is out of range"))
+}
+
+/// Like [`de_duration`], refusing zero: for timeouts and the like.
+pub fn de_positive_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    match de_duration(d)? {
+        Some(zero) if zero.is_zero() => Err(de::Error::custom(
+            "must be a positive duration, e.g. \"10s\"",
+        )),
+        other => Ok(other),
+    }
 }
 
 /// For `#[serde(default, deserialize_with = "de_duration")]` on an `Option<Duration>`: a number of seconds or a
@@ -83,6 +93,27 @@ mod tests {
             #[serde(default, deserialize_with = "de_duration")]
             t: Option<Duration>,
         }
+        #[derive(serde::Deserialize)]
+        struct P {
+            #[serde(deserialize_with = "de_positive_duration")]
+            t: Option<Duration>,
+        }
+        let positive = |json: &str| {
+            serde_json::from_str::<P>(json)
+                .map(|p| p.t)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(positive(r#"{"t": "1s"}"#), Ok(Some(Duration::from_secs(1))));
+        assert!(
+            positive(r#"{"t": 0}"#)
+                .unwrap_err()
+                .contains("must be a positive duration")
+        );
+        assert!(
+            positive(r#"{"t": "0ms"}"#)
+                .unwrap_err()
+                .contains("must be a positive duration")
+        );
         let t = |json: &str| {
             serde_json::from_str::<C>(json)
                 .map(|c| c.t)

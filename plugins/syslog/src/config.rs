@@ -7,7 +7,7 @@ use std::{path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Deserializer, de};
 use trail_plugin_api::SinkError;
-use trail_plugin_settings::de_duration;
+use trail_plugin_settings::de_positive_duration;
 
 /// The sink's `config` section, as written in trail.yaml. See README.md.
 #[derive(Deserialize)]
@@ -31,7 +31,7 @@ struct Config {
     app_name: Option<String>,
     #[serde(default)]
     sd_id: Option<String>,
-    #[serde(default, deserialize_with = "de_duration")]
+    #[serde(default, deserialize_with = "de_positive_duration")]
     timeout: Option<Duration>,
 }
 
@@ -274,10 +274,6 @@ impl Settings {
         check_header_field("app_name", &app_name, 48)?;
         let sd_id = config.sd_id.unwrap_or_else(|| SD_ID.to_owned());
         check_sd_id(&sd_id)?;
-        let timeout = config.timeout.unwrap_or(TIMEOUT);
-        if timeout.is_zero() {
-            return Err("\"timeout\" must be a positive duration, e.g. \"10s\"".into());
-        }
         Ok(Self {
             destination,
             facility: config.facility.unwrap_or(FACILITY),
@@ -286,7 +282,7 @@ impl Settings {
             hostname,
             app_name,
             sd_id,
-            timeout,
+            timeout: config.timeout.unwrap_or(TIMEOUT),
         })
     }
 }

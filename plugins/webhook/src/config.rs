@@ -10,7 +10,7 @@ use serde::{
     de::{self, MapAccess, Visitor},
 };
 use trail_plugin_api::SinkError;
-use trail_plugin_settings::de_duration;
+use trail_plugin_settings::{de_duration, de_positive_duration};
 use ureq::http::{HeaderName, HeaderValue, Uri};
 
 use crate::slack::Template;
@@ -26,7 +26,7 @@ struct Config {
     batch: bool,
     #[serde(default)]
     max_events: Option<usize>,
-    #[serde(default, deserialize_with = "de_duration")]
+    #[serde(default, deserialize_with = "de_positive_duration")]
     timeout: Option<Duration>,
     #[serde(default)]
     headers: BTreeMap<String, Secret>,
@@ -473,6 +473,10 @@ mod tests {
         check_error(
             r#"{"url": "https://h", "timeout": "10 parsecs"}"#,
             "unknown unit",
+        );
+        check_error(
+            r#"{"url": "https://h", "timeout": "0s"}"#,
+            "must be a positive duration",
         );
         check_error(
             r#"{"url": "https://h", "signing_secret": "short"}"#,
