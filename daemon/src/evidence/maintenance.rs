@@ -83,7 +83,7 @@ pub fn tidy(
 ) -> io::Result<Vec<Expired>> {
     let mut files = files::list(dir)?;
     // The newest file is being appended to.
-    files.pop();
+    let newest = files.pop();
     let mut closed: Vec<(LogFile, Index)> = Vec::with_capacity(files.len());
     for f in files {
         let mut f = f;
@@ -101,7 +101,7 @@ pub fn tidy(
         closed.push((f, ix));
     }
     let mut total: u64 = closed.iter().map(|(_, ix)| ix.size).sum();
-    if let Some(newest) = files::list(dir)?.last() {
+    if let Some(newest) = &newest {
         total += std::fs::metadata(&newest.path)
             .map(|m| m.len())
             .unwrap_or(0);
@@ -114,7 +114,7 @@ pub fn tidy(
         let end = closed
             .get(i + 1)
             .map(|(n, _)| n.start)
-            .or_else(|| files::list(dir).ok()?.last().map(|n| n.start))
+            .or(newest.as_ref().map(|n| n.start))
             .unwrap_or(now_secs);
         let age = Duration::from_secs((now_secs - end).max(0) as u64);
         let keep_for = ix

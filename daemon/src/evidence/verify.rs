@@ -367,11 +367,7 @@ impl Verifier {
 
     fn line(&mut self, name: &str, file: &LogFile, line_no: u64, line: &[u8], first_in_file: bool) {
         let seq = chain::line_seq(line);
-        if let Some(p) = self.pending.take() {
-            let pending = Pending { ..p };
-            self.pending = Some(pending);
-            self.resolve_pending(seq);
-        }
+        self.resolve_pending(seq);
         let (Some(seq), Some((body, stored))) = (seq, chain::split(line)) else {
             self.problem(
                 name,
@@ -423,7 +419,6 @@ impl Verifier {
         }
         let computed;
         let mut problem = None;
-        let reordered = false;
         match &self.prev {
             None => {
                 computed = chain::link(&chain::GENESIS, body);
@@ -450,9 +445,11 @@ impl Verifier {
                     }
                 } else if self.after_damage {
                     // The damaged line before was reported; its hash is unknown.
-                } else if let Some(c) = prev.computed.filter(|c| chain::link(c, body) == stored) {
+                } else if prev
+                    .computed
+                    .is_some_and(|c| chain::link(&c, body) == stored)
+                {
                     // The record before is intact but its hash field was changed.
-                    let _ = c;
                     if let Some(i) = prev.problem {
                         self.report.problems[i].message =
                             "the record's hash field was altered (its content is intact)".into();
@@ -474,9 +471,10 @@ impl Verifier {
                     }
                 } else {
                     let prev_seq = prev.seq;
-                    problem = Some(self.problem(name, Some(line_no), Some(seq), String::new()));
+                    let index = self.problem(name, Some(line_no), Some(seq), String::new());
+                    problem = Some(index);
                     self.pending = Some(Pending {
-                        problem: problem.expect("just set"),
+                        problem: index,
                         seq,
                         prev_seq,
                     });
@@ -488,11 +486,10 @@ impl Verifier {
             self.window.pop_front();
         }
         self.window.push_back(stored);
-        let reordered = reordered
-            || self
-                .prev
-                .as_ref()
-                .is_some_and(|p| p.reordered && problem.is_some());
+        let reordered = self
+            .prev
+            .as_ref()
+            .is_some_and(|p| p.reordered && problem.is_some());
         self.prev = Some(Prev {
             seq,
             stored,

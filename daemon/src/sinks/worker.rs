@@ -515,16 +515,19 @@ impl State {
                 return report;
             }
         };
+        let mut done = 0;
         for chunk in entries.chunks(self.w.config.batch.max_events) {
             let (delivered, failed) = self.deliver(chunk, false);
             report.delivered += delivered;
             report.failed += failed;
+            done += (delivered + failed) as usize;
             if self.stopping {
-                // Keep what was not attempted for the next replay.
-                let _ = std::fs::rename(
-                    &replaying,
-                    self.w.dead_dir.join(format!("{}.jsonl", self.name())),
-                );
+                // Keep what was not attempted for the next replay, after what failed again meanwhile.
+                if let Err(e) = keep_unreplayed(&replaying, done, &path) {
+                    error!(sink = %self.name(), error = %e, file = %replaying.display(), "cannot keep the dead letters not replayed yet");
+                    return report;
+                }
+                let _ = std::fs::remove_file(&replaying);
                 return report;
             }
         }
@@ -548,6 +551,16 @@ impl State {
         let confirmed = self.w.reader.confirmed();
         self.confirm(Some(confirmed), true);
     }
+}
+
+/// Appends the dead letters of `replaying` after the first `done` to the dead-letter file `path`.
+fn keep_unreplayed(replaying: &Path, done: usize, path: &Path) -> std::io::Result<()> {
+    let mut out = OpenOptions::new().create(true).append(true).open(path)?;
+    for line in BufReader::new(File::open(replaying)?).lines().skip(done) {
+        out.write_all(line?.as_bytes())?;
+        out.write_all(b"\n")?;
+    }
+    out.sync_all()
 }
 
 fn read_dead_letters(path: &Path) -> std::io::Result<Vec<Entry>> {
@@ -576,4 +589,30 @@ fn random_unit() -> f64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(now_ms());
     (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stopped_replay_keeps_what_it_did_not_attempt_after_what_failed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (replaying, dead) = (
+            dir.path().join("s.replay-1.jsonl"),
+            dir.path().join("s.jsonl"),
+        );
+        let letter =
+            |seq: u64| format!("{{\"seq\":{seq},\"record\":{{\"seq\":{seq}}},\"error\":\"e\"}}\n");
+        std::fs::write(&replaying, (1..=4).map(letter).collect::<String>()).unwrap();
+        // Seq 1 failed again during the replay and went back to the dead-letter file; 1 and 2 were attempted.
+        std::fs::write(&dead, letter(1)).unwrap();
+        keep_unreplayed(&replaying, 2, &dead).unwrap();
+        let seqs: Vec<u64> = read_dead_letters(&dead)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, vec![1, 3, 4]);
+    }
 }
