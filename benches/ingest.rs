@@ -950,7 +950,8 @@ fn run_load(daemon: &Daemon, opts: &Options, total: u64, load: Load) -> Result<R
                             .join()
                             .map_err(|_| anyhow::anyhow!("writer {conn} panicked"))??;
                         Ok(ConnResult {
-                            events: plan.events,
+                            // What the reader counted, not what was planned: checked against the plan below.
+                            events: shared.acked.load(Ordering::SeqCst),
                             bytes,
                             samples,
                             finished,

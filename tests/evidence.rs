@@ -604,11 +604,14 @@ fn a_full_disk_is_answered_unavailable_and_the_daemon_resumes() {
     limit(size + 600);
     let mut client = daemon.client();
     let mut refused = 0;
+    let mut acked: Vec<Value> = (0..5).map(|i| json!(format!("event {i}"))).collect();
     for i in 0..10 {
         let a = client.emit(&login(&format!("full {i}"))).unwrap();
         if a["ok"] == json!(false) {
             assert_eq!(a["error"]["code"], json!("unavailable"), "{a}");
             refused += 1;
+        } else {
+            acked.push(json!(format!("full {i}")));
         }
     }
     assert!(refused >= 5, "writes past the limit were acknowledged");
@@ -625,6 +628,9 @@ fn a_full_disk_is_answered_unavailable_and_the_daemon_resumes() {
         .collect();
     assert_eq!(messages.len(), acked_while_full + 1);
     assert_eq!(messages.last().unwrap(), &json!("space is back"));
+    // Exactly what was acknowledged is in the log, in order: nothing acknowledged is missing, nothing refused is there.
+    acked.push(json!("space is back"));
+    assert_eq!(messages, acked);
     assert!(
         daemon.stderr().contains("unavailable"),
         "{}",

@@ -667,22 +667,62 @@ fn hot_reload_under_load_swaps_builds_without_losing_or_reordering() {
 
 #[test]
 fn reload_by_command_and_sighup_without_inotify_events() {
-    let daemon = recorder_daemon();
+    let mut setup = with_sinks(
+        &[sink(
+            "rec",
+            "recorder",
+            "['user_login']",
+            "{path: $DIR/rec.jsonl, mark: v1}",
+        )],
+        &[("trail-test-recorder", "librecorder.so")],
+        "",
+    );
+    // No watcher: only the command and the signal can reload.
+    setup.env.push((trail::NO_WATCH_VAR.into(), "1".into()));
+    let daemon = Daemon::with(setup);
     let mut c = daemon.client();
     c.emit(&login("one")).unwrap();
     wait_recorded(&daemon.path("rec.jsonl"), 1);
     // Nothing changed: a reload does nothing.
     let answer = daemon.admin(json!({"command": "reload"}));
     assert_eq!(answer["reloaded"], json!([]), "{answer}");
+    // A new build is not picked up by itself...
     daemon.install_plugin(&plugins::recorder_v2(), "librecorder.so");
+    std::thread::sleep(Duration::from_millis(800));
+    c.emit(&login("before the command")).unwrap();
+    let before = wait_recorded(&daemon.path("rec.jsonl"), 2);
+    assert!(
+        before.iter().all(|l| l["mark"] == json!("v1")),
+        "{before:?}"
+    );
+    // ...but by `trail reload`,
+    let answer = daemon.admin(json!({"command": "reload"}));
+    let reloaded = &answer["reloaded"][0];
+    assert_eq!(
+        (&reloaded["plugin"], &reloaded["ok"]),
+        (&json!("recorder"), &json!(true)),
+        "{answer}"
+    );
+    let mut marked = |mark: &str, after: usize| {
+        wait_until(Duration::from_secs(30), || {
+            c.emit(&login("probe")).unwrap();
+            recorded(&daemon.path("rec.jsonl"))
+                .iter()
+                .skip(after)
+                .any(|l| l["mark"] == json!(mark))
+        })
+    };
+    assert!(marked("v2", 0), "the reload command did not swap");
+    // and by SIGHUP (back to the first build, which marks with the configured v1).
+    let seen = recorded(&daemon.path("rec.jsonl")).len();
+    daemon.install_plugin(&plugins::library("trail-test-recorder"), "librecorder.so");
     daemon.signal(libc::SIGHUP);
-    let swapped = wait_until(Duration::from_secs(30), || {
-        c.emit(&login("probe")).unwrap();
-        recorded(&daemon.path("rec.jsonl"))
-            .iter()
-            .any(|l| l["mark"] == json!("v2"))
-    });
-    assert!(swapped);
+    assert!(marked("v1", seen), "SIGHUP did not swap");
+    assert!(
+        daemon.stderr().contains("not watched"),
+        "{}",
+        daemon.stderr()
+    );
 }
 
 #[test]

@@ -80,6 +80,10 @@ pub struct Validated {
     pub registry: event_types::Registry,
 }
 
+/// Set (to anything) in the environment, the daemon does not watch the plugin directory, as on hosts where
+/// inotify is unreliable: a testing aid for reloads by SIGHUP and `trail reload`.
+pub const NO_WATCH_VAR: &str = "TRAIL_TEST_NO_WATCH";
+
 /// Checks a configuration's event types and sinks (loading every plugin and building every sink once) without
 /// starting anything.
 pub fn validate(config: &Config) -> Result<Validated, Error> {
@@ -182,11 +186,19 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         Some(s) => {
             tokio::spawn(reload_on_sighup(s.clone(), background.clone()));
             tokio::spawn(watch_stuck(s.clone(), background.clone()));
-            match sinks::watch::start(s.clone()) {
-                Ok(w) => Some(w),
-                Err(e) => {
-                    warn!(error = %e, "cannot watch the plugin directory; reload with SIGHUP or `trail reload`");
-                    None
+            if std::env::var_os(NO_WATCH_VAR).is_some() {
+                warn!(
+                    variable = NO_WATCH_VAR,
+                    "the plugin directory is not watched (a testing aid); reload with SIGHUP or `trail reload`"
+                );
+                None
+            } else {
+                match sinks::watch::start(s.clone()) {
+                    Ok(w) => Some(w),
+                    Err(e) => {
+                        warn!(error = %e, "cannot watch the plugin directory; reload with SIGHUP or `trail reload`");
+                        None
+                    }
                 }
             }
         }
