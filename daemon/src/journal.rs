@@ -506,17 +506,13 @@ fn store(
         if sync {
             // Both files are synced at once: the group waits for the slower of the two, not for their sum. The
             // spool only when it holds something the log does not (see `spool::Writer::append`).
-            let spool_synced = if spool_sync {
-                spool.start_sync()
-            } else {
-                spool::PendingSync::done()
-            };
+            let spool_synced = spool_sync.then(|| spool.start_sync());
             let log_synced = if persisted.is_empty() {
                 Ok(())
             } else {
                 log.out.file().sync_data()
             };
-            let synced = log_synced.and(spool_synced.wait());
+            let synced = log_synced.and(spool_synced.map_or(Ok(()), spool::PendingSync::wait));
             if let Err(e) = synced {
                 log.out.undo(persisted.len() as u64);
                 spool.undo(streamed.file_len());

@@ -117,7 +117,7 @@ impl Shared {
     }
 
     fn segment_path(&self, start: u64) -> PathBuf {
-        self.dir.join(format!("spool-{start:020}.jsonl"))
+        segment_path(&self.dir, start)
     }
 
     fn cursor_path(&self, sink: &str) -> PathBuf {
@@ -159,7 +159,7 @@ pub fn open(config: &SpoolConfig, sinks: &[String]) -> Result<(Writer, Spool), E
     let mut last_seq = None;
     let (start, len) = match segments.last() {
         Some(&start) => {
-            let path = shared_dir.join(format!("spool-{start:020}.jsonl"));
+            let path = segment_path(&shared_dir, start);
             // Orphans first: they are whole lines, so a torn tail after them goes aside with them.
             cut_orphans(&path, &config.log_dir)?;
             let (len, head) = crate::journal::recover(&path)?;
@@ -169,7 +169,7 @@ pub fn open(config: &SpoolConfig, sinks: &[String]) -> Result<(Writer, Spool), E
                 if last_seq.is_some() {
                     break;
                 }
-                let path = shared_dir.join(format!("spool-{older:020}.jsonl"));
+                let path = segment_path(&shared_dir, older);
                 last_seq = crate::journal::recover(&path)?.1.map(|h| h.seq);
             }
             (start, len)
@@ -331,12 +331,12 @@ fn set_aside_after_gap(dir: &Path, segments: &mut Vec<u64>) -> Result<(), Error>
     let &[.., before, last] = segments.as_slice() else {
         return Ok(());
     };
-    let path = dir.join(format!("spool-{before:020}.jsonl"));
+    let path = segment_path(dir, before);
     let (len, _) = crate::journal::recover(&path)?;
     if before + len >= last {
         return Ok(());
     }
-    let after = dir.join(format!("spool-{last:020}.jsonl"));
+    let after = segment_path(dir, last);
     let aside = after.with_extension("jsonl.after-gap");
     std::fs::rename(&after, &aside).map_err(io_error(&after))?;
     warn!(
@@ -345,6 +345,11 @@ fn set_aside_after_gap(dir: &Path, segments: &mut Vec<u64>) -> Result<(), Error>
     );
     segments.pop();
     Ok(())
+}
+
+/// The file of the segment that starts at spool position `start`.
+fn segment_path(dir: &Path, start: u64) -> PathBuf {
+    dir.join(format!("spool-{start:020}.jsonl"))
 }
 
 fn segment_start(path: &Path) -> Option<u64> {

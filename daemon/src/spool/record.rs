@@ -181,12 +181,9 @@ pub(super) fn value_after(key: &Finder<'_>, line: &[u8]) -> Span {
     Span(at as u32, len as u32)
 }
 
+/// The `seq` of a spool line (0 when it has none).
 pub(super) fn record_seq(line: &[u8]) -> u64 {
-    let rest = line.strip_prefix(b"{\"seq\":").unwrap_or(b"");
-    std::str::from_utf8(&rest[..record_seq_len(line)])
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
+    crate::evidence::chain::line_seq(line).unwrap_or(0)
 }
 
 /// Digits of the `seq` at the start of a record line.

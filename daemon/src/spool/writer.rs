@@ -31,13 +31,6 @@ pub struct Writer {
 pub struct PendingSync(std::io::Result<mpsc::Receiver<std::io::Result<()>>>);
 
 impl PendingSync {
-    /// A sync that was not needed.
-    pub fn done() -> PendingSync {
-        let (reply, outcome) = mpsc::channel();
-        let _ = reply.send(Ok(()));
-        PendingSync(Ok(outcome))
-    }
-
     /// Waits for the sync to finish.
     pub fn wait(self) -> std::io::Result<()> {
         self.0?
