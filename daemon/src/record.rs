@@ -156,9 +156,7 @@ pub fn new_id(now: SystemTime) -> uuid::Uuid {
 
 fn seed() -> u64 {
     let mut bytes = [0u8; 8];
-    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer it is given.
-    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    if n != bytes.len() as isize {
+    if getrandom::fill(&mut bytes).is_err() {
         // No kernel randomness: mix the time, the process and this thread's stack address instead.
         let t = SystemTime::now()
             .duration_since(UNIX_EPOCH)

@@ -11,7 +11,6 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -168,20 +167,11 @@ impl Builder {
         self.index.bytes = off;
     }
 
-    /// Ends the current block here (a compressor calls this at each frame boundary it chooses).
-    pub fn close_block(&mut self) {
+    /// Ends the current block here.
+    fn close_block(&mut self) {
         if let Some(b) = self.block.take() {
             self.index.blocks.push(b);
         }
-    }
-
-    /// Records where the last closed block's frame is in the compressed file.
-    pub fn set_frame(&mut self, zoff: u64, zlen: u64) {
-        if let Some(b) = self.index.blocks.last_mut() {
-            b.zoff = zoff;
-            b.zlen = zlen;
-        }
-        self.index.framed = true;
     }
 
     /// The index of a file of `size` bytes.
@@ -255,9 +245,4 @@ pub fn summary(file: &LogFile) -> io::Result<FileEntry> {
         bytes: size,
         last_hash: chain::split(line).map(|(_, h)| chain::hex(&h)),
     })
-}
-
-/// Whether `path` is a sidecar index.
-pub fn is_index(path: &Path) -> bool {
-    path.extension().is_some_and(|e| e == "idx")
 }

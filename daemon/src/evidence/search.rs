@@ -152,13 +152,9 @@ impl Matcher {
             && self.query.to.as_deref().is_none_or(|to| t < to)
     }
 
-    /// Whether one stored line (without newline) matches.
-    pub fn matches(&self, line: &[u8]) -> bool {
-        if let Some(n) = &self.needle
-            && n.find(line).is_none()
-        {
-            return false;
-        }
+    /// Whether a line the needle (if any) already selected is accepted: in the time range and, when the query
+    /// needs it, confirmed by parsing.
+    fn accepts(&self, line: &[u8]) -> bool {
         self.in_time(line) && (!self.parse || self.confirm(line))
     }
 
@@ -201,7 +197,7 @@ impl Matcher {
     fn scan<'a>(&self, lines: &'a [u8], found: &mut Vec<&'a [u8]>) {
         let Some(needle) = &self.needle else {
             for line in lines.split(|&b| b == b'\n') {
-                if !line.is_empty() && self.in_time(line) && (!self.parse || self.confirm(line)) {
+                if !line.is_empty() && self.accepts(line) {
                     found.push(line);
                 }
             }
@@ -213,7 +209,7 @@ impl Matcher {
             let start = memchr::memrchr(b'\n', &lines[..hit]).map_or(0, |i| i + 1);
             let end = memchr::memchr(b'\n', &lines[hit..]).map_or(lines.len(), |i| hit + i);
             let line = &lines[start..end];
-            if self.in_time(line) && (!self.parse || self.confirm(line)) {
+            if self.accepts(line) {
                 found.push(line);
             }
             at = end + 1;
@@ -420,6 +416,8 @@ pub fn follow(
     let (mut path, mut pos) = end.unwrap_or_default();
     let mut pending: Vec<u8> = Vec::new();
     loop {
+        // Listed before reading: when a newer file is already there, the current one was complete before the read,
+        // so moving on after a read that found nothing skips no line.
         let newest = files::list(dir)?.pop();
         let mut read_any = false;
         if let Ok(f) = File::open(&path) {
