@@ -9,13 +9,12 @@ use crate::util::{Daemon, Setup, login, trail, wait_until};
 
 fn setup(log: &str) -> Setup {
     Setup {
-        extra_config: String::new(),
         log: Some(log.to_owned()),
         ..Setup::default()
     }
 }
 
-/// Starts a daemon whose `log:` section also holds `log` (the harness's own `log:` line is replaced).
+/// Starts a daemon whose `log:` section also holds the settings `log` (after the harness's own).
 fn start(log: &str, env: Vec<(String, String)>) -> Daemon {
     let mut s = setup(log);
     s.env = env;
@@ -106,8 +105,7 @@ fn every_kind_of_tampering_is_detected_where_it_happened() {
 
     // Each case: a change to a copy of the log, and what the report must say.
     type Tamper = Box<dyn Fn(&Path)>;
-    let middle = name(&files[1]);
-    let m = middle.clone();
+    let m = name(&files[1]);
     let cases: Vec<(&str, Tamper, Vec<String>)> = vec![
         (
             "flip a byte",
@@ -239,7 +237,6 @@ fn every_kind_of_tampering_is_detected_where_it_happened() {
     let (code, out) = verify(&daemon.log_dir, other.to_str().unwrap());
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("bad signature"), "{out}");
-    let _ = middle;
 }
 
 /// The byte offset where line `n` (0-based) starts.

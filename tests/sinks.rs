@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::util::{Daemon, Setup, login, plugins, recorded, trail, wait_recorded, wait_until};
+use crate::util::{
+    Client, Daemon, Setup, login, plugins, recorded, trail, wait_recorded, wait_until,
+};
 
 /// One entry of the `sinks` list.
 fn sink(name: &str, plugin: &str, types: &str, config: &str) -> String {
@@ -35,6 +37,17 @@ fn event(ty: &str, message: &str) -> Value {
         "role_granted" => json!({"type": ty, "message": message, "payload": {"role": "admin"}}),
         _ => json!({"type": ty, "message": message}),
     }
+}
+
+/// Emits logins with messages `0`, `1`, … `n - 1`; every one must be accepted. Returns the answers.
+fn emit_logins(c: &mut Client, n: usize) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            let answer = c.emit(&login(&i.to_string())).unwrap();
+            assert_eq!(answer["ok"], json!(true), "{answer}");
+            answer
+        })
+        .collect()
 }
 
 fn seqs(lines: &[Value]) -> Vec<u64> {
@@ -166,13 +179,7 @@ fn a_failing_sink_retries_and_finally_delivers() {
         "",
     ));
     let mut c = daemon.client();
-    let acked: Vec<u64> = (0..20)
-        .map(|i| {
-            c.emit(&login(&i.to_string())).unwrap()["seq"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
+    let acked = seqs(&emit_logins(&mut c, 20));
     assert_eq!(seqs(&wait_recorded(&daemon.path("flaky.jsonl"), 20)), acked);
     assert_eq!(
         seqs(&wait_recorded(&daemon.path("steady.jsonl"), 20)),
@@ -319,13 +326,7 @@ fn unstick(daemon: &mut Daemon) {
 fn restart_mid_delivery_redelivers_what_was_not_confirmed() {
     let mut daemon = Daemon::with(stuck_sink());
     let mut c = daemon.client();
-    let acked: Vec<u64> = (0..50)
-        .map(|i| {
-            c.emit(&login(&i.to_string())).unwrap()["seq"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
+    let acked = seqs(&emit_logins(&mut c, 50));
     // The sink cannot deliver; crash the daemon with everything pending.
     drop(c);
     daemon.kill9();
@@ -340,10 +341,8 @@ fn a_sink_that_falls_behind_reads_the_log_and_retention_waits_for_it() {
     setup.log = Some("max_file_bytes: 4096, compress: true, retention_bytes: 6000".into());
     let mut daemon = Daemon::with(setup);
     let mut c = daemon.client();
-    let answers: Vec<Value> = (0..60)
-        .map(|i| c.emit(&login(&i.to_string())).unwrap())
-        .collect();
-    let acked: Vec<u64> = answers.iter().map(|a| a["seq"].as_u64().unwrap()).collect();
+    let answers = emit_logins(&mut c, 60);
+    let acked = seqs(&answers);
     drop(c);
     // Retention wants the oldest files gone, but the sink has not confirmed their records: they stay.
     let kept = wait_until(Duration::from_secs(30), || {

@@ -1,12 +1,33 @@
-//! Configuration parsing shared by trail's first-party sink plugins (`webhook`, `syslog`): durations such as
-//! `500ms`, `10s`, `5m`, `2h` or a number of seconds. Not part of the plugin API: third-party plugins depend on
+//! Configuration parsing shared by trail's first-party sink plugins (`webhook`, `syslog`): reading a sink's
+//! `config` with errors the daemon reports as configuration errors, and durations such as `500ms`, `10s`, `5m`,
+//! `2h` or a number of seconds. Not part of the plugin API: third-party plugins depend on
 //! `trail-plugin-api` alone.
 
 #![deny(missing_docs)]
 
 use std::time::Duration;
 
-use serde::de::{self, Deserialize, Deserializer};
+use serde::de::{self, Deserialize, DeserializeOwned, Deserializer};
+use trail_plugin_api::SinkError;
+
+/// Reads `config_json` (the sink's `config` section) as `C` and checks it into the plugin's settings; every
+/// problem becomes a `CONFIG` error starting `config: ` (a field the plugin does not know names `plugin`'s README).
+pub fn parse_config<C: DeserializeOwned, S>(
+    config_json: &str,
+    plugin: &str,
+    check: impl FnOnce(C) -> Result<S, String>,
+) -> Result<S, SinkError> {
+    let config: C = serde_json::from_str(config_json).map_err(|e| {
+        config_error(format!(
+            "{e}: see the {plugin} plugin's README for the fields it accepts"
+        ))
+    })?;
+    check(config).map_err(config_error)
+}
+
+fn config_error(message: String) -> SinkError {
+    SinkError::config(format!("config: {message}"))
+}
 
 /// Parses a duration such as `500ms`, `10s`, `5m`, `2h`; a bare number means seconds. Zero is accepted (see
 /// [`de_positive_duration`] for settings where it makes no sense).

@@ -215,12 +215,7 @@ pub struct Settings {
 impl Settings {
     /// Parses and checks `config_json`; every error is a `CONFIG` error that names the field.
     pub fn parse(config_json: &str) -> Result<Self, SinkError> {
-        let config: Config = serde_json::from_str(config_json).map_err(|e| {
-            config_error(format!(
-                "{e}: see the syslog plugin's README for the fields it accepts"
-            ))
-        })?;
-        Self::check(config).map_err(config_error)
+        trail_plugin_settings::parse_config(config_json, "syslog", Self::check)
     }
 
     fn check(config: Config) -> Result<Self, String> {
@@ -285,10 +280,6 @@ impl Settings {
             timeout: config.timeout.unwrap_or(TIMEOUT),
         })
     }
-}
-
-fn config_error(message: String) -> SinkError {
-    SinkError::config(format!("config: {message}"))
 }
 
 fn check_address(address: &str) -> Result<(), String> {
