@@ -18,7 +18,7 @@ use std::{
 use hmac::{Hmac, Mac};
 use serde_json::Value;
 use sha2::Sha256;
-use trail_plugin_api::{ErrorKind, SinkBox};
+use trail_plugin_api::{ErrorKind, SinkBox, WriteError};
 use trail_plugin_testkit::{
     Event, Plugin, Profile, TestHost, deliver, events, expect_error, write,
 };
@@ -357,6 +357,16 @@ fn other_client_errors_are_permanent_without_narrowing() {
     assert_eq!(server.requests().len(), 1);
 }
 
+/// The write failed before anything was delivered, retryably, saying `message`.
+fn assert_nothing_delivered_retryable(result: Result<(), WriteError>, message: &str) {
+    let error = result.unwrap_err();
+    assert_eq!(
+        (error.delivered, error.error.kind),
+        (0, ErrorKind::RETRYABLE)
+    );
+    assert!(error.error.message.contains(message), "{error}");
+}
+
 #[test]
 fn connection_failures_and_timeouts_are_retryable() {
     // A port nobody listens on.
@@ -365,17 +375,9 @@ fn connection_failures_and_timeouts_are_retryable() {
         listener.local_addr().unwrap().port()
     };
     let mut sink = new_sink(serde_json::json!({"url": format!("http://127.0.0.1:{port}/")}));
-    let error = write(&mut sink, &events(1..3)).unwrap_err();
-    assert_eq!(
-        (error.delivered, error.error.kind),
-        (0, ErrorKind::RETRYABLE)
-    );
-    assert!(
-        error
-            .error
-            .message
-            .contains(&format!("posting to http://127.0.0.1:{port}")),
-        "{error}"
+    assert_nothing_delivered_retryable(
+        write(&mut sink, &events(1..3)),
+        &format!("posting to http://127.0.0.1:{port}"),
     );
 
     // A server slower than the timeout.
@@ -384,17 +386,9 @@ fn connection_failures_and_timeouts_are_retryable() {
         Reply::ok()
     });
     let mut slow = new_sink(serde_json::json!({"url": server.url("/"), "timeout": "300ms"}));
-    let error = write(&mut slow, &events(1..3)).unwrap_err();
-    assert_eq!(
-        (error.delivered, error.error.kind),
-        (0, ErrorKind::RETRYABLE)
-    );
-    assert!(
-        error
-            .error
-            .message
-            .contains("no complete answer within 300ms"),
-        "{error}"
+    assert_nothing_delivered_retryable(
+        write(&mut slow, &events(1..3)),
+        "no complete answer within 300ms",
     );
 }
 
