@@ -577,8 +577,9 @@ fn stream_events(socket: &Path, stop: Arc<AtomicBool>) -> std::thread::JoinHandl
 }
 
 /// A daemon with one sink, `rec`, that records `user_login` events marked `v1` into `rec.jsonl`.
-fn recorder_daemon() -> Daemon {
-    Daemon::with(with_sinks(
+/// One sink, `rec`, recording into `rec.jsonl` with the mark `v1`.
+fn recorder_setup() -> Setup {
+    with_sinks(
         &[sink(
             "rec",
             "recorder",
@@ -587,7 +588,11 @@ fn recorder_daemon() -> Daemon {
         )],
         &[("trail-test-recorder", "librecorder.so")],
         "",
-    ))
+    )
+}
+
+fn recorder_daemon() -> Daemon {
+    Daemon::with(recorder_setup())
 }
 
 #[test]
@@ -666,16 +671,7 @@ fn hot_reload_under_load_swaps_builds_without_losing_or_reordering() {
 
 #[test]
 fn reload_by_command_and_sighup_without_inotify_events() {
-    let mut setup = with_sinks(
-        &[sink(
-            "rec",
-            "recorder",
-            "['user_login']",
-            "{path: $DIR/rec.jsonl, mark: v1}",
-        )],
-        &[("trail-test-recorder", "librecorder.so")],
-        "",
-    );
+    let mut setup = recorder_setup();
     // No watcher: only the command and the signal can reload.
     setup.env.push((trail::NO_WATCH_VAR.into(), "1".into()));
     let daemon = Daemon::with(setup);
