@@ -399,3 +399,88 @@ pub fn wait_recorded(path: &Path, n: usize) -> Vec<Value> {
     );
     lines
 }
+
+/// A local user of its own for tests of what another uid may and may not do, created once per test run with
+/// `useradd` (no home, no login shell). `None` when the tests do not run as root: such tests then skip.
+pub struct TestUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl TestUser {
+    /// `program` run as this user (real and effective uid and gid, no supplementary groups), through `setpriv`.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new("setpriv");
+        command
+            .arg(format!("--reuid={}", self.uid))
+            .arg(format!("--regid={}", self.gid))
+            .arg("--clear-groups")
+            .arg("--")
+            .arg(program);
+        command
+    }
+}
+
+/// The test user `name` (created when missing); `None` when not running as root.
+pub fn test_user(name: &str) -> Option<TestUser> {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: skipping the part of this test that needs a second uid");
+        return None;
+    }
+    static CREATING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = CREATING.lock().unwrap_or_else(|e| e.into_inner());
+    let id = |flag: &str| {
+        Command::new("id")
+            .arg(flag)
+            .arg(name)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse::<u32>().ok())
+    };
+    if id("-u").is_none() {
+        let status = Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--user-group",
+                "--shell",
+                "/usr/sbin/nologin",
+                name,
+            ])
+            .status()
+            .unwrap();
+        // Another test process may have created it in the meantime (exit 9: the user exists).
+        assert!(
+            status.success() || status.code() == Some(9),
+            "useradd {name}: {status}"
+        );
+    }
+    Some(TestUser {
+        name: name.to_owned(),
+        uid: id("-u").expect("uid of the test user"),
+        gid: id("-g").expect("gid of the test user"),
+    })
+}
+
+/// The usual second user, `trail-test-other`.
+pub fn other_user() -> Option<TestUser> {
+    test_user("trail-test-other")
+}
+
+/// Opens `path` and every directory above it for traversal by other users (temp dirs are 0700), so that a test
+/// user can reach a socket inside. Leaves write permission as it was.
+pub fn let_others_traverse(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut dir = Some(path);
+    while let Some(d) = dir {
+        if let Ok(meta) = fs::metadata(d) {
+            let mode = meta.permissions().mode();
+            if meta.is_dir() && mode & 0o011 != 0o011 {
+                fs::set_permissions(d, fs::Permissions::from_mode(mode | 0o011)).unwrap();
+            }
+        }
+        dir = d.parent();
+    }
+}
