@@ -1,0 +1,140 @@
+//! The systemd units and snippets as systemd's own tools read them: `systemd-analyze verify` on every unit,
+//! `systemd-analyze security --offline` on the service, and the sysusers/tmpfiles snippets applied to a scratch root.
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn systemd_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd")
+}
+
+/// The unit files shipped in `systemd/`.
+fn units() -> Vec<PathBuf> {
+    let mut units: Vec<PathBuf> = fs::read_dir(systemd_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|e| e == "service" || e == "socket")
+        })
+        .collect();
+    units.sort();
+    assert!(!units.is_empty());
+    units
+}
+
+fn run(command: &mut Command) -> (bool, String) {
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// A scratch root as `systemd-analyze verify --root` needs it: the host's own units (for the default
+/// dependencies), ours where an administrator installs them, and the binaries the units start.
+fn scratch_root() -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    let system = root.path().join("usr/lib/systemd/system");
+    fs::create_dir_all(&system).unwrap();
+    for entry in fs::read_dir("/lib/systemd/system").unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            fs::copy(&path, system.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    for unit in units() {
+        fs::copy(&unit, system.join(unit.file_name().unwrap())).unwrap();
+    }
+    for dir in ["usr/bin", "bin"] {
+        fs::create_dir_all(root.path().join(dir)).unwrap();
+    }
+    fs::copy(
+        env!("CARGO_BIN_EXE_traild"),
+        root.path().join("usr/bin/traild"),
+    )
+    .unwrap();
+    fs::copy(
+        env!("CARGO_BIN_EXE_trail"),
+        root.path().join("usr/bin/trail"),
+    )
+    .unwrap();
+    fs::copy("/bin/kill", root.path().join("bin/kill")).unwrap();
+    root
+}
+
+#[test]
+fn every_unit_passes_systemd_analyze_verify() {
+    let root = scratch_root();
+    for unit in units() {
+        let name = unit.file_name().unwrap().to_str().unwrap();
+        let (ok, text) = run(Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(format!("--root={}", root.path().display()))
+            .arg(name));
+        assert!(
+            ok && text.trim().is_empty(),
+            "systemd-analyze verify {name}:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn the_service_is_exposed_at_most_2_0() {
+    let unit = systemd_dir().join("trail.service");
+    let (ok, text) = run(Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(&unit));
+    assert!(ok, "systemd-analyze security:\n{text}");
+    let level: f64 = text
+        .lines()
+        .find_map(|l| l.split_once("Overall exposure level for trail.service:"))
+        .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
+    assert!(level <= 2.0, "exposure {level} > 2.0:\n{text}");
+}
+
+#[test]
+fn sysusers_and_tmpfiles_create_the_user_and_private_directories() {
+    let root = tempfile::tempdir().unwrap();
+    fs::create_dir(root.path().join("etc")).unwrap();
+    let root_arg = format!("--root={}", root.path().display());
+    let (ok, text) = run(Command::new("systemd-sysusers")
+        .arg(&root_arg)
+        .arg(systemd_dir().join("trail.sysusers")));
+    assert!(ok, "systemd-sysusers:\n{text}");
+    let passwd = fs::read_to_string(root.path().join("etc/passwd")).unwrap();
+    let uid: u32 = passwd
+        .lines()
+        .find_map(|l| l.strip_prefix("trail:x:"))
+        .and_then(|rest| rest.split(':').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no user trail in:\n{passwd}"));
+    let group = fs::read_to_string(root.path().join("etc/group")).unwrap();
+    assert!(
+        group.lines().any(|l| l.starts_with("trail:x:")),
+        "no group trail in:\n{group}"
+    );
+
+    let (ok, text) = run(Command::new("systemd-tmpfiles")
+        .arg(&root_arg)
+        .arg("--create")
+        .arg(systemd_dir().join("trail.tmpfiles")));
+    assert!(ok, "systemd-tmpfiles:\n{text}");
+    for (dir, mode) in [
+        ("var/lib/trail", 0o750),
+        ("var/lib/trail/log", 0o750),
+        ("var/lib/trail/spool", 0o750),
+        ("var/lib/trail/keys", 0o700),
+        ("run/trail", 0o750),
+    ] {
+        let meta = fs::metadata(root.path().join(dir)).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o7777, mode, "{dir}");
+        assert_eq!(meta.uid(), uid, "{dir} is owned by trail");
+    }
+}
