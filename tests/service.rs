@@ -138,3 +138,113 @@ fn sysusers_and_tmpfiles_create_the_user_and_private_directories() {
         assert_eq!(meta.uid(), uid, "{dir} is owned by trail");
     }
 }
+
+/// `make install` into a scratch prefix, then the installed daemon on the installed configuration: the layout
+/// README promises, the paths inside the unit and the configuration rewritten to it, and a working daemon.
+#[test]
+fn make_install_lays_out_a_working_installation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    // What `make` would have built, staged where `make install` reads it (OUT).
+    let staged = root.join("staged");
+    fs::create_dir(&staged).unwrap();
+    fs::copy(env!("CARGO_BIN_EXE_traild"), staged.join("traild")).unwrap();
+    fs::copy(env!("CARGO_BIN_EXE_trail"), staged.join("trail")).unwrap();
+    for package in ["trail-sink-webhook", "trail-sink-syslog"] {
+        let library = crate::util::plugins::library(package);
+        fs::copy(&library, staged.join(library.file_name().unwrap())).unwrap();
+    }
+    let install = || {
+        run(Command::new("make")
+            .arg("-C")
+            .arg(env!("CARGO_MANIFEST_DIR"))
+            .arg("--no-print-directory")
+            .arg("install")
+            .arg(format!("OUT={}", staged.display()))
+            .arg(format!("PREFIX={}", root.join("usr").display()))
+            .arg(format!("SYSCONFDIR={}", root.join("etc").display()))
+            .arg(format!("LOCALSTATEDIR={}", root.join("var").display()))
+            .arg(format!("RUNSTATEDIR={}", root.join("run").display())))
+    };
+    let (ok, text) = install();
+    assert!(ok, "make install:\n{text}");
+
+    let mode = |p: &str| fs::metadata(root.join(p)).unwrap().permissions().mode() & 0o7777;
+    for (path, want) in [
+        ("usr/bin/traild", 0o755),
+        ("usr/bin/trail", 0o755),
+        ("usr/lib/trail/plugins/libtrail_sink_webhook.so", 0o644),
+        ("usr/lib/trail/plugins/libtrail_sink_syslog.so", 0o644),
+        ("usr/lib/systemd/system/trail.service", 0o644),
+        ("usr/lib/sysusers.d/trail.conf", 0o644),
+        ("usr/lib/tmpfiles.d/trail.conf", 0o644),
+        ("etc/trail/trail.yaml", 0o640),
+        ("etc/trail/event-types/user_login.yml", 0o644),
+        ("usr/share/doc/trail/README.md", 0o644),
+    ] {
+        assert_eq!(mode(path), want, "{path}");
+    }
+    assert!(
+        !root
+            .join("etc/trail/event-types/trail_plugin_loaded.yml")
+            .exists(),
+        "the daemon's own types are built in, not installed"
+    );
+    let unit = fs::read_to_string(root.join("usr/lib/systemd/system/trail.service")).unwrap();
+    let bin = root.join("usr/bin/traild");
+    let config = root.join("etc/trail/trail.yaml");
+    assert!(
+        unit.contains(&format!(
+            "ExecStart={} --config {}",
+            bin.display(),
+            config.display()
+        )),
+        "{unit}"
+    );
+    let state = root.join("var/lib/trail");
+    assert!(
+        unit.contains(&format!("ReadWritePaths={} ", state.display())),
+        "{unit}"
+    );
+
+    // The administrator's configuration survives a second install.
+    let edited = format!("{}\n# edited\n", fs::read_to_string(&config).unwrap());
+    fs::write(&config, &edited).unwrap();
+    let (ok, text) = install();
+    assert!(ok, "make install again:\n{text}");
+    assert_eq!(fs::read_to_string(&config).unwrap(), edited);
+
+    // The installed daemon runs on the installed configuration (what tmpfiles would create, created by hand).
+    for dir in ["run/trail", "var/lib/trail"] {
+        fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    let mut daemon = Command::new(&bin)
+        .arg("--config")
+        .arg(&config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let socket = root.join("run/trail/trail.sock");
+    let up = crate::util::wait_until(std::time::Duration::from_secs(20), || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    });
+    if !up {
+        let _ = daemon.kill();
+        panic!(
+            "{}",
+            String::from_utf8_lossy(&daemon.wait_with_output().unwrap().stderr)
+        );
+    }
+    let answer = crate::util::Client::connect(&socket)
+        .unwrap()
+        .emit(&crate::util::login("installed"))
+        .unwrap();
+    assert_eq!(answer["ok"], true, "{answer}");
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    assert!(daemon.wait().unwrap().success());
+    let logged = fs::read_dir(state.join("log"))
+        .unwrap()
+        .filter_map(|e| fs::read_to_string(e.unwrap().path()).ok())
+        .any(|text| text.contains("\"message\":\"installed\""));
+    assert!(logged, "the event is in the installed log");
+}

@@ -1,0 +1,64 @@
+# Builds and installs trail for distributions other than Debian (Debian: `make deb`, see README "Installing").
+#   make                      release build of the daemon, the command-line tool and the first-party plugins
+#   make install              install under PREFIX (default /usr/local), into DESTDIR when packaging
+#   make deb                  the Debian package, with cargo-deb, in target/debian/
+# The installed unit, configuration and snippets name the installed paths (PREFIX, SYSCONFDIR, LOCALSTATEDIR).
+
+PREFIX        ?= /usr/local
+SYSCONFDIR    ?= $(if $(filter /usr,$(PREFIX)),/etc,$(PREFIX)/etc)
+LOCALSTATEDIR ?= /var
+RUNSTATEDIR   ?= /run
+BINDIR        ?= $(PREFIX)/bin
+LIBDIR        ?= $(PREFIX)/lib
+DATADIR       ?= $(PREFIX)/share
+UNITDIR       ?= $(LIBDIR)/systemd/system
+SYSUSERSDIR   ?= $(LIBDIR)/sysusers.d
+TMPFILESDIR   ?= $(LIBDIR)/tmpfiles.d
+PLUGINDIR     ?= $(LIBDIR)/trail/plugins
+DESTDIR       ?=
+CARGO         ?= cargo
+# release, or debug to install what `cargo build` made (the test suite does this)
+PROFILE       ?= release
+PLUGINS       := trail-sink-webhook trail-sink-syslog
+TARGET_DIR    ?= target
+
+PROFILE_FLAG := $(if $(filter release,$(PROFILE)),--release,)
+OUT          := $(TARGET_DIR)/$(PROFILE)
+# The repository's files name the Debian layout; installing elsewhere rewrites those paths.
+REWRITE := sed -e 's|/usr/bin/|$(BINDIR)/|g' -e 's|/usr/lib/trail/plugins|$(PLUGINDIR)|g' \
+	-e 's|/etc/trail|$(SYSCONFDIR)/trail|g' -e 's|/var/lib/trail|$(LOCALSTATEDIR)/lib/trail|g' \
+	-e 's|/run/trail|$(RUNSTATEDIR)/trail|g'
+
+.PHONY: all build install uninstall deb
+
+all: build
+
+build:
+	$(CARGO) build $(PROFILE_FLAG) -p trail $(addprefix -p ,$(PLUGINS))
+
+install:
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(PLUGINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) \
+		$(DESTDIR)$(TMPFILESDIR) $(DESTDIR)$(SYSCONFDIR)/trail/event-types $(DESTDIR)$(DATADIR)/doc/trail
+	install -m 0755 $(OUT)/traild $(OUT)/trail $(DESTDIR)$(BINDIR)/
+	for p in $(subst -,_,$(PLUGINS)); do install -m 0644 $(OUT)/lib$$p.so $(DESTDIR)$(PLUGINDIR)/; done
+	$(REWRITE) systemd/trail.service > $(DESTDIR)$(UNITDIR)/trail.service
+	$(REWRITE) systemd/trail.sysusers > $(DESTDIR)$(SYSUSERSDIR)/trail.conf
+	$(REWRITE) systemd/trail.tmpfiles > $(DESTDIR)$(TMPFILESDIR)/trail.conf
+	chmod 0644 $(DESTDIR)$(UNITDIR)/trail.service $(DESTDIR)$(SYSUSERSDIR)/trail.conf $(DESTDIR)$(TMPFILESDIR)/trail.conf
+	# The configuration is the administrator's: never overwritten once installed.
+	test -e $(DESTDIR)$(SYSCONFDIR)/trail/trail.yaml || \
+		{ $(REWRITE) systemd/trail.yaml > $(DESTDIR)$(SYSCONFDIR)/trail/trail.yaml && \
+		  chmod 0640 $(DESTDIR)$(SYSCONFDIR)/trail/trail.yaml; }
+	for f in event-types/*.yml; do case $$(basename $$f) in trail_*) ;; *) \
+		test -e $(DESTDIR)$(SYSCONFDIR)/trail/$$f || install -m 0644 $$f $(DESTDIR)$(SYSCONFDIR)/trail/event-types/;; \
+		esac; done
+	install -m 0644 README.md ARCHITECTURE.md $(DESTDIR)$(DATADIR)/doc/trail/
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/traild $(DESTDIR)$(BINDIR)/trail $(DESTDIR)$(UNITDIR)/trail.service \
+		$(DESTDIR)$(SYSUSERSDIR)/trail.conf $(DESTDIR)$(TMPFILESDIR)/trail.conf
+	rm -rf $(DESTDIR)$(PLUGINDIR) $(DESTDIR)$(DATADIR)/doc/trail
+
+deb:
+	$(CARGO) build --release -p trail $(addprefix -p ,$(PLUGINS))
+	$(CARGO) deb --no-build -p trail
