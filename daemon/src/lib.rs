@@ -230,13 +230,14 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
     Ok(())
 }
 
-/// The `source` of the daemon's own events: its own process.
+/// The `source` of the daemon's own events: its own process, marked `"daemon":true`.
 fn own_source(ctx: &ingest::Context) -> Vec<u8> {
     record::Source {
         uid: unsafe { libc::geteuid() },
         gid: unsafe { libc::getegid() },
         pid: Some(std::process::id() as i32),
         host: ctx.host.clone(),
+        daemon: true,
     }
     .fragment()
 }
