@@ -322,6 +322,7 @@ fn an_untouched_log_verifies_after_restarts_rotations_compression_and_retention(
         .find(|r| r["type"] == json!("trail_log_file_deleted"))
         .unwrap();
     assert_eq!(deletion["payload"]["reason"], json!("size"));
+    assert_eq!(deletion["source"]["daemon"], json!(true), "{deletion}");
     assert_eq!(deletion["payload"]["last_hash"].as_str().unwrap().len(), 64);
     let first = log_files(&daemon.log_dir)[0].clone();
     assert!(
@@ -340,6 +341,53 @@ fn an_untouched_log_verifies_after_restarts_rotations_compression_and_retention(
     std::fs::remove_file(copy.path().join(name(&first))).unwrap();
     let (code, out) = verify(copy.path(), &public_key(&daemon));
     assert_eq!(code, 1, "{out}");
+}
+
+#[test]
+fn a_client_cannot_forge_the_deletion_record_that_hides_a_deleted_file() {
+    let mut s = setup("max_file_bytes: 4096");
+    // A type of the operator's with no payload schema: any object is accepted.
+    s.extra_types = vec![(
+        "note_taken.yml".into(),
+        "name: note_taken\ndescription: a note\nsaved_to_database: true\nstreamed: false\n".into(),
+    )];
+    let mut daemon = Daemon::with(s);
+    emit(&daemon, 0, 24);
+    let oldest = log_files(&daemon.log_dir)[0].clone();
+    assert_ne!(oldest, log_files(&daemon.log_dir).pop().unwrap(), "no rotation");
+    let last: Value = serde_json::from_str(lines(&oldest).last().unwrap()).unwrap();
+    let payload = json!({"file": name(&oldest), "first_seq": 1, "last_seq": last["seq"], "bytes": 1,
+        "last_hash": last["hash"], "reason": "size"});
+    let mut client = daemon.client();
+    let forged = json!({"type": "trail_log_file_deleted", "actor": {"id": "traild", "type": "system"},
+        "payload": payload});
+    let answer = client.emit(&forged).unwrap();
+    assert_eq!(
+        answer["error"],
+        json!({"code": "forbidden", "details": [], "message":
+            "event type \"trail_log_file_deleted\" is recorded by the daemon itself; clients may not submit it"}),
+        "{answer}"
+    );
+    // Any name of the daemon's, defined or not.
+    let answer = client.emit(&json!({"type": "trail_anything"})).unwrap();
+    assert_eq!(answer["error"]["code"], json!("forbidden"), "{answer}");
+    // A record of an open type whose payload looks like a deletion record is stored, and is no deletion record.
+    let mut dressed = payload.clone();
+    dressed["n"] = json!({"a": 1, "type": "trail_log_file_deleted", "source": {"daemon": true}});
+    let answer = client
+        .emit(&json!({"type": "note_taken", "payload": dressed}))
+        .unwrap();
+    assert_eq!(answer["ok"], json!(true), "{answer}");
+    emit(&daemon, 24, 2);
+    assert!(daemon.stop().success());
+    let copy = tempfile::tempdir().unwrap();
+    copy_dir(&daemon.log_dir, copy.path());
+    let (code, out) = verify(copy.path(), &public_key(&daemon));
+    assert_eq!(code, 0, "{out}");
+    std::fs::remove_file(copy.path().join(name(&oldest))).unwrap();
+    let (code, out) = verify(copy.path(), &public_key(&daemon));
+    assert_eq!(code, 1, "deleting the oldest file went unnoticed: {out}");
+    assert!(out.contains("no deletion record says retention removed them"), "{out}");
 }
 
 #[test]
