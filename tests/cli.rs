@@ -191,6 +191,56 @@ fn traild_validate_and_a_bad_config_exit_78() {
 }
 
 #[test]
+fn a_file_in_the_way_of_the_socket_is_a_config_error_and_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("trail.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "socket: {{path: s.sock}}\nevent_types: {}\nlog: {{dir: log}}\n",
+            repo_event_types().display()
+        ),
+    )
+    .unwrap();
+    let in_the_way = dir.path().join("s.sock");
+    std::fs::write(&in_the_way, "not a socket\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_traild"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains("exists and is not a socket"), "{err}");
+    assert_eq!(std::fs::read_to_string(&in_the_way).unwrap(), "not a socket\n");
+}
+
+#[test]
+fn config_errors_name_the_key_and_what_was_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("trail.yaml");
+    std::fs::write(
+        &config,
+        "socket: {path: s.sock}\nevent_types: t\nlog: {dir: log, max_file_bytes: 12 parsecs}\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_traild"))
+        .args(["validate", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "line 3 column 31: log.max_file_bytes: \"12 parsecs\" is not a size: use bytes or a unit such as 64KiB, 16MiB, 1GiB"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("Quantity") && !err.contains("<input>"), "{err}");
+}
+
+#[test]
 fn readiness_is_sent_to_the_service_manager_once_the_socket_accepts() {
     let dir = tempfile::tempdir().unwrap();
     let notify = dir.path().join("notify.sock");

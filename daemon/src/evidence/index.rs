@@ -89,13 +89,13 @@ pub fn load(file: &LogFile) -> Option<Index> {
     (index.index == 1 && index.size == size && index.file == name).then_some(index)
 }
 
-/// Writes a file's index (aside, then renamed into place).
+/// Writes a file's index (aside, then renamed into place; a failure leaves no temporary file).
 pub fn store(file: &LogFile, index: &Index) -> io::Result<()> {
     let path = file.index_path();
     let mut tmp = path.clone().into_os_string();
     tmp.push(".tmp");
-    std::fs::write(&tmp, serde_json::to_vec(index).expect("serializable"))?;
-    std::fs::rename(&tmp, &path)
+    let bytes = serde_json::to_vec(index).expect("serializable");
+    crate::modes::write_aside(std::path::Path::new(&tmp), &path, &bytes, false)
 }
 
 /// Accumulates an index while records pass by.
