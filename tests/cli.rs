@@ -212,7 +212,10 @@ fn a_file_in_the_way_of_the_socket_is_a_config_error_and_is_kept() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{err}");
     assert!(err.contains("exists and is not a socket"), "{err}");
-    assert_eq!(std::fs::read_to_string(&in_the_way).unwrap(), "not a socket\n");
+    assert_eq!(
+        std::fs::read_to_string(&in_the_way).unwrap(),
+        "not a socket\n"
+    );
 }
 
 #[test]
@@ -233,11 +236,14 @@ fn config_errors_name_the_key_and_what_was_written() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains(
-            "line 3 column 31: log.max_file_bytes: \"12 parsecs\" is not a size: use bytes or a unit such as 64KiB, 16MiB, 1GiB"
+            "line 3 column 33: log.max_file_bytes: \"12 parsecs\" is not a size: use bytes or a unit such as 64KiB, 16MiB, 1GiB"
         ),
         "{err}"
     );
-    assert!(!err.contains("Quantity") && !err.contains("<input>"), "{err}");
+    assert!(
+        !err.contains("Quantity") && !err.contains("<input>"),
+        "{err}"
+    );
 }
 
 #[test]

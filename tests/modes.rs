@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::util::{Daemon, Setup, let_others_traverse, login, other_user, plugins, test_user, wait_until};
+use crate::util::{
+    Daemon, Setup, let_others_traverse, login, other_user, plugins, test_user, wait_until,
+};
 
 /// Every file and directory under `dir` (symlinks aside): (path relative to `root`, mode, gid, is a directory).
 fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, u32, u32, bool)>) {
@@ -17,7 +19,11 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, u32, u32, bool)>) {
         if meta.file_type().is_symlink() {
             continue;
         }
-        let name = path.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+        let name = path
+            .strip_prefix(root)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
         out.push((name, meta.mode() & 0o7777, meta.gid(), meta.is_dir()));
         if meta.is_dir() {
             walk(root, &path, out);
@@ -57,7 +63,11 @@ fn everything_the_daemon_writes_is_0640_in_0750_directories_under_umask_022() {
             .collect();
         names.iter().any(|n| n.ends_with(".zst")) && names.iter().any(|n| n.ends_with(".idx"))
     });
-    assert!(upkept, "no file was compressed and indexed:\n{}", daemon.stderr());
+    assert!(
+        upkept,
+        "no file was compressed and indexed:\n{}",
+        daemon.stderr()
+    );
     let dead = daemon.path("spool/dead/picky.jsonl");
     assert!(
         wait_until(Duration::from_secs(60), || dead.exists()),
@@ -81,7 +91,10 @@ fn everything_the_daemon_writes_is_0640_in_0750_directories_under_umask_022() {
         .write_all(br#"{"seq":999,"id":"torn"#)
         .unwrap();
     daemon.spawn();
-    assert_eq!(daemon.client().emit(&login("after")).unwrap()["ok"], json!(true));
+    assert_eq!(
+        daemon.client().emit(&login("after")).unwrap()["ok"],
+        json!(true)
+    );
     assert!(daemon.stop().success());
 
     let mut seen = Vec::new();
@@ -101,15 +114,28 @@ fn everything_the_daemon_writes_is_0640_in_0750_directories_under_umask_022() {
         assert_eq!(*mode, expected, "{name}: mode {mode:04o}");
         assert_eq!(*gid, group, "{name}: group");
         for kind in [
-            ".jsonl", ".zst", ".idx", "checkpoints/checkpoint-", "cursors/picky.json", "dead/picky.jsonl",
-            "spool/spool-", "closed-cleanly", ".torn-", ".pem", ".pem.pub",
+            ".jsonl",
+            ".zst",
+            ".idx",
+            "checkpoints/checkpoint-",
+            "cursors/picky.json",
+            "dead/picky.jsonl",
+            "spool/spool-",
+            "closed-cleanly",
+            ".torn-",
+            ".pem",
+            ".pem.pub",
         ] {
             if name.contains(kind) {
                 kinds.insert(kind);
             }
         }
     }
-    assert_eq!(kinds.len(), 11, "not everything was created: {kinds:?} in {seen:?}");
+    assert_eq!(
+        kinds.len(),
+        11,
+        "not everything was created: {kinds:?} in {seen:?}"
+    );
 
     // Another user cannot read the log; a member of files.group can.
     if let (Some(reader), Some(other)) = (reader, other_user()) {

@@ -631,7 +631,9 @@ fn user_message(e: &serde_saphyr::Error, at: Option<&str>) -> String {
         match text {
             "expected string scalar" => "must be text, not a list or a mapping".to_owned(),
             "expected sequence start" => "must be a list, e.g. [a, b]".to_owned(),
-            "expected mapping start" => "must be a mapping of keys to values, e.g. {a: 1}".to_owned(),
+            "expected mapping start" => {
+                "must be a mapping of keys to values, e.g. {a: 1}".to_owned()
+            }
             "invalid boolean" => "must be true or false".to_owned(),
             "null is not allowed here" => "has no value; give one or leave the key out".to_owned(),
             other => match other
@@ -886,38 +888,84 @@ mod tests {
     #[test]
     fn config_errors_name_the_key_and_what_is_wrong_with_it() {
         let check = |extra: &str, expected: &str| {
-            let err = parse(&format!("{MINIMAL}{extra}\n")).unwrap_err().to_string();
+            let err = parse(&format!("{MINIMAL}{extra}\n"))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(expected), "{extra:?}: {err}");
-            for internal in ["Quantity", "untagged", "Option<", "DuplicateKeyPolicy", "<input>", "u64"] {
+            for internal in [
+                "Quantity",
+                "untagged",
+                "Option<",
+                "DuplicateKeyPolicy",
+                "<input>",
+                "u64",
+            ] {
                 assert!(!err.contains(internal), "{extra:?}: {err}");
             }
         };
         let size = "is not a size: use bytes or a unit such as 64KiB, 16MiB, 1GiB";
         let duration = "is not a duration: use seconds or a unit such as 500ms, 10s, 5m, 2h, 7d";
-        check("spool: {max_bytes: 12 parsecs}", &format!("spool.max_bytes: \"12 parsecs\" {size}"));
-        check("spool: {max_bytes: [1]}", &format!("spool.max_bytes: a list {size}"));
-        check("spool: {max_bytes: -5}", &format!("spool.max_bytes: -5 {size}"));
-        check("spool: {max_bytes: 1.5}", &format!("spool.max_bytes: 1.5 {size}"));
-        check("spool: {max_bytes: true}", &format!("spool.max_bytes: true {size}"));
-        check("spool: {max_bytes: ~}", "spool.max_bytes: an empty value is not a size");
-        check("shutdown_grace: {a: 1}", &format!("shutdown_grace: a mapping {duration}"));
-        check("limits: {max_line_bytes: big}", &format!("limits.max_line_bytes: \"big\" {size}"));
+        check(
+            "spool: {max_bytes: 12 parsecs}",
+            &format!("spool.max_bytes: \"12 parsecs\" {size}"),
+        );
+        check(
+            "spool: {max_bytes: [1]}",
+            &format!("spool.max_bytes: a list {size}"),
+        );
+        check(
+            "spool: {max_bytes: -5}",
+            &format!("spool.max_bytes: -5 {size}"),
+        );
+        check(
+            "spool: {max_bytes: 1.5}",
+            &format!("spool.max_bytes: 1.5 {size}"),
+        );
+        check(
+            "spool: {max_bytes: true}",
+            &format!("spool.max_bytes: true {size}"),
+        );
+        check(
+            "spool: {max_bytes: ~}",
+            "spool.max_bytes: an empty value is not a size",
+        );
+        check(
+            "shutdown_grace: {a: 1}",
+            &format!("shutdown_grace: a mapping {duration}"),
+        );
+        check(
+            "limits: {max_line_bytes: big}",
+            &format!("limits.max_line_bytes: \"big\" {size}"),
+        );
         check(
             "sinks: [{name: a, plugin: p, batch: {max_wait: forever}}]",
             &format!("sinks[0].batch.max_wait: \"forever\" {duration}"),
         );
-        check("sinks: [{name: a, plugin: p, batch: {max_events: many}}]", "sinks[0].batch.max_events: is not a whole number");
+        check(
+            "sinks: [{name: a, plugin: p, batch: {max_events: many}}]",
+            "sinks[0].batch.max_events: is not a whole number",
+        );
         check("sinks: [{name: a}]", "sinks[0]: missing field `plugin`");
         check("sinks: {a: 1}", "sinks: must be a list");
         check("plugins_dir: [a]", "plugins_dir: must be text");
         check("files: {group: [a]}", "files.group: must be text");
-        check("socket: {path: /x}", "line 4 column 1: socket is given twice; keep one of them");
-        let err = parse("socket: {path: ~}\nevent_types: t\nlog: {dir: l}\n").unwrap_err().to_string();
+        check(
+            "socket: {path: /x}",
+            "line 4 column 1: socket is given twice; keep one of them",
+        );
+        let err = parse("socket: {path: ~}\nevent_types: t\nlog: {dir: l}\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("socket.path: has no value"), "{err}");
         let err = parse("socket: {path: /s}\nevent_types: t\nlog: {dir: l, retention_by_type: {user_login: forever}}\n")
             .unwrap_err()
             .to_string();
-        assert!(err.contains(&format!("log.retention_by_type.user_login: \"forever\" {duration}")), "{err}");
+        assert!(
+            err.contains(&format!(
+                "log.retention_by_type.user_login: \"forever\" {duration}"
+            )),
+            "{err}"
+        );
     }
 
     #[test]
@@ -934,7 +982,10 @@ mod tests {
         assert_eq!(group(&name).unwrap(), Some(own));
         assert_eq!(parse(MINIMAL).unwrap().files.gid, None);
         let err = group("no-such-group-here").unwrap_err().to_string();
-        assert!(err.contains("files.group: there is no group \"no-such-group-here\""), "{err}");
+        assert!(
+            err.contains("files.group: there is no group \"no-such-group-here\""),
+            "{err}"
+        );
     }
 
     #[test]

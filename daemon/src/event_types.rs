@@ -348,9 +348,16 @@ fn parse_definition(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Opt
             ),
         ));
     }
-    let builtin = |name: &str| BUILTIN.iter().any(|(f, _)| f.strip_suffix(".yml") == Some(name));
+    let builtin = |name: &str| {
+        BUILTIN
+            .iter()
+            .any(|(f, _)| f.strip_suffix(".yml") == Some(name))
+    };
     if is_daemon_type(&def.name) && !builtin(&def.name) {
-        let own: Vec<&str> = BUILTIN.iter().filter_map(|(f, _)| f.strip_suffix(".yml")).collect();
+        let own: Vec<&str> = BUILTIN
+            .iter()
+            .filter_map(|(f, _)| f.strip_suffix(".yml"))
+            .collect();
         problems.push(Problem::new(
             file,
             "/name",
@@ -498,7 +505,9 @@ mod tests {
         check(
             "trail_backup_done.yml",
             "name: trail_backup_done\ndescription: x\nsaved_to_database: true\nstreamed: false\n",
-            &["trail_backup_done.yml: /name: names starting with \"trail_\" are reserved for the daemon's own"],
+            &[
+                "trail_backup_done.yml: /name: names starting with \"trail_\" are reserved for the daemon's own",
+            ],
         );
         check(
             "trail_plugin_failed.yml",

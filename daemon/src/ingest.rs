@@ -270,7 +270,9 @@ fn check<'c>(
     if !own && crate::event_types::is_daemon_type(name) {
         return Err(Rejection::new(
             ErrorCode::Forbidden,
-            format!("event type {name:?} is recorded by the daemon itself; clients may not submit it"),
+            format!(
+                "event type {name:?} is recorded by the daemon itself; clients may not submit it"
+            ),
         ));
     }
     let Some(ty) = ctx.registry.get(name) else {

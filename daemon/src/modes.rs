@@ -137,7 +137,10 @@ fn check_existing(dir: &Path, meta: &std::fs::Metadata) {
         return;
     }
     let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
-    if !warned.get_or_insert_with(HashSet::new).insert(dir.to_owned()) {
+    if !warned
+        .get_or_insert_with(HashSet::new)
+        .insert(dir.to_owned())
+    {
         return;
     }
     if open {

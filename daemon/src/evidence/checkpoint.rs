@@ -103,9 +103,11 @@ impl Signer {
             .to_public_key_pem(Default::default())
             .map_err(|e| io(std::io::Error::other(e.to_string())))?;
         if std::fs::read_to_string(&public_path).ok().as_deref() != Some(public.as_str()) {
-            crate::modes::write(&public_path, public.as_bytes()).map_err(|source| KeyError::Io {
-                path: public_path.clone(),
-                source,
+            crate::modes::write(&public_path, public.as_bytes()).map_err(|source| {
+                KeyError::Io {
+                    path: public_path.clone(),
+                    source,
+                }
             })?;
         }
         Ok(Signer {

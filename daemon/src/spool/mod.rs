@@ -272,8 +272,7 @@ fn cut_orphans(path: &Path, log_dir: &Path) -> Result<(), Error> {
         let line = &content[offset..offset + n];
         if line.ends_with(IN_LOG) && record_seq(line) > log_last {
             let aside = path.with_extension(format!("jsonl.orphans-{offset}"));
-            crate::modes::write(&aside, &content[offset..])
-                .map_err(io_error(&aside))?;
+            crate::modes::write(&aside, &content[offset..]).map_err(io_error(&aside))?;
             let file = OpenOptions::new()
                 .write(true)
                 .open(path)
