@@ -654,7 +654,7 @@ fn temporary_files(dir: &Path) -> Vec<PathBuf> {
 }
 
 #[test]
-fn a_full_disk_leaves_no_temporary_index_or_checkpoint_behind() {
+fn a_full_disk_leaves_no_temporary_checkpoint_or_index_behind() {
     let mut daemon = start("max_file_bytes: 4096", vec![]);
     emit(&daemon, 0, 1);
     let file = log_files(&daemon.log_dir).pop().unwrap();
@@ -664,17 +664,14 @@ fn a_full_disk_leaves_no_temporary_index_or_checkpoint_behind() {
         emit(&daemon, i, 1);
         i += 1;
     }
-    // The next record starts a new file; writing it, the closed file's index and the checkpoint all fail.
+    // The next record starts a new file: the rotation's checkpoint is written (and fails) before the record is
+    // (and fails), and so before the answer; the closed file's index is written (and fails) in the background.
     limit_file_size(&daemon, 100);
     let answer = daemon.client().emit(&login("past the limit")).unwrap();
     assert_eq!(answer["error"]["code"], json!("unavailable"), "{answer}");
-    let failed = wait_until(Duration::from_secs(30), || {
-        daemon.stderr().contains("log upkeep failed")
-    });
-    assert!(failed, "the index was written:\n{}", daemon.stderr());
     assert_eq!(temporary_files(&daemon.log_dir), Vec::<PathBuf>::new());
-    // Space is back (upkeep is retried at the next rotation, within a minute, or at the next start): the index is
-    // written.
+    // Space is back (upkeep is tried again at the next rotation, within a minute, or at the next start): the index
+    // is written, and no temporary file is left.
     limit_file_size(&daemon, libc::RLIM_INFINITY);
     emit(&daemon, i, 1);
     assert!(daemon.stop().success());

@@ -246,3 +246,35 @@ pub fn summary(file: &LogFile) -> io::Result<FileEntry> {
         last_hash: chain::split(line).map(|(_, h)| chain::hex(&h)),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_store_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir
+            .path()
+            .join("trail-20260101T000000Z-00000000000000000001.jsonl");
+        std::fs::write(&path, b"").unwrap();
+        let file = LogFile::parse(&path).unwrap();
+        let ix = build(&file).unwrap();
+        // The index cannot be renamed into place: a non-empty directory is in the way.
+        std::fs::create_dir(file.index_path()).unwrap();
+        std::fs::write(file.index_path().join("x"), b"").unwrap();
+        assert!(store(&file, &ix).is_err());
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "trail-20260101T000000Z-00000000000000000001.jsonl",
+                "trail-20260101T000000Z-00000000000000000001.jsonl.idx"
+            ]
+        );
+    }
+}
