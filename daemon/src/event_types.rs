@@ -37,6 +37,16 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ),
 ];
 
+/// Event types whose names start with this are the daemon's own: only the daemon records them (with the marker
+/// `"daemon":true` in `source`, which no client's record can carry), a client submitting one is refused
+/// (`forbidden`), and a definition file may use such a name only for one of [`BUILTIN`]'s types.
+pub const DAEMON_PREFIX: &str = "trail_";
+
+/// Whether `name` is reserved for the daemon's own events (see [`DAEMON_PREFIX`]).
+pub fn is_daemon_type(name: &str) -> bool {
+    name.starts_with(DAEMON_PREFIX)
+}
+
 /// The JSON Schema every definition file must satisfy.
 pub const DEFINITION_SCHEMA: &str = include_str!("../../schemas/event-type.schema.json");
 
@@ -338,6 +348,26 @@ fn parse_definition(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Opt
             ),
         ));
     }
+    let builtin = |name: &str| {
+        BUILTIN
+            .iter()
+            .any(|(f, _)| f.strip_suffix(".yml") == Some(name))
+    };
+    if is_daemon_type(&def.name) && !builtin(&def.name) {
+        let own: Vec<&str> = BUILTIN
+            .iter()
+            .filter_map(|(f, _)| f.strip_suffix(".yml"))
+            .collect();
+        problems.push(Problem::new(
+            file,
+            "/name",
+            format!(
+                "names starting with {DAEMON_PREFIX:?} are reserved for the daemon's own event types ({}); \
+                 rename the type",
+                own.join(", ")
+            ),
+        ));
+    }
     if !def.saved_to_database && !def.streamed {
         problems.push(Problem::new(
             file,
@@ -471,6 +501,18 @@ mod tests {
             "user_login.yml",
             "name: user_login\ndescription: x\nsaved_to_database: false\nstreamed: false\n",
             &["both false"],
+        );
+        check(
+            "trail_backup_done.yml",
+            "name: trail_backup_done\ndescription: x\nsaved_to_database: true\nstreamed: false\n",
+            &[
+                "trail_backup_done.yml: /name: names starting with \"trail_\" are reserved for the daemon's own",
+            ],
+        );
+        check(
+            "trail_plugin_failed.yml",
+            "name: trail_plugin_failed\ndescription: x\nsaved_to_database: true\nstreamed: false\n",
+            &[],
         );
         check(
             "user_login.yml",

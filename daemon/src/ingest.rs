@@ -158,6 +158,7 @@ async fn connection(stream: UnixStream, ctx: Arc<Context>, stop: CancellationTok
             gid: cred.gid(),
             pid: cred.pid(),
             host: ctx.host.clone(),
+            daemon: false,
         },
         Err(e) => {
             // Without credentials events could not be attributed: refuse the connection rather than guess.
@@ -188,7 +189,7 @@ async fn connection(stream: UnixStream, ctx: Arc<Context>, stop: CancellationTok
             batch: Batch::default(),
         };
         framer.push(&buf[..n], |frame| {
-            handle(frame, &ctx, &fragment, &mut chunk)
+            handle(frame, &ctx, &fragment, false, &mut chunk)
         });
         if !send(&ctx, chunk, &pending_tx).await {
             break;
@@ -199,7 +200,7 @@ async fn connection(stream: UnixStream, ctx: Arc<Context>, stop: CancellationTok
             slots: Vec::new(),
             batch: Batch::default(),
         };
-        framer.finish(|frame| handle(frame, &ctx, &fragment, &mut chunk));
+        framer.finish(|frame| handle(frame, &ctx, &fragment, false, &mut chunk));
         send(&ctx, chunk, &pending_tx).await;
     }
     drop(pending_tx);
@@ -226,7 +227,8 @@ async fn send(ctx: &Context, chunk: Chunk, pending: &mpsc::Sender<Pending>) -> b
         .is_ok()
 }
 
-fn handle(frame: Frame<'_>, ctx: &Context, source: &[u8], chunk: &mut Chunk) {
+/// `own`: the line is one of the daemon's own events (only those may have the daemon's own types).
+fn handle(frame: Frame<'_>, ctx: &Context, source: &[u8], own: bool, chunk: &mut Chunk) {
     let line = match frame {
         Frame::TooLarge => {
             chunk.slots.push(Slot::Rejected(Rejection::new(
@@ -242,7 +244,7 @@ fn handle(frame: Frame<'_>, ctx: &Context, source: &[u8], chunk: &mut Chunk) {
         Frame::Line(line) if line.iter().all(u8::is_ascii_whitespace) => return,
         Frame::Line(line) => line,
     };
-    let slot = match check(line, ctx) {
+    let slot = match check(line, ctx, own) {
         Ok((event, ty, route)) => {
             let now = crate::clock::now();
             let mut text = [0u8; 36];
@@ -257,13 +259,22 @@ fn handle(frame: Frame<'_>, ctx: &Context, source: &[u8], chunk: &mut Chunk) {
     chunk.slots.push(slot);
 }
 
-/// Checks a request line completely: envelope, type, payload, destination.
+/// Checks a request line completely: envelope, type (the daemon's own types only when `own`), payload, destination.
 fn check<'c>(
     line: &[u8],
     ctx: &'c Context,
+    own: bool,
 ) -> Result<(protocol::Checked, &'c EventType, Route), Rejection> {
     let event = protocol::parse(line)?;
     let name = &event.request.event_type;
+    if !own && crate::event_types::is_daemon_type(name) {
+        return Err(Rejection::new(
+            ErrorCode::Forbidden,
+            format!(
+                "event type {name:?} is recorded by the daemon itself; clients may not submit it"
+            ),
+        ));
+    }
     let Some(ty) = ctx.registry.get(name) else {
         return Err(Rejection::new(
             ErrorCode::UnknownType,
@@ -309,7 +320,7 @@ pub async fn record_own(ctx: &Context, line: &[u8], source: &[u8]) -> Result<u64
         slots: Vec::new(),
         batch: Batch::default(),
     };
-    handle(Frame::Line(line), ctx, source, &mut chunk);
+    handle(Frame::Line(line), ctx, source, true, &mut chunk);
     if let Some(Slot::Rejected(r)) = chunk.slots.pop() {
         return Err(r);
     }

@@ -555,7 +555,7 @@ struct LogFile {
 
 impl LogFile {
     fn open(dir: &Path) -> Result<LogFile, Error> {
-        std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+        crate::modes::create_dir_all(dir).map_err(io_error(dir))?;
         let files = files::list(dir).map_err(io_error(dir))?;
         let Some(newest) = files.last().filter(|f| !f.compressed) else {
             let (chain, last) = chain_head(dir, &files, u64::MAX);
@@ -582,10 +582,12 @@ impl LogFile {
             }
             None => chain_head(dir, &files[..files.len() - 1], next_seq),
         };
-        let file = OpenOptions::new()
-            .append(true)
-            .open(&newest.path)
-            .map_err(io_error(&newest.path))?;
+        let file = crate::modes::open(
+            &newest.path,
+            OpenOptions::new().append(true),
+            crate::modes::FILE,
+        )
+        .map_err(io_error(&newest.path))?;
         Ok(LogFile {
             dir: dir.to_owned(),
             path: newest.path.clone(),
@@ -603,11 +605,12 @@ impl LogFile {
     fn create(dir: &Path, first_seq: u64, chain: chain::Hash) -> Result<LogFile, Error> {
         let now = clock::now();
         let path = dir.join(file_name(now, first_seq));
-        let file = OpenOptions::new()
-            .append(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(io_error(&path))?;
+        let file = crate::modes::open(
+            &path,
+            OpenOptions::new().append(true).create_new(true),
+            crate::modes::FILE,
+        )
+        .map_err(io_error(&path))?;
         sync_dir(dir)?;
         Ok(LogFile {
             dir: dir.to_owned(),
@@ -799,7 +802,7 @@ pub(crate) fn recover(path: &Path) -> Result<(u64, Option<crate::record::Head>),
             .unwrap_or_default()
             .as_nanos();
         let aside = path.with_extension(format!("jsonl.torn-{end}-{nanos}"));
-        std::fs::write(&aside, &cut).map_err(io_error(&aside))?;
+        crate::modes::write(&aside, &cut).map_err(io_error(&aside))?;
         file.set_len(end).map_err(io_error(path))?;
         file.sync_all().map_err(io_error(path))?;
         warn!(

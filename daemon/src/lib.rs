@@ -15,6 +15,7 @@ pub mod evidence;
 pub mod framing;
 pub mod ingest;
 pub mod journal;
+pub mod modes;
 pub mod protocol;
 pub mod record;
 pub mod shutdown;
@@ -68,6 +69,8 @@ impl Error {
         match self {
             Error::Config(_) | Error::EventTypes(_) | Error::Sinks(_) => EXIT_CONFIG,
             Error::Key(evidence::checkpoint::KeyError::Format { .. }) => EXIT_CONFIG,
+            // Something else at `socket.path` (or `admin_socket`): the configuration names the wrong path.
+            Error::Socket(ingest::BindError::NotASocket(_)) => EXIT_CONFIG,
             Error::Log(_) | Error::Socket(_) | Error::Spool(_) | Error::Key(_) => 1,
         }
     }
@@ -97,6 +100,7 @@ pub fn validate(config: &Config) -> Result<Validated, Error> {
 /// positions, and the log is synced.
 pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
     let started = Instant::now();
+    modes::set_group(config.files.gid);
     let registry = event_types::Registry::load_dir(&config.event_types)?;
     info!(count = registry.len(), dir = %config.event_types.display(), "event types loaded");
     let sink_types = sinks::routes(&config.sinks, &registry);
@@ -230,13 +234,14 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
     Ok(())
 }
 
-/// The `source` of the daemon's own events: its own process.
+/// The `source` of the daemon's own events: its own process, marked `"daemon":true`.
 fn own_source(ctx: &ingest::Context) -> Vec<u8> {
     record::Source {
         uid: unsafe { libc::geteuid() },
         gid: unsafe { libc::getegid() },
         pid: Some(std::process::id() as i32),
         host: ctx.host.clone(),
+        daemon: true,
     }
     .fragment()
 }

@@ -109,6 +109,8 @@ pub enum ErrorCode {
     TooLarge,
     /// The daemon cannot take the event now (disk full, shutting down); retry later.
     Unavailable,
+    /// The client may not submit this event (e.g. one of the daemon's own types); retrying does not help.
+    Forbidden,
 }
 
 impl ErrorCode {
@@ -121,8 +123,20 @@ impl ErrorCode {
             ErrorCode::InvalidPayload => "invalid_payload",
             ErrorCode::TooLarge => "too_large",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Forbidden => "forbidden",
         }
     }
+
+    /// Every code, in the order of README's table.
+    pub const ALL: [ErrorCode; 7] = [
+        ErrorCode::InvalidJson,
+        ErrorCode::InvalidEvent,
+        ErrorCode::UnknownType,
+        ErrorCode::InvalidPayload,
+        ErrorCode::TooLarge,
+        ErrorCode::Unavailable,
+        ErrorCode::Forbidden,
+    ];
 }
 
 /// A refused request, ready to be answered.
@@ -378,6 +392,25 @@ mod tests {
             "{}",
             r.message
         );
+    }
+
+    #[test]
+    fn answers_match_their_schema_and_every_code_is_listed() {
+        let schema: Value =
+            serde_json::from_str(include_str!("../../schemas/answer.schema.json")).unwrap();
+        let listed = &schema["oneOf"][1]["properties"]["error"]["properties"]["code"]["enum"];
+        let codes: Vec<Value> = ErrorCode::ALL.iter().map(|c| c.as_str().into()).collect();
+        assert_eq!(listed, &Value::Array(codes));
+        let validator = jsonschema::draft202012::new(&schema).unwrap();
+        let mut out = Vec::new();
+        encode_ack("019ab7c4-0000-7000-8000-000000000000", 7, &mut out);
+        for code in ErrorCode::ALL {
+            Rejection::new(code, "m").encode(&mut out);
+        }
+        for line in String::from_utf8(out).unwrap().lines() {
+            let answer: Value = serde_json::from_str(line).unwrap();
+            assert!(validator.is_valid(&answer), "{line}");
+        }
     }
 
     #[test]
