@@ -3,7 +3,9 @@
 mod util;
 
 mod cli;
+mod connection_limits;
 mod durability;
 mod evidence;
 mod sinks;
+mod socket_trust;
 mod submission;

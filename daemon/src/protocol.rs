@@ -109,6 +109,8 @@ pub enum ErrorCode {
     TooLarge,
     /// The daemon cannot take the event now (disk full, shutting down); retry later.
     Unavailable,
+    /// The daemon has `limits.max_connections` connections open: sent once, then the connection is closed.
+    TooManyConnections,
 }
 
 impl ErrorCode {
@@ -121,6 +123,7 @@ impl ErrorCode {
             ErrorCode::InvalidPayload => "invalid_payload",
             ErrorCode::TooLarge => "too_large",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::TooManyConnections => "too_many_connections",
         }
     }
 }
