@@ -255,7 +255,7 @@ pub async fn serve(
                         connections.spawn(connection(stream, ctx.clone(), stop.clone(), permit));
                     }
                     Err(_) => {
-                        refuse(&stream, &ctx.connections);
+                        refuse(stream, &ctx.connections);
                         if let Some(suppressed) = refusals.hit() {
                             warn!(
                                 open = ctx.connections.open(),
@@ -293,8 +293,9 @@ pub async fn serve(
 }
 
 /// Answers a client beyond `limits.max_connections` with one error line and closes its connection. The line is
-/// written without waiting: a fresh connection's send buffer always has room for it.
-fn refuse(stream: &UnixStream, connections: &Connections) {
+/// written with one non-blocking `write(2)`, never waited for: a fresh connection's send buffer has room for it.
+fn refuse(stream: UnixStream, connections: &Connections) {
+    use std::io::Write;
     connections.refused.fetch_add(1, Ordering::Relaxed);
     let mut line = Vec::new();
     Rejection::new(
@@ -306,7 +307,10 @@ fn refuse(stream: &UnixStream, connections: &Connections) {
         ),
     )
     .encode(&mut line);
-    let _ = stream.try_write(&line);
+    // Straight to the socket: tokio's own try_write would wait for a readiness event the new socket has not had yet.
+    if let Ok(mut stream) = stream.into_std() {
+        let _ = stream.write(&line);
+    }
 }
 
 /// What one read produced: an answer slot per request line, and the records to store.
