@@ -3,9 +3,11 @@
 mod util;
 
 mod cli;
+mod connection_limits;
 mod durability;
 mod evidence;
 mod modes;
 mod service;
 mod sinks;
+mod socket_trust;
 mod submission;

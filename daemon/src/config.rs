@@ -335,20 +335,46 @@ pub enum FsyncPolicy {
     Never,
 }
 
-/// Limits on client input.
+/// Limits on clients and what they send.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Longest request line in bytes, newline excluded; longer lines are answered `too_large`.
     #[serde(deserialize_with = "de_size_usize")]
     pub max_line_bytes: usize,
+    /// Most submission connections open at once; a client beyond it is answered `too_many_connections` and closed.
+    pub max_connections: usize,
+    /// A connection that sends nothing for this long (or does not read the answers waiting for it) is closed.
+    #[serde(deserialize_with = "de_duration")]
+    pub idle_timeout: Duration,
+    /// Most bytes of unfinished request lines held across all connections; a connection whose line needs more
+    /// waits (the daemon stops reading from it) until some is free.
+    #[serde(deserialize_with = "de_size_usize")]
+    pub max_buffered_bytes: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_line_bytes: 1 << 20,
+            max_connections: 1024,
+            idle_timeout: Duration::from_secs(300),
+            max_buffered_bytes: 64 << 20,
         }
+    }
+}
+
+/// Bytes of an unfinished line each connection may hold without taking a line slot: the part of
+/// `limits.max_buffered_bytes` that every connection is sure to have (so that short lines never wait).
+pub const SMALL_LINE_BYTES: usize = 16 << 10;
+
+impl Limits {
+    /// How many connections at once may hold a line longer than [`SMALL_LINE_BYTES`]: what is left of
+    /// `max_buffered_bytes` after every connection's small share, in whole lines of `max_line_bytes`.
+    pub fn line_slots(&self) -> usize {
+        self.max_buffered_bytes
+            .saturating_sub(self.max_connections.saturating_mul(SMALL_LINE_BYTES))
+            / self.max_line_bytes.saturating_add(1)
     }
 }
 
@@ -485,6 +511,25 @@ impl Config {
             return Err(invalid(format!(
                 "limits.max_line_bytes: {} is too small; use at least 256",
                 self.limits.max_line_bytes
+            )));
+        }
+        let limits = &self.limits;
+        if limits.max_connections == 0 {
+            return Err(invalid("limits.max_connections: must be at least 1".into()));
+        }
+        if limits.idle_timeout < Duration::from_millis(100) {
+            return Err(invalid("limits.idle_timeout: use at least 100ms".into()));
+        }
+        if limits.line_slots() == 0 {
+            let least = limits
+                .max_connections
+                .saturating_mul(SMALL_LINE_BYTES)
+                .saturating_add(limits.max_line_bytes.saturating_add(1));
+            return Err(invalid(format!(
+                "limits.max_buffered_bytes: {} is too small for {} connections and lines of {} bytes: every \
+                 connection may hold {SMALL_LINE_BYTES} bytes of an unfinished line and one more must be able to \
+                 hold a whole line; use at least {least}, or lower limits.max_connections or limits.max_line_bytes",
+                limits.max_buffered_bytes, limits.max_connections, limits.max_line_bytes
             )));
         }
         if self.socket.mode > 0o777 {
@@ -857,6 +902,10 @@ mod tests {
         assert_eq!(c.socket.mode, 0o660);
         assert_eq!(c.log.fsync, FsyncPolicy::Always);
         assert_eq!(c.limits.max_line_bytes, 1 << 20);
+        assert_eq!(c.limits.max_connections, 1024);
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.limits.max_buffered_bytes, 64 << 20);
+        assert_eq!(c.limits.line_slots(), 47);
         assert_eq!(c.shutdown_grace, Duration::from_secs(10));
     }
 
@@ -875,6 +924,13 @@ mod tests {
         );
         check("limits: {max_line_bytes: 10}\n", "too small");
         check("limits: {max_lines: 10}\n", "max_lines");
+        check("limits: {max_connections: 0}\n", "at least 1");
+        check("limits: {idle_timeout: 10ms}\n", "at least 100ms");
+        check(
+            "limits: {max_buffered_bytes: 16MiB}\n",
+            "use at least 17825793",
+        );
+        check("limits: {max_buffered_bytes: lots}\n", "a size");
         let err = parse("socket: {path: /x, mode: \"99\"}\nevent_types: t\nlog: {dir: l}\n")
             .unwrap_err()
             .to_string();

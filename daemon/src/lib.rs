@@ -23,6 +23,7 @@ pub mod sinks;
 pub mod spool;
 pub mod systemd;
 pub mod telemetry;
+pub mod trust;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -68,6 +69,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Config(_) | Error::EventTypes(_) | Error::Sinks(_) => EXIT_CONFIG,
+            Error::Socket(ingest::BindError::Untrusted { .. }) => EXIT_CONFIG,
             Error::Key(evidence::checkpoint::KeyError::Format { .. }) => EXIT_CONFIG,
             // Something else at `socket.path` (or `admin_socket`): the configuration names the wrong path.
             Error::Socket(ingest::BindError::NotASocket(_)) => EXIT_CONFIG,
@@ -153,12 +155,15 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
     let admin_path = config.admin_socket();
     let admin_listener = ingest::bind(&admin_path, 0o600)?;
     let event_type_count = registry.len();
+    let connections = Arc::new(ingest::Connections::new(&config.limits));
+    warn_if_few_descriptors(config.limits.max_connections);
     let ctx = Arc::new(ingest::Context {
         registry: Arc::new(registry),
         submitter,
         host: config.host_name.clone().unwrap_or_else(host_name),
         max_line_bytes: config.limits.max_line_bytes,
         streamed_types,
+        connections: connections.clone(),
     });
     let background = CancellationToken::new();
     let audit_task = tokio::spawn(record_own_events(ctx.clone(), audit_rx, background.clone()));
@@ -184,6 +189,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         sinks: sinks.clone(),
         event_types: event_type_count,
         started,
+        connections,
     });
     tokio::spawn(admin::serve(admin_listener, admin, background.clone()));
     let watcher = match &sinks {
@@ -232,6 +238,30 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         .expect("joining the log writer");
     info!("stopped");
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard one (systemd's default soft limit, 1024, is below what the
+/// default `limits.max_connections` needs) and warns when even that leaves too few for `max_connections`.
+fn warn_if_few_descriptors(max_connections: usize) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let soft = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    // Besides one per connection: the log, the spool, sinks' files, the runtime's own and some to spare.
+    let needed = max_connections as u64 + 64;
+    if soft < needed {
+        warn!(
+            open_files = soft,
+            max_connections,
+            "the open-file limit is below what limits.max_connections needs; clients beyond it wait in the \
+             socket's backlog: raise LimitNOFILE or lower limits.max_connections"
+        );
+    }
 }
 
 /// The `source` of the daemon's own events: its own process, marked `"daemon":true`.

@@ -111,6 +111,8 @@ pub enum ErrorCode {
     Unavailable,
     /// The client may not submit this event (e.g. one of the daemon's own types); retrying does not help.
     Forbidden,
+    /// The daemon has `limits.max_connections` connections open: sent once, then the connection is closed.
+    TooManyConnections,
 }
 
 impl ErrorCode {
@@ -124,11 +126,12 @@ impl ErrorCode {
             ErrorCode::TooLarge => "too_large",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::TooManyConnections => "too_many_connections",
         }
     }
 
     /// Every code, in the order of README's table.
-    pub const ALL: [ErrorCode; 7] = [
+    pub const ALL: [ErrorCode; 8] = [
         ErrorCode::InvalidJson,
         ErrorCode::InvalidEvent,
         ErrorCode::UnknownType,
@@ -136,6 +139,7 @@ impl ErrorCode {
         ErrorCode::TooLarge,
         ErrorCode::Unavailable,
         ErrorCode::Forbidden,
+        ErrorCode::TooManyConnections,
     ];
 }
 

@@ -68,6 +68,34 @@ struct AdminArgs {
     /// The daemon's admin socket [default: $TRAIL_ADMIN_SOCKET, else admin.sock beside the development socket]
     #[arg(long)]
     admin_socket: Option<PathBuf>,
+    #[command(flatten)]
+    owner: OwnerArgs,
+}
+
+#[derive(ClapArgs)]
+struct OwnerArgs {
+    /// The user the daemon runs as, when it is neither root nor you (a name or a uid): its socket, and the
+    /// directories above it, may belong to that user. Sockets of anyone else are refused.
+    #[arg(long, env = client::SOCKET_OWNER_VAR, value_name = "USER")]
+    socket_owner: Option<String>,
+}
+
+impl OwnerArgs {
+    /// Whom to trust with the socket; prints the error and gives exit code 2 when the user is unknown.
+    fn owners(&self) -> Result<client::Owners, ExitCode> {
+        let owners = client::Owners::me();
+        match self
+            .socket_owner
+            .as_deref()
+            .filter(|s| !s.trim().is_empty())
+        {
+            None => Ok(owners),
+            Some(who) => owners.and_user(who, "--socket-owner").map_err(|e| {
+                eprintln!("trail: {e}");
+                ExitCode::from(2)
+            }),
+        }
+    }
 }
 
 #[derive(ClapArgs)]
@@ -124,6 +152,8 @@ struct Emit {
     /// The daemon's socket [default: $TRAIL_SOCKET, else the development socket]
     #[arg(long, short)]
     socket: Option<PathBuf>,
+    #[command(flatten)]
+    owner: OwnerArgs,
     /// Event type; without it, events are read from standard input, one JSON object per line.
     #[arg(long = "type", short = 't')]
     event_type: Option<String>,
@@ -386,10 +416,14 @@ fn verify(mut paths: Vec<PathBuf>, key: Option<String>, config: Option<PathBuf>)
 
 /// Sends one admin request and prints the answer, pretty; exits 0 when it says ok.
 fn admin(args: AdminArgs, request: Value) -> ExitCode {
+    let owners = match args.owner.owners() {
+        Ok(o) => o,
+        Err(code) => return code,
+    };
     let socket = args
         .admin_socket
         .unwrap_or_else(client::default_admin_socket);
-    match client::admin(&socket, &request) {
+    match Client::connect_trusting(&socket, &owners).and_then(|mut c| c.emit(&request)) {
         Ok(answer) => {
             println!(
                 "{}",
@@ -412,6 +446,10 @@ fn admin(args: AdminArgs, request: Value) -> ExitCode {
 }
 
 fn emit(args: Emit) -> ExitCode {
+    let owners = match args.owner.owners() {
+        Ok(o) => o,
+        Err(code) => return code,
+    };
     let socket = args.socket.clone().unwrap_or_else(client::default_socket);
     let unreachable = |e: std::io::Error| {
         eprintln!(
@@ -422,7 +460,9 @@ fn emit(args: Emit) -> ExitCode {
     };
     let Some(event) = event_from_flags(&args) else {
         let stdin = std::io::BufReader::new(std::io::stdin());
-        return match client::pipeline(&socket, stdin, std::io::stdout().lock()) {
+        let piped = client::connect(&socket, &owners)
+            .and_then(|stream| client::pipeline_on(stream, stdin, std::io::stdout().lock()));
+        return match piped {
             Ok(t) if t.rejected == 0 => ExitCode::SUCCESS,
             Ok(_) => ExitCode::FAILURE,
             Err(e) => unreachable(e),
@@ -435,7 +475,7 @@ fn emit(args: Emit) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let answer = match Client::connect(&socket).and_then(|mut c| c.emit(&event)) {
+    let answer = match Client::connect_trusting(&socket, &owners).and_then(|mut c| c.emit(&event)) {
         Ok(a) => a,
         Err(e) => return unreachable(e),
     };
