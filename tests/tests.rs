@@ -5,5 +5,6 @@ mod util;
 mod cli;
 mod durability;
 mod evidence;
+mod plugin_safety;
 mod sinks;
 mod submission;

@@ -1,4 +1,4 @@
-//! The daemon's own audit events: plugin loads, reloads and failures, and events a sink dropped.
+//! The daemon's own audit events: plugin loads, reloads, failures and refusals, and events a sink dropped.
 //!
 //! Owns turning what happened into requests of the built-in event types (`event-types/trail_*.yml`, embedded
 //! into the binary so they exist whatever the configured directory holds). The requests go through the same
@@ -82,6 +82,21 @@ impl Auditor {
             "trail_plugin_failed",
             format!("sink plugin {} was not loaded: {reason}", file.display()),
             "failure",
+            payload,
+        );
+    }
+
+    /// A plugin file was not loaded because someone other than root or the daemon's user could change it or a
+    /// directory on its path.
+    pub fn plugin_refused(&self, file: &std::path::Path, plugin: Option<&str>, reason: &str) {
+        let mut payload = json!({"file": file.display().to_string(), "reason": reason});
+        if let Some(p) = plugin {
+            payload["plugin"] = json!(p);
+        }
+        self.send(
+            "trail_plugin_refused",
+            format!("sink plugin {} was refused: {reason}", file.display()),
+            "denied",
             payload,
         );
     }
