@@ -126,7 +126,12 @@ fn a_library_no_sink_uses_is_never_loaded() {
     let build = tempfile::tempdir().unwrap();
     let marker = build.path().join("marker");
     let spy = spy_library(build.path(), &marker, false);
-    let recorder = sink("rec", "recorder", "['user_login']", "{path: $DIR/rec.jsonl}");
+    let recorder = sink(
+        "rec",
+        "recorder",
+        "['user_login']",
+        "{path: $DIR/rec.jsonl}",
+    );
     let mut with = with_sinks(
         std::slice::from_ref(&recorder),
         &[("trail-test-recorder", "librecorder.so")],
@@ -147,14 +152,15 @@ fn a_library_no_sink_uses_is_never_loaded() {
     for (code, err) in validate_both(&daemon.config) {
         assert_eq!(code, Some(0), "{err}");
     }
-    assert!(spied(&marker).is_empty(), "the spy ran: {:?}", spied(&marker));
+    assert!(
+        spied(&marker).is_empty(),
+        "the spy ran: {:?}",
+        spied(&marker)
+    );
 
     // A sink that uses it loads it (known by its file name: it has no name symbol), in validate's child
     // process and in the daemon, each time from a private copy in a fresh 0700 directory.
-    let (dir, config) = installed(
-        &[(&spy, "libspy.so")],
-        &[sink("s", "spy", "['*']", "{}")],
-    );
+    let (dir, config) = installed(&[(&spy, "libspy.so")], &[sink("s", "spy", "['*']", "{}")]);
     for (code, err) in validate_both(&config) {
         assert_eq!(code, Some(78), "{err}");
         assert!(err.contains("libspy.so: not a trail sink plugin"), "{err}");
@@ -170,8 +176,15 @@ fn a_library_no_sink_uses_is_never_loaded() {
         };
         assert_eq!((dir_mode.as_str(), dir_uid), ("700", &me), "{load:?}");
         assert_eq!(file_uid, &me, "{load:?}");
-        assert_eq!(u32::from_str_radix(file_mode, 8).unwrap() & 0o077, 0, "{load:?}");
-        assert!(!path.contains("trail-validate-"), "a guessable path: {path}");
+        assert_eq!(
+            u32::from_str_radix(file_mode, 8).unwrap() & 0o077,
+            0,
+            "{load:?}"
+        );
+        assert!(
+            !path.contains("trail-validate-"),
+            "a guessable path: {path}"
+        );
     }
     let daemons_copy = Path::new(&loads[2][0]);
     assert_eq!(
@@ -216,16 +229,22 @@ fn libraries_others_could_change_are_refused_before_any_of_their_code_runs() {
     let other = other_user();
     // The spy, installed as the recorder, would run if loaded.
     let cases: [(&str, &dyn Fn(&Path)); 3] = [
-        ("writable by group and others (mode 0666)", &|plugins: &Path| {
-            fs::set_permissions(
-                plugins.join("librecorder.so"),
-                fs::Permissions::from_mode(0o666),
-            )
-            .unwrap()
-        }),
-        ("plugins is writable by group (mode 0775)", &|plugins: &Path| {
-            fs::set_permissions(plugins, fs::Permissions::from_mode(0o775)).unwrap()
-        }),
+        (
+            "writable by group and others (mode 0666)",
+            &|plugins: &Path| {
+                fs::set_permissions(
+                    plugins.join("librecorder.so"),
+                    fs::Permissions::from_mode(0o666),
+                )
+                .unwrap()
+            },
+        ),
+        (
+            "plugins is writable by group (mode 0775)",
+            &|plugins: &Path| {
+                fs::set_permissions(plugins, fs::Permissions::from_mode(0o775)).unwrap()
+            },
+        ),
         ("is owned by uid", &|plugins: &Path| {
             if let Some(other) = &other {
                 std::os::unix::fs::chown(plugins.join("librecorder.so"), Some(other.uid), None)
@@ -282,7 +301,12 @@ fn a_writable_library_overwritten_in_place_is_refused_on_reload_and_audited() {
     match other_user() {
         Some(other) => {
             let_others_traverse(&daemon.plugins_dir());
-            let status = other.command("cp").arg(&v2).arg(&installed).status().unwrap();
+            let status = other
+                .command("cp")
+                .arg(&v2)
+                .arg(&installed)
+                .status()
+                .unwrap();
             assert!(status.success(), "cp as {}", other.name);
         }
         None => {
@@ -297,10 +321,10 @@ fn a_writable_library_overwritten_in_place_is_refused_on_reload_and_audited() {
         "{answer}"
     );
     assert!(
-        daemon
-            .stderr()
-            .contains("librecorder.so: refused: ")
-            && daemon.stderr().contains("writable by group and others (mode 0666)"),
+        daemon.stderr().contains("librecorder.so: refused: ")
+            && daemon
+                .stderr()
+                .contains("writable by group and others (mode 0666)"),
         "{}",
         daemon.stderr()
     );
@@ -314,7 +338,10 @@ fn a_writable_library_overwritten_in_place_is_refused_on_reload_and_audited() {
     }));
     let refusal: Value = refusal.unwrap();
     assert_eq!(refusal["payload"]["plugin"], json!("recorder"), "{refusal}");
-    assert_eq!(refusal["payload"]["file"], json!(installed.to_str().unwrap()));
+    assert_eq!(
+        refusal["payload"]["file"],
+        json!(installed.to_str().unwrap())
+    );
     assert!(
         refusal["payload"]["reason"]
             .as_str()
@@ -336,4 +363,79 @@ fn a_writable_library_overwritten_in_place_is_refused_on_reload_and_audited() {
             .iter()
             .any(|l| l["mark"] == json!("v2"))
     }));
+}
+
+#[test]
+fn validate_never_uses_the_old_guessable_copy_directory() {
+    use std::io::Write;
+    let build = tempfile::tempdir().unwrap();
+    let marker = build.path().join("marker");
+    let spy = spy_library(build.path(), &marker, false);
+    let (dir, config) = installed(&[(&spy, "libspy.so")], &[sink("s", "spy", "['*']", "{}")]);
+    // validate's temporary directory is one every user may write to, like /tmp.
+    let tmp = dir.path().join("tmp");
+    fs::create_dir(&tmp).unwrap();
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777)).unwrap();
+    let_others_traverse(&tmp);
+    let victim = dir.path().join("victim");
+    fs::write(&victim, "precious").unwrap();
+    fs::set_permissions(&victim, fs::Permissions::from_mode(0o600)).unwrap();
+    // sh waits for a line, then becomes `trail validate` under the same pid, so the pid is known beforehand.
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("read go; exec \"$0\" validate --config \"$1\"")
+        .arg(env!("CARGO_BIN_EXE_trail"))
+        .arg(&config)
+        .env("TMPDIR", &tmp)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Another user plants the path validate used to copy plugins to, with a link to a file of root's inside.
+    let planted = tmp.join(format!("trail-validate-{}", child.id()));
+    let link = planted.join("libspy.0.so");
+    match other_user() {
+        Some(other) => {
+            assert!(
+                other
+                    .command("mkdir")
+                    .arg(&planted)
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+            let ln = other
+                .command("ln")
+                .arg("-s")
+                .arg(&victim)
+                .arg(&link)
+                .status();
+            assert!(ln.unwrap().success());
+        }
+        None => {
+            fs::create_dir(&planted).unwrap();
+            std::os::unix::fs::symlink(&victim, &link).unwrap();
+        }
+    }
+    writeln!(child.stdin.take().unwrap(), "go").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains("libspy.so: not a trail sink plugin"), "{err}");
+    assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
+    let mode = fs::metadata(&victim).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o600);
+    assert_eq!(
+        fs::read_link(&link).unwrap(),
+        victim,
+        "the planted link was touched"
+    );
+    // The copy was loaded from a fresh private directory in TMPDIR instead.
+    let loads = spied(&marker);
+    assert_eq!(loads.len(), 1, "{loads:?}");
+    let copy = Path::new(&loads[0][0]);
+    assert_eq!(copy.parent().unwrap().parent().unwrap(), tmp);
+    assert!(!copy.starts_with(&planted), "{copy:?}");
+    assert_eq!(loads[0][3], "700", "{loads:?}");
 }

@@ -269,7 +269,8 @@ fn read_trusted(file: &Path) -> Result<(Vec<u8>, FileStamp), LoadError> {
         .map_err(|e| fail(false, format!("cannot read it: {e}")))?;
     let entry_dir = file.parent().unwrap_or(Path::new("."));
     trust::check_dir(entry_dir).map_err(|e| fail(true, e))?;
-    let real = fs::canonicalize(file).map_err(|e| fail(false, format!("cannot resolve it: {e}")))?;
+    let real =
+        fs::canonicalize(file).map_err(|e| fail(false, format!("cannot resolve it: {e}")))?;
     let at_real = fs::metadata(&real).map_err(|e| fail(false, format!("cannot read it: {e}")))?;
     if (at_real.dev(), at_real.ino()) != (meta.dev(), meta.ino()) {
         return Err(fail(

@@ -86,7 +86,11 @@ fn in_child(file: &Path, request: &Value) -> Vec<String> {
     let answer = String::from_utf8_lossy(&out.stdout)
         .lines()
         .rev()
-        .find_map(|l| serde_json::from_str::<Value>(l).ok().filter(|v| v["problems"].is_array()));
+        .find_map(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .filter(|v| v["problems"].is_array())
+        });
     match answer {
         Some(a) if out.status.success() => a["problems"]
             .as_array()
