@@ -221,6 +221,9 @@ fn a_library_that_crashes_at_load_is_named() {
     );
 }
 
+/// Makes an installed setup unsafe, given its plugin directory.
+type Spoil<'a> = dyn Fn(&Path) + 'a;
+
 #[test]
 fn libraries_others_could_change_are_refused_before_any_of_their_code_runs() {
     let build = tempfile::tempdir().unwrap();
@@ -228,7 +231,7 @@ fn libraries_others_could_change_are_refused_before_any_of_their_code_runs() {
     let spy = spy_library(build.path(), &marker, false);
     let other = other_user();
     // The spy, installed as the recorder, would run if loaded.
-    let cases: [(&str, &dyn Fn(&Path)); 3] = [
+    let cases: [(&str, &Spoil<'_>); 3] = [
         (
             "writable by group and others (mode 0666)",
             &|plugins: &Path| {

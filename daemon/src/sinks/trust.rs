@@ -130,7 +130,11 @@ mod tests {
         assert!(check(&lib).is_ok());
         // But not when the entry below it is writable too.
         set_mode(dir.path(), 0o1777);
-        assert!(check(&lib).unwrap_err().contains("writable by group and others"));
+        assert!(
+            check(&lib)
+                .unwrap_err()
+                .contains("writable by group and others")
+        );
         set_mode(dir.path(), 0o700);
         assert!(check(&plugins).unwrap_err().contains("not a regular file"));
     }
