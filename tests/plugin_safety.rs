@@ -9,7 +9,7 @@ use std::process::{Command, Output, Stdio};
 
 use serde_json::{Value, json};
 
-use crate::sinks::{sink, with_sinks};
+use crate::sinks::{recorder_setup, sink, with_sinks};
 use crate::util::{
     Daemon, let_others_traverse, login, other_user, plugins, recorded, repo_event_types, trail,
     wait_recorded, wait_until,
@@ -283,16 +283,7 @@ fn libraries_others_could_change_are_refused_before_any_of_their_code_runs() {
 
 #[test]
 fn a_writable_library_overwritten_in_place_is_refused_on_reload_and_audited() {
-    let mut with = with_sinks(
-        &[sink(
-            "rec",
-            "recorder",
-            "['user_login']",
-            "{path: $DIR/rec.jsonl, mark: v1}",
-        )],
-        &[("trail-test-recorder", "librecorder.so")],
-        "",
-    );
+    let mut with = recorder_setup();
     with.env.push((trail::NO_WATCH_VAR.into(), "1".into()));
     let daemon = Daemon::with(with);
     let installed = daemon.plugins_dir().join("librecorder.so");

@@ -586,9 +586,8 @@ fn stream_events(socket: &Path, stop: Arc<AtomicBool>) -> std::thread::JoinHandl
     })
 }
 
-/// A daemon with one sink, `rec`, that records `user_login` events marked `v1` into `rec.jsonl`.
-/// One sink, `rec`, recording into `rec.jsonl` with the mark `v1`.
-fn recorder_setup() -> Setup {
+/// One sink, `rec`, recording `user_login` events into `rec.jsonl` with the mark `v1`.
+pub(crate) fn recorder_setup() -> Setup {
     with_sinks(
         &[sink(
             "rec",
