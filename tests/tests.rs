@@ -7,6 +7,7 @@ mod connection_limits;
 mod durability;
 mod evidence;
 mod modes;
+mod plugin_safety;
 mod service;
 mod sinks;
 mod socket_trust;

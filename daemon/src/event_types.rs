@@ -28,6 +28,10 @@ pub const BUILTIN: &[(&str, &str)] = &[
         include_str!("../../event-types/trail_plugin_failed.yml"),
     ),
     (
+        "trail_plugin_refused.yml",
+        include_str!("../../event-types/trail_plugin_refused.yml"),
+    ),
+    (
         "trail_sink_events_dropped.yml",
         include_str!("../../event-types/trail_sink_events_dropped.yml"),
     ),

@@ -89,11 +89,11 @@ pub struct Validated {
 /// inotify is unreliable: a testing aid for reloads by SIGHUP and `trail reload`.
 pub const NO_WATCH_VAR: &str = "TRAIL_TEST_NO_WATCH";
 
-/// Checks a configuration's event types and sinks (loading every plugin and building every sink once) without
-/// starting anything.
+/// Checks a configuration's event types and sinks (loading the plugin of every sink and building every sink once,
+/// each library in a child process: see [`sinks::validate`]) without starting anything.
 pub fn validate(config: &Config) -> Result<Validated, Error> {
     let registry = event_types::Registry::load_dir(&config.event_types)?;
-    sinks::check(config)?;
+    sinks::validate::check(config)?;
     Ok(Validated { registry })
 }
 

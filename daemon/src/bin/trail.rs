@@ -52,6 +52,10 @@ enum Command {
     /// JSON lines when the output is not a terminal, a table when it is. Exit 0 when any record matched, 1 when
     /// none did, 2 on an error.
     Search(Box<Search>),
+    /// (Internal, used by `validate`) check one plugin library in this process: a JSON request on standard
+    /// input, a JSON answer on standard output.
+    #[command(name = "__check-plugin", hide = true)]
+    CheckPlugin,
     /// Check a configuration and its event types without starting anything (exit 0 valid, 78 invalid).
     Validate {
         /// Configuration file; without it, the embedded development configuration.
@@ -204,6 +208,7 @@ fn main() -> ExitCode {
         } => validate(config, event_types),
         Command::Verify { paths, key, config } => verify(paths, key, config),
         Command::Search(s) => search(*s),
+        Command::CheckPlugin => ExitCode::from(trail::sinks::validate::child_main() as u8),
     }
 }
 
