@@ -149,9 +149,8 @@ impl<'a> Walk<'a> {
                     (Some(b','), object) => {
                         self.i += 1;
                         out.push(b',');
-                        match frame {
-                            Frame::Array { index } => *index += 1,
-                            Frame::Object { .. } => {}
+                        if let Frame::Array { index } = frame {
+                            *index += 1;
                         }
                         if object.is_some() {
                             self.key(out)?;
