@@ -5,7 +5,45 @@ use std::process::Command;
 
 use serde_json::{Value, json};
 
-use crate::util::{Daemon, repo_event_types, trail};
+use crate::util::{Daemon, Setup, repo_event_types, trail};
+
+#[test]
+fn emit_sends_the_payload_as_written() {
+    let daemon = Daemon::with(Setup {
+        extra_types: vec![(
+            "measured.yml".into(),
+            "name: measured\ndescription: d\nsaved_to_database: true\nstreamed: false\n".into(),
+        )],
+        ..Setup::default()
+    });
+    let socket = daemon.socket.to_str().unwrap();
+    let emit = |payload: &str| {
+        trail(
+            &[
+                "emit",
+                "--socket",
+                socket,
+                "-t",
+                "measured",
+                "--payload",
+                payload,
+            ],
+            "",
+        )
+    };
+    let (code, out, err) = emit(r#"{"n": 123456789012345678901234567890, "e": 1E400}"#);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, _) = emit(r#"{"a":1,"a":2}"#);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(r#"duplicate key \"a\" at /payload"#), "{out}");
+    let lines = daemon.log_lines();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].contains(r#","payload":{"n":123456789012345678901234567890,"e":1E400},"hash":"#),
+        "{}",
+        lines[0]
+    );
+}
 
 #[test]
 fn emit_from_flags_and_from_stdin() {

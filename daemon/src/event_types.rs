@@ -12,6 +12,8 @@ use std::sync::{Arc, OnceLock};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::protocol::Payload;
+
 /// The daemon's own event types, embedded so that they exist whatever the configured directory holds (a file of
 /// the same name in the directory takes precedence).
 pub const BUILTIN: &[(&str, &str)] = &[
@@ -118,15 +120,24 @@ pub struct Violation {
 
 impl EventType {
     /// Checks a payload against the type's schema; every violation is returned, with paths under `/payload`.
-    pub fn check_payload(&self, payload: &Value) -> Result<(), Vec<Violation>> {
+    ///
+    /// The schema sees numbers as 64-bit floats (the nearest one; beyond `±1.7976931348623157e308`, that bound),
+    /// the stored record the digits as written.
+    pub fn check_payload(&self, payload: &Payload) -> Result<(), Vec<Violation>> {
         let Some(validator) = &self.payload else {
             return Ok(());
         };
-        if validator.is_valid(payload) {
+        let payload = payload.for_checks().map_err(|e| {
+            vec![Violation {
+                path: "/payload".into(),
+                message: format!("cannot be read for the schema check: {e}"),
+            }]
+        })?;
+        if validator.is_valid(&payload) {
             return Ok(());
         }
         Err(validator
-            .iter_errors(payload)
+            .iter_errors(&payload)
             .map(|e| Violation {
                 path: format!("/payload{}", e.instance_path()),
                 message: e.to_string(),
@@ -630,15 +641,49 @@ mod tests {
         let r = load(&[("user_login.yml", &text)]).unwrap();
         let t = r.get("user_login").unwrap();
         assert!(
-            t.check_payload(&serde_json::json!({"ip": "10.0.0.1", "method": "sso"}))
+            t.check_payload(&payload(r#"{"ip": "10.0.0.1", "method": "sso"}"#))
                 .is_ok()
         );
         let v = t
-            .check_payload(&serde_json::json!({"ip": "10.0.0.300"}))
+            .check_payload(&payload(r#"{"ip": "10.0.0.300"}"#))
             .unwrap_err();
         let paths: Vec<_> = v.iter().map(|v| v.path.as_str()).collect();
         assert_eq!(paths.len(), 2, "{v:?}");
         assert!(paths.contains(&"/payload/ip"), "{v:?}");
         assert!(paths.contains(&"/payload"), "{v:?}");
+    }
+
+    fn payload(text: &str) -> Payload {
+        serde_json::from_str(text).unwrap()
+    }
+
+    /// Numbers are checked as the nearest 64-bit float, those past its range as its bound; the stored text keeps
+    /// their digits (see `protocol`).
+    #[test]
+    fn schemas_check_numbers_of_any_size() {
+        let text = format!(
+            "{GOOD}payload:\n  type: object\n  properties:\n    n: {{type: integer, minimum: 0}}\n    x: {{type: number, maximum: 1e300}}\n"
+        );
+        let r = load(&[("user_login.yml", &text)]).unwrap();
+        let t = r.get("user_login").unwrap();
+        let check = |text: &str, expected: &[&str]| {
+            let got = match t.check_payload(&payload(text)) {
+                Ok(()) => vec![],
+                Err(v) => v.into_iter().map(|v| v.path).collect(),
+            };
+            assert_eq!(got, expected, "{text}");
+        };
+        check(r#"{"n":123456789012345678901234567890}"#, &[]);
+        check(r#"{"n":-123456789012345678901234567890}"#, &["/payload/n"]);
+        // 1.23e29 parses as a float whose fraction is zero: an integer to JSON Schema (draft 2020-12).
+        check(r#"{"n":1.23e29}"#, &[]);
+        check(r#"{"n":1E400}"#, &[]);
+        check(r#"{"n":-1E400}"#, &["/payload/n"]);
+        check(r#"{"n":0.5}"#, &["/payload/n"]);
+        check(r#"{"n":-0}"#, &[]);
+        check(r#"{"x":0.1000000000000000055511151231257827}"#, &[]);
+        check(r#"{"x":1E400}"#, &["/payload/x"]);
+        check(r#"{"x":-1E400}"#, &[]);
+        check(r#"{"x":1e-400}"#, &[]);
     }
 }

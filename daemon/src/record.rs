@@ -117,7 +117,9 @@ pub fn write_tail(
         json(out, b",\"message\":", m);
     }
     if let Some(p) = &r.payload {
-        json(out, b",\"payload\":", p);
+        // Copied through as sent (compact, every token unchanged), never re-serialized.
+        out.extend_from_slice(b",\"payload\":");
+        out.extend_from_slice(p.as_str().as_bytes());
     }
 }
 

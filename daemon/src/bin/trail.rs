@@ -480,7 +480,10 @@ fn emit(args: Emit) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let answer = match Client::connect_trusting(&socket, &owners).and_then(|mut c| c.emit(&event)) {
+    let answer = match Client::connect_trusting(&socket, &owners).and_then(|mut c| {
+        c.send_raw(&event)?;
+        c.read_answer()
+    }) {
         Ok(a) => a,
         Err(e) => return unreachable(e),
     };
@@ -492,8 +495,10 @@ fn emit(args: Emit) -> ExitCode {
     }
 }
 
-/// The event the flags describe; `None` when no --type was given (read standard input instead).
-fn event_from_flags(args: &Emit) -> Option<Result<Value, String>> {
+/// The request line the flags describe, newline included; `None` when no --type was given (read standard input
+/// instead). `--payload` is sent as written, not parsed and written again, so its numbers keep every digit and
+/// the daemon sees any repeated key.
+fn event_from_flags(args: &Emit) -> Option<Result<Vec<u8>, String>> {
     let event_type = args.event_type.as_ref()?;
     let mut event = Map::new();
     event.insert("type".into(), json!(event_type));
@@ -528,15 +533,25 @@ fn event_from_flags(args: &Emit) -> Option<Result<Value, String>> {
             event.insert(key.into(), json!(v));
         }
     }
-    if let Some(p) = &args.payload {
-        match serde_json::from_str::<Value>(p) {
-            Ok(v) => {
-                event.insert("payload".into(), v);
-            }
-            Err(e) => return Some(Err(format!("--payload is not JSON: {e}"))),
-        }
+    #[derive(serde::Serialize)]
+    struct Line<'a> {
+        #[serde(flatten)]
+        fields: Map<String, Value>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        payload: Option<&'a serde_json::value::RawValue>,
     }
-    Some(Ok(Value::Object(event)))
+    let payload = match args.payload.as_deref().map(serde_json::from_str) {
+        None => None,
+        Some(Ok(raw)) => Some(raw),
+        Some(Err(e)) => return Some(Err(format!("--payload is not JSON: {e}"))),
+    };
+    let mut line = serde_json::to_vec(&Line {
+        fields: event,
+        payload,
+    })
+    .expect("serializing to a Vec cannot fail");
+    line.push(b'\n');
+    Some(Ok(line))
 }
 
 fn validate(config: Option<PathBuf>, event_types: Option<PathBuf>) -> ExitCode {
