@@ -14,7 +14,7 @@ use crate::util::{
 };
 
 /// One entry of the `sinks` list.
-fn sink(name: &str, plugin: &str, types: &str, config: &str) -> String {
+pub(crate) fn sink(name: &str, plugin: &str, types: &str, config: &str) -> String {
     format!(
         "  - name: {name}\n    plugin: {plugin}\n    events: {{types: {types}}}\n    config: {config}\n    \
          batch: {{max_events: 100, max_wait: 10ms}}\n    retry: {{initial: 10ms, max: 40ms}}\n"

@@ -5,6 +5,7 @@ mod util;
 mod cli;
 mod durability;
 mod evidence;
+mod sdk;
 mod service;
 mod sinks;
 mod submission;

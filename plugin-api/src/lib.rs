@@ -11,6 +11,13 @@
 //!
 //! # Writing a plugin
 //!
+//! Depend on this crate through a `path` dependency on a copy of it: the SDK directory
+//! installed with trail (`/usr/share/trail/sdk/plugin-api`), or a checkout's `plugin-api/`. The
+//! directory builds on its own, wherever it is; no trail workspace is needed around it. The
+//! crate is not on crates.io yet; once it is published, `trail-plugin-api = "1"` will replace
+//! the path. `plugin-api/GUIDE.md` (also in the SDK directory) walks through writing, testing,
+//! installing and hot-swapping a first sink.
+//!
 //! `Cargo.toml`:
 //!
 //! ```toml
@@ -23,7 +30,7 @@
 //! crate-type = ["cdylib"]
 //!
 //! [dependencies]
-//! trail-plugin-api = "1"
+//! trail-plugin-api = { path = "/usr/share/trail/sdk/plugin-api" }
 //! ```
 //!
 //! Keep the default `panic = "unwind"` in your profiles: it is what lets a panic become an
@@ -79,10 +86,16 @@
 //! # fn main() {}
 //! ```
 //!
-//! Build it with `cargo build --release` and install `target/release/lib<name>.so` into the
-//! daemon's `plugins_dir` by copying it to a temporary name in that directory and renaming it
-//! into place (`mv`): never `cp` over a library the daemon has loaded, which can crash it.
-//! `examples/sink-template` in trail's repository is a complete plugin to start from.
+//! Build it with `cargo build --release`. The library is
+//! `target/release/lib<crate name with - replaced by _>.so`, here
+//! `target/release/libtrail_sink_example.so` (a `cdylib` is required: without
+//! `crate-type = ["cdylib"]` cargo builds no `.so`). Install it into the daemon's `plugins_dir`
+//! by copying it to a temporary name in that directory and renaming it into place (`mv`): never
+//! `cp` over a library the daemon has loaded, which can crash it. The file name does not matter
+//! to trail; the configuration refers to the plugin by the `name` given to [`export_sink!`].
+//!
+//! A complete plugin to start from is the sink template: `/usr/share/trail/sdk/sink-template`
+//! in the SDK, `examples/sink-template` in a checkout.
 //!
 //! # The contract
 //!
@@ -160,7 +173,14 @@
 //! - adding new types, functions and helpers.
 //!
 //! Plugins built against an older minor keep loading in newer hosts, and the other way round.
-//! Patch versions change documentation and helpers only.
+//! Patch versions change documentation and helpers only. trail's test suite holds it to this:
+//! it keeps a frozen copy of every released version (`tests/compat/` in trail's repository),
+//! builds a plugin against each and loads it in the current daemon.
+//!
+//! A plugin built against another major version is refused when it is loaded, with one line
+//! naming both versions, e.g. `plugin /usr/lib/trail/plugins/libx.so: built for
+//! trail-plugin-api 2.0.0; this daemon speaks 1.x (1.0.1): rebuild it against trail-plugin-api
+//! 1.x`.
 #![deny(missing_docs)]
 
 mod error;
