@@ -15,8 +15,9 @@
 //! installed with trail (`/usr/share/trail/sdk/plugin-api`), or a checkout's `plugin-api/`. The
 //! directory builds on its own, wherever it is; no trail workspace is needed around it. The
 //! crate is not on crates.io yet; once it is published, `trail-plugin-api = "1"` will replace
-//! the path. `plugin-api/GUIDE.md` (also in the SDK directory) walks through writing, testing,
-//! installing and hot-swapping a first sink.
+//! the path. `GUIDE.md` beside this crate's `Cargo.toml` (in the SDK,
+//! `/usr/share/trail/sdk/plugin-api/GUIDE.md`) walks through writing, testing, installing and
+//! hot-swapping a first sink.
 //!
 //! `Cargo.toml`:
 //!
