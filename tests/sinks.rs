@@ -487,35 +487,39 @@ fn drop_oldest_skips_and_audits_instead_of_waiting() {
     assert!(audited, "every drop is itself audited");
 }
 
+/// Starts `traild` and runs `trail validate` on a configuration with `library` installed as `plugins/<file>`,
+/// beside a file that is not a library (`plugins/libnot.so`), and the one sink `sink`. Both must refuse it with
+/// exit code 78; returns what each printed.
+pub(crate) fn refused_at_start(library: &Path, file: &str, sink: &str) -> [String; 2] {
+    let dir = tempfile::tempdir().unwrap();
+    crate::util::install_plugin(&dir.path().join("plugins"), library, file);
+    std::fs::write(dir.path().join("plugins/libnot.so"), b"not a library").unwrap();
+    let cfg = dir.path().join("trail.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "socket: {{path: s.sock}}\nevent_types: {}\nlog: {{dir: log}}\nplugins_dir: plugins\nsinks:\n{sink}",
+            crate::util::repo_event_types().display(),
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_traild"))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let started = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(78), "{started}");
+    let (code, _, validated) = trail(&["validate", "--config", cfg.to_str().unwrap()], "");
+    assert_eq!(code, 78, "{validated}");
+    [started, validated]
+}
+
 #[test]
 fn bad_plugins_at_start_are_refused_with_the_file_and_the_reason() {
     let check = |package: &str, file: &str, config: &str, expected: &[&str]| {
-        let dir = tempfile::tempdir().unwrap();
-        crate::util::install_plugin(
-            &dir.path().join("plugins"),
-            &plugins::library(package),
-            file,
-        );
-        std::fs::write(dir.path().join("plugins/libnot.so"), b"not a library").unwrap();
-        let cfg = dir.path().join("trail.yaml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "socket: {{path: s.sock}}\nevent_types: {}\nlog: {{dir: log}}\nplugins_dir: plugins\nsinks:\n{}",
-                crate::util::repo_event_types().display(),
-                sink("s", "recorder", "['*']", config)
-            ),
-        )
-        .unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_traild"))
-            .arg("--config")
-            .arg(&cfg)
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(78));
-        let (code, _, validate) = trail(&["validate", "--config", cfg.to_str().unwrap()], "");
-        assert_eq!(code, 78);
-        for text in [String::from_utf8_lossy(&out.stderr).into_owned(), validate] {
+        let library = plugins::library(package);
+        for text in refused_at_start(&library, file, &sink("s", "recorder", "['*']", config)) {
             for e in expected {
                 assert!(text.contains(e), "{e:?} missing from:\n{text}");
             }

@@ -8,6 +8,7 @@ mod durability;
 mod evidence;
 mod modes;
 mod plugin_safety;
+mod sdk;
 mod service;
 mod sinks;
 mod socket_trust;

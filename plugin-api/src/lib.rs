@@ -11,6 +11,14 @@
 //!
 //! # Writing a plugin
 //!
+//! Depend on this crate through a `path` dependency on a copy of it: the SDK directory
+//! installed with trail (`/usr/share/trail/sdk/plugin-api`), or a checkout's `plugin-api/`. The
+//! directory builds on its own, wherever it is; no trail workspace is needed around it. The
+//! crate is not on crates.io yet; once it is published, `trail-plugin-api = "1"` will replace
+//! the path. `GUIDE.md` beside this crate's `Cargo.toml` (in the SDK,
+//! `/usr/share/trail/sdk/plugin-api/GUIDE.md`) walks through writing, testing, installing and
+//! hot-swapping a first sink.
+//!
 //! `Cargo.toml`:
 //!
 //! ```toml
@@ -23,7 +31,7 @@
 //! crate-type = ["cdylib"]
 //!
 //! [dependencies]
-//! trail-plugin-api = "1"
+//! trail-plugin-api = { path = "/usr/share/trail/sdk/plugin-api" }
 //! ```
 //!
 //! Keep the default `panic = "unwind"` in your profiles: it is what lets a panic become an
@@ -79,10 +87,16 @@
 //! # fn main() {}
 //! ```
 //!
-//! Build it with `cargo build --release` and install `target/release/lib<name>.so` into the
-//! daemon's `plugins_dir` by copying it to a temporary name in that directory and renaming it
-//! into place (`mv`): never `cp` over a library the daemon has loaded, which can crash it.
-//! `examples/sink-template` in trail's repository is a complete plugin to start from.
+//! Build it with `cargo build --release`. The library is
+//! `target/release/lib<crate name with - replaced by _>.so`, here
+//! `target/release/libtrail_sink_example.so` (a `cdylib` is required: without
+//! `crate-type = ["cdylib"]` cargo builds no `.so`). Install it into the daemon's `plugins_dir`
+//! by copying it to a temporary name in that directory and renaming it into place (`mv`): never
+//! `cp` over a library the daemon has loaded, which can crash it. The file name does not matter
+//! to trail; the configuration refers to the plugin by the `name` given to [`export_sink!`].
+//!
+//! A complete plugin to start from is the sink template: `/usr/share/trail/sdk/sink-template`
+//! in the SDK, `examples/sink-template` in a checkout.
 //!
 //! # The contract
 //!
@@ -161,14 +175,27 @@
 //! - appending fields to [`SinkPlugin`] after the last field: a host reads them through
 //!   accessors returning `Option`, which are `None` for plugins built against an older minor;
 //! - appending methods to [`SinkObject`] or [`HostCallbacks`], each with a default body that
-//!   runs when the other side was built against an older minor;
+//!   runs when the other side was built against an older minor. **Caution:** with abi_stable
+//!   0.11.3 this was tried and is *not* compatible for [`SinkObject`]: a plugin built against
+//!   1.0 is then refused by the newer host ("too many fields" in its vtable), because
+//!   abi_stable lets the library side of a prefix type have more fields than the loader, not
+//!   fewer. Until a way is shown to pass trail's compatibility test, adding a method there
+//!   needs a new major version;
 //! - adding [`ErrorKind`] or [`LogLevel`] values (older hosts treat an unknown kind as
 //!   retryable and an unknown level as info);
 //! - adding new types, functions and helpers, and new symbols exported by [`export_sink!`]
 //!   (1.1 added [`NAME_SYMBOL`]).
 //!
 //! Plugins built against an older minor keep loading in newer hosts, and the other way round.
-//! Patch versions change documentation and helpers only.
+//! Patch versions change documentation and helpers only. trail's test suite holds it to this:
+//! it keeps a frozen copy of every released version (`tests/compat/` in trail's repository),
+//! builds a plugin against each and loads it in the current daemon. A change counts as
+//! compatible only once that test passes with it.
+//!
+//! A plugin built against another major version is refused when it is loaded, with one line
+//! naming both versions, e.g. `plugin /usr/lib/trail/plugins/libx.so: built for
+//! trail-plugin-api 2.0.0; this daemon speaks 1.x (1.1.0): rebuild it against trail-plugin-api
+//! 1.x`.
 #![deny(missing_docs)]
 
 mod error;

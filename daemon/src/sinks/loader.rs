@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use abi_stable::library::{LibraryError, lib_header_from_path};
+use abi_stable::sabi_types::VersionNumber;
 use abi_stable::std_types::RStr;
 use object::{Object, ObjectSegment, ObjectSymbol};
 use trail_plugin_api::{Host, HostCallbacks, LogLevel, SinkBox, SinkError, SinkPluginRef};
@@ -356,15 +357,30 @@ fn explain(e: LibraryError) -> String {
              trail-plugin-api {}); rebuild it against this version: {e}",
             trail_plugin_api::API_VERSION
         ),
-        LibraryError::IncompatibleVersionNumber { .. } => format!(
-            "built against another major version of the plugin API; this daemon speaks {}: {e}",
-            trail_plugin_api::API_VERSION
-        ),
+        LibraryError::IncompatibleVersionNumber {
+            expected_version,
+            actual_version,
+            ..
+        } => other_major(expected_version, actual_version),
         LibraryError::GetSymbolError { .. } => {
             format!("not a trail sink plugin (it exports no plugin root module): {e}")
         }
         other => format!("cannot be loaded: {other}"),
     }
+}
+
+/// The one-line reason for a library built against another major version of `trail-plugin-api` than the daemon's
+/// (`ours`): both versions and what to do, instead of abi_stable's multi-line message.
+fn other_major(ours: VersionNumber, theirs: VersionNumber) -> String {
+    // Under semver, 0.y versions are compatible only within the same y.
+    let series = match ours.major {
+        0 => format!("0.{}.x", ours.minor),
+        major => format!("{major}.x"),
+    };
+    format!(
+        "built for trail-plugin-api {theirs}; this daemon speaks {series} ({ours}): rebuild it against \
+         trail-plugin-api {series}"
+    )
 }
 
 /// The daemon's side of the plugin's logging callback: lines land in the daemon's log, tagged with the sink.
@@ -411,6 +427,26 @@ pub fn is_library(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn another_major_is_one_line_with_both_versions() {
+        let v = |major, minor, patch| VersionNumber {
+            major,
+            minor,
+            patch,
+        };
+        let check = |ours, theirs, expected: &str| assert_eq!(other_major(ours, theirs), expected);
+        check(
+            v(1, 0, 1),
+            v(2, 0, 0),
+            "built for trail-plugin-api 2.0.0; this daemon speaks 1.x (1.0.1): rebuild it against trail-plugin-api 1.x",
+        );
+        check(
+            v(0, 3, 0),
+            v(0, 2, 9),
+            "built for trail-plugin-api 0.2.9; this daemon speaks 0.3.x (0.3.0): rebuild it against trail-plugin-api 0.3.x",
+        );
+    }
 
     #[test]
     fn only_complete_libraries_pass() {
