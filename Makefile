@@ -61,4 +61,4 @@ uninstall:
 
 deb:
 	$(CARGO) build --release -p trail $(addprefix -p ,$(PLUGINS))
-	$(CARGO) deb --no-build -p trail
+	$(CARGO) deb --no-build --strip -p trail
