@@ -5,5 +5,6 @@ mod util;
 mod cli;
 mod durability;
 mod evidence;
+mod postgres_sink;
 mod sinks;
 mod submission;

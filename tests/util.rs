@@ -272,13 +272,14 @@ pub mod plugins {
     use std::process::Command;
     use std::sync::{Mutex, OnceLock};
 
-    const PACKAGES: [&str; 6] = [
+    const PACKAGES: [&str; 7] = [
         "trail-test-recorder",
         "trail-test-flaky",
         "trail-test-panicker",
         "trail-test-incompatible",
         "trail-sink-template",
         "trail-sink-webhook",
+        "trail-sink-postgres",
     ];
 
     /// One build at a time; outputs are copied aside before the next build can overwrite them.
