@@ -90,7 +90,7 @@ fn the_table_holds_what_trail_search_finds_and_the_watermark_the_last_seq() {
         },
     );
     let mut c = daemon.client();
-    let mut streamed = Vec::new();
+    let (mut streamed, mut logouts) = (Vec::new(), Vec::new());
     for i in 0..80 {
         let event = match i % 4 {
             0 => {
@@ -102,7 +102,9 @@ fn the_table_holds_what_trail_search_finds_and_the_watermark_the_last_seq() {
         };
         let answer = c.emit(&event).unwrap();
         assert_eq!(answer["ok"], json!(true), "{answer}");
-        if i % 4 != 2 {
+        if i % 4 == 2 {
+            logouts.push(answer["seq"].as_i64().unwrap());
+        } else {
             streamed.push((
                 answer["seq"].as_i64().unwrap(),
                 answer["id"].as_str().unwrap().to_owned(),
@@ -187,6 +189,37 @@ fn the_table_holds_what_trail_search_finds_and_the_watermark_the_last_seq() {
         watermark(&server).unwrap().1.as_deref(),
         found.last().unwrap()["hash"].as_str()
     );
+
+    // README's queries ("Fleet"), as written there.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let query = |starts: &str| {
+        let at = readme
+            .find(starts)
+            .unwrap_or_else(|| panic!("README lacks {starts:?}"));
+        readme[at..].split_once(";\n").unwrap().0.to_owned()
+    };
+    let actor = admin.query(&query("-- what one actor did"), &[]).unwrap();
+    assert_eq!(actor.len(), 20, "the logins of u-42");
+    let silent = admin
+        .query(&query("-- hosts whose watermark"), &[])
+        .unwrap();
+    assert!(silent.is_empty());
+    let gaps: Vec<(i64, i64)> = admin
+        .query(
+            &query("-- gaps in a host's seq").replace("web-1.example", "host-a"),
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for seq in logouts {
+        assert!(
+            gaps.iter().any(|&(from, to)| from <= seq && seq <= to),
+            "{seq} not in {gaps:?}"
+        );
+    }
 }
 
 #[test]

@@ -1,6 +1,6 @@
-//! A PostgreSQL server of the test's own: `initdb` into a temporary directory, `postgres` in the foreground on
-//! a free loopback port (no Unix socket), run as the `postgres` user when the tests run as root (the server
-//! refuses to run as root). The superuser `postgres` gets in from loopback without a password; the role
+//! A PostgreSQL server of the test's own: a copy of an `initdb`-made data directory in a temporary directory,
+//! `postgres` in the foreground on a free loopback port (no Unix socket), run as the `postgres` user when the
+//! tests run as root (the server refuses to run as root). The superuser `postgres` gets in from loopback without a password; the role
 //! `trail` (password [`PASSWORD`]) owns the database `audit`, which the sink writes to. Stopped by its
 //! process id when dropped. Used by the plugin's tests and benchmark and by the daemon's end-to-end tests.
 
@@ -62,19 +62,15 @@ impl Server {
             chown(dir.path(), uid, gid);
         }
         let data = dir.path().join("data");
-        let status = as_server_user(&bin("initdb"))
-            .arg("-D")
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(template())
             .arg(&data)
-            .args(["-N", "-A", "trust", "-U", "postgres", "-E", "UTF8"])
-            .args(["--locale=C.UTF-8", "--no-instructions"])
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(dir.path().join("initdb.log")).unwrap())
             .status()
-            .expect("running initdb");
+            .unwrap();
         assert!(
             status.success(),
-            "initdb failed ({status}): {}",
-            fs::read_to_string(dir.path().join("initdb.log")).unwrap_or_default()
+            "copying the template data directory: {status}"
         );
         fs::write(
             data.join("pg_hba.conf"),
@@ -220,6 +216,69 @@ impl Drop for Server {
             let _ = child.wait();
         }
     }
+}
+
+/// A data directory made by `initdb` (owned by the server's user), copied for each server: much quicker than
+/// running `initdb` each time. Kept beside the test binaries (in the target directory) across runs, one per
+/// PostgreSQL installation; put in place by a rename, so a half-made one is never used.
+fn template() -> PathBuf {
+    static TEMPLATE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    TEMPLATE
+        .get_or_init(|| {
+            let initdb = bin("initdb");
+            let name: String = initdb
+                .to_string_lossy()
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                .collect();
+            let exe = std::env::current_exe().unwrap();
+            let path = exe
+                .parent()
+                .unwrap()
+                .parent()
+                .unwrap()
+                .join(format!("postgres-template{name}"));
+            if path.join("PG_VERSION").exists() {
+                return path;
+            }
+            let scratch = tempfile::Builder::new()
+                .prefix("trail-initdb")
+                .tempdir()
+                .unwrap();
+            if let Some((uid, gid)) = server_user() {
+                chown(scratch.path(), uid, gid);
+            }
+            let made = scratch.path().join("data");
+            let log = scratch.path().join("initdb.log");
+            let status = as_server_user(&initdb)
+                .arg("-D")
+                .arg(&made)
+                .args(["-N", "-A", "trust", "-U", "postgres", "-E", "UTF8"])
+                .args(["--locale=C.UTF-8", "--no-instructions"])
+                .stdout(Stdio::null())
+                .stderr(fs::File::create(&log).unwrap())
+                .status()
+                .expect("running initdb");
+            assert!(
+                status.success(),
+                "initdb failed ({status}): {}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+            let staged = path.with_extension(format!("tmp{}", std::process::id()));
+            let copied = Command::new("cp")
+                .arg("-a")
+                .arg(&made)
+                .arg(&staged)
+                .status()
+                .unwrap();
+            assert!(copied.success(), "copying {}: {copied}", made.display());
+            // Another test process may have put its own in place meanwhile: either is good.
+            if fs::rename(&staged, &path).is_err() {
+                let _ = fs::remove_dir_all(&staged);
+            }
+            path
+        })
+        .clone()
 }
 
 /// The newest installed PostgreSQL's program `name` (Debian keeps them in /usr/lib/postgresql/<version>/bin).
