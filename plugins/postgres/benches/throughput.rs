@@ -26,10 +26,11 @@ fn main() {
         durable: true,
         ..Options::default()
     });
-    server
-        .admin()
-        .batch_execute("ALTER SYSTEM SET max_wal_size = '4GB'; SELECT pg_reload_conf()")
+    let mut admin = server.admin();
+    admin
+        .batch_execute("ALTER SYSTEM SET max_wal_size = '4GB'")
         .unwrap();
+    admin.batch_execute("SELECT pg_reload_conf()").unwrap();
     let mut next = 1;
     for batch in [5000, 1000, 500] {
         // Distinct records: ids already stored would be skipped, which is cheaper than storing them.

@@ -111,20 +111,16 @@ impl TableName {
 
     /// The name, quoted for SQL (`"audit"."trail_events"`).
     pub fn sql(&self) -> String {
-        self.with_name(&self.name)
+        match &self.schema {
+            Some(schema) => format!("\"{schema}\".\"{}\"", self.name),
+            None => format!("\"{}\"", self.name),
+        }
     }
 
-    /// The unquoted name of an index or constraint on this table: the table's name with `suffix`.
+    /// The unquoted name of an index on this table (created in the table's schema): the table's name with
+    /// `suffix`.
     pub fn derived(&self, suffix: &str) -> String {
         format!("{}_{suffix}", self.name)
-    }
-
-    /// `name`, quoted, in this table's schema: for an index's name where SQL wants it qualified.
-    fn with_name(&self, name: &str) -> String {
-        match &self.schema {
-            Some(schema) => format!("\"{schema}\".\"{name}\""),
-            None => format!("\"{name}\""),
-        }
     }
 
     /// The name as the user wrote it, for `to_regclass` and messages.
@@ -267,7 +263,21 @@ impl Settings {
                 (Some(Arc::new(roots)), false)
             }
         };
-        client.connect_timeout(config.connect_timeout.unwrap_or(CONNECT_TIMEOUT));
+        match config.connect_timeout {
+            Some(_) if client.get_connect_timeout().is_some() => {
+                return Err(
+                    "\"connect_timeout\" and the url's connect_timeout are both given: keep one of them"
+                        .into(),
+                );
+            }
+            Some(timeout) => {
+                client.connect_timeout(timeout);
+            }
+            None if client.get_connect_timeout().is_none() => {
+                client.connect_timeout(CONNECT_TIMEOUT);
+            }
+            None => {}
+        }
         if client.get_application_name().is_none() {
             client.application_name(format!("trail {sink_name}"));
         }
@@ -498,8 +508,13 @@ mod tests {
         assert_eq!(s.client.get_ssl_mode(), SslMode::Prefer);
         assert_eq!(s.endpoint, "trail@db:6543/audit");
         assert!(!s.endpoint.contains("pw"));
-        let s = parse(r#"{"url": "host=db user=trail sslmode = disable"}"#).unwrap();
+        let s =
+            parse(r#"{"url": "host=db user=trail sslmode = disable connect_timeout=3"}"#).unwrap();
         assert_eq!(s.client.get_ssl_mode(), SslMode::Disable);
+        assert_eq!(
+            s.client.get_connect_timeout(),
+            Some(&Duration::from_secs(3))
+        );
         let s = parse(r#"{"url": "postgresql://trail@db/audit"}"#).unwrap();
         assert_eq!(s.client.get_ssl_mode(), SslMode::Require);
 
