@@ -8,6 +8,7 @@ mod durability;
 mod evidence;
 mod modes;
 mod plugin_safety;
+mod postgres_sink;
 mod sdk;
 mod service;
 mod sinks;

@@ -287,7 +287,7 @@ pub mod plugins {
     use std::process::Command;
     use std::sync::{Mutex, OnceLock};
 
-    const PACKAGES: [&str; 7] = [
+    const PACKAGES: [&str; 8] = [
         "trail-test-recorder",
         "trail-test-flaky",
         "trail-test-panicker",
@@ -295,6 +295,7 @@ pub mod plugins {
         "trail-sink-template",
         "trail-sink-webhook",
         "trail-sink-syslog",
+        "trail-sink-postgres",
     ];
 
     /// One build at a time; outputs are copied aside before the next build can overwrite them.

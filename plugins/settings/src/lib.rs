@@ -1,9 +1,13 @@
-//! Configuration parsing shared by trail's first-party sink plugins (`webhook`, `syslog`): reading a sink's
-//! `config` with errors the daemon reports as configuration errors, and durations such as `500ms`, `10s`, `5m`,
-//! `2h` or a number of seconds. Not part of the plugin API: third-party plugins depend on
-//! `trail-plugin-api` alone.
+//! Configuration parsing shared by trail's first-party sink plugins (`webhook`, `syslog`, `postgres`): reading a
+//! sink's `config` with errors the daemon reports as configuration errors, durations such as `500ms`, `10s`,
+//! `5m`, `2h` or a number of seconds, and secrets kept in the environment or in files ([`Secret`]). Not part of
+//! the plugin API: third-party plugins depend on `trail-plugin-api` alone.
 
 #![deny(missing_docs)]
+
+mod secret;
+
+pub use secret::Secret;
 
 use std::time::Duration;
 

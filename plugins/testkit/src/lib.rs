@@ -3,8 +3,11 @@
 //! The plugins' tests and benchmarks use this crate to do what the daemon does with a plugin,
 //! without the daemon: build the plugin as a real dynamic library, load it through the plugin
 //! API from a private copy, create instances with a JSON configuration, and lend them batches of
-//! realistic records, retrying and dead-lettering the way the host does. It owns no knowledge of
-//! any particular plugin and must not grow any: what a peer received is each test's business.
+//! realistic records, retrying and dead-lettering the way the host does; [`tls`] makes test
+//! certificate authorities. It owns no knowledge of any particular plugin and must not grow any:
+//! what a peer received is each test's business.
+
+pub mod tls;
 
 use std::{
     collections::HashMap,

@@ -3,8 +3,6 @@
 
 #[path = "support/server.rs"]
 mod server;
-#[path = "support/tls.rs"]
-mod tls;
 
 use std::{
     collections::HashMap,
@@ -20,13 +18,10 @@ use serde_json::Value;
 use sha2::Sha256;
 use trail_plugin_api::{ErrorKind, SinkBox, WriteError};
 use trail_plugin_testkit::{
-    Event, Plugin, Profile, TestHost, deliver, events, expect_error, write,
+    Event, Plugin, Profile, TestHost, deliver, events, expect_error, tls::TestCa, write,
 };
 
-use self::{
-    server::{Reply, Request, Server},
-    tls::TestCa,
-};
+use self::server::{Reply, Request, Server};
 
 const SECRET: &str = "test-secret-0123456789abcdef";
 

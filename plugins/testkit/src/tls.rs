@@ -1,5 +1,5 @@
-//! Test certificate authorities, made at test time: a CA, and a server certificate it signs
-//! for 127.0.0.1 and localhost.
+//! Test certificate authorities, made at test time: a CA, and server certificates it signs for
+//! 127.0.0.1 and localhost, as a rustls configuration or as PEM files for a server of the test's.
 
 use std::sync::Arc;
 
@@ -30,13 +30,26 @@ impl TestCa {
         }
     }
 
-    /// A rustls server configuration with a certificate this CA issued for 127.0.0.1 and
-    /// localhost.
-    pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
+    /// A new server certificate this CA issued for 127.0.0.1 and localhost, and its key.
+    fn issue(&self) -> (rcgen::Certificate, KeyPair) {
         let params =
             CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert, key)
+    }
+
+    /// A server certificate this CA issued for 127.0.0.1 and localhost, as PEM: the chain
+    /// (server certificate, then this CA's) and the private key (PKCS#8).
+    pub fn server_pem(&self) -> (String, String) {
+        let (cert, key) = self.issue();
+        (format!("{}{}", cert.pem(), self.pem), key.serialize_pem())
+    }
+
+    /// A rustls server configuration with a certificate this CA issued for 127.0.0.1 and
+    /// localhost.
+    pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        let (cert, key) = self.issue();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()

@@ -1,0 +1,477 @@
+//! `postgres`: a trail sink plugin that writes audit events into a PostgreSQL table, one transaction per batch
+//! (COPY into a per-connection staging table, then `INSERT … ON CONFLICT (id) DO NOTHING`), and moves a
+//! per-host watermark in the same transaction. See README.md for the configuration and the tables.
+//!
+//! This module owns the connection (on a single-threaded tokio runtime of the plugin's own, driven from the
+//! sink's thread), the batch's transaction, finding the one row the server refuses, and turning the client's
+//! errors into the plugin API's error kinds with messages that say what to do.
+
+mod config;
+mod rows;
+mod schema;
+
+use std::{error::Error as _, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use futures_util::SinkExt;
+use tokio::{runtime::Runtime, task::JoinHandle};
+use tokio_postgres::{Client, Statement, error::SqlState};
+use tokio_postgres_rustls::MakeRustlsConnect;
+use trail_plugin_api::{Host, Record, Sink, SinkError, WriteError};
+
+use crate::{config::Settings, rows::Rows};
+
+/// Most bytes of COPY data sent in one message.
+const COPY_CHUNK: usize = 256 * 1024;
+/// How much of a server's detail line goes into a message.
+const DETAIL_EXCERPT: usize = 300;
+
+struct Postgres {
+    host: Host,
+    settings: Settings,
+    /// The plugin's own runtime; taken and shut down in `close`.
+    runtime: Option<Runtime>,
+    tls: Option<MakeRustlsConnect>,
+    connection: Option<Connection>,
+    rows: Rows,
+}
+
+/// An open session with its prepared statements.
+struct Connection {
+    client: Client,
+    /// Drives the socket; aborted when the connection is dropped.
+    task: JoinHandle<()>,
+    insert: Statement,
+    watermark: Statement,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Why a transaction did not commit.
+enum Failure {
+    /// The server refused the data of some row (a data exception, a constraint, a limit): finding which one is
+    /// worth it.
+    Row(String),
+    /// Anything else: worth trying again later. `lost` when the connection is gone.
+    Retry { message: String, lost: bool },
+}
+
+impl Postgres {
+    fn new(config_json: &str, host: Host) -> Result<Self, SinkError> {
+        let settings = Settings::parse(config_json, host.sink_name())?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| SinkError::retryable(format!("cannot start the plugin's runtime: {e}")))?;
+        let tls = settings.roots.as_ref().map(|roots| {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("the ring provider supports the default protocol versions")
+                .with_root_certificates(Arc::clone(roots))
+                .with_no_client_auth();
+            MakeRustlsConnect::new(config)
+        });
+        host.info(&format!(
+            "writing to {} into {} (watermarks in {}), {}{}",
+            settings.endpoint,
+            settings.table,
+            settings.watermark_table,
+            match settings.client.get_ssl_mode() {
+                tokio_postgres::config::SslMode::Disable => "without TLS",
+                tokio_postgres::config::SslMode::Prefer => "with TLS when the server offers it",
+                _ => "over TLS",
+            },
+            match (&tls, settings.own_roots) {
+                (Some(_), true) => ", trusting only the CAs of ca_file",
+                _ => "",
+            }
+        ));
+        Ok(Self {
+            host,
+            settings,
+            runtime: Some(runtime),
+            tls,
+            connection: None,
+            rows: Rows::default(),
+        })
+    }
+
+    fn runtime(&self) -> &Runtime {
+        self.runtime
+            .as_ref()
+            .expect("the runtime lives until close")
+    }
+
+    /// Opens a session: connects, creates the tables when asked and missing, the staging table, statements.
+    fn connect(&mut self) -> Result<(), String> {
+        let settings = &self.settings;
+        let tls = self.tls.clone();
+        let endpoint = &settings.endpoint;
+        let opened = self.runtime().block_on(async {
+            let connecting = async {
+                let (client, task) = match tls {
+                    Some(tls) => {
+                        let (client, connection) = settings.client.connect(tls).await?;
+                        (client, tokio::spawn(async move { _ = connection.await }))
+                    }
+                    None => {
+                        let (client, connection) =
+                            settings.client.connect(tokio_postgres::NoTls).await?;
+                        (client, tokio::spawn(async move { _ = connection.await }))
+                    }
+                };
+                Ok::<_, tokio_postgres::Error>((client, task))
+            };
+            let (mut client, task) = tokio::time::timeout(settings.timeout, connecting)
+                .await
+                .map_err(|_| format!("timed out after {:?}", settings.timeout))?
+                .map_err(|e| describe(&e, settings))?;
+            let prepare = async {
+                if settings.create_tables {
+                    create_tables(&mut client, settings).await?;
+                }
+                client.batch_execute(schema::CREATE_STAGING).await?;
+                let insert = client.prepare(&schema::insert(&settings.table)).await?;
+                let watermark = client
+                    .prepare(&schema::advance_watermark(&settings.watermark_table))
+                    .await?;
+                Ok::<_, tokio_postgres::Error>((insert, watermark))
+            };
+            match tokio::time::timeout(settings.timeout, prepare).await {
+                Ok(Ok((insert, watermark))) => Ok(Connection {
+                    client,
+                    task,
+                    insert,
+                    watermark,
+                }),
+                Ok(Err(e)) => {
+                    task.abort();
+                    Err(format!("preparing the tables: {}", describe(&e, settings)))
+                }
+                Err(_) => {
+                    task.abort();
+                    Err(format!(
+                        "preparing the tables: timed out after {:?}",
+                        settings.timeout
+                    ))
+                }
+            }
+        });
+        let connection = opened.map_err(|e| format!("connecting to {endpoint}: {e}"))?;
+        self.host
+            .info(&format!("connected to {}", self.settings.endpoint));
+        self.connection = Some(connection);
+        Ok(())
+    }
+
+    /// Runs the transaction of the first `n` encoded rows; commits it when `commit`, else rolls it back (a
+    /// trial while looking for a refused row).
+    fn transact(&mut self, n: usize, commit: bool) -> Result<(), Failure> {
+        let Some(connection) = self.connection.as_mut() else {
+            return Err(Failure::Retry {
+                message: "not connected".into(),
+                lost: true,
+            });
+        };
+        let settings = &self.settings;
+        let rows = &self.rows;
+        let runtime = self
+            .runtime
+            .as_ref()
+            .expect("the runtime lives until close");
+        let result = runtime.block_on(async {
+            let work = async {
+                let transaction = connection.client.transaction().await?;
+                let sink = transaction.copy_in(&schema::copy()).await?;
+                futures_util::pin_mut!(sink);
+                for chunk in rows.data(n).chunks(COPY_CHUNK) {
+                    sink.feed(Bytes::copy_from_slice(chunk)).await?;
+                }
+                sink.as_mut().finish().await?;
+                transaction.execute(&connection.insert, &[]).await?;
+                for (host, seq, hash) in rows.watermarks(n) {
+                    transaction
+                        .execute(&connection.watermark, &[&host, &seq, &hash])
+                        .await?;
+                }
+                if commit {
+                    transaction.commit().await
+                } else {
+                    transaction.rollback().await
+                }
+            };
+            tokio::time::timeout(settings.timeout, work).await
+        });
+        match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                let lost = e.as_db_error().is_none() || connection.client.is_closed();
+                let message = describe(&e, settings);
+                if is_row_error(&e) {
+                    Err(Failure::Row(message))
+                } else {
+                    Err(Failure::Retry { message, lost })
+                }
+            }
+            Err(_) => Err(Failure::Retry {
+                message: format!(
+                    "the transaction did not finish within {:?} (\"timeout\")",
+                    settings.timeout
+                ),
+                lost: true,
+            }),
+        }
+    }
+
+    /// Stores the first `n` encoded rows, connecting first when needed and once more if a connection that
+    /// had been idle turns out to be gone (the server restarted in between).
+    fn store(&mut self, n: usize) -> Result<(), Failure> {
+        let mut reused = self.connection.is_some();
+        loop {
+            if self.connection.is_none() {
+                self.connect().map_err(|message| Failure::Retry {
+                    message,
+                    lost: true,
+                })?;
+            }
+            match self.transact(n, true) {
+                Err(Failure::Retry {
+                    message,
+                    lost: true,
+                }) => {
+                    self.connection = None;
+                    if reused {
+                        self.host.info(&format!(
+                            "{message}: the connection was lost; connecting again"
+                        ));
+                        reused = false;
+                        continue;
+                    }
+                    return Err(Failure::Retry {
+                        message,
+                        lost: true,
+                    });
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// The first `n` rows were refused together for their content (`refusal`): finds the first row refused
+    /// (by trials rolled back, halving the range), stores the rows before it, and reports it.
+    fn narrow(&mut self, records: &[Record<'_>], n: usize, refusal: String) -> WriteError {
+        // Rows [0, good) pass together; rows [0, bad) are refused, with `refusal`.
+        let (mut good, mut bad, mut refusal) = (0, n, refusal);
+        while bad - good > 1 {
+            let mid = good + (bad - good) / 2;
+            match self.transact(mid, false) {
+                Ok(()) => good = mid,
+                Err(Failure::Row(message)) => {
+                    bad = mid;
+                    refusal = message;
+                }
+                Err(Failure::Retry { message, lost }) => {
+                    if lost {
+                        self.connection = None;
+                    }
+                    return self.failed(records, 0, SinkError::retryable(message));
+                }
+            }
+        }
+        if good > 0 {
+            match self.store(good) {
+                Ok(()) => {}
+                Err(Failure::Row(message) | Failure::Retry { message, .. }) => {
+                    return self.failed(records, 0, SinkError::retryable(message));
+                }
+            }
+        }
+        self.refused(records, good, refusal)
+    }
+
+    /// The record at `index` can never be stored: a permanent error naming it.
+    fn refused(&self, records: &[Record<'_>], index: usize, reason: String) -> WriteError {
+        let record = &records[index];
+        let error = SinkError::permanent(format!(
+            "{reason} (event seq {}, id {}, type {})",
+            record.seq, record.id, record.event_type
+        ));
+        self.failed(records, index, error)
+    }
+
+    fn failed(&self, records: &[Record<'_>], delivered: usize, error: SinkError) -> WriteError {
+        // trail logs the error it gets back; this adds where in the write it happened.
+        self.host.debug(&format!(
+            "{error} (after {delivered} of {} stored)",
+            records.len()
+        ));
+        WriteError::new(delivered as u64, error)
+    }
+}
+
+/// Creates what is missing of the two tables (under a lock, so that hosts starting together do not race).
+/// Tables that exist are left alone, so a role with only the documented grants works.
+async fn create_tables(
+    client: &mut Client,
+    settings: &Settings,
+) -> Result<(), tokio_postgres::Error> {
+    let (events, watermarks) = (settings.table.text(), settings.watermark_table.text());
+    let exist = client
+        .query_one(schema::TABLES_EXIST, &[&events, &watermarks])
+        .await?;
+    if exist.get::<_, bool>(0) && exist.get::<_, bool>(1) {
+        return Ok(());
+    }
+    let transaction = client.transaction().await?;
+    transaction.batch_execute(schema::CREATE_LOCK).await?;
+    transaction
+        .batch_execute(&schema::create_events(&settings.table))
+        .await?;
+    transaction
+        .batch_execute(&schema::create_watermarks(&settings.watermark_table))
+        .await?;
+    transaction.commit().await
+}
+
+/// Whether the server refused the data itself: a data exception (class 22), an integrity constraint (class
+/// 23), or a limit such as an index row too large (54000). Such an error follows the row, not the moment.
+fn is_row_error(error: &tokio_postgres::Error) -> bool {
+    let Some(code) = error.code() else {
+        return false;
+    };
+    let code = code.code();
+    code.starts_with("22")
+        || code.starts_with("23")
+        || code == SqlState::PROGRAM_LIMIT_EXCEEDED.code()
+}
+
+/// A client error as a message that says what to do.
+fn describe(error: &tokio_postgres::Error, settings: &Settings) -> String {
+    if let Some(db) = error.as_db_error() {
+        let mut message = format!(
+            "the server said: {} (SQLSTATE {})",
+            db.message(),
+            db.code().code()
+        );
+        if let Some(detail) = db.detail() {
+            let mut cut: String = detail.chars().take(DETAIL_EXCERPT).collect();
+            if cut.len() < detail.len() {
+                cut.push('…');
+            }
+            message.push_str(&format!("; {cut}"));
+        }
+        let advice = match db.code() {
+            c if *c == SqlState::INVALID_PASSWORD => {
+                ": check \"user\" and \"password\" (or the url's), and the server's pg_hba.conf"
+            }
+            c if *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
+                ": the server's pg_hba.conf does not let this user in from here, or not this way"
+            }
+            c if *c == SqlState::INVALID_CATALOG_NAME => ": create the database, or fix \"dbname\"",
+            c if *c == SqlState::INSUFFICIENT_PRIVILEGE => {
+                ": grant the user what README.md lists, or create the tables as their owner"
+            }
+            c if *c == SqlState::UNDEFINED_TABLE => {
+                ": create the tables (README.md has their definitions), or set create_tables: true"
+            }
+            _ => "",
+        };
+        message.push_str(advice);
+        return message;
+    }
+    // Not from the server: the network, TLS, or the connection's end.
+    let mut sources = Vec::new();
+    let mut source = error.source();
+    while let Some(e) = source {
+        sources.push(e);
+        source = e.source();
+    }
+    // The client's own message is often only the outer part ("error performing TLS handshake"): add the causes.
+    let mut text = error.to_string();
+    for e in &sources {
+        let cause = e.to_string();
+        if !text.contains(&cause) {
+            text.push_str(&format!(": {cause}"));
+        }
+    }
+    for e in &sources {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return describe_tls(tls, settings);
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if let Some(tls) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                return describe_tls(tls, settings);
+            }
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return format!(
+                    "{text}: is PostgreSQL running there, and listening on that address?"
+                );
+            }
+        }
+    }
+    if text.contains("server does not support TLS") {
+        return format!(
+            "{text}: enable ssl on the server, or set sslmode: disable where the network between them is trusted"
+        );
+    }
+    text
+}
+
+fn describe_tls(error: &rustls::Error, settings: &Settings) -> String {
+    match error {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer) => format!(
+            "TLS failed: {error}: the server's certificate is not trusted; give the CA that signed it in \"ca_file\"{}",
+            if settings.own_roots {
+                " (the one given did not)"
+            } else {
+                ""
+            }
+        ),
+        rustls::Error::InvalidCertificate(
+            rustls::CertificateError::NotValidForName
+            | rustls::CertificateError::NotValidForNameContext { .. },
+        ) => format!(
+            "TLS failed: {error}: the server's certificate is not for this host name; connect with a name (or address) the certificate names"
+        ),
+        _ => format!("TLS failed: {error}"),
+    }
+}
+
+impl Sink for Postgres {
+    fn write(&mut self, batch: &[Record<'_>]) -> Result<(), WriteError> {
+        let unfit = self.rows.encode(batch);
+        let n = self.rows.len();
+        if n > 0 {
+            match self.store(n) {
+                Ok(()) => {}
+                Err(Failure::Row(refusal)) => return Err(self.narrow(batch, n, refusal)),
+                Err(Failure::Retry { message, .. }) => {
+                    return Err(self.failed(batch, 0, SinkError::retryable(message)));
+                }
+            }
+        }
+        match unfit {
+            Some((index, reason)) => Err(self.refused(batch, index, reason)),
+            None => Ok(()),
+        }
+    }
+
+    fn close(&mut self) -> Result<(), SinkError> {
+        self.connection = None;
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(Duration::from_secs(1));
+        }
+        Ok(())
+    }
+}
+
+trail_plugin_api::export_sink!(
+    name: "postgres",
+    version: env!("CARGO_PKG_VERSION"),
+    new: Postgres::new,
+);
