@@ -150,7 +150,7 @@ fn make_install_lays_out_a_working_installation() {
     fs::create_dir(&staged).unwrap();
     fs::copy(env!("CARGO_BIN_EXE_traild"), staged.join("traild")).unwrap();
     fs::copy(env!("CARGO_BIN_EXE_trail"), staged.join("trail")).unwrap();
-    for package in ["trail-sink-webhook", "trail-sink-syslog"] {
+    for package in ["trail-sink-webhook", "trail-sink-syslog", "trail-sink-postgres"] {
         let library = crate::util::plugins::library(package);
         fs::copy(&library, staged.join(library.file_name().unwrap())).unwrap();
     }
@@ -175,6 +175,7 @@ fn make_install_lays_out_a_working_installation() {
         ("usr/bin/trail", 0o755),
         ("usr/lib/trail/plugins/libtrail_sink_webhook.so", 0o644),
         ("usr/lib/trail/plugins/libtrail_sink_syslog.so", 0o644),
+        ("usr/lib/trail/plugins/libtrail_sink_postgres.so", 0o644),
         ("usr/lib/systemd/system/trail.service", 0o644),
         ("usr/lib/sysusers.d/trail.conf", 0o644),
         ("usr/lib/tmpfiles.d/trail.conf", 0o644),

@@ -85,13 +85,19 @@ impl Client {
     pub fn emit(&mut self, event: &Value) -> std::io::Result<Value> {
         let mut line = serde_json::to_vec(event)?;
         line.push(b'\n');
-        match self.writer.write_all(&line) {
+        self.emit_raw(&line)
+    }
+
+    /// Sends one request line as written (ending in a newline) and reads its answer. A daemon that turns the
+    /// connection away (`too_many_connections`) answers and closes before reading: that answer is returned
+    /// rather than the failed write.
+    pub fn emit_raw(&mut self, line: &[u8]) -> std::io::Result<Value> {
+        match self.writer.write_all(line) {
             Ok(()) => self.read_answer(),
             Err(e) => self.read_answer().map_err(|_| e),
         }
     }
 
-    /// Sends raw bytes (one or more lines, or part of one) without waiting.
     pub fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.writer.write_all(bytes)
     }

@@ -480,13 +480,11 @@ fn emit(args: Emit) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let answer = match Client::connect_trusting(&socket, &owners).and_then(|mut c| {
-        c.send_raw(&event)?;
-        c.read_answer()
-    }) {
-        Ok(a) => a,
-        Err(e) => return unreachable(e),
-    };
+    let answer =
+        match Client::connect_trusting(&socket, &owners).and_then(|mut c| c.emit_raw(&event)) {
+            Ok(a) => a,
+            Err(e) => return unreachable(e),
+        };
     let _ = writeln!(std::io::stdout(), "{answer}");
     if answer["ok"] == json!(true) {
         ExitCode::SUCCESS
