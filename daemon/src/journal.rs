@@ -6,9 +6,9 @@
 //!
 //! Files are named `trail-<UTC start, YYYYMMDDTHHMMSSZ>-<first seq, 20 digits>.jsonl`, so they sort by time and
 //! by `seq`; the newest one is appended to and the symlink `current` names it. The writer also seals every
-//! persisted record into the hash chain ([`crate::evidence::chain`]: it is the only place that knows the order),
+//! persisted record into the hash chain ([`crate::log::chain`]: it is the only place that knows the order),
 //! starts a new file at period boundaries of the daemon's clock and before a file would pass `max_file_bytes`,
-//! and writes signed checkpoints ([`crate::evidence::checkpoint`]) at each rotation, every `checkpoint_every`
+//! and writes signed checkpoints ([`crate::log::checkpoint`]) at each rotation, every `checkpoint_every`
 //! while records arrive, and at stop. A failed write or sync changes neither the file nor the chain.
 
 use std::fs::{File, OpenOptions};
@@ -25,11 +25,11 @@ use std::time::Duration;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
-use crate::append::AppendFile;
 use crate::clock;
 use crate::config::{FsyncPolicy, Rotate};
-use crate::evidence::checkpoint::{self, Signer};
-use crate::evidence::{chain, files, index};
+use crate::log::append::AppendFile;
+use crate::log::checkpoint::{self, Signer};
+use crate::log::{chain, files, index};
 use crate::spool;
 
 /// How much the writer gathers into one write and one sync.

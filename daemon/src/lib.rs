@@ -5,23 +5,25 @@
 //! ([`journal`]) before it is acknowledged. See ARCHITECTURE.md for the map.
 
 pub mod admin;
-pub mod append;
 pub mod audit;
 pub mod client;
 pub mod clock;
 pub mod config;
 pub mod event_types;
-pub mod evidence;
+pub mod filter;
 pub mod framing;
 pub mod ingest;
 pub mod journal;
+pub mod log;
 pub mod protocol;
 pub mod record;
+pub mod retention;
 pub mod shutdown;
 pub mod sinks;
 pub mod spool;
 pub mod systemd;
 pub mod telemetry;
+pub mod tools;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -59,7 +61,7 @@ pub enum Error {
     Spool(#[from] spool::Error),
     /// The checkpoint signing key cannot be loaded or created.
     #[error(transparent)]
-    Key(#[from] evidence::checkpoint::KeyError),
+    Key(#[from] log::checkpoint::KeyError),
 }
 
 impl Error {
@@ -67,7 +69,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Config(_) | Error::EventTypes(_) | Error::Sinks(_) => EXIT_CONFIG,
-            Error::Key(evidence::checkpoint::KeyError::Format { .. }) => EXIT_CONFIG,
+            Error::Key(log::checkpoint::KeyError::Format { .. }) => EXIT_CONFIG,
             Error::Log(_) | Error::Socket(_) | Error::Spool(_) | Error::Key(_) => 1,
         }
     }
@@ -124,7 +126,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
             "the daemon's clock is shifted (a testing aid); record times and file names are not the real time"
         );
     }
-    let signer = evidence::checkpoint::Signer::load_or_generate(&config.log.signing_key())?;
+    let signer = log::checkpoint::Signer::load_or_generate(&config.log.signing_key())?;
     info!(
         public_key = %signer.public_path.display(),
         key = %signer.public_hex(),
@@ -160,9 +162,9 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
     let audit_task = tokio::spawn(record_own_events(ctx.clone(), audit_rx, background.clone()));
     let upkeep = {
         let (ctx, source) = (ctx.clone(), own_source(&ctx));
-        tokio::spawn(evidence::maintenance::run(
+        tokio::spawn(retention::run(
             config.log.dir.clone(),
-            evidence::maintenance::Policy::of(&config.log),
+            retention::Policy::of(&config.log),
             spool,
             rotated,
             background.clone(),

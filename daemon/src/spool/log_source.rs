@@ -48,7 +48,7 @@ impl LogSource {
                 }
                 return Ok(None);
             };
-            match crate::evidence::chain::line_seq(&line) {
+            match crate::log::chain::line_seq(&line) {
                 Some(s) if s == seq => {
                     if value_after(&ID, &line).bytes(&line) != id.as_bytes() {
                         return Ok(None);
@@ -68,7 +68,7 @@ impl LogSource {
 
     /// Opens the last file whose first `seq` is at most `seq` (and later than `after`); false when there is none.
     pub(super) fn open(&mut self, seq: u64, after: Option<u64>) -> std::io::Result<bool> {
-        let files = match crate::evidence::files::list(&self.dir) {
+        let files = match crate::log::files::list(&self.dir) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             listed => listed?,
         };

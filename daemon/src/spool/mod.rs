@@ -42,8 +42,8 @@ use memchr::memmem::Finder;
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
-use crate::append::AppendFile;
 use crate::config::{SpoolConfig, WhenFull};
+use crate::log::append::AppendFile;
 
 use log_source::LogSource;
 use memory::{Block, in_memory};
@@ -299,7 +299,7 @@ fn cut_orphans(path: &Path, log_dir: &Path) -> Result<(), Error> {
 
 /// The `seq` of the last complete record of the log; `None` when the log directory does not exist yet.
 fn log_last_seq(log_dir: &Path) -> std::io::Result<Option<u64>> {
-    let files = match crate::evidence::files::list(log_dir) {
+    let files = match crate::log::files::list(log_dir) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         listed => listed?,
     };
@@ -312,7 +312,7 @@ fn log_last_seq(log_dir: &Path) -> std::io::Result<Option<u64>> {
         while end > 0 {
             let (start, line) = crate::journal::last_line(&mut file, end)?;
             if line.last() == Some(&b'\n')
-                && let Some(seq) = crate::evidence::chain::line_seq(&line)
+                && let Some(seq) = crate::log::chain::line_seq(&line)
             {
                 return Ok(Some(seq));
             }

@@ -183,7 +183,7 @@ pub(super) fn value_after(key: &Finder<'_>, line: &[u8]) -> Span {
 
 /// The `seq` of a spool line (0 when it has none).
 pub(super) fn record_seq(line: &[u8]) -> u64 {
-    crate::evidence::chain::line_seq(line).unwrap_or(0)
+    crate::log::chain::line_seq(line).unwrap_or(0)
 }
 
 /// Digits of the `seq` at the start of a record line.

@@ -72,7 +72,7 @@ pub(super) fn start_syncer() -> std::io::Result<mpsc::Sender<SyncRequest>> {
                         let _ = reply.send(synced);
                     }
                     SyncRequest::Writeback { file, offset, len } => {
-                        crate::append::start_writeback(&file, offset, len)
+                        crate::log::append::start_writeback(&file, offset, len)
                     }
                 }
             }
@@ -266,7 +266,7 @@ impl Writer {
                     }
                     break;
                 };
-                let seq = crate::evidence::chain::line_seq(&record);
+                let seq = crate::log::chain::line_seq(&record);
                 if seq.is_some_and(|s| s > last) && streamed.contains(record_type(&record)) {
                     line.clear();
                     line.extend_from_slice(&record);

@@ -7,7 +7,7 @@
 //!
 //! `code`, `actor`, `target`, `outcome`, `message` and `payload` are present only when set; `source.pid` only when
 //! the kernel reported it. Every record written to the log ends with `"hash"`, its link in the hash chain
-//! (`crate::evidence::chain`), sealed by the journal writer. Later versions may add fields after `payload` and
+//! (`crate::log::chain`), sealed by the journal writer. Later versions may add fields after `payload` and
 //! before `hash`, never reorder; `hash` stays last.
 //!
 //! A record is built in two halves so that work is done where it is cheapest: the connection task, in parallel

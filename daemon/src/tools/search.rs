@@ -24,8 +24,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::files::{self, Chunk, Chunks, LogFile};
-use super::index;
+use crate::log::files::{self, Chunk, Chunks, LogFile};
+use crate::log::index;
 
 /// What to look for; every condition set must hold.
 #[derive(Debug, Clone, Default)]
@@ -168,7 +168,7 @@ impl Matcher {
             && !q
                 .types
                 .iter()
-                .any(|g| crate::sinks::filter::glob(g, &p.event_type))
+                .any(|g| crate::filter::glob(g, &p.event_type))
         {
             return false;
         }
