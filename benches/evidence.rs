@@ -177,7 +177,7 @@ fn generate(dir: &Path, events: u64) {
                 f.write_all(&out).unwrap();
                 out.clear();
             }
-            let path = dir.join(trail::journal::file_name(t, seq));
+            let path = dir.join(files::file_name(t, seq));
             paths.push(path.clone());
             file = Some(std::fs::File::create(path).unwrap());
         }

@@ -49,7 +49,7 @@ pub enum Error {
     EventTypes(#[from] event_types::Problems),
     /// The log cannot be opened.
     #[error(transparent)]
-    Log(#[from] journal::Error),
+    Log(#[from] log::recovery::Error),
     /// The socket cannot be bound.
     #[error(transparent)]
     Socket(#[from] ingest::BindError),

@@ -7,6 +7,20 @@
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The symlink in the log directory that names the file being appended to.
+pub const CURRENT: &str = "current";
+
+/// The name of a log file that starts at `time` with record `first_seq`.
+pub fn file_name(time: SystemTime, first_seq: u64) -> String {
+    let secs = time
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let t = chrono::DateTime::<chrono::Utc>::from_timestamp(secs as i64, 0).unwrap_or_default();
+    format!("trail-{}-{first_seq:020}.jsonl", t.format("%Y%m%dT%H%M%SZ"))
+}
 
 /// Extension of a compressed log file, after `.jsonl`.
 pub const ZST: &str = ".zst";
@@ -172,6 +186,7 @@ pub fn stamp(t: std::time::SystemTime) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn names() {
@@ -235,5 +250,26 @@ mod tests {
             received_at(br#"{"seq":12,"id":"short","received_at":"x"}"#),
             None
         );
+    }
+
+    /// The first `seq` of a log file, as tools read it from the name.
+    fn first_seq_of(path: &Path) -> Option<u64> {
+        LogFile::parse(path).map(|f| f.first_seq)
+    }
+
+    #[test]
+    fn file_names_round_trip_and_sort() {
+        let a = file_name(UNIX_EPOCH + Duration::from_secs(1_795_132_800), 7);
+        assert_eq!(a, "trail-20261120T000000Z-00000000000000000007.jsonl");
+        assert_eq!(first_seq_of(Path::new(&a)), Some(7));
+        let b = file_name(UNIX_EPOCH + Duration::from_secs(1_795_132_801), 10);
+        assert!(a < b);
+        for bad in [
+            "trail-x.jsonl",
+            "trail-20261120T000000Z-7.jsonl",
+            "trail-20261120T000000Z-00000000000000000007.jsonl.torn-1-2",
+        ] {
+            assert_eq!(first_seq_of(Path::new(bad)), None, "{bad}");
+        }
     }
 }

@@ -236,7 +236,7 @@ pub fn summary(file: &LogFile) -> io::Result<FileEntry> {
     }
     let mut f = std::fs::File::open(&file.path)?;
     let size = f.metadata()?.len();
-    let (_, line) = crate::journal::last_line(&mut f, size)?;
+    let (_, line) = super::recovery::last_line(&mut f, size)?;
     let line = line.strip_suffix(b"\n").unwrap_or(&line);
     Ok(FileEntry {
         name: file.name.clone(),

@@ -9,3 +9,4 @@ pub mod chain;
 pub mod checkpoint;
 pub mod files;
 pub mod index;
+pub mod recovery;

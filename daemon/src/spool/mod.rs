@@ -66,7 +66,7 @@ pub enum Error {
     },
     /// Recovery found damage it will not cut.
     #[error(transparent)]
-    Damaged(#[from] crate::journal::Error),
+    Damaged(#[from] crate::log::recovery::Error),
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -162,7 +162,7 @@ pub fn open(config: &SpoolConfig, sinks: &[String]) -> Result<(Writer, Spool), E
             let path = segment_path(&shared_dir, start);
             // Orphans first: they are whole lines, so a torn tail after them goes aside with them.
             cut_orphans(&path, &config.log_dir)?;
-            let (len, head) = crate::journal::recover(&path)?;
+            let (len, head) = crate::log::recovery::recover(&path)?;
             last_seq = head.map(|h| h.seq);
             // A segment just started may be empty: the last seq is then in the one before.
             for &older in segments.iter().rev().skip(1) {
@@ -170,7 +170,7 @@ pub fn open(config: &SpoolConfig, sinks: &[String]) -> Result<(Writer, Spool), E
                     break;
                 }
                 let path = segment_path(&shared_dir, older);
-                last_seq = crate::journal::recover(&path)?.1.map(|h| h.seq);
+                last_seq = crate::log::recovery::recover(&path)?.1.map(|h| h.seq);
             }
             (start, len)
         }
@@ -310,7 +310,7 @@ fn log_last_seq(log_dir: &Path) -> std::io::Result<Option<u64>> {
         let mut file = File::open(&newest.path)?;
         let mut end = file.metadata()?.len();
         while end > 0 {
-            let (start, line) = crate::journal::last_line(&mut file, end)?;
+            let (start, line) = crate::log::recovery::last_line(&mut file, end)?;
             if line.last() == Some(&b'\n')
                 && let Some(seq) = crate::log::chain::line_seq(&line)
             {
@@ -332,7 +332,7 @@ fn set_aside_after_gap(dir: &Path, segments: &mut Vec<u64>) -> Result<(), Error>
         return Ok(());
     };
     let path = segment_path(dir, before);
-    let (len, _) = crate::journal::recover(&path)?;
+    let (len, _) = crate::log::recovery::recover(&path)?;
     if before + len >= last {
         return Ok(());
     }
