@@ -5,7 +5,45 @@ use std::process::Command;
 
 use serde_json::{Value, json};
 
-use crate::util::{Daemon, repo_event_types, trail};
+use crate::util::{Daemon, Setup, repo_event_types, trail};
+
+#[test]
+fn emit_sends_the_payload_as_written() {
+    let daemon = Daemon::with(Setup {
+        extra_types: vec![(
+            "measured.yml".into(),
+            "name: measured\ndescription: d\nsaved_to_database: true\nstreamed: false\n".into(),
+        )],
+        ..Setup::default()
+    });
+    let socket = daemon.socket.to_str().unwrap();
+    let emit = |payload: &str| {
+        trail(
+            &[
+                "emit",
+                "--socket",
+                socket,
+                "-t",
+                "measured",
+                "--payload",
+                payload,
+            ],
+            "",
+        )
+    };
+    let (code, out, err) = emit(r#"{"n": 123456789012345678901234567890, "e": 1E400}"#);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, _) = emit(r#"{"a":1,"a":2}"#);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(r#"duplicate key \"a\" at /payload"#), "{out}");
+    let lines = daemon.log_lines();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].contains(r#","payload":{"n":123456789012345678901234567890,"e":1E400},"hash":"#),
+        "{}",
+        lines[0]
+    );
+}
 
 #[test]
 fn emit_from_flags_and_from_stdin() {
@@ -152,6 +190,20 @@ fn invalid_event_type_sets_are_refused_with_every_problem() {
     }
 }
 
+/// Writes `trail.yaml` into `dir`: a socket and a log in `dir`, the repository's event types.
+fn minimal_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let config = dir.join("trail.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "socket: {{path: s.sock}}\nevent_types: {}\nlog: {{dir: log}}\n",
+            repo_event_types().display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
 #[test]
 fn traild_validate_and_a_bad_config_exit_78() {
     let dir = tempfile::tempdir().unwrap();
@@ -191,6 +243,54 @@ fn traild_validate_and_a_bad_config_exit_78() {
 }
 
 #[test]
+fn a_file_in_the_way_of_the_socket_is_a_config_error_and_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = minimal_config(dir.path());
+    let in_the_way = dir.path().join("s.sock");
+    std::fs::write(&in_the_way, "not a socket\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_traild"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains("exists and is not a socket"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&in_the_way).unwrap(),
+        "not a socket\n"
+    );
+}
+
+#[test]
+fn config_errors_name_the_key_and_what_was_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("trail.yaml");
+    std::fs::write(
+        &config,
+        "socket: {path: s.sock}\nevent_types: t\nlog: {dir: log, max_file_bytes: 12 parsecs}\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_traild"))
+        .args(["validate", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "line 3 column 33: log.max_file_bytes: \"12 parsecs\" is not a size: use bytes or a unit such as 64KiB, 16MiB, 1GiB"
+        ),
+        "{err}"
+    );
+    assert!(
+        !err.contains("Quantity") && !err.contains("<input>"),
+        "{err}"
+    );
+}
+
+#[test]
 fn readiness_is_sent_to_the_service_manager_once_the_socket_accepts() {
     let dir = tempfile::tempdir().unwrap();
     let notify = dir.path().join("notify.sock");
@@ -198,15 +298,7 @@ fn readiness_is_sent_to_the_service_manager_once_the_socket_accepts() {
     listener
         .set_read_timeout(Some(std::time::Duration::from_secs(20)))
         .unwrap();
-    let config = dir.path().join("trail.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "socket: {{path: s.sock}}\nevent_types: {}\nlog: {{dir: log}}\n",
-            repo_event_types().display()
-        ),
-    )
-    .unwrap();
+    let config = minimal_config(dir.path());
     let mut child = Command::new(env!("CARGO_BIN_EXE_traild"))
         .arg("--config")
         .arg(&config)

@@ -322,6 +322,7 @@ fn an_untouched_log_verifies_after_restarts_rotations_compression_and_retention(
         .find(|r| r["type"] == json!("trail_log_file_deleted"))
         .unwrap();
     assert_eq!(deletion["payload"]["reason"], json!("size"));
+    assert_eq!(deletion["source"]["daemon"], json!(true), "{deletion}");
     assert_eq!(deletion["payload"]["last_hash"].as_str().unwrap().len(), 64);
     let first = log_files(&daemon.log_dir)[0].clone();
     assert!(
@@ -340,6 +341,60 @@ fn an_untouched_log_verifies_after_restarts_rotations_compression_and_retention(
     std::fs::remove_file(copy.path().join(name(&first))).unwrap();
     let (code, out) = verify(copy.path(), &public_key(&daemon));
     assert_eq!(code, 1, "{out}");
+}
+
+#[test]
+fn a_client_cannot_forge_the_deletion_record_that_hides_a_deleted_file() {
+    let mut s = setup("max_file_bytes: 4096");
+    // A type of the operator's with no payload schema: any object is accepted.
+    s.extra_types = vec![(
+        "note_taken.yml".into(),
+        "name: note_taken\ndescription: a note\nsaved_to_database: true\nstreamed: false\n".into(),
+    )];
+    let mut daemon = Daemon::with(s);
+    emit(&daemon, 0, 24);
+    let oldest = log_files(&daemon.log_dir)[0].clone();
+    assert_ne!(
+        oldest,
+        log_files(&daemon.log_dir).pop().unwrap(),
+        "no rotation"
+    );
+    let last: Value = serde_json::from_str(lines(&oldest).last().unwrap()).unwrap();
+    let payload = json!({"file": name(&oldest), "first_seq": 1, "last_seq": last["seq"], "bytes": 1,
+        "last_hash": last["hash"], "reason": "size"});
+    let mut client = daemon.client();
+    let forged = json!({"type": "trail_log_file_deleted", "actor": {"id": "traild", "type": "system"},
+        "payload": payload});
+    let answer = client.emit(&forged).unwrap();
+    assert_eq!(
+        answer["error"],
+        json!({"code": "forbidden", "details": [], "message":
+            "event type \"trail_log_file_deleted\" is recorded by the daemon itself; clients may not submit it"}),
+        "{answer}"
+    );
+    // Any name of the daemon's, defined or not.
+    let answer = client.emit(&json!({"type": "trail_anything"})).unwrap();
+    assert_eq!(answer["error"]["code"], json!("forbidden"), "{answer}");
+    // A record of an open type whose payload looks like a deletion record is stored, and is no deletion record.
+    let mut dressed = payload.clone();
+    dressed["n"] = json!({"a": 1, "type": "trail_log_file_deleted", "source": {"daemon": true}});
+    let answer = client
+        .emit(&json!({"type": "note_taken", "payload": dressed}))
+        .unwrap();
+    assert_eq!(answer["ok"], json!(true), "{answer}");
+    emit(&daemon, 24, 2);
+    assert!(daemon.stop().success());
+    let copy = tempfile::tempdir().unwrap();
+    copy_dir(&daemon.log_dir, copy.path());
+    let (code, out) = verify(copy.path(), &public_key(&daemon));
+    assert_eq!(code, 0, "{out}");
+    std::fs::remove_file(copy.path().join(name(&oldest))).unwrap();
+    let (code, out) = verify(copy.path(), &public_key(&daemon));
+    assert_eq!(code, 1, "deleting the oldest file went unnoticed: {out}");
+    assert!(
+        out.contains("no deletion record says retention removed them"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -573,6 +628,66 @@ fn search_agrees_with_a_brute_force_filter_across_rotated_and_compressed_files()
     );
 }
 
+/// Sets the daemon's `RLIMIT_FSIZE`: its writes past `soft` bytes into any file fail with EFBIG, as on a full disk.
+fn limit_file_size(daemon: &Daemon, soft: u64) {
+    let l = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    let pid = daemon.pid() as i32;
+    let set = unsafe { libc::prlimit(pid, libc::RLIMIT_FSIZE, &l, std::ptr::null_mut()) };
+    assert_eq!(set, 0);
+}
+
+/// Every file under `dir` whose name ends in `.tmp`.
+fn temporary_files(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.is_dir() {
+            found.extend(temporary_files(&path));
+        } else if path.to_string_lossy().ends_with(".tmp") {
+            found.push(path);
+        }
+    }
+    found
+}
+
+#[test]
+fn a_full_disk_leaves_no_temporary_checkpoint_or_index_behind() {
+    let mut daemon = start("max_file_bytes: 4096", vec![]);
+    emit(&daemon, 0, 1);
+    let file = log_files(&daemon.log_dir).pop().unwrap();
+    let record = std::fs::metadata(&file).unwrap().len();
+    let mut i = 1;
+    while std::fs::metadata(&file).unwrap().len() + record <= 4096 {
+        emit(&daemon, i, 1);
+        i += 1;
+    }
+    // The next record starts a new file: the rotation's checkpoint is written (and fails) before the record is
+    // (and fails), and so before the answer; the closed file's index is written (and fails) in the background.
+    limit_file_size(&daemon, 100);
+    let answer = daemon.client().emit(&login("past the limit")).unwrap();
+    assert_eq!(answer["error"]["code"], json!("unavailable"), "{answer}");
+    assert_eq!(temporary_files(&daemon.log_dir), Vec::<PathBuf>::new());
+    // Space is back (upkeep is tried again at the next rotation, within a minute, or at the next start): the index
+    // is written, and no temporary file is left.
+    limit_file_size(&daemon, libc::RLIM_INFINITY);
+    emit(&daemon, i, 1);
+    assert!(daemon.stop().success());
+    daemon.spawn();
+    let mut index = file.clone().into_os_string();
+    index.push(".idx");
+    let index = PathBuf::from(index);
+    assert!(
+        wait_until(Duration::from_secs(30), || index.exists()),
+        "no index after space came back:\n{}",
+        daemon.stderr()
+    );
+    assert!(daemon.stop().success());
+    assert_eq!(temporary_files(&daemon.log_dir), Vec::<PathBuf>::new());
+}
+
 #[test]
 fn a_full_disk_is_answered_unavailable_and_the_daemon_resumes() {
     let daemon = Daemon::start();
@@ -581,23 +696,7 @@ fn a_full_disk_is_answered_unavailable_and_the_daemon_resumes() {
     let size = std::fs::metadata(&file).unwrap().len();
     // Files of the daemon may not grow more than 600 bytes past the log's size: writes fail with EFBIG, as on a
     // full disk.
-    let limit = |soft: u64| {
-        let l = libc::rlimit {
-            rlim_cur: soft,
-            rlim_max: libc::RLIM_INFINITY,
-        };
-        assert_eq!(
-            unsafe {
-                libc::prlimit(
-                    daemon.pid() as i32,
-                    libc::RLIMIT_FSIZE,
-                    &l,
-                    std::ptr::null_mut(),
-                )
-            },
-            0
-        );
-    };
+    let limit = |soft: u64| limit_file_size(&daemon, soft);
     limit(size + 600);
     let mut client = daemon.client();
     let mut refused = 0;

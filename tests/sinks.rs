@@ -14,14 +14,14 @@ use crate::util::{
 };
 
 /// One entry of the `sinks` list.
-fn sink(name: &str, plugin: &str, types: &str, config: &str) -> String {
+pub(crate) fn sink(name: &str, plugin: &str, types: &str, config: &str) -> String {
     format!(
         "  - name: {name}\n    plugin: {plugin}\n    events: {{types: {types}}}\n    config: {config}\n    \
          batch: {{max_events: 100, max_wait: 10ms}}\n    retry: {{initial: 10ms, max: 40ms}}\n"
     )
 }
 
-fn with_sinks(sinks: &[String], plugins: &[(&str, &str)], extra: &str) -> Setup {
+pub(crate) fn with_sinks(sinks: &[String], plugins: &[(&str, &str)], extra: &str) -> Setup {
     Setup {
         extra_config: format!("plugins_dir: plugins\n{extra}sinks:\n{}", sinks.concat()),
         plugins: plugins
@@ -489,12 +489,12 @@ fn drop_oldest_skips_and_audits_instead_of_waiting() {
 
 #[test]
 fn bad_plugins_at_start_are_refused_with_the_file_and_the_reason() {
-    let check = |package: &str, config: &str, expected: &[&str]| {
+    let check = |package: &str, file: &str, config: &str, expected: &[&str]| {
         let dir = tempfile::tempdir().unwrap();
         crate::util::install_plugin(
             &dir.path().join("plugins"),
             &plugins::library(package),
-            "libx.so",
+            file,
         );
         std::fs::write(dir.path().join("plugins/libnot.so"), b"not a library").unwrap();
         let cfg = dir.path().join("trail.yaml");
@@ -521,17 +521,27 @@ fn bad_plugins_at_start_are_refused_with_the_file_and_the_reason() {
             }
         }
     };
+    // A library built without the name symbol is known by its file name.
     check(
         "trail-test-incompatible",
+        "librecorder.so",
+        "{path: /dev/null}",
+        &["librecorder.so", "incompatible plugin API"],
+    );
+    // The template declares "line-file": no library declares "recorder".
+    check(
+        "trail-sink-template",
+        "librecorder.so",
         "{path: /dev/null}",
         &[
-            "libx.so",
-            "incompatible plugin API",
+            "declares the plugin \"recorder\"",
             "libnot.so: not a shared library",
         ],
     );
+    // Found by its declared name, whatever the file is called.
     check(
         "trail-test-recorder",
+        "libx.so",
         "{path: /dev/null, colour: blue}",
         &[
             "sink \"s\": plugin \"recorder\" rejected its config",
@@ -576,9 +586,8 @@ fn stream_events(socket: &Path, stop: Arc<AtomicBool>) -> std::thread::JoinHandl
     })
 }
 
-/// A daemon with one sink, `rec`, that records `user_login` events marked `v1` into `rec.jsonl`.
-/// One sink, `rec`, recording into `rec.jsonl` with the mark `v1`.
-fn recorder_setup() -> Setup {
+/// One sink, `rec`, recording `user_login` events into `rec.jsonl` with the mark `v1`.
+pub(crate) fn recorder_setup() -> Setup {
     with_sinks(
         &[sink(
             "rec",

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::util::{Daemon, Setup, login, wait_until};
+use crate::util::{Daemon, Setup, login, trail, wait_until};
 
 #[test]
 fn accepted_events_are_stamped_and_stored() {
@@ -313,4 +313,88 @@ fn a_client_that_does_not_read_answers_is_slowed_not_buffered() {
     let mut first = String::new();
     reader.read_line(&mut first).unwrap();
     assert!(first.starts_with("{\"ok\":true"), "{first}");
+}
+
+#[test]
+fn payloads_are_stored_byte_for_byte_and_repeated_keys_are_refused() {
+    let daemon = Daemon::with(Setup {
+        extra_types: vec![(
+            "measured.yml".into(),
+            "name: measured\ndescription: d\nsaved_to_database: true\nstreamed: false\npayload:\n  type: object\n  properties:\n    n: {type: integer, minimum: 0}\n".into(),
+        )],
+        ..Setup::default()
+    });
+    let mut c = daemon.client();
+    // (payload as sent, payload as stored)
+    let accepted = [
+        (
+            r#"{"n":123456789012345678901234567890,"d":0.1000000000000000055511151231257827,"e":1E400,"z":-0,"s":"\u00e9\/é"}"#,
+            r#"{"n":123456789012345678901234567890,"d":0.1000000000000000055511151231257827,"e":1E400,"z":-0,"s":"\u00e9\/é"}"#,
+        ),
+        (
+            "{ \"n\" : 7 ,\t\"list\" : [ 1.50 , 2e+3 , { } ] , \"s\" : \" a  b \" }",
+            r#"{"n":7,"list":[1.50,2e+3,{}],"s":" a  b "}"#,
+        ),
+    ];
+    for (payload, _) in &accepted {
+        c.send_raw(format!("{{\"type\":\"measured\",\"payload\":{payload}}}\n").as_bytes())
+            .unwrap();
+        let answer = c.read_answer().unwrap();
+        assert_eq!(answer["ok"], json!(true), "{payload}: {answer}");
+    }
+    // (request line, code, path in details)
+    let refused = [
+        (
+            r#"{"type":"measured","payload":{"n":-123456789012345678901234567890}}"#,
+            "invalid_payload",
+            "/payload/n",
+        ),
+        (
+            r#"{"type":"measured","payload":{"x":{"a":1,"a":2}}}"#,
+            "invalid_json",
+            "/payload/x",
+        ),
+        (
+            r#"{"type":"measured","payload":{"x":[{"a":1},{"a":1,"\u0061":2}]}}"#,
+            "invalid_json",
+            "/payload/x/1",
+        ),
+        (
+            r#"{"type":"measured","actor":{"id":"a","\u0069d":"b"}}"#,
+            "invalid_json",
+            "/actor",
+        ),
+        (
+            r#"{"type":"measured","type":"user_login"}"#,
+            "invalid_json",
+            "",
+        ),
+    ];
+    for (line, code, path) in &refused {
+        c.send_raw(format!("{line}\n").as_bytes()).unwrap();
+        let answer = c.read_answer().unwrap();
+        assert_eq!(answer["error"]["code"], json!(code), "{line}: {answer}");
+        assert_eq!(
+            answer["error"]["details"][0]["path"],
+            json!(path),
+            "{answer}"
+        );
+        if *code == "invalid_json" {
+            let message = answer["error"]["message"].as_str().unwrap();
+            assert!(message.contains("duplicate key"), "{answer}");
+        }
+    }
+    let lines = daemon.log_lines();
+    assert_eq!(lines.len(), accepted.len(), "{lines:#?}");
+    for (line, (_, stored)) in lines.iter().zip(&accepted) {
+        assert!(
+            line.contains(&format!(",\"payload\":{stored},\"hash\":")),
+            "{stored} in {line}"
+        );
+    }
+    let mut daemon = daemon;
+    assert!(daemon.stop().success());
+    let (code, out, err) = trail(&["verify", daemon.log_dir.to_str().unwrap()], "");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("intact"), "{out}");
 }

@@ -3,8 +3,12 @@
 mod util;
 
 mod cli;
+mod connection_limits;
 mod durability;
 mod evidence;
+mod modes;
+mod plugin_safety;
 mod service;
 mod sinks;
+mod socket_trust;
 mod submission;

@@ -44,6 +44,8 @@ pub struct Setup {
     pub env: Vec<(String, String)>,
     /// Extra settings of the `log:` section, e.g. `max_file_bytes: 4096`.
     pub log: Option<String>,
+    /// The daemon's umask, when not the test's own.
+    pub umask: Option<libc::mode_t>,
 }
 
 impl Default for Setup {
@@ -55,6 +57,7 @@ impl Default for Setup {
             plugins: Vec::new(),
             env: Vec::new(),
             log: None,
+            umask: None,
         }
     }
 }
@@ -68,6 +71,7 @@ pub struct Daemon {
     child: Option<Child>,
     starts: u32,
     env: Vec<(String, String)>,
+    umask: Option<libc::mode_t>,
 }
 
 impl Daemon {
@@ -111,6 +115,7 @@ impl Daemon {
             child: None,
             starts: 0,
             env: setup.env,
+            umask: setup.umask,
         };
         daemon.spawn();
         daemon
@@ -121,16 +126,26 @@ impl Daemon {
         assert!(self.child.is_none(), "already running");
         self.starts += 1;
         let stderr = fs::File::create(self.stderr_path(self.starts)).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_traild"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_traild"));
+        command
             .arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "info")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .unwrap();
+            .stderr(stderr);
+        if let Some(mask) = self.umask {
+            use std::os::unix::process::CommandExt;
+            // umask(2) is async-signal-safe, as a pre_exec hook must be.
+            unsafe {
+                command.pre_exec(move || {
+                    libc::umask(mask);
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command.spawn().unwrap();
         let up = wait_until(Duration::from_secs(20), || {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("traild exited early with {status}:\n{}", self.stderr());

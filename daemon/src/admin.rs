@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::sinks::Sinks;
 
@@ -25,6 +25,8 @@ pub struct Admin {
     pub event_types: usize,
     /// When the daemon started.
     pub started: Instant,
+    /// The submission socket's connections.
+    pub connections: Arc<crate::ingest::Connections>,
 }
 
 #[derive(Deserialize)]
@@ -37,12 +39,13 @@ enum Request {
 
 /// Serves the admin socket until `stop` is cancelled.
 pub async fn serve(listener: UnixListener, admin: Arc<Admin>, stop: CancellationToken) {
+    let mut accept_errors = crate::ingest::Throttle::new();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => { tokio::spawn(connection(stream, admin.clone())); }
-                Err(e) => warn!(error = %e, "admin accept failed"),
+                Err(e) => crate::ingest::accept_failed(&mut accept_errors, "admin", &e).await,
             },
         }
     }
@@ -86,6 +89,7 @@ fn handle(admin: &Admin, request: Request) -> Value {
                 "pid": std::process::id(),
                 "uptime_seconds": admin.started.elapsed().as_secs(),
                 "event_types": admin.event_types,
+                "connections": admin.connections.status(),
             });
             if let Some(sinks) = &admin.sinks {
                 let s = sinks.status();

@@ -1,4 +1,4 @@
-//! The daemon's own audit events: plugin loads, reloads and failures, and events a sink dropped.
+//! The daemon's own audit events: plugin loads, reloads, failures and refusals, and events a sink dropped.
 //!
 //! Owns turning what happened into requests of the built-in event types (`event-types/trail_*.yml`, embedded
 //! into the binary so they exist whatever the configured directory holds). The requests go through the same
@@ -74,15 +74,22 @@ impl Auditor {
 
     /// A plugin file could not be loaded, or its sinks could not be built from it.
     pub fn plugin_failed(&self, file: &std::path::Path, plugin: Option<&str>, reason: &str) {
-        let mut payload = json!({"file": file.display().to_string(), "reason": reason});
-        if let Some(p) = plugin {
-            payload["plugin"] = json!(p);
-        }
         self.send(
             "trail_plugin_failed",
             format!("sink plugin {} was not loaded: {reason}", file.display()),
             "failure",
-            payload,
+            file_payload(file, plugin, reason),
+        );
+    }
+
+    /// A plugin file was not loaded because someone other than root or the daemon's user could change it or a
+    /// directory on its path.
+    pub fn plugin_refused(&self, file: &std::path::Path, plugin: Option<&str>, reason: &str) {
+        self.send(
+            "trail_plugin_refused",
+            format!("sink plugin {} was refused: {reason}", file.display()),
+            "denied",
+            file_payload(file, plugin, reason),
         );
     }
 
@@ -95,4 +102,13 @@ impl Auditor {
             json!({"sink": sink, "dropped": dropped}),
         );
     }
+}
+
+/// The payload of the plugin-file events: `file`, `reason` and, when known, `plugin`.
+fn file_payload(file: &std::path::Path, plugin: Option<&str>, reason: &str) -> Value {
+    let mut payload = json!({"file": file.display().to_string(), "reason": reason});
+    if let Some(p) = plugin {
+        payload["plugin"] = json!(p);
+    }
+    payload
 }

@@ -42,6 +42,46 @@ pub struct Config {
     /// submission socket.
     #[serde(default)]
     pub admin_socket: Option<PathBuf>,
+    /// The group of the files and directories the daemon writes.
+    #[serde(default)]
+    pub files: FilesConfig,
+}
+
+/// How the daemon's files are shared: files 0640, directories 0750 (the signing key 0600), in one group.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesConfig {
+    /// Group (name or number) of every file and directory the daemon writes; default: the daemon's own group.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// `group` as a group id, looked up when the configuration is checked.
+    #[serde(skip)]
+    pub gid: Option<u32>,
+}
+
+/// The id of group `name` (a name, or a number), checking that this process may give files to it.
+fn group_id(name: &str) -> Result<u32, String> {
+    let found = nix::unistd::Group::from_name(name)
+        .map_err(|e| format!("files.group: cannot look up group {name:?}: {e}"))?;
+    let gid = match (found, name.parse::<u32>()) {
+        (Some(g), _) => g.gid.as_raw(),
+        (None, Ok(n)) => n,
+        (None, Err(_)) => {
+            return Err(format!(
+                "files.group: there is no group {name:?} on this host; give a group name or number"
+            ));
+        }
+    };
+    let member = unsafe { libc::geteuid() } == 0
+        || unsafe { libc::getegid() } == gid
+        || nix::unistd::getgroups().is_ok_and(|g| g.iter().any(|g| g.as_raw() == gid));
+    if !member {
+        return Err(format!(
+            "files.group: this user is not a member of group {name:?} ({gid}), so the daemon cannot give its \
+             files to it; add the daemon's user to the group"
+        ));
+    }
+    Ok(gid)
 }
 
 /// The spool as written in the configuration file.
@@ -295,19 +335,46 @@ pub enum FsyncPolicy {
     Never,
 }
 
-/// Limits on client input.
+/// Limits on clients and what they send.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Longest request line in bytes, newline excluded; longer lines are answered `too_large`.
+    #[serde(deserialize_with = "de_size_usize")]
     pub max_line_bytes: usize,
+    /// Most submission connections open at once; a client beyond it is answered `too_many_connections` and closed.
+    pub max_connections: usize,
+    /// A connection that sends nothing for this long (or does not read the answers waiting for it) is closed.
+    #[serde(deserialize_with = "de_duration")]
+    pub idle_timeout: Duration,
+    /// Most bytes of unfinished request lines held across all connections; a connection whose line needs more
+    /// waits (the daemon stops reading from it) until some is free.
+    #[serde(deserialize_with = "de_size_usize")]
+    pub max_buffered_bytes: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_line_bytes: 1 << 20,
+            max_connections: 1024,
+            idle_timeout: Duration::from_secs(300),
+            max_buffered_bytes: 64 << 20,
         }
+    }
+}
+
+/// Bytes of an unfinished line each connection may hold without taking a line slot: the part of
+/// `limits.max_buffered_bytes` that every connection is sure to have (so that short lines never wait).
+pub const SMALL_LINE_BYTES: usize = 16 << 10;
+
+impl Limits {
+    /// How many connections at once may hold a line longer than [`SMALL_LINE_BYTES`]: what is left of
+    /// `max_buffered_bytes` after every connection's small share, in whole lines of `max_line_bytes`.
+    pub fn line_slots(&self) -> usize {
+        self.max_buffered_bytes
+            .saturating_sub(self.max_connections.saturating_mul(SMALL_LINE_BYTES))
+            / self.max_line_bytes.saturating_add(1)
     }
 }
 
@@ -361,12 +428,27 @@ impl Config {
 
     /// Parses configuration text; `origin` names it in errors and `base` anchors relative paths.
     pub fn parse(text: &str, origin: &Path, base: &Path) -> Result<Config, Error> {
-        let mut config: Config = serde_saphyr::from_str(text).map_err(|e| Error::Parse {
+        let mut at = None;
+        let mut options = serde_saphyr::Options::default();
+        options.with_snippet = false;
+        let parsed = serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                at = Some(e.path().to_string());
+                e.into_inner()
+            })
+        });
+        let mut config: Config = parsed.map_err(|e| Error::Parse {
             path: origin.to_owned(),
-            message: e.to_string(),
+            message: user_message(&e, at.as_deref()),
         })?;
         config.resolve(base);
         config.check(origin)?;
+        if let Some(name) = &config.files.group {
+            config.files.gid = Some(group_id(name).map_err(|message| Error::Invalid {
+                path: origin.to_owned(),
+                message,
+            })?);
+        }
         Ok(config)
     }
 
@@ -391,6 +473,7 @@ impl Config {
             spool: SpoolSettings::default(),
             sinks: Vec::new(),
             admin_socket: None,
+            files: FilesConfig::default(),
         };
         let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
         config.resolve(&cwd);
@@ -428,6 +511,25 @@ impl Config {
             return Err(invalid(format!(
                 "limits.max_line_bytes: {} is too small; use at least 256",
                 self.limits.max_line_bytes
+            )));
+        }
+        let limits = &self.limits;
+        if limits.max_connections == 0 {
+            return Err(invalid("limits.max_connections: must be at least 1".into()));
+        }
+        if limits.idle_timeout < Duration::from_millis(100) {
+            return Err(invalid("limits.idle_timeout: use at least 100ms".into()));
+        }
+        if limits.line_slots() == 0 {
+            let least = limits
+                .max_connections
+                .saturating_mul(SMALL_LINE_BYTES)
+                .saturating_add(limits.max_line_bytes.saturating_add(1));
+            return Err(invalid(format!(
+                "limits.max_buffered_bytes: {} is too small for {} connections and lines of {} bytes: every \
+                 connection may hold {SMALL_LINE_BYTES} bytes of an unfinished line and one more must be able to \
+                 hold a whole line; use at least {least}, or lower limits.max_connections or limits.max_line_bytes",
+                limits.max_buffered_bytes, limits.max_connections, limits.max_line_bytes
             )));
         }
         if self.socket.mode > 0o777 {
@@ -549,6 +651,56 @@ impl fmt::Display for Config {
     }
 }
 
+/// What a YAML or structure error says, for the person who wrote the file: where (line, column, key path) and
+/// what is wrong, without the names of the types it is read into.
+fn user_message(e: &serde_saphyr::Error, at: Option<&str>) -> String {
+    let raw = e
+        .without_snippet()
+        .render_with_formatter(&serde_saphyr::UserMessageFormatter);
+    // The rendering starts with the location, which is given below in a form of our own.
+    let text = match raw.split_once(": ") {
+        Some((head, rest)) if head.starts_with("error: line") || head.starts_with("line ") => rest,
+        _ => raw.as_str(),
+    };
+    let text = text.strip_prefix("error: ").unwrap_or(text);
+    let text = match text.rfind(" at line ") {
+        Some(i) if text[i..].contains(", column ") => &text[..i],
+        _ => text,
+    };
+    let number = text
+        .strip_prefix("invalid ")
+        .is_some_and(|t| matches!(t, "u8" | "u16" | "u32" | "u64" | "usize" | "i32" | "i64"));
+    let what = if number {
+        "is not a whole number (0 or more)".to_owned()
+    } else {
+        match text {
+            "expected string scalar" => "must be text, not a list or a mapping".to_owned(),
+            "expected sequence start" => "must be a list, e.g. [a, b]".to_owned(),
+            "expected mapping start" => {
+                "must be a mapping of keys to values, e.g. {a: 1}".to_owned()
+            }
+            "invalid boolean" => "must be true or false".to_owned(),
+            "null is not allowed here" => "has no value; give one or leave the key out".to_owned(),
+            other => match other
+                .strip_prefix("duplicate mapping key `")
+                .and_then(|k| k.split_once('`'))
+            {
+                Some((key, _)) => format!("{key} is given twice; keep one of them"),
+                None => other.to_owned(),
+            },
+        }
+    };
+    let mut out = String::new();
+    if let Some(l) = e.location().filter(|l| l.line() > 0) {
+        out.push_str(&format!("line {} column {}: ", l.line(), l.column()));
+    }
+    match at.filter(|p| !matches!(*p, "" | "." | "?")) {
+        Some(p) => out.push_str(&format!("{p}: {what}")),
+        None => out.push_str(&what),
+    }
+    out
+}
+
 /// A unit of a quantity and how many base units it is.
 type Units = &'static [(&'static str, u64)];
 
@@ -572,80 +724,152 @@ const SIZE_UNITS: Units = &[
     ("GB", 1_000_000_000),
 ];
 
-/// Parses `<digits><unit>` in base units; `what` names the quantity and gives examples for error messages.
-fn parse_quantity(text: &str, units: Units, what: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not {what}"))?;
-    let unit = unit.trim();
-    let factor = units
-        .iter()
-        .find(|(name, _)| *name == unit)
-        .map(|(_, f)| *f)
-        .ok_or_else(|| format!("{text:?}: unknown unit {unit:?}; {what}"))?;
-    n.checked_mul(factor)
-        .ok_or_else(|| format!("{text:?} is too large"))
+/// A quantity of a configuration file: a size (base unit: bytes) or a duration (base unit: milliseconds; a bare
+/// number means seconds).
+#[derive(Clone, Copy)]
+enum Kind {
+    Size,
+    Duration,
+}
+
+impl Kind {
+    fn units(self) -> Units {
+        match self {
+            Kind::Size => SIZE_UNITS,
+            Kind::Duration => DURATION_UNITS,
+        }
+    }
+
+    /// What a value should look like, for error messages.
+    fn expected(self) -> &'static str {
+        match self {
+            Kind::Size => "a size: use bytes or a unit such as 64KiB, 16MiB, 1GiB",
+            Kind::Duration => "a duration: use seconds or a unit such as 500ms, 10s, 5m, 2h, 7d",
+        }
+    }
+
+    /// Parses `<digits><unit>` in base units.
+    fn parse(self, text: &str) -> Result<u64, String> {
+        let not = || format!("{text:?} is not {}", self.expected());
+        let trimmed = text.trim();
+        let split = trimmed
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(trimmed.len());
+        let (number, unit) = trimmed.split_at(split);
+        let n: u64 = number.parse().map_err(|_| not())?;
+        let unit = unit.trim();
+        let factor = self
+            .units()
+            .iter()
+            .find(|(name, _)| *name == unit)
+            .map(|(_, f)| *f)
+            .ok_or_else(not)?;
+        n.checked_mul(factor)
+            .ok_or_else(|| format!("{text:?} is too large"))
+    }
 }
 
 /// Parses a duration such as `500ms`, `10s`, `5m`, `2h`, `7d`; a bare number means seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    parse_quantity(
-        text,
-        DURATION_UNITS,
-        "a duration: write e.g. 500ms, 10s, 5m, 2h, 7d",
-    )
-    .map(Duration::from_millis)
+    Kind::Duration.parse(text).map(Duration::from_millis)
 }
 
 /// Parses a size such as `512`, `64KiB`, `16MiB`, `1GiB` (also `KB`/`MB`/`GB`, as powers of 1000).
 pub fn parse_size(text: &str) -> Result<u64, String> {
-    parse_quantity(
-        text,
-        SIZE_UNITS,
-        "a size: write e.g. 4096, 64KiB, 16MiB, 1GiB",
-    )
+    Kind::Size.parse(text)
 }
 
-/// A quantity in a config file: a bare number (seconds for durations, bytes for sizes) or text with a unit.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Quantity {
-    Number(u64),
-    Text(String),
+/// Reads a quantity in base units from a number or a text; anything else is refused saying what was written.
+impl<'de> serde::de::Visitor<'de> for Kind {
+    type Value = u64;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.expected())
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<u64, E> {
+        match self {
+            Kind::Size => Ok(v),
+            Kind::Duration => v
+                .checked_mul(1_000)
+                .ok_or_else(|| E::custom(format!("{v} is too large"))),
+        }
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<u64, E> {
+        match u64::try_from(v) {
+            Ok(v) => self.visit_u64(v),
+            Err(_) => Err(E::custom(format!("{v} is not {}", self.expected()))),
+        }
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<u64, E> {
+        Err(E::custom(format!("{v} is not {}", self.expected())))
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<u64, E> {
+        Err(E::custom(format!("{v} is not {}", self.expected())))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<u64, E> {
+        self.parse(v).map_err(E::custom)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<u64, E> {
+        Err(E::custom(format!(
+            "an empty value is not {}; or leave the key out",
+            self.expected()
+        )))
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<u64, E> {
+        self.visit_unit()
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<u64, A::Error> {
+        Err(serde::de::Error::custom(format!(
+            "a list is not {}",
+            self.expected()
+        )))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<u64, A::Error> {
+        Err(serde::de::Error::custom(format!(
+            "a mapping is not {}",
+            self.expected()
+        )))
+    }
 }
 
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    match Quantity::deserialize(d)? {
-        Quantity::Number(s) => Ok(Duration::from_secs(s)),
-        Quantity::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
-    }
+    d.deserialize_any(Kind::Duration).map(Duration::from_millis)
 }
 
 fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    match Quantity::deserialize(d)? {
-        Quantity::Number(b) => Ok(b),
-        Quantity::Text(t) => parse_size(&t).map_err(serde::de::Error::custom),
-    }
+    d.deserialize_any(Kind::Size)
+}
+
+fn de_size_usize<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let bytes = de_size(d)?;
+    usize::try_from(bytes).map_err(|_| serde::de::Error::custom(format!("{bytes} is too large")))
 }
 
 fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     de_duration(d).map(Some)
 }
 
+/// A duration as a map value.
+struct MapDuration(Duration);
+
+impl<'de> Deserialize<'de> for MapDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        de_duration(d).map(MapDuration)
+    }
+}
+
 fn de_duration_map<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(String, Duration)>, D::Error> {
-    let raw = std::collections::BTreeMap::<String, String>::deserialize(d)?;
-    raw.into_iter()
-        .map(|(k, v)| {
-            parse_duration(&v)
-                .map(|d| (k.clone(), d))
-                .map_err(|e| serde::de::Error::custom(format!("{k}: {e}")))
-        })
-        .collect()
+    let raw = std::collections::BTreeMap::<String, MapDuration>::deserialize(d)?;
+    Ok(raw.into_iter().map(|(k, v)| (k, v.0)).collect())
 }
 
 fn de_opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
@@ -678,6 +902,10 @@ mod tests {
         assert_eq!(c.socket.mode, 0o660);
         assert_eq!(c.log.fsync, FsyncPolicy::Always);
         assert_eq!(c.limits.max_line_bytes, 1 << 20);
+        assert_eq!(c.limits.max_connections, 1024);
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.limits.max_buffered_bytes, 64 << 20);
+        assert_eq!(c.limits.line_slots(), 47);
         assert_eq!(c.shutdown_grace, Duration::from_secs(10));
     }
 
@@ -690,9 +918,19 @@ mod tests {
         };
         check("colour: blue\n", "colour");
         check("log2: {}\n", "log2");
-        check("shutdown_grace: 10 parsecs\n", "unknown unit");
+        check(
+            "shutdown_grace: 10 parsecs\n",
+            "line 4 column 17: shutdown_grace: \"10 parsecs\" is not a duration: use seconds or a unit such as 500ms",
+        );
         check("limits: {max_line_bytes: 10}\n", "too small");
         check("limits: {max_lines: 10}\n", "max_lines");
+        check("limits: {max_connections: 0}\n", "at least 1");
+        check("limits: {idle_timeout: 10ms}\n", "at least 100ms");
+        check(
+            "limits: {max_buffered_bytes: 16MiB}\n",
+            "use at least 17825793",
+        );
+        check("limits: {max_buffered_bytes: lots}\n", "a size");
         let err = parse("socket: {path: /x, mode: \"99\"}\nevent_types: t\nlog: {dir: l}\n")
             .unwrap_err()
             .to_string();
@@ -701,6 +939,109 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("event_types"), "{err}");
+    }
+
+    #[test]
+    fn config_errors_name_the_key_and_what_is_wrong_with_it() {
+        let check = |extra: &str, expected: &str| {
+            let err = parse(&format!("{MINIMAL}{extra}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{extra:?}: {err}");
+            for internal in [
+                "Quantity",
+                "untagged",
+                "Option<",
+                "DuplicateKeyPolicy",
+                "<input>",
+                "u64",
+            ] {
+                assert!(!err.contains(internal), "{extra:?}: {err}");
+            }
+        };
+        let size = "is not a size: use bytes or a unit such as 64KiB, 16MiB, 1GiB";
+        let duration = "is not a duration: use seconds or a unit such as 500ms, 10s, 5m, 2h, 7d";
+        check(
+            "spool: {max_bytes: 12 parsecs}",
+            &format!("spool.max_bytes: \"12 parsecs\" {size}"),
+        );
+        check(
+            "spool: {max_bytes: [1]}",
+            &format!("spool.max_bytes: a list {size}"),
+        );
+        check(
+            "spool: {max_bytes: -5}",
+            &format!("spool.max_bytes: -5 {size}"),
+        );
+        check(
+            "spool: {max_bytes: 1.5}",
+            &format!("spool.max_bytes: 1.5 {size}"),
+        );
+        check(
+            "spool: {max_bytes: true}",
+            &format!("spool.max_bytes: true {size}"),
+        );
+        check(
+            "spool: {max_bytes: ~}",
+            "spool.max_bytes: an empty value is not a size",
+        );
+        check(
+            "shutdown_grace: {a: 1}",
+            &format!("shutdown_grace: a mapping {duration}"),
+        );
+        check(
+            "limits: {max_line_bytes: big}",
+            &format!("limits.max_line_bytes: \"big\" {size}"),
+        );
+        check(
+            "sinks: [{name: a, plugin: p, batch: {max_wait: forever}}]",
+            &format!("sinks[0].batch.max_wait: \"forever\" {duration}"),
+        );
+        check(
+            "sinks: [{name: a, plugin: p, batch: {max_events: many}}]",
+            "sinks[0].batch.max_events: is not a whole number",
+        );
+        check("sinks: [{name: a}]", "sinks[0]: missing field `plugin`");
+        check("sinks: {a: 1}", "sinks: must be a list");
+        check("plugins_dir: [a]", "plugins_dir: must be text");
+        check("files: {group: [a]}", "files.group: must be text");
+        check(
+            "socket: {path: /x}",
+            "line 4 column 1: socket is given twice; keep one of them",
+        );
+        let err = parse("socket: {path: ~}\nevent_types: t\nlog: {dir: l}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("socket.path: has no value"), "{err}");
+        let err = parse("socket: {path: /s}\nevent_types: t\nlog: {dir: l, retention_by_type: {user_login: forever}}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!(
+                "log.retention_by_type.user_login: \"forever\" {duration}"
+            )),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn files_group() {
+        let group = |value: &str| {
+            parse(&format!("{MINIMAL}files: {{group: {value}}}\n")).map(|c| c.files.gid)
+        };
+        let own = unsafe { libc::getegid() };
+        let name = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(own))
+            .unwrap()
+            .unwrap()
+            .name;
+        assert_eq!(group(&own.to_string()).unwrap(), Some(own));
+        assert_eq!(group(&name).unwrap(), Some(own));
+        assert_eq!(parse(MINIMAL).unwrap().files.gid, None);
+        let err = group("no-such-group-here").unwrap_err().to_string();
+        assert!(
+            err.contains("files.group: there is no group \"no-such-group-here\""),
+            "{err}"
+        );
     }
 
     #[test]

@@ -12,6 +12,8 @@ use std::sync::{Arc, OnceLock};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::protocol::Payload;
+
 /// The daemon's own event types, embedded so that they exist whatever the configured directory holds (a file of
 /// the same name in the directory takes precedence).
 pub const BUILTIN: &[(&str, &str)] = &[
@@ -28,6 +30,10 @@ pub const BUILTIN: &[(&str, &str)] = &[
         include_str!("../../event-types/trail_plugin_failed.yml"),
     ),
     (
+        "trail_plugin_refused.yml",
+        include_str!("../../event-types/trail_plugin_refused.yml"),
+    ),
+    (
         "trail_sink_events_dropped.yml",
         include_str!("../../event-types/trail_sink_events_dropped.yml"),
     ),
@@ -36,6 +42,16 @@ pub const BUILTIN: &[(&str, &str)] = &[
         include_str!("../../event-types/trail_log_file_deleted.yml"),
     ),
 ];
+
+/// Event types whose names start with this are the daemon's own: only the daemon records them (with the marker
+/// `"daemon":true` in `source`, which no client's record can carry), a client submitting one is refused
+/// (`forbidden`), and a definition file may use such a name only for one of [`BUILTIN`]'s types.
+pub const DAEMON_PREFIX: &str = "trail_";
+
+/// Whether `name` is reserved for the daemon's own events (see [`DAEMON_PREFIX`]).
+pub fn is_daemon_type(name: &str) -> bool {
+    name.starts_with(DAEMON_PREFIX)
+}
 
 /// The JSON Schema every definition file must satisfy.
 pub const DEFINITION_SCHEMA: &str = include_str!("../../schemas/event-type.schema.json");
@@ -104,15 +120,24 @@ pub struct Violation {
 
 impl EventType {
     /// Checks a payload against the type's schema; every violation is returned, with paths under `/payload`.
-    pub fn check_payload(&self, payload: &Value) -> Result<(), Vec<Violation>> {
+    ///
+    /// The schema sees numbers as 64-bit floats (the nearest one; beyond `±1.7976931348623157e308`, that bound),
+    /// the stored record the digits as written.
+    pub fn check_payload(&self, payload: &Payload) -> Result<(), Vec<Violation>> {
         let Some(validator) = &self.payload else {
             return Ok(());
         };
-        if validator.is_valid(payload) {
+        let payload = payload.for_checks().map_err(|e| {
+            vec![Violation {
+                path: "/payload".into(),
+                message: format!("cannot be read for the schema check: {e}"),
+            }]
+        })?;
+        if validator.is_valid(&payload) {
             return Ok(());
         }
         Err(validator
-            .iter_errors(payload)
+            .iter_errors(&payload)
             .map(|e| Violation {
                 path: format!("/payload{}", e.instance_path()),
                 message: e.to_string(),
@@ -338,6 +363,26 @@ fn parse_definition(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Opt
             ),
         ));
     }
+    let builtin = |name: &str| {
+        BUILTIN
+            .iter()
+            .any(|(f, _)| f.strip_suffix(".yml") == Some(name))
+    };
+    if is_daemon_type(&def.name) && !builtin(&def.name) {
+        let own: Vec<&str> = BUILTIN
+            .iter()
+            .filter_map(|(f, _)| f.strip_suffix(".yml"))
+            .collect();
+        problems.push(Problem::new(
+            file,
+            "/name",
+            format!(
+                "names starting with {DAEMON_PREFIX:?} are reserved for the daemon's own event types ({}); \
+                 rename the type",
+                own.join(", ")
+            ),
+        ));
+    }
     if !def.saved_to_database && !def.streamed {
         problems.push(Problem::new(
             file,
@@ -473,6 +518,18 @@ mod tests {
             &["both false"],
         );
         check(
+            "trail_backup_done.yml",
+            "name: trail_backup_done\ndescription: x\nsaved_to_database: true\nstreamed: false\n",
+            &[
+                "trail_backup_done.yml: /name: names starting with \"trail_\" are reserved for the daemon's own",
+            ],
+        );
+        check(
+            "trail_plugin_failed.yml",
+            "name: trail_plugin_failed\ndescription: x\nsaved_to_database: true\nstreamed: false\n",
+            &[],
+        );
+        check(
             "user_login.yml",
             "name: [unclosed\n",
             &["user_login.yml: invalid YAML: error: line 1"],
@@ -584,15 +641,49 @@ mod tests {
         let r = load(&[("user_login.yml", &text)]).unwrap();
         let t = r.get("user_login").unwrap();
         assert!(
-            t.check_payload(&serde_json::json!({"ip": "10.0.0.1", "method": "sso"}))
+            t.check_payload(&payload(r#"{"ip": "10.0.0.1", "method": "sso"}"#))
                 .is_ok()
         );
         let v = t
-            .check_payload(&serde_json::json!({"ip": "10.0.0.300"}))
+            .check_payload(&payload(r#"{"ip": "10.0.0.300"}"#))
             .unwrap_err();
         let paths: Vec<_> = v.iter().map(|v| v.path.as_str()).collect();
         assert_eq!(paths.len(), 2, "{v:?}");
         assert!(paths.contains(&"/payload/ip"), "{v:?}");
         assert!(paths.contains(&"/payload"), "{v:?}");
+    }
+
+    fn payload(text: &str) -> Payload {
+        serde_json::from_str(text).unwrap()
+    }
+
+    /// Numbers are checked as the nearest 64-bit float, those past its range as its bound; the stored text keeps
+    /// their digits (see `protocol`).
+    #[test]
+    fn schemas_check_numbers_of_any_size() {
+        let text = format!(
+            "{GOOD}payload:\n  type: object\n  properties:\n    n: {{type: integer, minimum: 0}}\n    x: {{type: number, maximum: 1e300}}\n"
+        );
+        let r = load(&[("user_login.yml", &text)]).unwrap();
+        let t = r.get("user_login").unwrap();
+        let check = |text: &str, expected: &[&str]| {
+            let got = match t.check_payload(&payload(text)) {
+                Ok(()) => vec![],
+                Err(v) => v.into_iter().map(|v| v.path).collect(),
+            };
+            assert_eq!(got, expected, "{text}");
+        };
+        check(r#"{"n":123456789012345678901234567890}"#, &[]);
+        check(r#"{"n":-123456789012345678901234567890}"#, &["/payload/n"]);
+        // 1.23e29 parses as a float whose fraction is zero: an integer to JSON Schema (draft 2020-12).
+        check(r#"{"n":1.23e29}"#, &[]);
+        check(r#"{"n":1E400}"#, &[]);
+        check(r#"{"n":-1E400}"#, &["/payload/n"]);
+        check(r#"{"n":0.5}"#, &["/payload/n"]);
+        check(r#"{"n":-0}"#, &[]);
+        check(r#"{"x":0.1000000000000000055511151231257827}"#, &[]);
+        check(r#"{"x":1E400}"#, &["/payload/x"]);
+        check(r#"{"x":-1E400}"#, &[]);
+        check(r#"{"x":1e-400}"#, &[]);
     }
 }

@@ -77,6 +77,11 @@ impl Framer {
         self.partial.len()
     }
 
+    /// Gives back memory a long line left behind, keeping room for `bytes` (or what is held, if more).
+    pub fn shrink_to(&mut self, bytes: usize) {
+        self.partial.shrink_to(bytes);
+    }
+
     fn frame<'a>(&self, line: &'a [u8]) -> Frame<'a> {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.len() > self.max {

@@ -3,32 +3,44 @@
 //! Owns the socket file and every client connection. Each connection has a reader task (read, frame, check,
 //! stamp, submit to the journal) and a responder task (wait for the journal, answer every request line in
 //! order). The two are joined by a bounded queue and the journal's queue is bounded too, so a slow disk or a
-//! client that does not read its answers stops the reading, never grows memory.
+//! client that does not read its answers stops the reading, never grows memory. Across connections, the number of
+//! connections and the bytes of unfinished lines they hold are bounded too ([`Connections`]).
 
 use std::collections::HashSet;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::config::{Limits, SMALL_LINE_BYTES};
 use crate::event_types::{EventType, Registry};
 
 use crate::framing::{Frame, Framer};
 use crate::journal::{Ack, Batch, Route, Submitter, Unavailable};
 use crate::protocol::{self, ErrorCode, Rejection};
 use crate::record::{self, Source};
+use crate::trust::{self, Owners};
 
-/// Bytes read from a connection at a time; one read becomes at most one journal submission.
+/// Most bytes read from a connection at a time; one read becomes at most one journal submission.
 const READ_BYTES: usize = 64 << 10;
 /// Chunks of one connection waiting for the journal before the connection stops reading.
 const PENDING_DEPTH: usize = 32;
+/// How long an accept loop pauses after a failed accept (out of descriptors, most likely): the waiting client
+/// stays in the socket's backlog, and accepting again at once would fail again at once.
+pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Repeated warnings (failed accepts, refused connections) are logged at most once per this interval, with the
+/// number left out since the last one.
+pub(crate) const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// What every connection shares.
 pub struct Context {
@@ -42,6 +54,110 @@ pub struct Context {
     pub max_line_bytes: usize,
     /// Event types at least one sink receives.
     pub streamed_types: HashSet<String>,
+    /// The limits across connections and their counters.
+    pub connections: Arc<Connections>,
+}
+
+/// The bounds across connections (`limits:`) and what they counted, shown by `trail status`.
+///
+/// Every connection may hold up to [`SMALL_LINE_BYTES`] of an unfinished line. A longer one needs a line slot,
+/// which lets it grow to `max_line_bytes`; there are [`Limits::line_slots`] of them, so that all unfinished lines
+/// together stay within `max_buffered_bytes`. A connection that needs a slot while none is free stops being read
+/// (its client waits) until one is; the slot goes back as soon as its line is complete. A slot holder never waits
+/// for more memory, so some line always progresses; one that stops sending is closed after `idle_timeout`.
+pub struct Connections {
+    max: usize,
+    permits: Arc<Semaphore>,
+    idle_timeout: Duration,
+    slot_count: usize,
+    slots: Arc<Semaphore>,
+    refused: AtomicU64,
+    idle_closed: AtomicU64,
+    buffered: AtomicUsize,
+    waiting: AtomicUsize,
+}
+
+impl Connections {
+    /// Bounds as configured.
+    pub fn new(limits: &Limits) -> Connections {
+        let slot_count = limits.line_slots().max(1);
+        Connections {
+            max: limits.max_connections,
+            permits: Arc::new(Semaphore::new(limits.max_connections)),
+            idle_timeout: limits.idle_timeout,
+            slot_count,
+            slots: Arc::new(Semaphore::new(slot_count)),
+            refused: AtomicU64::new(0),
+            idle_closed: AtomicU64::new(0),
+            buffered: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+        }
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.max - self.permits.available_permits()
+    }
+
+    /// The `connections` object of `trail status`.
+    pub fn status(&self) -> Value {
+        json!({
+            "open": self.open(),
+            "max": self.max,
+            "refused": self.refused.load(Ordering::Relaxed),
+            "idle_closed": self.idle_closed.load(Ordering::Relaxed),
+            "buffered_bytes": self.buffered.load(Ordering::Relaxed),
+            "long_lines": self.slot_count - self.slots.available_permits(),
+            "long_line_slots": self.slot_count,
+            "waiting_for_buffer": self.waiting.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// A warning that may repeat without bound, logged at most once per [`WARN_EVERY`].
+pub(crate) struct Throttle {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Throttle {
+    pub(crate) fn new() -> Throttle {
+        Throttle {
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// Counts one occurrence; `Some(occurrences left out since the last logged one)` when this one is to be logged.
+    pub(crate) fn hit(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        match self.last {
+            Some(t) if now.duration_since(t) < WARN_EVERY => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+/// After a failed accept on `socket` ("submission", "admin"): warns (at a bounded rate) and pauses, so that a
+/// lasting failure such as running out of file descriptors neither spins nor floods the log. Connections already
+/// open keep being served meanwhile; waiting clients are accepted once descriptors are free again.
+pub(crate) async fn accept_failed(throttle: &mut Throttle, socket: &str, error: &std::io::Error) {
+    if let Some(suppressed) = throttle.hit() {
+        warn!(
+            socket,
+            error = %error,
+            suppressed,
+            "accept failed; new clients wait in the socket's backlog (out of file descriptors? raise LimitNOFILE \
+             or lower limits.max_connections)"
+        );
+    }
+    tokio::time::sleep(ACCEPT_BACKOFF).await;
 }
 
 /// The socket could not be set up.
@@ -55,6 +171,14 @@ pub enum BindError {
     /// Something that is not a socket is in the way.
     #[error("socket {0} exists and is not a socket; remove it or choose another socket.path")]
     NotASocket(PathBuf),
+    /// The socket's directory, or one above it, could be written by someone else, or a link is in the way.
+    #[error("socket {path}: {source}")]
+    Untrusted {
+        /// The socket path.
+        path: PathBuf,
+        /// What is wrong.
+        source: trust::Untrusted,
+    },
     /// The operating system refused.
     #[error("socket {path}: {source}")]
     Io {
@@ -66,15 +190,38 @@ pub enum BindError {
 }
 
 /// Binds the socket at `path` with permission bits `mode`, replacing a stale socket file left by a crash.
+///
+/// Refuses a directory that anyone but root or the daemon's own user could write, or one below such a directory
+/// (see [`crate::trust`]): they could replace the socket with their own and take the clients' events. Missing
+/// directories are created with mode 0755. A symbolic link at `path` is refused, never followed.
 pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
     let io = |source| BindError::Io {
         path: path.to_owned(),
         source,
     };
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(io)?;
+    let untrusted = |source| BindError::Untrusted {
+        path: path.to_owned(),
+        source,
+    };
+    let Some(name) = path.file_name() else {
+        return Err(BindError::NotASocket(path.to_owned()));
+    };
+    let parent = path.parent().unwrap_or(Path::new("."));
+    if !parent.as_os_str().is_empty() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)
+            .map_err(io)?;
     }
+    // Bound through the checked, canonical directory: no link on the way can be changed afterwards.
+    let path = &trust::check_dir(parent, &Owners::me())
+        .map_err(untrusted)?
+        .join(name);
     if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_symlink() {
+            return Err(untrusted(trust::Untrusted::Symlink(path.to_owned())));
+        }
         if !meta.file_type().is_socket() {
             return Err(BindError::NotASocket(path.to_owned()));
         }
@@ -98,18 +245,29 @@ pub async fn serve(
     grace: std::time::Duration,
 ) {
     let mut connections = JoinSet::new();
+    let (mut accept_errors, mut refusals) = (Throttle::new(), Throttle::new());
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    connections.spawn(connection(stream, ctx.clone(), stop.clone()));
-                }
-                Err(e) => {
-                    // EMFILE and friends: keep serving the connections we have.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
+                Ok((stream, _)) => match ctx.connections.permits.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        connections.spawn(connection(stream, ctx.clone(), stop.clone(), permit));
+                    }
+                    Err(_) => {
+                        refuse(stream, &ctx.connections);
+                        if let Some(suppressed) = refusals.hit() {
+                            warn!(
+                                open = ctx.connections.open(),
+                                max = ctx.connections.max,
+                                refused = ctx.connections.refused.load(Ordering::Relaxed),
+                                suppressed,
+                                "too many connections: refused a client (limits.max_connections)"
+                            );
+                        }
+                    }
+                },
+                Err(e) => accept_failed(&mut accept_errors, "submission", &e).await,
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
@@ -134,6 +292,27 @@ pub async fn serve(
     }
 }
 
+/// Answers a client beyond `limits.max_connections` with one error line and closes its connection. The line is
+/// written with one non-blocking `write(2)`, never waited for: a fresh connection's send buffer has room for it.
+fn refuse(stream: UnixStream, connections: &Connections) {
+    use std::io::Write;
+    connections.refused.fetch_add(1, Ordering::Relaxed);
+    let mut line = Vec::new();
+    Rejection::new(
+        ErrorCode::TooManyConnections,
+        format!(
+            "the daemon has {} connections open, its limit (limits.max_connections); this connection is closed, \
+             try again later",
+            connections.max
+        ),
+    )
+    .encode(&mut line);
+    // Straight to the socket: tokio's own try_write would wait for a readiness event the new socket has not had yet.
+    if let Ok(mut stream) = stream.into_std() {
+        let _ = stream.write(&line);
+    }
+}
+
 /// What one read produced: an answer slot per request line, and the records to store.
 struct Chunk {
     slots: Vec<Slot>,
@@ -151,13 +330,19 @@ struct Pending {
     ack: Option<Ack>,
 }
 
-async fn connection(stream: UnixStream, ctx: Arc<Context>, stop: CancellationToken) {
+async fn connection(
+    stream: UnixStream,
+    ctx: Arc<Context>,
+    stop: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+) {
     let source = match stream.peer_cred() {
         Ok(cred) => Source {
             uid: cred.uid(),
             gid: cred.gid(),
             pid: cred.pid(),
             host: ctx.host.clone(),
+            daemon: false,
         },
         Err(e) => {
             // Without credentials events could not be attributed: refuse the connection rather than guess.
@@ -167,29 +352,82 @@ async fn connection(stream: UnixStream, ctx: Arc<Context>, stop: CancellationTok
     };
     debug!(uid = source.uid, pid = ?source.pid, "connection opened");
     let fragment = source.fragment();
-    let (mut reader, writer) = stream.into_split();
+    let limits = &ctx.connections;
+    let (reader, writer) = stream.into_split();
     let (pending_tx, pending_rx) = mpsc::channel(PENDING_DEPTH);
-    let responder = tokio::spawn(respond(writer, pending_rx));
+    let responder = tokio::spawn(respond(writer, pending_rx, limits.idle_timeout));
     let mut framer = Framer::new(ctx.max_line_bytes);
-    let mut buf = vec![0u8; READ_BYTES];
+    let mut buffered = Buffered::new(limits);
+    let mut slot: Option<OwnedSemaphorePermit> = None;
     let mut eof = false;
     loop {
-        let n = tokio::select! {
+        let ready = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
-            read = reader.read(&mut buf) => match read {
-                Ok(0) => { eof = true; break }
-                Ok(n) => n,
-                Err(e) => { debug!(error = %e, "read failed"); break }
-            },
+            ready = tokio::time::timeout(limits.idle_timeout, reader.readable()) => ready,
+        };
+        match ready {
+            Err(_) => {
+                limits.idle_closed.fetch_add(1, Ordering::Relaxed);
+                debug!(uid = source.uid, pid = ?source.pid, timeout = ?limits.idle_timeout, "connection idle; closing it");
+                break;
+            }
+            Ok(Err(e)) => {
+                debug!(error = %e, "read failed");
+                break;
+            }
+            Ok(Ok(())) => {}
+        }
+        // How much this read may take: without a line slot, the unfinished line must stay within its small share.
+        let held = framer.buffered();
+        if slot.is_none() {
+            slot = limits.slots.clone().try_acquire_owned().ok();
+            if slot.is_none() && held >= SMALL_LINE_BYTES {
+                limits.waiting.fetch_add(1, Ordering::Relaxed);
+                let got = tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => None,
+                    got = limits.slots.clone().acquire_owned() => got.ok(),
+                };
+                limits.waiting.fetch_sub(1, Ordering::Relaxed);
+                match got {
+                    Some(s) => slot = Some(s),
+                    None => break,
+                }
+            }
+        }
+        let room = if slot.is_some() {
+            READ_BYTES
+        } else {
+            SMALL_LINE_BYTES - held
+        };
+        let mut buf = Vec::with_capacity(room);
+        let n = match reader.try_read_buf(&mut buf) {
+            Ok(0) => {
+                eof = true;
+                break;
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                debug!(error = %e, "read failed");
+                break;
+            }
         };
         let mut chunk = Chunk {
             slots: Vec::new(),
             batch: Batch::default(),
         };
         framer.push(&buf[..n], |frame| {
-            handle(frame, &ctx, &fragment, &mut chunk)
+            handle(frame, &ctx, &fragment, false, &mut chunk)
         });
+        drop(buf);
+        if framer.buffered() <= SMALL_LINE_BYTES {
+            // The long line is complete (or skipped): its slot and its memory go back.
+            slot = None;
+            framer.shrink_to(SMALL_LINE_BYTES);
+        }
+        buffered.set(framer.buffered());
         if !send(&ctx, chunk, &pending_tx).await {
             break;
         }
@@ -199,12 +437,45 @@ async fn connection(stream: UnixStream, ctx: Arc<Context>, stop: CancellationTok
             slots: Vec::new(),
             batch: Batch::default(),
         };
-        framer.finish(|frame| handle(frame, &ctx, &fragment, &mut chunk));
+        framer.finish(|frame| handle(frame, &ctx, &fragment, false, &mut chunk));
         send(&ctx, chunk, &pending_tx).await;
     }
+    drop(buffered);
+    drop(slot);
+    drop(framer);
     drop(pending_tx);
     let _ = responder.await;
     debug!(uid = source.uid, pid = ?source.pid, "connection closed");
+}
+
+/// A connection's share of [`Connections::buffered`], given back when it is dropped.
+struct Buffered<'a> {
+    total: &'a AtomicUsize,
+    mine: usize,
+}
+
+impl<'a> Buffered<'a> {
+    fn new(connections: &'a Connections) -> Buffered<'a> {
+        Buffered {
+            total: &connections.buffered,
+            mine: 0,
+        }
+    }
+
+    fn set(&mut self, now: usize) {
+        if now > self.mine {
+            self.total.fetch_add(now - self.mine, Ordering::Relaxed);
+        } else {
+            self.total.fetch_sub(self.mine - now, Ordering::Relaxed);
+        }
+        self.mine = now;
+    }
+}
+
+impl Drop for Buffered<'_> {
+    fn drop(&mut self) {
+        self.set(0);
+    }
 }
 
 /// Hands a chunk to the journal and its answers to the responder; false when the client is gone.
@@ -226,7 +497,8 @@ async fn send(ctx: &Context, chunk: Chunk, pending: &mpsc::Sender<Pending>) -> b
         .is_ok()
 }
 
-fn handle(frame: Frame<'_>, ctx: &Context, source: &[u8], chunk: &mut Chunk) {
+/// `own`: the line is one of the daemon's own events (only those may have the daemon's own types).
+fn handle(frame: Frame<'_>, ctx: &Context, source: &[u8], own: bool, chunk: &mut Chunk) {
     let line = match frame {
         Frame::TooLarge => {
             chunk.slots.push(Slot::Rejected(Rejection::new(
@@ -242,7 +514,7 @@ fn handle(frame: Frame<'_>, ctx: &Context, source: &[u8], chunk: &mut Chunk) {
         Frame::Line(line) if line.iter().all(u8::is_ascii_whitespace) => return,
         Frame::Line(line) => line,
     };
-    let slot = match check(line, ctx) {
+    let slot = match check(line, ctx, own) {
         Ok((event, ty, route)) => {
             let now = crate::clock::now();
             let mut text = [0u8; 36];
@@ -257,13 +529,22 @@ fn handle(frame: Frame<'_>, ctx: &Context, source: &[u8], chunk: &mut Chunk) {
     chunk.slots.push(slot);
 }
 
-/// Checks a request line completely: envelope, type, payload, destination.
+/// Checks a request line completely: envelope, type (the daemon's own types only when `own`), payload, destination.
 fn check<'c>(
     line: &[u8],
     ctx: &'c Context,
+    own: bool,
 ) -> Result<(protocol::Checked, &'c EventType, Route), Rejection> {
     let event = protocol::parse(line)?;
     let name = &event.request.event_type;
+    if !own && crate::event_types::is_daemon_type(name) {
+        return Err(Rejection::new(
+            ErrorCode::Forbidden,
+            format!(
+                "event type {name:?} is recorded by the daemon itself; clients may not submit it"
+            ),
+        ));
+    }
     let Some(ty) = ctx.registry.get(name) else {
         return Err(Rejection::new(
             ErrorCode::UnknownType,
@@ -309,7 +590,7 @@ pub async fn record_own(ctx: &Context, line: &[u8], source: &[u8]) -> Result<u64
         slots: Vec::new(),
         batch: Batch::default(),
     };
-    handle(Frame::Line(line), ctx, source, &mut chunk);
+    handle(Frame::Line(line), ctx, source, true, &mut chunk);
     if let Some(Slot::Rejected(r)) = chunk.slots.pop() {
         return Err(r);
     }
@@ -322,8 +603,14 @@ pub async fn record_own(ctx: &Context, line: &[u8], source: &[u8]) -> Result<u64
 }
 
 /// Writes the answers of a connection in request order, each once its records are durable.
-async fn respond(mut writer: OwnedWriteHalf, mut pending: mpsc::Receiver<Pending>) {
-    let mut out = Vec::with_capacity(READ_BYTES);
+///
+/// A client that takes none of the answers waiting for it for `idle_timeout` is closed; its events stay stored.
+async fn respond(
+    mut writer: OwnedWriteHalf,
+    mut pending: mpsc::Receiver<Pending>,
+    idle_timeout: Duration,
+) {
+    let mut out = Vec::new();
     let stopped = || {
         Err(Unavailable(
             "the log writer stopped before storing the event".into(),
@@ -336,7 +623,7 @@ async fn respond(mut writer: OwnedWriteHalf, mut pending: mpsc::Receiver<Pending
                 Err(oneshot::error::TryRecvError::Closed) => stopped(),
                 Err(oneshot::error::TryRecvError::Empty) => {
                     // Answers already encoded are for events already stored: send them before waiting for more.
-                    if !flush(&mut writer, &mut out).await {
+                    if !flush(&mut writer, &mut out, idle_timeout).await {
                         return;
                     }
                     ack.await.unwrap_or_else(|_| stopped())
@@ -361,19 +648,27 @@ async fn respond(mut writer: OwnedWriteHalf, mut pending: mpsc::Receiver<Pending
                 (Slot::Rejected(r), _) => r.encode(&mut out),
             }
         }
-        if (out.len() >= READ_BYTES || pending.is_empty()) && !flush(&mut writer, &mut out).await {
+        if (out.len() >= READ_BYTES || pending.is_empty())
+            && !flush(&mut writer, &mut out, idle_timeout).await
+        {
             return;
         }
     }
-    flush(&mut writer, &mut out).await;
+    flush(&mut writer, &mut out, idle_timeout).await;
     let _ = writer.shutdown().await;
 }
 
-async fn flush(writer: &mut OwnedWriteHalf, out: &mut Vec<u8>) -> bool {
+/// Writes `out`; false when the client is gone or took none of it for `timeout`. A large buffer is let go
+/// afterwards, so that an idle connection holds no memory for answers.
+async fn flush(writer: &mut OwnedWriteHalf, out: &mut Vec<u8>, timeout: Duration) -> bool {
     if out.is_empty() {
         return true;
     }
-    let ok = writer.write_all(out).await.is_ok();
+    let ok = matches!(
+        tokio::time::timeout(timeout, writer.write_all(out)).await,
+        Ok(Ok(()))
+    );
     out.clear();
+    out.shrink_to(4 << 10);
     ok
 }

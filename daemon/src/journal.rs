@@ -524,7 +524,7 @@ struct LogFile {
 
 impl LogFile {
     fn open(dir: &Path) -> Result<LogFile, Error> {
-        std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+        crate::modes::create_dir_all(dir).map_err(io_error(dir))?;
         let files = files::list(dir).map_err(io_error(dir))?;
         let Some(newest) = files.last().filter(|f| !f.compressed) else {
             let (chain, last) = chain_head(dir, &files, u64::MAX);
@@ -551,10 +551,12 @@ impl LogFile {
             }
             None => chain_head(dir, &files[..files.len() - 1], next_seq),
         };
-        let file = OpenOptions::new()
-            .append(true)
-            .open(&newest.path)
-            .map_err(io_error(&newest.path))?;
+        let file = crate::modes::open(
+            &newest.path,
+            OpenOptions::new().append(true),
+            crate::modes::FILE,
+        )
+        .map_err(io_error(&newest.path))?;
         Ok(LogFile {
             dir: dir.to_owned(),
             path: newest.path.clone(),
@@ -572,11 +574,12 @@ impl LogFile {
     fn create(dir: &Path, first_seq: u64, chain: chain::Hash) -> Result<LogFile, Error> {
         let now = clock::now();
         let path = dir.join(file_name(now, first_seq));
-        let file = OpenOptions::new()
-            .append(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(io_error(&path))?;
+        let file = crate::modes::open(
+            &path,
+            OpenOptions::new().append(true).create_new(true),
+            crate::modes::FILE,
+        )
+        .map_err(io_error(&path))?;
         sync_dir(dir)?;
         Ok(LogFile {
             dir: dir.to_owned(),

@@ -15,6 +15,7 @@ pub mod framing;
 pub mod ingest;
 pub mod journal;
 pub mod log;
+pub mod modes;
 pub mod protocol;
 pub mod record;
 pub mod retention;
@@ -24,6 +25,7 @@ pub mod spool;
 pub mod systemd;
 pub mod telemetry;
 pub mod tools;
+pub mod trust;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -69,7 +71,10 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Config(_) | Error::EventTypes(_) | Error::Sinks(_) => EXIT_CONFIG,
+            Error::Socket(ingest::BindError::Untrusted { .. }) => EXIT_CONFIG,
             Error::Key(log::checkpoint::KeyError::Format { .. }) => EXIT_CONFIG,
+            // Something else at `socket.path` (or `admin_socket`): the configuration names the wrong path.
+            Error::Socket(ingest::BindError::NotASocket(_)) => EXIT_CONFIG,
             Error::Log(_) | Error::Socket(_) | Error::Spool(_) | Error::Key(_) => 1,
         }
     }
@@ -86,11 +91,11 @@ pub struct Validated {
 /// inotify is unreliable: a testing aid for reloads by SIGHUP and `trail reload`.
 pub const NO_WATCH_VAR: &str = "TRAIL_TEST_NO_WATCH";
 
-/// Checks a configuration's event types and sinks (loading every plugin and building every sink once) without
-/// starting anything.
+/// Checks a configuration's event types and sinks (loading the plugin of every sink and building every sink once,
+/// each library in a child process: see [`sinks::validate`]) without starting anything.
 pub fn validate(config: &Config) -> Result<Validated, Error> {
     let registry = event_types::Registry::load_dir(&config.event_types)?;
-    sinks::check(config)?;
+    sinks::validate::check(config)?;
     Ok(Validated { registry })
 }
 
@@ -99,6 +104,7 @@ pub fn validate(config: &Config) -> Result<Validated, Error> {
 /// positions, and the log is synced.
 pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
     let started = Instant::now();
+    modes::set_group(config.files.gid);
     let registry = event_types::Registry::load_dir(&config.event_types)?;
     info!(count = registry.len(), dir = %config.event_types.display(), "event types loaded");
     let sink_types = sinks::routes(&config.sinks, &registry);
@@ -151,12 +157,15 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
     let admin_path = config.admin_socket();
     let admin_listener = ingest::bind(&admin_path, 0o600)?;
     let event_type_count = registry.len();
+    let connections = Arc::new(ingest::Connections::new(&config.limits));
+    warn_if_few_descriptors(config.limits.max_connections);
     let ctx = Arc::new(ingest::Context {
         registry: Arc::new(registry),
         submitter,
         host: config.host_name.clone().unwrap_or_else(host_name),
         max_line_bytes: config.limits.max_line_bytes,
         streamed_types,
+        connections: connections.clone(),
     });
     let background = CancellationToken::new();
     let audit_task = tokio::spawn(record_own_events(ctx.clone(), audit_rx, background.clone()));
@@ -182,6 +191,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         sinks: sinks.clone(),
         event_types: event_type_count,
         started,
+        connections,
     });
     tokio::spawn(admin::serve(admin_listener, admin, background.clone()));
     let watcher = match &sinks {
@@ -232,13 +242,38 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
     Ok(())
 }
 
-/// The `source` of the daemon's own events: its own process.
+/// Raises the soft limit on open files to the hard one (systemd's default soft limit, 1024, is below what the
+/// default `limits.max_connections` needs) and warns when even that leaves too few for `max_connections`.
+fn warn_if_few_descriptors(max_connections: usize) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let soft = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    // Besides one per connection: the log, the spool, sinks' files, the runtime's own and some to spare.
+    let needed = max_connections as u64 + 64;
+    if soft < needed {
+        warn!(
+            open_files = soft,
+            max_connections,
+            "the open-file limit is below what limits.max_connections needs; clients beyond it wait in the \
+             socket's backlog: raise LimitNOFILE or lower limits.max_connections"
+        );
+    }
+}
+
+/// The `source` of the daemon's own events: its own process, marked `"daemon":true`.
 fn own_source(ctx: &ingest::Context) -> Vec<u8> {
     record::Source {
         uid: unsafe { libc::geteuid() },
         gid: unsafe { libc::getegid() },
         pid: Some(std::process::id() as i32),
         host: ctx.host.clone(),
+        daemon: true,
     }
     .fragment()
 }

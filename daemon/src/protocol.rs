@@ -2,13 +2,22 @@
 //!
 //! Owns the wire format only (public API, documented in ARCHITECTURE.md): parsing and checking the request
 //! envelope against `schemas/event.schema.json`, and encoding the response lines. It knows nothing of sockets.
+//!
+//! What is stored is what was sent. The payload is never parsed into a tree and written out again: its bytes are
+//! copied through, token by token, without insignificant whitespace ([`json_text`]), so numbers keep every digit
+//! and strings every escape. An object with a repeated key, anywhere in the line, is refused as `invalid_json`.
+
+mod json_text;
 
 use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::event_types::Violation;
+
+pub use json_text::MAX_DEPTH;
 
 /// The JSON Schema of a request line.
 pub const EVENT_SCHEMA: &str = include_str!("../../schemas/event.schema.json");
@@ -34,10 +43,65 @@ pub struct Request {
     pub outcome: Option<Outcome>,
     /// Type-specific details.
     #[serde(default)]
-    pub payload: Option<Value>,
+    pub payload: Option<Payload>,
     /// When it happened, RFC 3339.
     #[serde(default)]
     pub occurred_at: Option<String>,
+}
+
+/// A payload as it is stored: the JSON text the client sent, without insignificant whitespace, every number and
+/// string byte for byte as written. Reading one refuses repeated keys, too deep nesting and lone surrogates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Payload(String);
+
+impl Payload {
+    /// The compact JSON text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// True when it is a JSON object (the envelope requires one).
+    pub fn is_object(&self) -> bool {
+        self.0.starts_with('{')
+    }
+
+    /// A JSON text that `serde_json` can read into a [`Value`] for a schema check: the stored text, or, when it
+    /// holds a number beyond the range of a 64-bit float, a copy with such numbers bounded to
+    /// `±1.7976931348623157e308`.
+    pub fn for_checks(&self) -> Result<Value, serde_json::Error> {
+        serde_json::from_str(&self.0).or_else(|e| {
+            let mut bounded = Vec::with_capacity(self.0.len());
+            match json_text::compact(
+                &self.0,
+                "/payload",
+                1,
+                json_text::Numbers::Finite,
+                &mut bounded,
+            ) {
+                Ok(()) => serde_json::from_slice(&bounded),
+                Err(_) => Err(e),
+            }
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Payload {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Payload, D::Error> {
+        let raw = <&'de RawValue>::deserialize(d)?;
+        let mut out = Vec::with_capacity(raw.get().len());
+        json_text::compact(
+            raw.get(),
+            "/payload",
+            1,
+            json_text::Numbers::AsWritten,
+            &mut out,
+        )
+        .map_err(serde::de::Error::custom)?;
+        // Only whitespace between tokens was left out, so the text is still UTF-8.
+        String::from_utf8(out)
+            .map(Payload)
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// Who did it. Field order here is the order in stored records.
@@ -109,6 +173,10 @@ pub enum ErrorCode {
     TooLarge,
     /// The daemon cannot take the event now (disk full, shutting down); retry later.
     Unavailable,
+    /// The client may not submit this event (e.g. one of the daemon's own types); retrying does not help.
+    Forbidden,
+    /// The daemon has `limits.max_connections` connections open: sent once, then the connection is closed.
+    TooManyConnections,
 }
 
 impl ErrorCode {
@@ -121,8 +189,22 @@ impl ErrorCode {
             ErrorCode::InvalidPayload => "invalid_payload",
             ErrorCode::TooLarge => "too_large",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::TooManyConnections => "too_many_connections",
         }
     }
+
+    /// Every code, in the order of README's table.
+    pub const ALL: [ErrorCode; 8] = [
+        ErrorCode::InvalidJson,
+        ErrorCode::InvalidEvent,
+        ErrorCode::UnknownType,
+        ErrorCode::InvalidPayload,
+        ErrorCode::TooLarge,
+        ErrorCode::Unavailable,
+        ErrorCode::Forbidden,
+        ErrorCode::TooManyConnections,
+    ];
 }
 
 /// A refused request, ready to be answered.
@@ -204,8 +286,9 @@ pub struct Checked {
 
 /// Parses one request line (without its newline) and checks its envelope.
 ///
-/// The fast path deserializes straight into [`Request`]; only when that fails is the line checked against the
-/// envelope schema, so that a refused request lists every violation rather than the first.
+/// The fast path deserializes straight into [`Request`] (the payload's text is copied, not parsed into a tree);
+/// only when that fails is the whole line checked for repeated keys and then against the envelope schema, so
+/// that a refused request lists every violation rather than the first.
 pub fn parse(line: &[u8]) -> Result<Checked, Rejection> {
     let first_problem = match serde_json::from_slice::<Request>(line) {
         Ok(request) => match check(request) {
@@ -218,7 +301,7 @@ pub fn parse(line: &[u8]) -> Result<Checked, Rejection> {
         },
         Err(e) => return Err(syntax_error(line, &e)),
     };
-    let value: Value = serde_json::from_slice(line).map_err(|e| syntax_error(line, &e))?;
+    let value = slow_parse(line)?;
     let mut details: Vec<Violation> = envelope_validator()
         .iter_errors(&value)
         .map(|e| Violation {
@@ -276,6 +359,26 @@ fn check(request: Request) -> Result<Checked, Violation> {
         request,
         occurred_at,
     })
+}
+
+/// Reads a line that did not deserialize into a [`Request`]: refuses what is not JSON and any object with a
+/// repeated key, then reads it as a tree (numbers beyond a 64-bit float bounded) for the envelope schema.
+fn slow_parse(line: &[u8]) -> Result<Value, Rejection> {
+    serde_json::from_slice::<serde::de::IgnoredAny>(line).map_err(|e| syntax_error(line, &e))?;
+    let text = std::str::from_utf8(line)
+        .map_err(|_| syntax_error(line, &serde::de::Error::custom("invalid UTF-8")))?;
+    let mut bounded = Vec::with_capacity(line.len());
+    if let Err(p) = json_text::compact(text, "", 0, json_text::Numbers::Finite, &mut bounded) {
+        return Err(Rejection {
+            code: ErrorCode::InvalidJson,
+            message: format!("line is not acceptable JSON: {p}"),
+            details: vec![Violation {
+                path: p.path,
+                message: p.message,
+            }],
+        });
+    }
+    serde_json::from_slice(&bounded).map_err(|e| syntax_error(line, &e))
 }
 
 fn syntax_error(line: &[u8], e: &serde_json::Error) -> Rejection {
@@ -369,6 +472,130 @@ mod tests {
         );
     }
 
+    /// Parses `line` and renders the stored payload, or `code: message [path]` when refused.
+    fn stored(line: &str) -> String {
+        match parse(line.as_bytes()) {
+            Ok(c) => c
+                .request
+                .payload
+                .map_or("-".into(), |p| p.as_str().to_owned()),
+            Err(r) => {
+                let paths: Vec<_> = r.details.iter().map(|d| d.path.as_str()).collect();
+                format!("{}: {} {paths:?}", r.code.as_str(), r.message)
+            }
+        }
+    }
+
+    #[test]
+    fn payloads_are_stored_as_sent() {
+        let check = |payload: &str, expected: &str| {
+            let line = format!(r#"{{"type":"x","payload":{payload}}}"#);
+            assert_eq!(stored(&line), expected, "{line}");
+        };
+        check(
+            r#"{"n":123456789012345678901234567890}"#,
+            r#"{"n":123456789012345678901234567890}"#,
+        );
+        check(
+            r#"{"n":-123456789012345678901234567890}"#,
+            r#"{"n":-123456789012345678901234567890}"#,
+        );
+        check(
+            r#"{"n":0.1000000000000000055511151231257827}"#,
+            r#"{"n":0.1000000000000000055511151231257827}"#,
+        );
+        check(r#"{"n":1E400,"m":-1e-400}"#, r#"{"n":1E400,"m":-1e-400}"#);
+        check(
+            r#"{"n":-0,"m":1.50,"o":2e+3}"#,
+            r#"{"n":-0,"m":1.50,"o":2e+3}"#,
+        );
+        check(
+            r#"{"s":"\u00e9\/é\ud83d\ude00"}"#,
+            r#"{"s":"\u00e9\/é\ud83d\ude00"}"#,
+        );
+        check(
+            "{ \"a\" : [ 1 ,\t2 ] , \"b\" : { } }",
+            r#"{"a":[1,2],"b":{}}"#,
+        );
+        check("null", "-");
+        check(
+            r#"[1]"#,
+            r#"invalid_event: invalid event: /payload: [1] is not of type "object" ["/payload"]"#,
+        );
+    }
+
+    #[test]
+    fn repeated_keys_are_refused_anywhere_in_the_line() {
+        let check = |line: &str, expected: &str| assert_eq!(stored(line), expected, "{line}");
+        let refused = |at: &str, key: &str| {
+            let place = if at.is_empty() {
+                "the top level".to_owned()
+            } else {
+                at.to_owned()
+            };
+            format!(
+                "invalid_json: line is not acceptable JSON: duplicate key \"{key}\" at {place} [\"{at}\"]"
+            )
+        };
+        check(
+            r#"{"type":"x","payload":{"a":1,"a":2}}"#,
+            &refused("/payload", "a"),
+        );
+        check(
+            r#"{"type":"x","payload":{"a":1,"\u0061":2}}"#,
+            &refused("/payload", "a"),
+        );
+        check(
+            r#"{"type":"x","payload":{"x":{"y":[{"a":1},{"a":1,"a":1}]}}}"#,
+            &refused("/payload/x/y/1", "a"),
+        );
+        check(r#"{"type":"x","type":"y"}"#, &refused("", "type"));
+        check(r#"{"type":"x","\u0074ype":"x"}"#, &refused("", "type"));
+        check(
+            r#"{"type":"x","actor":{"id":"a","id":"b"}}"#,
+            &refused("/actor", "id"),
+        );
+        check(
+            r#"{"type":"x","target":{"id":"a","name":"n","\u006eame":"m"}}"#,
+            &refused("/target", "name"),
+        );
+        check(
+            r#"{"type":"x","colour":1,"colour":2}"#,
+            &refused("", "colour"),
+        );
+        check(
+            r#"{"type":"x","actor":{"id":"a"},"actor":{"id":"a"}}"#,
+            &refused("", "actor"),
+        );
+        check(
+            r#"{"type":"x","payload":{"s":"\ud800"}}"#,
+            "invalid_json: line is not acceptable JSON: a string holds half of a UTF-16 surrogate pair (\\ud800-\\udfff), which is not Unicode text at /payload/s [\"/payload/s\"]",
+        );
+        // The same key in sibling objects is no repetition.
+        check(
+            r#"{"type":"x","actor":{"id":"a"},"target":{"id":"a"},"payload":{"id":"a","o":{"id":"a"}}}"#,
+            r#"{"id":"a","o":{"id":"a"}}"#,
+        );
+    }
+
+    #[test]
+    fn nesting_is_bounded() {
+        let line = |n: usize| {
+            format!(
+                r#"{{"type":"x","payload":{{"a":{}{}}}}}"#,
+                "[".repeat(n),
+                "]".repeat(n)
+            )
+        };
+        assert!(parse(line(MAX_DEPTH - 2).as_bytes()).is_ok());
+        let r = parse(line(MAX_DEPTH - 1).as_bytes()).unwrap_err();
+        assert_eq!(r.code, ErrorCode::InvalidJson, "{r:?}");
+        assert!(
+            r.message.contains("nesting deeper than 127 levels"),
+            "{r:?}"
+        );
+    }
+
     #[test]
     fn invalid_utf8_names_the_offset() {
         let r = parse(b"{\"type\":\"ab\xc3\x28\"}").unwrap_err();
@@ -378,6 +605,25 @@ mod tests {
             "{}",
             r.message
         );
+    }
+
+    #[test]
+    fn answers_match_their_schema_and_every_code_is_listed() {
+        let schema: Value =
+            serde_json::from_str(include_str!("../../schemas/answer.schema.json")).unwrap();
+        let listed = &schema["oneOf"][1]["properties"]["error"]["properties"]["code"]["enum"];
+        let codes: Vec<Value> = ErrorCode::ALL.iter().map(|c| c.as_str().into()).collect();
+        assert_eq!(listed, &Value::Array(codes));
+        let validator = jsonschema::draft202012::new(&schema).unwrap();
+        let mut out = Vec::new();
+        encode_ack("019ab7c4-0000-7000-8000-000000000000", 7, &mut out);
+        for code in ErrorCode::ALL {
+            Rejection::new(code, "m").encode(&mut out);
+        }
+        for line in String::from_utf8(out).unwrap().lines() {
+            let answer: Value = serde_json::from_str(line).unwrap();
+            assert!(validator.is_valid(&answer), "{line}");
+        }
     }
 
     #[test]

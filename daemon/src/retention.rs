@@ -164,7 +164,22 @@ fn compress(file: &LogFile, ix: &Index) -> io::Result<(LogFile, Index)> {
     tmp.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp);
     let source = File::open(&file.path)?;
-    let mut out = File::create(&tmp)?;
+    let result = compress_into(file, ix, &source, &tmp, &zpath);
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Writes the frames of `file` to `tmp` and renames it to `zpath`; see [`compress`].
+fn compress_into(
+    file: &LogFile,
+    ix: &Index,
+    source: &File,
+    tmp: &std::path::Path,
+    zpath: &std::path::Path,
+) -> io::Result<(LogFile, Index)> {
+    let mut out = crate::modes::create(tmp)?;
     let mut zix = ix.clone();
     let mut zoff = 0u64;
     let mut buf = Vec::new();
@@ -179,8 +194,8 @@ fn compress(file: &LogFile, ix: &Index) -> io::Result<(LogFile, Index)> {
     }
     out.sync_all()?;
     drop(out);
-    std::fs::rename(&tmp, &zpath)?;
-    let zfile = LogFile::parse(&zpath).ok_or_else(|| io::Error::other("compressed name"))?;
+    std::fs::rename(tmp, zpath)?;
+    let zfile = LogFile::parse(zpath).ok_or_else(|| io::Error::other("compressed name"))?;
     zix.file = zpath
         .file_name()
         .and_then(|n| n.to_str())

@@ -38,6 +38,9 @@
 /// every further call. To record the location, the plugin's (own) panic hook is wrapped: panics
 /// inside those calls are not printed to stderr, others go to the previous hook.
 ///
+/// It also exports the plugin's name as the data symbol [`NAME_SYMBOL`](crate::NAME_SYMBOL), so
+/// that a host can tell which plugin a library holds without loading it.
+///
 /// The plugin must be compiled with `panic = "unwind"` (Rust's default); with `panic = "abort"`
 /// this macro fails to compile, since a panic would end the whole daemon.
 #[macro_export]
@@ -61,6 +64,16 @@ macro_rules! export_sink {
             #[unsafe(export_name = $crate::__root_module_loader_symbol!())]
             pub static TRAIL_SINK_LIB_HEADER: $crate::__private::LibHeader =
                 $crate::__private::lib_header::<TrailSinkExport>();
+
+            const TRAIL_SINK_NAME_LEN: usize =
+                <TrailSinkExport as $crate::__private::Export>::NAME.len();
+
+            /// The plugin's name as plain bytes, for hosts that pick a library without running it.
+            #[unsafe(export_name = $crate::__name_symbol!())]
+            pub static TRAIL_SINK_PLUGIN_NAME: [u8; TRAIL_SINK_NAME_LEN] =
+                $crate::__private::name_bytes::<TRAIL_SINK_NAME_LEN>(
+                    <TrailSinkExport as $crate::__private::Export>::NAME,
+                );
         };
 
         #[cfg(panic = "abort")]
@@ -79,6 +92,16 @@ macro_rules! export_sink {
 macro_rules! __root_module_loader_symbol {
     () => {
         "_1as_0lib_1header_0root_bmodule_bloader"
+    };
+}
+
+/// The name of the data symbol holding the plugin's name (a literal, as `export_name` needs one);
+/// [`NAME_SYMBOL`](crate::NAME_SYMBOL) is the same string for hosts.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __name_symbol {
+    () => {
+        "trail_sink_plugin_name"
     };
 }
 
@@ -131,6 +154,19 @@ pub mod __private {
             },
             TD_Opaque,
         ))
+    }
+
+    /// `name` as an array of exactly its bytes (`N` is its length), for the name symbol.
+    pub const fn name_bytes<const N: usize>(name: &str) -> [u8; N] {
+        let bytes = name.as_bytes();
+        assert!(bytes.len() == N, "N is the name's length");
+        let mut out = [0u8; N];
+        let mut i = 0;
+        while i < N {
+            out[i] = bytes[i];
+            i += 1;
+        }
+        out
     }
 
     /// The library header `export_sink!` exports, for the plugin described by `E`.

@@ -116,6 +116,12 @@
 //!
 //! # Loading a plugin (for hosts)
 //!
+//! 0. Pick the library without running it: a library built with [`export_sink!`] (API 1.1 and
+//!    later) exports a data symbol named [`NAME_SYMBOL`] in its ELF dynamic symbol table, an
+//!    array of exactly the plugin name's UTF-8 bytes (no terminating NUL; the length is the
+//!    symbol's size). Read it from the file; dynamic loading runs a library's constructors, so
+//!    load only the libraries whose plugin the configuration uses. (trail knows a library
+//!    without the symbol, built against 1.0, by its file name: `lib<name>.so` or `<name>.so`.)
 //! 1. Copy the library to a path never used before (the dynamic loader caches libraries by path
 //!    and inode, so reloading from the same path would return the old code).
 //! 2. `abi_stable::library::lib_header_from_path(&copy)?.init_root_module::<SinkPluginRef>()`.
@@ -124,7 +130,8 @@
 //!    shows both layouts). Do not use `RootModule::load_from_file`: it caches the first module
 //!    loaded for the type, so a reload would silently keep the old code.
 //! 3. Read [`name`](SinkPluginRef::name), [`version`](SinkPluginRef::version) and
-//!    [`api_version`](SinkPluginRef::api_version); match the name against the configuration.
+//!    [`api_version`](SinkPluginRef::api_version); check that the name is the one the library
+//!    was picked by.
 //! 4. On the sink's dedicated thread, call [`new`](SinkPluginRef::new) with the sink's
 //!    `config` as JSON and a [`Host`] built from the host's [`HostCallbacks`], then drive the
 //!    returned [`SinkBox`]: `write` with an [`RSlice`](abi_stable::std_types::RSlice) of
@@ -157,7 +164,8 @@
 //!   runs when the other side was built against an older minor;
 //! - adding [`ErrorKind`] or [`LogLevel`] values (older hosts treat an unknown kind as
 //!   retryable and an unknown level as info);
-//! - adding new types, functions and helpers.
+//! - adding new types, functions and helpers, and new symbols exported by [`export_sink!`]
+//!   (1.1 added [`NAME_SYMBOL`]).
 //!
 //! Plugins built against an older minor keep loading in newer hosts, and the other way round.
 //! Patch versions change documentation and helpers only.
@@ -178,5 +186,10 @@ pub use error::{ErrorKind, SinkError, WriteError};
 pub use export::__private;
 pub use host::{Host, HostCallbacks, HostCallbacks_TO, HostCallbacksBox, LogLevel};
 pub use plugin::{API_VERSION, ApiVersion, SinkPlugin, SinkPluginRef};
+
+/// The dynamic symbol through which a library built with [`export_sink!`] declares its plugin
+/// name without running any code: a read-only array of exactly the name's UTF-8 bytes, not
+/// NUL-terminated, whose size is the name's length. Added in API 1.1; see "Loading a plugin".
+pub const NAME_SYMBOL: &str = __name_symbol!();
 pub use record::Record;
 pub use sink::{Sink, SinkBox, SinkObject, SinkObject_TO};

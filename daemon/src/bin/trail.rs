@@ -52,6 +52,10 @@ enum Command {
     /// JSON lines when the output is not a terminal, a table when it is. Exit 0 when any record matched, 1 when
     /// none did, 2 on an error.
     Search(Box<Search>),
+    /// (Internal, used by `validate`) check one plugin library in this process: a JSON request on standard
+    /// input, a JSON answer on standard output.
+    #[command(name = "__check-plugin", hide = true)]
+    CheckPlugin,
     /// Check a configuration and its event types without starting anything (exit 0 valid, 78 invalid).
     Validate {
         /// Configuration file; without it, the embedded development configuration.
@@ -68,6 +72,34 @@ struct AdminArgs {
     /// The daemon's admin socket [default: $TRAIL_ADMIN_SOCKET, else admin.sock beside the development socket]
     #[arg(long)]
     admin_socket: Option<PathBuf>,
+    #[command(flatten)]
+    owner: OwnerArgs,
+}
+
+#[derive(ClapArgs)]
+struct OwnerArgs {
+    /// The user the daemon runs as, when it is neither root nor you (a name or a uid): its socket, and the
+    /// directories above it, may belong to that user. Sockets of anyone else are refused.
+    #[arg(long, env = client::SOCKET_OWNER_VAR, value_name = "USER")]
+    socket_owner: Option<String>,
+}
+
+impl OwnerArgs {
+    /// Whom to trust with the socket; prints the error and gives exit code 2 when the user is unknown.
+    fn owners(&self) -> Result<client::Owners, ExitCode> {
+        let owners = client::Owners::me();
+        match self
+            .socket_owner
+            .as_deref()
+            .filter(|s| !s.trim().is_empty())
+        {
+            None => Ok(owners),
+            Some(who) => owners.and_user(who, "--socket-owner").map_err(|e| {
+                eprintln!("trail: {e}");
+                ExitCode::from(2)
+            }),
+        }
+    }
 }
 
 #[derive(ClapArgs)]
@@ -124,6 +156,8 @@ struct Emit {
     /// The daemon's socket [default: $TRAIL_SOCKET, else the development socket]
     #[arg(long, short)]
     socket: Option<PathBuf>,
+    #[command(flatten)]
+    owner: OwnerArgs,
     /// Event type; without it, events are read from standard input, one JSON object per line.
     #[arg(long = "type", short = 't')]
     event_type: Option<String>,
@@ -174,6 +208,7 @@ fn main() -> ExitCode {
         } => validate(config, event_types),
         Command::Verify { paths, key, config } => verify(paths, key, config),
         Command::Search(s) => search(*s),
+        Command::CheckPlugin => ExitCode::from(trail::sinks::validate::child_main() as u8),
     }
 }
 
@@ -388,10 +423,14 @@ fn verify(mut paths: Vec<PathBuf>, key: Option<String>, config: Option<PathBuf>)
 
 /// Sends one admin request and prints the answer, pretty; exits 0 when it says ok.
 fn admin(args: AdminArgs, request: Value) -> ExitCode {
+    let owners = match args.owner.owners() {
+        Ok(o) => o,
+        Err(code) => return code,
+    };
     let socket = args
         .admin_socket
         .unwrap_or_else(client::default_admin_socket);
-    match client::admin(&socket, &request) {
+    match Client::connect_trusting(&socket, &owners).and_then(|mut c| c.emit(&request)) {
         Ok(answer) => {
             println!(
                 "{}",
@@ -414,6 +453,10 @@ fn admin(args: AdminArgs, request: Value) -> ExitCode {
 }
 
 fn emit(args: Emit) -> ExitCode {
+    let owners = match args.owner.owners() {
+        Ok(o) => o,
+        Err(code) => return code,
+    };
     let socket = args.socket.clone().unwrap_or_else(client::default_socket);
     let unreachable = |e: std::io::Error| {
         eprintln!(
@@ -424,7 +467,9 @@ fn emit(args: Emit) -> ExitCode {
     };
     let Some(event) = event_from_flags(&args) else {
         let stdin = std::io::BufReader::new(std::io::stdin());
-        return match client::pipeline(&socket, stdin, std::io::stdout().lock()) {
+        let piped = client::connect(&socket, &owners)
+            .and_then(|stream| client::pipeline_on(stream, stdin, std::io::stdout().lock()));
+        return match piped {
             Ok(t) if t.rejected == 0 => ExitCode::SUCCESS,
             Ok(_) => ExitCode::FAILURE,
             Err(e) => unreachable(e),
@@ -437,7 +482,10 @@ fn emit(args: Emit) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let answer = match Client::connect(&socket).and_then(|mut c| c.emit(&event)) {
+    let answer = match Client::connect_trusting(&socket, &owners).and_then(|mut c| {
+        c.send_raw(&event)?;
+        c.read_answer()
+    }) {
         Ok(a) => a,
         Err(e) => return unreachable(e),
     };
@@ -449,8 +497,10 @@ fn emit(args: Emit) -> ExitCode {
     }
 }
 
-/// The event the flags describe; `None` when no --type was given (read standard input instead).
-fn event_from_flags(args: &Emit) -> Option<Result<Value, String>> {
+/// The request line the flags describe, newline included; `None` when no --type was given (read standard input
+/// instead). `--payload` is sent as written, not parsed and written again, so its numbers keep every digit and
+/// the daemon sees any repeated key.
+fn event_from_flags(args: &Emit) -> Option<Result<Vec<u8>, String>> {
     let event_type = args.event_type.as_ref()?;
     let mut event = Map::new();
     event.insert("type".into(), json!(event_type));
@@ -485,15 +535,25 @@ fn event_from_flags(args: &Emit) -> Option<Result<Value, String>> {
             event.insert(key.into(), json!(v));
         }
     }
-    if let Some(p) = &args.payload {
-        match serde_json::from_str::<Value>(p) {
-            Ok(v) => {
-                event.insert("payload".into(), v);
-            }
-            Err(e) => return Some(Err(format!("--payload is not JSON: {e}"))),
-        }
+    #[derive(serde::Serialize)]
+    struct Line<'a> {
+        #[serde(flatten)]
+        fields: Map<String, Value>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        payload: Option<&'a serde_json::value::RawValue>,
     }
-    Some(Ok(Value::Object(event)))
+    let payload = match args.payload.as_deref().map(serde_json::from_str) {
+        None => None,
+        Some(Ok(raw)) => Some(raw),
+        Some(Err(e)) => return Some(Err(format!("--payload is not JSON: {e}"))),
+    };
+    let mut line = serde_json::to_vec(&Line {
+        fields: event,
+        payload,
+    })
+    .expect("serializing to a Vec cannot fail");
+    line.push(b'\n');
+    Some(Ok(line))
 }
 
 fn validate(config: Option<PathBuf>, event_types: Option<PathBuf>) -> ExitCode {

@@ -25,6 +25,10 @@ struct Args {
 enum Command {
     /// Check the configuration and event types, then exit (0 valid, 78 invalid).
     Validate,
+    /// (Internal, used by `validate`) check one plugin library in this process: a JSON request on standard
+    /// input, a JSON answer on standard output.
+    #[command(name = "__check-plugin", hide = true)]
+    CheckPlugin,
 }
 
 fn main() -> ExitCode {
@@ -33,6 +37,9 @@ fn main() -> ExitCode {
     // A write past a file-size limit (RLIMIT_FSIZE) must fail with EFBIG, like a full disk, and be answered
     // `unavailable`; the default action of SIGXFSZ would end the daemon instead.
     unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    if let Some(Command::CheckPlugin) = args.command {
+        return ExitCode::from(trail::sinks::validate::child_main() as u8);
+    }
     let config = match &args.config {
         Some(path) => match Config::load(path) {
             Ok(c) => c,

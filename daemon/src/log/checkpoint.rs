@@ -17,7 +17,6 @@
 //! a public key obtained independently (`trail verify --key`), not against `key`.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
@@ -83,14 +82,14 @@ impl Signer {
                     .to_pkcs8_pem(Default::default())
                     .map_err(|e| io(std::io::Error::other(e.to_string())))?;
                 if let Some(parent) = path.parent() {
-                    std::fs::create_dir_all(parent).map_err(io)?;
+                    crate::modes::create_dir_all(parent).map_err(io)?;
                 }
-                let mut file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(path)
-                    .map_err(io)?;
+                let mut file = crate::modes::open(
+                    path,
+                    std::fs::OpenOptions::new().write(true).create_new(true),
+                    crate::modes::SECRET,
+                )
+                .map_err(io)?;
                 file.write_all(pem.as_bytes()).map_err(io)?;
                 file.sync_all().map_err(io)?;
                 generated = true;
@@ -104,9 +103,11 @@ impl Signer {
             .to_public_key_pem(Default::default())
             .map_err(|e| io(std::io::Error::other(e.to_string())))?;
         if std::fs::read_to_string(&public_path).ok().as_deref() != Some(public.as_str()) {
-            std::fs::write(&public_path, public).map_err(|source| KeyError::Io {
-                path: public_path.clone(),
-                source,
+            crate::modes::write(&public_path, public.as_bytes()).map_err(|source| {
+                KeyError::Io {
+                    path: public_path.clone(),
+                    source,
+                }
             })?;
         }
         Ok(Signer {
@@ -189,7 +190,7 @@ const SIGNATURE_FIELD: &[u8] = b",\"signature\":\"";
 /// Writes a signed checkpoint into `log_dir/checkpoints/` (written aside, synced, renamed) and returns its path.
 pub fn write(log_dir: &Path, signer: &Signer, body: &Body) -> std::io::Result<PathBuf> {
     let dir = log_dir.join(DIR);
-    std::fs::create_dir_all(&dir)?;
+    crate::modes::create_dir_all(&dir)?;
     let mut line = serde_json::to_vec(body).expect("serializable");
     let signature = signer.key.sign(&line);
     line.pop();
@@ -203,11 +204,7 @@ pub fn write(log_dir: &Path, signer: &Signer, body: &Body) -> std::io::Result<Pa
         body.seq.unwrap_or(0)
     );
     let path = dir.join(name);
-    let tmp = dir.join(".checkpoint.tmp");
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(&line)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
+    crate::modes::write_aside(&dir.join(".checkpoint.tmp"), &path, &line, true)?;
     std::fs::File::open(&dir)?.sync_all()?;
     Ok(path)
 }

@@ -89,13 +89,13 @@ pub fn load(file: &LogFile) -> Option<Index> {
     (index.index == 1 && index.size == size && index.file == name).then_some(index)
 }
 
-/// Writes a file's index (aside, then renamed into place).
+/// Writes a file's index (aside, then renamed into place; a failure leaves no temporary file).
 pub fn store(file: &LogFile, index: &Index) -> io::Result<()> {
     let path = file.index_path();
     let mut tmp = path.clone().into_os_string();
     tmp.push(".tmp");
-    std::fs::write(&tmp, serde_json::to_vec(index).expect("serializable"))?;
-    std::fs::rename(&tmp, &path)
+    let bytes = serde_json::to_vec(index).expect("serializable");
+    crate::modes::write_aside(std::path::Path::new(&tmp), &path, &bytes, false)
 }
 
 /// Accumulates an index while records pass by.
@@ -245,4 +245,36 @@ pub fn summary(file: &LogFile) -> io::Result<FileEntry> {
         bytes: size,
         last_hash: chain::split(line).map(|(_, h)| chain::hex(&h)),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_store_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir
+            .path()
+            .join("trail-20260101T000000Z-00000000000000000001.jsonl");
+        std::fs::write(&path, b"").unwrap();
+        let file = LogFile::parse(&path).unwrap();
+        let ix = build(&file).unwrap();
+        // The index cannot be renamed into place: a non-empty directory is in the way.
+        std::fs::create_dir(file.index_path()).unwrap();
+        std::fs::write(file.index_path().join("x"), b"").unwrap();
+        assert!(store(&file, &ix).is_err());
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "trail-20260101T000000Z-00000000000000000001.jsonl",
+                "trail-20260101T000000Z-00000000000000000001.jsonl.idx"
+            ]
+        );
+    }
 }

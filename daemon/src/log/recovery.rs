@@ -120,7 +120,7 @@ pub(crate) fn recover(path: &Path) -> Result<(u64, Option<crate::record::Head>),
             .unwrap_or_default()
             .as_nanos();
         let aside = path.with_extension(format!("jsonl.torn-{end}-{nanos}"));
-        std::fs::write(&aside, &cut).map_err(io_error(&aside))?;
+        crate::modes::write(&aside, &cut).map_err(io_error(&aside))?;
         file.set_len(end).map_err(io_error(path))?;
         file.sync_all().map_err(io_error(path))?;
         warn!(

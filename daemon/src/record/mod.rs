@@ -2,11 +2,13 @@
 //!
 //! ```text
 //! {"seq":…,"id":…,"received_at":…,"occurred_at":…,"type":…,"version":…,"severity":…,"code":…,
-//!  "source":{"uid":…,"gid":…,"pid":…,"host":…},"actor":{…},"target":{…},"outcome":…,"message":…,"payload":{…}}
+//!  "source":{"uid":…,"gid":…,"pid":…,"host":…,"daemon":true},"actor":{…},"target":{…},"outcome":…,"message":…,
+//!  "payload":{…}}
 //! ```
 //!
 //! `code`, `actor`, `target`, `outcome`, `message` and `payload` are present only when set; `source.pid` only when
-//! the kernel reported it. Every record written to the log ends with `"hash"`, its link in the hash chain
+//! the kernel reported it; `source.daemon` only in the daemon's own records (a client's `source` is built from its
+//! peer credentials alone, so no client's record can carry it). Every record written to the log ends with `"hash"`, its link in the hash chain
 //! (`crate::log::chain`), sealed by the journal writer. Later versions may add fields after `payload` and
 //! before `hash`, never reorder; `hash` stays last.
 //!
@@ -22,7 +24,8 @@ use serde::Deserialize;
 use crate::event_types::EventType;
 use crate::protocol::Checked;
 
-/// Who submitted events on one connection, as the kernel reported it (`SO_PEERCRED`), plus the host name.
+/// Who submitted events on one connection, as the kernel reported it (`SO_PEERCRED`), plus the host name; or the
+/// daemon itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Source {
     /// Effective user id of the submitting process.
@@ -33,6 +36,8 @@ pub struct Source {
     pub pid: Option<i32>,
     /// Host name of this machine.
     pub host: String,
+    /// The daemon's own record: `"daemon":true` ends the fragment. Never set for a client's connection.
+    pub daemon: bool,
 }
 
 impl Source {
@@ -49,6 +54,9 @@ impl Source {
         }
         out.extend_from_slice(b",\"host\":");
         serde_json::to_writer(&mut out, &self.host).expect("writing to a Vec cannot fail");
+        if self.daemon {
+            out.extend_from_slice(b",\"daemon\":true");
+        }
         out.push(b'}');
         out
     }
@@ -109,7 +117,9 @@ pub fn write_tail(
         json(out, b",\"message\":", m);
     }
     if let Some(p) = &r.payload {
-        json(out, b",\"payload\":", p);
+        // Copied through as sent (compact, every token unchanged), never re-serialized.
+        out.extend_from_slice(b",\"payload\":");
+        out.extend_from_slice(p.as_str().as_bytes());
     }
 }
 
@@ -257,6 +267,7 @@ mod tests {
             gid: 100,
             pid: Some(42),
             host: "h\"1".into(),
+            daemon: false,
         };
         assert_eq!(
             String::from_utf8(s.fragment()).unwrap(),
@@ -264,5 +275,10 @@ mod tests {
         );
         let s = Source { pid: None, ..s };
         assert!(!String::from_utf8(s.fragment()).unwrap().contains("pid"));
+        let s = Source { daemon: true, ..s };
+        assert_eq!(
+            String::from_utf8(s.fragment()).unwrap(),
+            r#","source":{"uid":1000,"gid":100,"host":"h\"1","daemon":true}"#
+        );
     }
 }

@@ -1,49 +1,67 @@
 //! Loading sink plugin libraries.
 //!
-//! Owns the private directory of library copies and the load sequence: every load copies the file to a path never
-//! used before (the dynamic loader returns the already-loaded object for a known path or inode, so loading a
-//! replaced file from its installed path would silently keep the old code), then calls abi_stable's
-//! `lib_header_from_path(copy)?.init_root_module()` (never `RootModule::load_from_file`, which caches the first
-//! module per type). abi_stable never unloads a library: every load stays mapped until the process exits, which
-//! is what keeps the `'static` data plugins hand out valid; [`Loader::libraries`] counts them.
+//! Owns the private directory of library copies, the rule that picks a library for a plugin name without running
+//! it ([`identify`]), and the load sequence: [`Loader::load`] opens the installed file, checks who may change it
+//! ([`super::trust`]) on the open file, reads it whole, checks that it is a complete ELF file, writes the bytes to a
+//! path never used before in the private directory (the dynamic loader returns the already-loaded object for a
+//! known path or inode, so loading a replaced file from its installed path would silently keep the old code),
+//! logs which file it is about to load (a constructor that crashes the process is then named by the last log line),
+//! and calls abi_stable's `lib_header_from_path(copy)?.init_root_module()` (never `RootModule::load_from_file`,
+//! which caches the first module per type). abi_stable never unloads a library: every load stays mapped until the
+//! process exits, which is what keeps the `'static` data plugins hand out valid; [`Loader::libraries`] counts them.
 
 use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use abi_stable::library::{LibraryError, lib_header_from_path};
 use abi_stable::std_types::RStr;
+use object::{Object, ObjectSegment, ObjectSymbol};
 use trail_plugin_api::{Host, HostCallbacks, LogLevel, SinkBox, SinkError, SinkPluginRef};
+
+use super::trust;
 
 /// A plugin library that could not be loaded.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("plugin {}: {reason}", file.display())]
+#[error("plugin {}: {}{reason}", file.display(), if *.refused { "refused: " } else { "" })]
 pub struct LoadError {
     /// The installed library.
     pub file: PathBuf,
     /// What went wrong, for people.
     pub reason: String,
+    /// The library was not loaded because it, or a directory on its path, could be changed by someone other than
+    /// root or the daemon's user (see [`super::trust`]); nothing of it ran.
+    pub refused: bool,
 }
 
-/// What identifies one version of an installed file.
+/// What identifies one version of an installed file, its owner and mode included (fixing a refused library's
+/// mode makes it a new version).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileStamp {
     len: u64,
     modified: Option<SystemTime>,
     inode: u64,
+    mode: u32,
+    uid: u32,
 }
 
 impl FileStamp {
     /// The stamp of `path` now.
     pub fn of(path: &Path) -> std::io::Result<FileStamp> {
-        use std::os::unix::fs::MetadataExt;
-        let meta = fs::metadata(path)?;
-        Ok(FileStamp {
+        Ok(FileStamp::from(&fs::metadata(path)?))
+    }
+
+    fn from(meta: &fs::Metadata) -> FileStamp {
+        FileStamp {
             len: meta.len(),
             modified: meta.modified().ok(),
             inode: meta.ino(),
-        })
+            mode: meta.mode(),
+            uid: meta.uid(),
+        }
     }
 }
 
@@ -87,26 +105,108 @@ impl Plugin {
     }
 }
 
+/// The plugin name an installed library is known by, found without loading it.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The name it declares in its name symbol ([`trail_plugin_api::NAME_SYMBOL`]), or, for a library without
+    /// one (built against plugin API 1.0, or not a readable ELF file), its file name without `lib` and `.so`.
+    pub name: String,
+    /// Why the file's name symbol could not be read, when it could not.
+    pub unreadable: Option<String>,
+}
+
+/// Which plugin the library at `file` holds, read from its ELF dynamic symbol table: no code of it runs.
+pub fn identify(file: &Path) -> Identity {
+    let by_file_name = || {
+        let stem = file.file_stem().unwrap_or_default().to_string_lossy();
+        stem.strip_prefix("lib").unwrap_or(&stem).to_owned()
+    };
+    match declared_name(file) {
+        Ok(Some(name)) => Identity {
+            name,
+            unreadable: None,
+        },
+        Ok(None) => Identity {
+            name: by_file_name(),
+            unreadable: None,
+        },
+        Err(e) => Identity {
+            name: by_file_name(),
+            unreadable: Some(e),
+        },
+    }
+}
+
+/// The name in `file`'s name symbol; `None` when it exports none.
+fn declared_name(file: &Path) -> Result<Option<String>, String> {
+    let f = fs::File::open(file).map_err(|e| format!("cannot read it: {e}"))?;
+    let data = object::ReadCache::new(f);
+    let elf = object::read::elf::ElfFile64::<object::Endianness, _>::parse(&data)
+        .map_err(|e| format!("not a shared library (not a 64-bit ELF file: {e})"))?;
+    let Some(symbol) = elf
+        .dynamic_symbols()
+        .find(|s| s.name_bytes() == Ok(trail_plugin_api::NAME_SYMBOL.as_bytes()))
+    else {
+        return Ok(None);
+    };
+    let (address, size) = (symbol.address(), symbol.size());
+    if size == 0 || size > 1024 {
+        return Err(format!(
+            "its plugin name symbol has an unlikely size ({size} bytes)"
+        ));
+    }
+    let bytes = elf
+        .segments()
+        .find_map(|seg| seg.data_range(address, size).ok().flatten())
+        .ok_or("its plugin name symbol points outside the file's contents")?;
+    String::from_utf8(bytes.to_vec())
+        .map(Some)
+        .map_err(|_| "its plugin name symbol is not UTF-8".into())
+}
+
 /// Loads libraries through private copies.
 #[derive(Debug)]
 pub struct Loader {
     copies: PathBuf,
+    /// Removes a temporary directory of copies when the loader is dropped.
+    _temporary: Option<tempfile::TempDir>,
     counter: AtomicU64,
     libraries: AtomicU64,
 }
 
 impl Loader {
-    /// A loader whose copies go to `copies` (emptied first: copies of earlier runs are not mapped by this process).
+    /// A loader whose copies go to `copies`, created afresh with mode 0700 (whatever was there is removed first:
+    /// copies of earlier runs are not mapped by this process). Its parent must exist; the daemon uses its own
+    /// spool directory.
     pub fn new(copies: &Path) -> std::io::Result<Loader> {
-        if copies.exists() {
-            fs::remove_dir_all(copies)?;
+        match fs::symlink_metadata(copies) {
+            Ok(m) if m.is_dir() => fs::remove_dir_all(copies)?,
+            Ok(_) => fs::remove_file(copies)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
         }
-        fs::create_dir_all(copies)?;
-        Ok(Loader {
-            copies: copies.to_owned(),
+        // Fails if something appeared there meanwhile, rather than using it.
+        fs::DirBuilder::new().mode(0o700).create(copies)?;
+        Ok(Loader::with(copies.to_owned(), None))
+    }
+
+    /// A loader whose copies go to a new directory with a random name and mode 0700 in the system's temporary
+    /// directory (`$TMPDIR` or `/tmp`), removed when the loader is dropped.
+    pub fn temporary() -> std::io::Result<Loader> {
+        let dir = tempfile::Builder::new()
+            .prefix("trail-plugin-copies.")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .tempdir()?;
+        Ok(Loader::with(dir.path().to_owned(), Some(dir)))
+    }
+
+    fn with(copies: PathBuf, temporary: Option<tempfile::TempDir>) -> Loader {
+        Loader {
+            copies,
+            _temporary: temporary,
             counter: AtomicU64::new(0),
             libraries: AtomicU64::new(0),
-        })
+        }
     }
 
     /// Number of libraries mapped by this process so far (loads are never undone).
@@ -114,27 +214,38 @@ impl Loader {
         self.libraries.load(Ordering::Relaxed)
     }
 
-    /// Loads the library installed at `file`.
-    pub fn load(&self, file: &Path) -> Result<Plugin, LoadError> {
-        let fail = |reason: String| LoadError {
-            file: file.to_owned(),
-            reason,
+    /// Loads the library installed at `file`, which [`identify`] picked for the plugin `name`.
+    pub fn load(&self, file: &Path, name: &str) -> Result<Plugin, LoadError> {
+        let fail = |refused: bool| {
+            move |reason: String| LoadError {
+                file: file.to_owned(),
+                reason,
+                refused,
+            }
         };
-        let stamp = FileStamp::of(file).map_err(|e| fail(format!("cannot read it: {e}")))?;
-        check_complete(file).map_err(fail)?;
+        let (bytes, stamp) = read_trusted(file)?;
+        elf_complete(&bytes).map_err(fail(false))?;
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let stem = file.file_stem().unwrap_or_default().to_string_lossy();
         let copy = self.copies.join(format!("{stem}.{n}.so"));
-        fs::copy(file, &copy)
-            .map_err(|e| fail(format!("cannot copy it to {}: {e}", copy.display())))?;
+        write_copy(&copy, &bytes)
+            .map_err(|e| fail(false)(format!("cannot copy it to {}: {e}", copy.display())))?;
+        tracing::info!(file = %file.display(), plugin = name, copy = %copy.display(), "loading plugin library");
         let loaded =
             lib_header_from_path(&copy).and_then(|h| h.init_root_module::<SinkPluginRef>());
         // The mapping outlives the file; the copy is not needed any more.
         let _ = fs::remove_file(&copy);
-        let module = loaded.map_err(|e| fail(explain(e)))?;
+        let module = loaded.map_err(|e| fail(false)(explain(e)))?;
         self.libraries.fetch_add(1, Ordering::Relaxed);
+        let declared = module.name().to_string();
+        if declared != name {
+            return Err(fail(false)(format!(
+                "it was picked for the plugin {name:?} but declares {declared:?} when loaded; rebuild it or \
+                 rename the file"
+            )));
+        }
         Ok(Plugin {
-            name: module.name().to_string(),
+            name: declared,
             version: module.version().to_string(),
             api_version: module.api_version().to_string(),
             file: file.to_owned(),
@@ -142,6 +253,47 @@ impl Loader {
             module,
         })
     }
+}
+
+/// Reads the library at `file` whole, from one open file whose owner and mode, and the directories above it
+/// (and above its directory entry, which may be a symbolic link), are checked first ([`trust`]).
+fn read_trusted(file: &Path) -> Result<(Vec<u8>, FileStamp), LoadError> {
+    let fail = |refused: bool, reason: String| LoadError {
+        file: file.to_owned(),
+        reason,
+        refused,
+    };
+    let mut f = fs::File::open(file).map_err(|e| fail(false, format!("cannot read it: {e}")))?;
+    let meta = f
+        .metadata()
+        .map_err(|e| fail(false, format!("cannot read it: {e}")))?;
+    let entry_dir = file.parent().unwrap_or(Path::new("."));
+    trust::check_dir(entry_dir).map_err(|e| fail(true, e))?;
+    let real =
+        fs::canonicalize(file).map_err(|e| fail(false, format!("cannot resolve it: {e}")))?;
+    let at_real = fs::metadata(&real).map_err(|e| fail(false, format!("cannot read it: {e}")))?;
+    if (at_real.dev(), at_real.ino()) != (meta.dev(), meta.ino()) {
+        return Err(fail(
+            false,
+            "it was replaced while being checked; it will be looked at again".into(),
+        ));
+    }
+    trust::check_file(&real, &meta).map_err(|e| fail(true, e))?;
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    f.read_to_end(&mut bytes)
+        .map_err(|e| fail(false, format!("cannot read it: {e}")))?;
+    Ok((bytes, FileStamp::from(&meta)))
+}
+
+/// Writes a private copy: a new file (never an existing one, never through a symbolic link), mode 0700.
+fn write_copy(copy: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o700)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(copy)?;
+    f.write_all(bytes)
 }
 
 /// Checks that `file` is a complete 64-bit little-endian ELF file: its section and program headers, and every

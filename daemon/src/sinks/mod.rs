@@ -7,6 +7,8 @@
 //! Plugin code never runs on the async runtime's threads.
 
 pub mod loader;
+pub mod trust;
+pub mod validate;
 pub mod watch;
 pub mod worker;
 
@@ -26,7 +28,7 @@ use crate::config::{Config, SinkConfig};
 use crate::event_types::Registry;
 use crate::filter::Filter;
 use crate::spool::Spool;
-use loader::{FileStamp, LoadError, Loader, Plugin};
+use loader::{FileStamp, Loader, Plugin};
 use worker::{Control, ReplayReport, Status, Worker};
 
 /// How long a reload waits for a sink's worker to build its new instance.
@@ -84,91 +86,81 @@ pub struct Sinks {
     audit: Auditor,
 }
 
-/// Loads every library in `dir`; returns the plugins by declared name and the problems found.
-fn load_all(
-    loader: &Loader,
-    dir: &Path,
-    wanted: &HashSet<&str>,
-) -> (HashMap<String, Arc<Plugin>>, Vec<String>) {
-    let mut plugins: HashMap<String, Arc<Plugin>> = HashMap::new();
+/// Picks, without loading anything, the library of every plugin in `wanted`: the one file in `dir` known by the
+/// plugin's name (see [`loader::identify`]). Returns the files by plugin name and the problems found.
+pub(crate) fn pick(dir: &Path, wanted: &HashSet<&str>) -> (HashMap<String, PathBuf>, Vec<String>) {
+    let mut picked = HashMap::new();
     let mut problems = Vec::new();
-    let mut failed: Vec<LoadError> = Vec::new();
     let files = match loader::installed(dir) {
         Ok(f) => f,
         Err(e) => {
             problems.push(format!("plugins_dir {}: {e}", dir.display()));
-            return (plugins, problems);
+            return (picked, problems);
         }
     };
+    let mut by_name: HashMap<String, Vec<PathBuf>> = HashMap::new();
+    let mut unreadable = Vec::new();
     for file in files {
-        match loader.load(&file) {
-            Ok(p) => {
-                if let Some(other) = plugins.get(&p.name) {
-                    problems.push(format!(
-                        "plugin {:?} is declared by both {} and {}; remove one",
-                        p.name,
-                        other.file.display(),
-                        p.file.display()
-                    ));
-                    continue;
-                }
-                info!(plugin = %p.describe(), file = %file.display(), "plugin loaded");
-                plugins.insert(p.name.clone(), Arc::new(p));
+        let id = loader::identify(&file);
+        if let Some(e) = &id.unreadable {
+            unreadable.push(format!("{}: {e}", file.display()));
+        }
+        by_name.entry(id.name).or_default().push(file);
+    }
+    let mut names: Vec<&str> = wanted.iter().copied().collect();
+    names.sort_unstable();
+    for name in names {
+        match by_name.get(name).map(Vec::as_slice) {
+            Some([file]) => {
+                picked.insert(name.to_owned(), file.clone());
             }
-            Err(e) => {
-                warn!("{e}");
-                failed.push(e);
+            Some(files) if files.len() > 1 => problems.push(format!(
+                "plugin {name:?} is declared by {}; remove all but one",
+                files
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            )),
+            _ => {
+                let mut p = format!(
+                    "no library in {} declares the plugin {name:?}",
+                    dir.display()
+                );
+                for u in &unreadable {
+                    p.push_str(&format!("; {u}"));
+                }
+                problems.push(p);
             }
         }
     }
-    for name in wanted {
-        if !plugins.contains_key(*name) {
-            let mut p = format!(
-                "no library in {} declares the plugin {name:?}",
-                dir.display()
-            );
-            for e in &failed {
-                p.push_str(&format!("; {e}"));
+    (picked, problems)
+}
+
+/// Loads the library of every plugin in `wanted` (and no other); returns the plugins by name and the problems.
+fn load_all(
+    loader: &Loader,
+    dir: &Path,
+    wanted: &HashSet<&str>,
+    audit: &Auditor,
+) -> (HashMap<String, Arc<Plugin>>, Vec<String>) {
+    let (picked, mut problems) = pick(dir, wanted);
+    let mut plugins = HashMap::new();
+    for (name, file) in picked {
+        match loader.load(&file, &name) {
+            Ok(p) => {
+                info!(plugin = %p.describe(), file = %file.display(), "plugin loaded");
+                plugins.insert(name, Arc::new(p));
             }
-            problems.push(p);
+            Err(e) => {
+                if e.refused {
+                    audit.plugin_refused(&e.file, Some(&name), &e.reason);
+                }
+                problems.push(e.to_string());
+            }
         }
     }
     (plugins, problems)
-}
-
-/// Checks the sinks of a configuration without starting them: loads every plugin (from private copies in a
-/// temporary directory) and builds and closes an instance of every sink.
-pub fn check(config: &Config) -> Result<(), Error> {
-    let Some(dir) = &config.plugins_dir else {
-        return Ok(());
-    };
-    if config.sinks.is_empty() {
-        return Ok(());
-    }
-    let copies = std::env::temp_dir().join(format!("trail-validate-{}", std::process::id()));
-    let loader =
-        Loader::new(&copies).map_err(|e| Error(vec![format!("{}: {e}", copies.display())]))?;
-    let wanted: HashSet<&str> = config.sinks.iter().map(|s| s.plugin.as_str()).collect();
-    let (plugins, mut problems) = load_all(&loader, dir, &wanted);
-    for sink in &config.sinks {
-        if let Some(plugin) = plugins.get(&sink.plugin) {
-            match plugin.instantiate(&sink.name, &worker::config_json(sink)) {
-                Ok(mut instance) => {
-                    let _ = instance.close();
-                }
-                Err(e) => problems.push(format!(
-                    "sink {:?}: plugin {:?} rejected its config: {e}",
-                    sink.name, sink.plugin
-                )),
-            }
-        }
-    }
-    let _ = std::fs::remove_dir_all(&copies);
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(Error(problems))
-    }
 }
 
 impl Sinks {
@@ -189,7 +181,7 @@ impl Sinks {
         let loader =
             Loader::new(&copies).map_err(|e| Error(vec![format!("{}: {e}", copies.display())]))?;
         let wanted: HashSet<&str> = config.sinks.iter().map(|s| s.plugin.as_str()).collect();
-        let (plugins, problems) = load_all(&loader, &dir, &wanted);
+        let (plugins, problems) = load_all(&loader, &dir, &wanted, &audit);
         if !problems.is_empty() {
             return Err(Error(problems));
         }
@@ -335,12 +327,28 @@ impl Sinks {
             }
         }
         table.seen.insert(file.to_owned(), stamp);
-        let plugin = match self.loader.load(file) {
+        let name = loader::identify(file).name;
+        if !self.handles.iter().any(|h| h.config.plugin == name) {
+            info!(file = %file.display(), plugin = %name, "plugin library changed, but no sink uses its plugin: not loaded");
+            return None;
+        }
+        let plugin = match self.loader.load(file, &name) {
             Ok(p) => Arc::new(p),
+            Err(e) if e.refused => {
+                error!("{e}; not loaded, the running builds are kept");
+                self.audit.plugin_refused(file, Some(&name), &e.reason);
+                // Looked at again on the next change or rescan, e.g. once a directory's mode is fixed.
+                table.seen.remove(file);
+                return Some(
+                    json!({"file": file, "plugin": name, "ok": false, "refused": true, "error": e.to_string()}),
+                );
+            }
             Err(e) => {
                 error!("{e}; the running builds are kept");
-                self.audit.plugin_failed(file, None, &e.reason);
-                return Some(json!({"file": file, "ok": false, "error": e.to_string()}));
+                self.audit.plugin_failed(file, Some(&name), &e.reason);
+                return Some(
+                    json!({"file": file, "plugin": name, "ok": false, "error": e.to_string()}),
+                );
             }
         };
         let users: Vec<&Handle> = self

@@ -7,7 +7,7 @@
 //! Hot reload is two-phase: `Prepare` builds the new instance here, `Commit` flushes and closes the old one and
 //! continues from the same position with the new one, `Abort` discards it.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -462,7 +462,7 @@ impl State {
 
     /// Appends a record and the error that refused it to the dead-letter file, durably.
     fn dead_letter(&self, entry: &Entry, error: &SinkError) -> std::io::Result<()> {
-        std::fs::create_dir_all(&self.w.dead_dir)?;
+        crate::modes::create_dir_all(&self.w.dead_dir)?;
         let mut line = Vec::with_capacity(entry.line().len() + 256);
         #[derive(Serialize)]
         struct Head<'a> {
@@ -486,10 +486,7 @@ impl State {
         line.extend_from_slice(b",\"record\":");
         line.extend_from_slice(entry.line().as_bytes());
         line.extend_from_slice(b"}\n");
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dead_path())?;
+        let mut file = crate::modes::append(&self.dead_path())?;
         file.write_all(&line)?;
         file.sync_data()?;
         self.w.status.dead_lettered.fetch_add(1, Ordering::Relaxed);
@@ -555,7 +552,7 @@ impl State {
 
 /// Appends the dead letters of `replaying` after the first `done` to the dead-letter file `path`.
 fn keep_unreplayed(replaying: &Path, done: usize, path: &Path) -> std::io::Result<()> {
-    let mut out = OpenOptions::new().create(true).append(true).open(path)?;
+    let mut out = crate::modes::append(path)?;
     for line in BufReader::new(File::open(replaying)?).lines().skip(done) {
         out.write_all(line?.as_bytes())?;
         out.write_all(b"\n")?;

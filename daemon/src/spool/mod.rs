@@ -5,7 +5,7 @@
 //! (`cursors/<sink>.json`) holding the position up to which that sink confirmed delivery. A record that is only
 //! streamed is spooled whole (the line the log would hold); a record that is also in the log is spooled as a
 //! reference to it, `{"seq":…,"id":…,"type":…,"in_log":true}`, and a reader that meets one reads the record from
-//! the log, which keeps it until every sink has confirmed it (see `evidence::maintenance`). So such records are
+//! the log, which keeps it until every sink has confirmed it (see `retention`). So such records are
 //! written and synced whole once. The journal writer appends and publishes; each sink's worker reads through a
 //! [`Reader`]. A record is visible to readers only once the journal has synced it, and a segment is deleted only
 //! when every sink's cursor is past it.
@@ -142,7 +142,8 @@ const CLEAN: &str = "closed-cleanly";
 /// Opens (and recovers) the spool for `sinks`, the names of the configured sinks.
 pub fn open(config: &SpoolConfig, sinks: &[String]) -> Result<(Writer, Spool), Error> {
     let dir = &config.dir;
-    std::fs::create_dir_all(dir.join("cursors")).map_err(io_error(dir))?;
+    crate::modes::create_dir_all(dir).map_err(io_error(dir))?;
+    crate::modes::create_dir_all(&dir.join("cursors")).map_err(io_error(dir))?;
     let mut segments: Vec<u64> = std::fs::read_dir(dir)
         .map_err(io_error(dir))?
         .filter_map(|e| segment_start(&e.ok()?.path()))
@@ -240,11 +241,7 @@ pub fn open(config: &SpoolConfig, sinks: &[String]) -> Result<(Writer, Spool), E
     }
     let shared_dir_for_errors = shared.dir.clone();
     let path = shared.segment_path(start);
-    let file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .map_err(io_error(&path))?;
+    let file = crate::modes::append(&path).map_err(io_error(&path))?;
     let writer = Writer {
         shared: shared.clone(),
         out: AppendFile::new(file, len).without_writeback(),
@@ -266,7 +263,6 @@ pub fn open(config: &SpoolConfig, sinks: &[String]) -> Result<(Writer, Spool), E
 /// segment may refer to records that the log never got (their group was not acknowledged). Cuts the segment
 /// before the first such reference, keeping the cut bytes aside, so that no sink looks for them.
 fn cut_orphans(path: &Path, log_dir: &Path) -> Result<(), Error> {
-    use std::io::Write as _;
     let Some(log_last) = log_last_seq(log_dir).map_err(io_error(log_dir))? else {
         return Ok(());
     };
@@ -276,9 +272,7 @@ fn cut_orphans(path: &Path, log_dir: &Path) -> Result<(), Error> {
         let line = &content[offset..offset + n];
         if line.ends_with(IN_LOG) && record_seq(line) > log_last {
             let aside = path.with_extension(format!("jsonl.orphans-{offset}"));
-            std::fs::File::create(&aside)
-                .and_then(|mut f| f.write_all(&content[offset..]))
-                .map_err(io_error(&aside))?;
+            crate::modes::write(&aside, &content[offset..]).map_err(io_error(&aside))?;
             let file = OpenOptions::new()
                 .write(true)
                 .open(path)
@@ -361,11 +355,8 @@ fn segment_start(path: &Path) -> Option<u64> {
 fn write_cursor(shared: &Shared, sink: &str, pos: u64) -> std::io::Result<()> {
     let path = shared.cursor_path(sink);
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec(&CursorFile { pos }).expect("serializable"),
-    )?;
-    std::fs::rename(&tmp, &path)
+    let cursor = serde_json::to_vec(&CursorFile { pos }).expect("serializable");
+    crate::modes::write_aside(&tmp, &path, &cursor, false)
 }
 
 impl Spool {

@@ -227,7 +227,7 @@ impl Writer {
             // Everything is in the spool: the next start has nothing to repair.
             Ok(()) => {
                 let clean = self.shared.dir.join(CLEAN);
-                if let Err(e) = File::create(&clean).and_then(|f| f.sync_all()) {
+                if let Err(e) = crate::modes::create(&clean).and_then(|f| f.sync_all()) {
                     warn!(file = %clean.display(), error = %e, "cannot mark the spool as closed cleanly");
                 }
             }
@@ -303,7 +303,7 @@ impl Writer {
         self.written_back = 0;
         let start = self.start + self.out.len();
         let path = self.shared.segment_path(start);
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let file = crate::modes::append(&path)?;
         self.created = self.sync;
         self.out = AppendFile::new(file, 0).without_writeback();
         self.start = start;

@@ -5,6 +5,11 @@
 //! records and files it names; files may be missing only at the start of the log (removed by retention), and
 //! then the first record left must be vouched for by a deletion record in the chain or by a checkpoint.
 //!
+//! Only records the daemon wrote itself are honoured as deletion records: a record of one of the daemon's own
+//! types (`trail_*`) counts only when its top-level `source` carries `"daemon":true`, which the daemon puts only
+//! into its own records (a client's `source` comes from its peer credentials alone, and clients are refused the
+//! daemon's types). Such a record without the marker is reported as a problem and ignored.
+//!
 //! Each record is checked against the hash stored in the line before it, so one damaged record is reported once
 //! and the records after it are still checked. A broken link is classified by looking at `seq` and the lines
 //! around it: a modified record, a modified hash field, missing (deleted) records, reordered or inserted records.
@@ -137,9 +142,23 @@ struct Deletion {
     last_hash: Option<String>,
 }
 
+/// What verify reads of a record that may be one of the daemon's own.
 #[derive(Deserialize)]
-struct DeletionRecord {
-    payload: Deletion,
+struct OwnRecord {
+    #[serde(rename = "type")]
+    kind: String,
+    source: OwnSource,
+    #[serde(default)]
+    payload: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct OwnSource {
+    #[serde(default)]
+    uid: Option<u64>,
+    /// Set only in the records the daemon wrote itself.
+    #[serde(default)]
+    daemon: bool,
 }
 
 /// A claim a checkpoint makes about one record.
@@ -412,10 +431,8 @@ impl Verifier {
                 );
             }
         }
-        if memchr::memmem::find(line, b",\"type\":\"trail_log_file_deleted\"").is_some()
-            && let Ok(r) = serde_json::from_slice::<DeletionRecord>(line)
-        {
-            self.deletions.push(r.payload);
+        if memchr::memmem::find(line, b",\"type\":\"trail_").is_some() {
+            self.own_record(name, line_no, seq, line);
         }
         let computed;
         let mut problem = None;
@@ -497,6 +514,42 @@ impl Verifier {
             problem,
             reordered,
         });
+    }
+
+    /// A line that may be one of the daemon's own records (the pattern may also have matched inside a payload):
+    /// a deletion record is remembered only when the daemon wrote it; one of the daemon's types without the
+    /// daemon's marker is reported.
+    fn own_record(&mut self, name: &str, line_no: u64, seq: u64, line: &[u8]) {
+        let Ok(record) = serde_json::from_slice::<OwnRecord>(line) else {
+            return;
+        };
+        if !crate::event_types::is_daemon_type(&record.kind) {
+            return;
+        }
+        if !record.source.daemon {
+            let by = record
+                .source
+                .uid
+                .map_or_else(String::new, |u| format!(" (submitted by uid {u})"));
+            self.problem(
+                name,
+                Some(line_no),
+                Some(seq),
+                format!(
+                    "a {} record the daemon did not write: its source has no \"daemon\":true{by}; it is not \
+                     honoured",
+                    record.kind
+                ),
+            );
+            return;
+        }
+        if record.kind == "trail_log_file_deleted"
+            && let Some(d) = record
+                .payload
+                .and_then(|p| serde_json::from_value::<Deletion>(p).ok())
+        {
+            self.deletions.push(d);
+        }
     }
 
     /// Names a broken link, now that the `seq` of the line after it (if any) is known.
@@ -697,4 +750,85 @@ fn display_name(path: &Path) -> String {
         .and_then(|n| n.to_str())
         .unwrap_or_default()
         .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Appends record `seq` (its fields after `seq`, given as `rest`) to `lines`, sealed after `prev`.
+    fn push(lines: &mut String, prev: &mut Hash, seq: u64, rest: &str) {
+        let mut out = format!("{{\"seq\":{seq}{rest}").into_bytes();
+        *prev = chain::seal(prev, &mut out, 0);
+        lines.push_str(std::str::from_utf8(&out).unwrap());
+        lines.push('\n');
+    }
+
+    /// A log whose first file (seq 1 and 2) is gone, and whose remaining file starts with record 3, `third` (its
+    /// fields after `seq`, where `LAST_HASH` stands for the deleted file's last hash): the problems verify reports.
+    fn problems_after_deletion(third: &str) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let record = r#","id":"i","received_at":"2026-01-01T00:00:00.000000000Z","type":"user_login","source":{"uid":1000,"gid":1000,"host":"h"}"#;
+        let (mut first, mut second, mut prev) = (String::new(), String::new(), chain::GENESIS);
+        push(&mut first, &mut prev, 1, record);
+        push(&mut first, &mut prev, 2, record);
+        let third = third.replace("LAST_HASH", &chain::hex(&prev));
+        push(&mut second, &mut prev, 3, &third);
+        push(&mut second, &mut prev, 4, record);
+        let kept = dir
+            .path()
+            .join("trail-20260102T000000Z-00000000000000000003.jsonl");
+        std::fs::write(&kept, second).unwrap();
+        let inputs = Inputs {
+            logs: vec![LogFile::parse(&kept).unwrap()],
+            checkpoints: Vec::new(),
+        };
+        let report = verify(&inputs, None).unwrap();
+        report.problems.iter().map(|p| p.to_string()).collect()
+    }
+
+    #[test]
+    fn only_the_daemons_own_deletion_records_anchor_the_log() {
+        let check = |third: &str, expected: &[&str]| {
+            let got = problems_after_deletion(third);
+            assert_eq!(got.len(), expected.len(), "{third}: {got:#?}");
+            for (g, e) in got.iter().zip(expected) {
+                assert!(g.contains(e), "{third}: expected {e:?} in {got:#?}");
+            }
+        };
+        let deletion = |source: &str| {
+            format!(
+                r#","id":"d","received_at":"2026-01-02T00:00:00.000000000Z","type":"trail_log_file_deleted","source":{source},"payload":{{"file":"trail-20260101T000000Z-00000000000000000001.jsonl","last_seq":2,"last_hash":"LAST_HASH"}}"#
+            )
+        };
+        let unanchored = "seq 3: the oldest record does not start the chain";
+        // Written by the daemon: it vouches for the deleted file.
+        check(
+            &deletion(r#"{"uid":0,"gid":0,"pid":7,"host":"h","daemon":true}"#),
+            &[],
+        );
+        // The same record from a client (as older daemons accepted them): reported and not honoured.
+        check(
+            &deletion(r#"{"uid":1000,"gid":1000,"pid":8,"host":"h"}"#),
+            &[
+                "seq 3: a trail_log_file_deleted record the daemon did not write: its source has no \"daemon\":true (submitted by uid 1000)",
+                unanchored,
+            ],
+        );
+        // The marker inside the payload is not the record's source.
+        check(
+            &deletion(r#"{"uid":1000,"gid":1000,"host":"h","x":{"daemon":true}}"#),
+            &["did not write", unanchored],
+        );
+        // A client's record of another type, its payload dressed up as a deletion: not a deletion record.
+        check(
+            r#","id":"d","type":"user_login","source":{"uid":1000,"gid":1000,"host":"h"},"payload":{"file":"trail-20260101T000000Z-00000000000000000001.jsonl","last_seq":2,"last_hash":"LAST_HASH","n":{"a":1,"type":"trail_log_file_deleted","source":{"daemon":true}}}"#,
+            &[unanchored],
+        );
+        // Nothing says the file was deleted.
+        check(
+            r#","id":"d","type":"user_login","source":{"uid":1000,"gid":1000,"host":"h"}"#,
+            &[unanchored],
+        );
+    }
 }
