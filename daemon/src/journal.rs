@@ -258,7 +258,7 @@ fn writer(mut log: LogFile, mut rx: mpsc::Receiver<Message>, mut options: Option
                 let (chain_before, last_before) = (chain, last_persisted);
                 for (tail, route, digest) in s.batch.tails() {
                     let start = out.len();
-                    out.extend_from_slice(b"{\"seq\":");
+                    out.extend_from_slice(crate::record::line::SEQ_PREFIX);
                     out.extend_from_slice(seq_text.format(seq).as_bytes());
                     out.extend_from_slice(tail);
                     if route.persist {

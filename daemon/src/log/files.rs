@@ -163,20 +163,8 @@ impl<R: Read> Chunks<R> {
     }
 }
 
-/// The 30 bytes of a stored line's `received_at` (`YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`), found at its fixed place
-/// after `seq` and `id`; `None` when the line does not have the daemon's layout.
-pub fn received_at(line: &[u8]) -> Option<&[u8]> {
-    const ID: &[u8] = b",\"id\":\"";
-    const RECEIVED: &[u8] = b"\",\"received_at\":\"";
-    let rest = line.strip_prefix(b"{\"seq\":")?;
-    let digits = rest.iter().position(|b| !b.is_ascii_digit())?;
-    let rest = rest[digits..].strip_prefix(ID)?;
-    let rest = rest.get(36..)?.strip_prefix(RECEIVED)?;
-    let t = rest.get(..30)?;
-    (t[29] == b'Z' && t[10] == b'T').then_some(t)
-}
-
-/// Formats a time like a record's `received_at`, for comparing with [`received_at`] byte by byte.
+/// Formats a time like a record's `received_at`, for comparing with [`crate::record::line::received_at`] byte
+/// by byte.
 pub fn stamp(t: std::time::SystemTime) -> Vec<u8> {
     let mut out = Vec::with_capacity(30);
     crate::record::write_rfc3339(&mut out, t);
@@ -237,19 +225,6 @@ mod tests {
                 tail.map(|t| (text.len(), t.to_vec()))
             );
         }
-    }
-
-    #[test]
-    fn received_at_is_read_from_its_fixed_place() {
-        let line = br#"{"seq":12,"id":"019ab7c4-0000-7000-8000-000000000000","received_at":"2026-11-20T00:00:00.123456789Z","occurred_at":"x"}"#;
-        assert_eq!(
-            received_at(line),
-            Some(&b"2026-11-20T00:00:00.123456789Z"[..])
-        );
-        assert_eq!(
-            received_at(br#"{"seq":12,"id":"short","received_at":"x"}"#),
-            None
-        );
     }
 
     /// The first `seq` of a log file, as tools read it from the name.

@@ -87,7 +87,7 @@ pub(crate) fn chain_head(
 
 /// Cuts whatever follows the last complete record of `path` (a crash can leave a torn line), keeping the cut bytes
 /// in a side file. Returns the new length and the last record's head.
-pub(crate) fn recover(path: &Path) -> Result<(u64, Option<crate::record::Head>), Error> {
+pub(crate) fn recover(path: &Path) -> Result<(u64, Option<crate::record::line::Head>), Error> {
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -99,7 +99,7 @@ pub(crate) fn recover(path: &Path) -> Result<(u64, Option<crate::record::Head>),
     while end > 0 {
         let (start, line) = last_line(&mut file, end).map_err(io_error(path))?;
         let complete = line.last() == Some(&b'\n');
-        if complete && let Some(head) = crate::record::parse_head(&line[..line.len() - 1]) {
+        if complete && let Some(head) = crate::record::line::parse_head(&line[..line.len() - 1]) {
             last_seq = Some(head);
             break;
         }

@@ -16,10 +16,10 @@
 //! with other connections, serializes everything after `seq` (the *tail*, without the closing brace); the single
 //! log writer only prefixes `{"seq":N` and closes the object. Nothing here touches files.
 
+pub mod line;
+
 use std::cell::RefCell;
 use std::time::{SystemTime, UNIX_EPOCH};
-
-use serde::Deserialize;
 
 use crate::event_types::EventType;
 use crate::protocol::Checked;
@@ -207,23 +207,6 @@ pub fn write_rfc3339(out: &mut Vec<u8>, t: SystemTime) {
     }
     out.extend_from_slice(&digits);
     out.push(b'Z');
-}
-
-/// The fields of a stored record that recovery and tools need without parsing the whole thing.
-#[derive(Debug, Deserialize)]
-pub struct Head {
-    /// Position in the log.
-    pub seq: u64,
-    /// Event id.
-    pub id: String,
-    /// Chain hash (absent in records written before the chain existed and in stream-only records).
-    #[serde(default)]
-    pub hash: Option<String>,
-}
-
-/// Reads the head of a stored line; `None` when it is not a trail record.
-pub fn parse_head(line: &[u8]) -> Option<Head> {
-    serde_json::from_slice(line).ok()
 }
 
 #[cfg(test)]

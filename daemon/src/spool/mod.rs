@@ -30,26 +30,22 @@ mod reader;
 mod record;
 mod writer;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Read as _, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard, OnceLock, mpsc};
-use std::time::{Duration, Instant};
-
-use memchr::memmem::Finder;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::config::{SpoolConfig, WhenFull};
 use crate::log::append::AppendFile;
 
 use log_source::LogSource;
-use memory::{Block, in_memory};
+use memory::Block;
 pub use reader::{Read, Reader};
-pub use record::{Entry, Group, Mark, record_type};
-use record::{ID, IN_LOG, record_seq, value_after};
+pub use record::{Entry, Group, Mark};
+use record::{IN_LOG, record_seq};
 use writer::start_syncer;
 pub use writer::{Full, PendingSync, Writer};
 
@@ -306,7 +302,7 @@ fn log_last_seq(log_dir: &Path) -> std::io::Result<Option<u64>> {
         while end > 0 {
             let (start, line) = crate::log::recovery::last_line(&mut file, end)?;
             if line.last() == Some(&b'\n')
-                && let Some(seq) = crate::log::chain::line_seq(&line)
+                && let Some(seq) = crate::record::line::seq(&line)
             {
                 return Ok(Some(seq));
             }
@@ -428,6 +424,8 @@ impl Spool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
+    use std::time::Duration;
 
     fn config(dir: &Path, max_bytes: u64, when_full: WhenFull) -> SpoolConfig {
         SpoolConfig {

@@ -145,7 +145,7 @@ impl Matcher {
         if self.query.from.is_none() && self.query.to.is_none() {
             return true;
         }
-        let Some(t) = files::received_at(line) else {
+        let Some(t) = crate::record::line::received_at(line) else {
             return false;
         };
         self.query.from.as_deref().is_none_or(|f| t >= f)

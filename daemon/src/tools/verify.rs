@@ -385,7 +385,7 @@ impl Verifier {
     }
 
     fn line(&mut self, name: &str, file: &LogFile, line_no: u64, line: &[u8], first_in_file: bool) {
-        let seq = chain::line_seq(line);
+        let seq = crate::record::line::seq(line);
         self.resolve_pending(seq);
         let (Some(seq), Some((body, stored))) = (seq, chain::split(line)) else {
             self.problem(
