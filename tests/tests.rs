@@ -12,3 +12,4 @@ mod service;
 mod sinks;
 mod socket_trust;
 mod submission;
+mod tidy;
