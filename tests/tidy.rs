@@ -224,27 +224,17 @@ fn problems(graph: &Graph, rules: &[Rule]) -> Vec<String> {
         out.push(text);
     }
     for rule in rules {
-        let (from, bad): (&String, Vec<&String>) = match rule {
-            Rule::Only(from, allowed) => (
-                from,
-                graph
-                    .get(from)
-                    .into_iter()
-                    .flat_map(|n| n.keys())
-                    .filter(|to| !allowed.contains(*to))
-                    .collect(),
-            ),
+        // `Only` forbids what is not in its list, `Never` what is.
+        let (from, list, listed_is_bad) = match rule {
+            Rule::Only(from, allowed) => (from, allowed, false),
+            Rule::Never(from, forbidden) => (from, forbidden, true),
             Rule::Known(_) => continue,
-            Rule::Never(from, forbidden) => (
-                from,
-                graph
-                    .get(from)
-                    .into_iter()
-                    .flat_map(|n| n.keys())
-                    .filter(|to| forbidden.contains(*to))
-                    .collect(),
-            ),
         };
+        let bad = graph
+            .get(from)
+            .into_iter()
+            .flat_map(|n| n.keys())
+            .filter(|to| list.contains(*to) == listed_is_bad);
         for to in bad {
             for line in &graph[from][to] {
                 out.push(format!("forbidden arrow {from} -> {to} ({rule:?}): {line}"));
