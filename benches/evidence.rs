@@ -19,7 +19,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use trail::evidence::{chain, files, index, search, verify};
+use trail::log::{chain, files, index};
+use trail::tools::{search, verify};
 
 const DAYS: u64 = 30;
 const START: u64 = 1_793_491_200; // 2026-11-01T00:00:00Z
@@ -176,7 +177,7 @@ fn generate(dir: &Path, events: u64) {
                 f.write_all(&out).unwrap();
                 out.clear();
             }
-            let path = dir.join(trail::journal::file_name(t, seq));
+            let path = dir.join(files::file_name(t, seq));
             paths.push(path.clone());
             file = Some(std::fs::File::create(path).unwrap());
         }

@@ -421,10 +421,10 @@ fn hot_swap(libs: &Libs) -> (Duration, u64, u64) {
 fn streamed_in_log(dir: &Path) -> std::collections::HashMap<String, u64> {
     let registry = trail::event_types::Registry::load_dir(&event_types()).unwrap();
     let mut counts = std::collections::HashMap::new();
-    for file in trail::evidence::files::list(dir).unwrap() {
+    for file in trail::log::files::list(dir).unwrap() {
         let text = std::fs::read_to_string(&file.path).unwrap();
         for line in text.lines() {
-            let ty = trail::spool::record_type(line.as_bytes());
+            let ty = trail::record::line::event_type(line.as_bytes());
             if registry.get(ty).is_some_and(|t| t.streamed) {
                 *counts.entry(ty.to_owned()).or_insert(0) += 1;
             }

@@ -47,7 +47,7 @@ fn log_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| trail::evidence::files::LogFile::parse(p).is_some())
+        .filter(|p| trail::log::files::LogFile::parse(p).is_some())
         .collect();
     files.sort();
     files
@@ -209,7 +209,7 @@ fn every_kind_of_tampering_is_detected_where_it_happened() {
         (
             "edit a checkpoint",
             Box::new(|dir: &Path| {
-                let cp = trail::evidence::checkpoint::list(dir).remove(0);
+                let cp = trail::log::checkpoint::list(dir).remove(0);
                 let text =
                     std::fs::read_to_string(&cp)
                         .unwrap()
@@ -232,7 +232,7 @@ fn every_kind_of_tampering_is_detected_where_it_happened() {
     // A checkpoint signed by another key is refused.
     let other = daemon.path("other.pub");
     let signer =
-        trail::evidence::checkpoint::Signer::load_or_generate(&daemon.path("other.pem")).unwrap();
+        trail::log::checkpoint::Signer::load_or_generate(&daemon.path("other.pem")).unwrap();
     std::fs::write(&other, signer.public_hex()).unwrap();
     let (code, out) = verify(&daemon.log_dir, other.to_str().unwrap());
     assert_eq!(code, 1, "{out}");
@@ -453,7 +453,7 @@ fn the_daemon_rotates_at_utc_midnight_on_its_clock() {
     let (code, out) = verify(&daemon.log_dir, &public_key(&daemon));
     assert_eq!(code, 0, "{out}");
     assert!(
-        trail::evidence::checkpoint::list(&daemon.log_dir).len() >= 2,
+        trail::log::checkpoint::list(&daemon.log_dir).len() >= 2,
         "a checkpoint at rotation and at stop"
     );
 }
@@ -463,7 +463,7 @@ fn the_daemon_rotates_at_utc_midnight_on_its_clock() {
 fn all_records(dir: &Path) -> Vec<String> {
     'listing: loop {
         let mut out = Vec::new();
-        for f in trail::evidence::files::list(dir).unwrap() {
+        for f in trail::log::files::list(dir).unwrap() {
             let mut text = String::new();
             let read = f
                 .open()

@@ -14,3 +14,4 @@ mod service;
 mod sinks;
 mod socket_trust;
 mod submission;
+mod tidy;

@@ -147,7 +147,7 @@ pub struct SinkConfig {
     pub plugin: String,
     /// Which events it receives.
     #[serde(default)]
-    pub events: crate::sinks::filter::FilterConfig,
+    pub events: crate::filter::FilterConfig,
     /// Passed to the plugin's constructor as JSON.
     #[serde(default = "empty_object")]
     pub config: serde_json::Value,
@@ -599,7 +599,7 @@ impl Config {
                     "{at}.retry: initial must be above zero and max at least initial"
                 )));
             }
-            if let Err(e) = crate::sinks::filter::Filter::new(&sink.events) {
+            if let Err(e) = crate::filter::Filter::new(&sink.events) {
                 return Err(invalid(format!("{at}.events: {e}")));
             }
         }

@@ -6,18 +6,17 @@
 //!
 //! Files are named `trail-<UTC start, YYYYMMDDTHHMMSSZ>-<first seq, 20 digits>.jsonl`, so they sort by time and
 //! by `seq`; the newest one is appended to and the symlink `current` names it. The writer also seals every
-//! persisted record into the hash chain ([`crate::evidence::chain`]: it is the only place that knows the order),
+//! persisted record into the hash chain ([`crate::log::chain`]: it is the only place that knows the order),
 //! starts a new file at period boundaries of the daemon's clock and before a file would pass `max_file_bytes`,
-//! and writes signed checkpoints ([`crate::evidence::checkpoint`]) at each rotation, every `checkpoint_every`
+//! and writes signed checkpoints ([`crate::log::checkpoint`]) at each rotation, every `checkpoint_every`
 //! while records arrive, and at stop. A failed write or sync changes neither the file nor the chain.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -25,49 +24,19 @@ use std::time::Duration;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
-use crate::append::AppendFile;
 use crate::clock;
 use crate::config::{FsyncPolicy, Rotate};
-use crate::evidence::checkpoint::{self, Signer};
-use crate::evidence::{chain, files, index};
+use crate::log::append::AppendFile;
+use crate::log::checkpoint::{self, Signer};
+use crate::log::files::{self, CURRENT, file_name};
+use crate::log::recovery::{Error, chain_head, io_error, recover};
+use crate::log::{chain, index};
 use crate::spool;
 
 /// How much the writer gathers into one write and one sync.
 const GROUP_BYTES: usize = 8 << 20;
 /// Submissions that may wait for the writer; beyond that, connections stop reading (back-pressure).
 const QUEUE_DEPTH: usize = 512;
-/// The most a recovery may cut off the end of a file before it refuses to guess.
-const MAX_RECOVERY_CUT: u64 = 64 << 20;
-
-/// A log that cannot be opened or recovered.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// An I/O operation on a log file or directory failed.
-    #[error("log {path}: {source}")]
-    Io {
-        /// The file or directory.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The end of the newest file is damaged beyond what a crash can leave behind.
-    #[error(
-        "log {path}: the last {bytes} bytes are not trail records; a crash cannot leave that much behind, so trail will not cut it off: move the file aside or repair it"
-    )]
-    Damaged {
-        /// The file.
-        path: PathBuf,
-        /// How much is damaged.
-        bytes: u64,
-    },
-}
-
-fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.to_owned(),
-        source,
-    }
-}
 
 /// Record tails for one submission, in one buffer (see [`crate::record`]), and where each record goes.
 #[derive(Debug, Default)]
@@ -289,7 +258,7 @@ fn writer(mut log: LogFile, mut rx: mpsc::Receiver<Message>, mut options: Option
                 let (chain_before, last_before) = (chain, last_persisted);
                 for (tail, route, digest) in s.batch.tails() {
                     let start = out.len();
-                    out.extend_from_slice(b"{\"seq\":");
+                    out.extend_from_slice(crate::record::line::SEQ_PREFIX);
                     out.extend_from_slice(seq_text.format(seq).as_bytes());
                     out.extend_from_slice(tail);
                     if route.persist {
@@ -713,215 +682,8 @@ impl LogFile {
     }
 }
 
-/// The symlink in the log directory that names the file being appended to.
-pub const CURRENT: &str = "current";
-
-/// The chain head and last `seq` from before `files` ended: the last record of the newest file that holds one, else
-/// the newest checkpoint, else the genesis value. Only records below `below` count.
-fn chain_head(dir: &Path, files: &[files::LogFile], below: u64) -> (chain::Hash, Option<u64>) {
-    for f in files.iter().rev() {
-        match index::summary(f) {
-            Ok(entry) => {
-                if let (Some(seq), Some(hash)) = (entry.last_seq, entry.last_hash) {
-                    if seq < below
-                        && let Some(h) = chain::parse_hex(hash.as_bytes())
-                    {
-                        return (h, Some(seq));
-                    }
-                    break;
-                }
-            }
-            Err(e) => {
-                warn!(file = %f.path.display(), error = %e, "cannot read the end of a log file");
-                break;
-            }
-        }
-    }
-    for path in checkpoint::list(dir).iter().rev() {
-        let Ok(bytes) = std::fs::read(path) else {
-            continue;
-        };
-        if let Ok(cp) = checkpoint::Checkpoint::parse(&bytes)
-            && let Some(h) = chain::parse_hex(cp.body.hash.as_bytes())
-            && cp.body.seq.is_none_or(|s| s < below)
-        {
-            return (h, cp.body.seq);
-        }
-    }
-    (chain::GENESIS, None)
-}
-
-/// The name of a log file that starts at `time` with record `first_seq`.
-pub fn file_name(time: SystemTime, first_seq: u64) -> String {
-    let secs = time
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
-    let t = chrono::DateTime::<chrono::Utc>::from_timestamp(secs as i64, 0).unwrap_or_default();
-    format!("trail-{}-{first_seq:020}.jsonl", t.format("%Y%m%dT%H%M%SZ"))
-}
-
 fn sync_dir(dir: &Path) -> Result<(), Error> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_error(dir))
-}
-
-/// Cuts whatever follows the last complete record of `path` (a crash can leave a torn line), keeping the cut bytes
-/// in a side file. Returns the new length and the last record's head.
-pub(crate) fn recover(path: &Path) -> Result<(u64, Option<crate::record::Head>), Error> {
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(io_error(path))?;
-    let size = file.metadata().map_err(io_error(path))?.len();
-    let mut end = size;
-    let mut last_seq = None;
-    while end > 0 {
-        let (start, line) = last_line(&mut file, end).map_err(io_error(path))?;
-        let complete = line.last() == Some(&b'\n');
-        if complete && let Some(head) = crate::record::parse_head(&line[..line.len() - 1]) {
-            last_seq = Some(head);
-            break;
-        }
-        end = start;
-        if size - end > MAX_RECOVERY_CUT {
-            return Err(Error::Damaged {
-                path: path.to_owned(),
-                bytes: size - end,
-            });
-        }
-    }
-    if end < size {
-        let mut cut = vec![0; (size - end) as usize];
-        file.seek(SeekFrom::Start(end)).map_err(io_error(path))?;
-        file.read_exact(&mut cut).map_err(io_error(path))?;
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        let aside = path.with_extension(format!("jsonl.torn-{end}-{nanos}"));
-        crate::modes::write(&aside, &cut).map_err(io_error(&aside))?;
-        file.set_len(end).map_err(io_error(path))?;
-        file.sync_all().map_err(io_error(path))?;
-        warn!(
-            file = %path.display(),
-            offset = end,
-            bytes = size - end,
-            kept_in = %aside.display(),
-            "cut off a torn last line left by a crash"
-        );
-    }
-    Ok((end, last_seq))
-}
-
-/// The last line of `file[..end]` (with its newline, if it has one) and where it starts.
-pub(crate) fn last_line(file: &mut File, end: u64) -> std::io::Result<(u64, Vec<u8>)> {
-    const CHUNK: u64 = 64 << 10;
-    let mut line: Vec<u8> = Vec::new();
-    let mut pos = end;
-    // The line's own final newline, if any, is not its start.
-    let mut skip_last = true;
-    while pos > 0 {
-        let from = pos.saturating_sub(CHUNK);
-        let mut chunk = vec![0; (pos - from) as usize];
-        file.seek(SeekFrom::Start(from))?;
-        file.read_exact(&mut chunk)?;
-        let search = if skip_last && chunk.last() == Some(&b'\n') {
-            &chunk[..chunk.len() - 1]
-        } else {
-            &chunk[..]
-        };
-        skip_last = false;
-        if let Some(i) = memchr::memrchr(b'\n', search) {
-            chunk.drain(..=i);
-            chunk.extend_from_slice(&line);
-            return Ok((from + i as u64 + 1, chunk));
-        }
-        chunk.extend_from_slice(&line);
-        line = chunk;
-        pos = from;
-    }
-    Ok((0, line))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    fn record(seq: u64) -> String {
-        format!("{{\"seq\":{seq},\"id\":\"i{seq}\"}}\n")
-    }
-
-    /// Writes `content` to a log file, recovers it, and returns (new content, last seq, side files).
-    fn recovered(content: &[u8]) -> (Vec<u8>, Option<u64>, usize) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(file_name(UNIX_EPOCH, 1));
-        std::fs::write(&path, content).unwrap();
-        let (len, head) = recover(&path).unwrap();
-        let seq = head.map(|h| h.seq);
-        let after = std::fs::read(&path).unwrap();
-        assert_eq!(after.len() as u64, len);
-        let sides = std::fs::read_dir(dir.path()).unwrap().count() - 1;
-        (after, seq, sides)
-    }
-
-    #[test]
-    fn recovery() {
-        let three = format!("{}{}{}", record(1), record(2), record(3));
-        let check = |content: &[u8], kept: &[u8], seq: Option<u64>, sides: usize| {
-            assert_eq!(
-                recovered(content),
-                (kept.to_vec(), seq, sides),
-                "{content:?}"
-            );
-        };
-        check(b"", b"", None, 0);
-        check(three.as_bytes(), three.as_bytes(), Some(3), 0);
-        check(
-            format!("{three}{{\"seq\":4,\"id").as_bytes(),
-            three.as_bytes(),
-            Some(3),
-            1,
-        );
-        check(
-            format!("{three}\0\0\0").as_bytes(),
-            three.as_bytes(),
-            Some(3),
-            1,
-        );
-        check(
-            format!("{three}garbage\n").as_bytes(),
-            three.as_bytes(),
-            Some(3),
-            1,
-        );
-        check(b"{\"seq\":1,\"i", b"", None, 1);
-        let long = format!("{}{}", record(1), record(2)).replace("i2", &"x".repeat(200_000));
-        check(long.as_bytes(), long.as_bytes(), Some(2), 0);
-        check(format!("{long}{{").as_bytes(), long.as_bytes(), Some(2), 1);
-    }
-
-    /// The first `seq` of a log file, as tools read it from the name.
-    fn first_seq_of(path: &Path) -> Option<u64> {
-        files::LogFile::parse(path).map(|f| f.first_seq)
-    }
-
-    #[test]
-    fn file_names_round_trip_and_sort() {
-        let a = file_name(UNIX_EPOCH + Duration::from_secs(1_795_132_800), 7);
-        assert_eq!(a, "trail-20261120T000000Z-00000000000000000007.jsonl");
-        assert_eq!(first_seq_of(Path::new(&a)), Some(7));
-        let b = file_name(UNIX_EPOCH + Duration::from_secs(1_795_132_801), 10);
-        assert!(a < b);
-        for bad in [
-            "trail-x.jsonl",
-            "trail-20261120T000000Z-7.jsonl",
-            "trail-20261120T000000Z-00000000000000000007.jsonl.torn-1-2",
-        ] {
-            assert_eq!(first_seq_of(Path::new(bad)), None, "{bad}");
-        }
-    }
 }

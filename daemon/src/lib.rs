@@ -5,24 +5,26 @@
 //! ([`journal`]) before it is acknowledged. See ARCHITECTURE.md for the map.
 
 pub mod admin;
-pub mod append;
 pub mod audit;
 pub mod client;
 pub mod clock;
 pub mod config;
 pub mod event_types;
-pub mod evidence;
+pub mod filter;
 pub mod framing;
 pub mod ingest;
 pub mod journal;
+pub mod log;
 pub mod modes;
 pub mod protocol;
 pub mod record;
+pub mod retention;
 pub mod shutdown;
 pub mod sinks;
 pub mod spool;
 pub mod systemd;
 pub mod telemetry;
+pub mod tools;
 pub mod trust;
 
 use std::collections::HashSet;
@@ -49,7 +51,7 @@ pub enum Error {
     EventTypes(#[from] event_types::Problems),
     /// The log cannot be opened.
     #[error(transparent)]
-    Log(#[from] journal::Error),
+    Log(#[from] log::recovery::Error),
     /// The socket cannot be bound.
     #[error(transparent)]
     Socket(#[from] ingest::BindError),
@@ -61,7 +63,7 @@ pub enum Error {
     Spool(#[from] spool::Error),
     /// The checkpoint signing key cannot be loaded or created.
     #[error(transparent)]
-    Key(#[from] evidence::checkpoint::KeyError),
+    Key(#[from] log::checkpoint::KeyError),
 }
 
 impl Error {
@@ -70,7 +72,7 @@ impl Error {
         match self {
             Error::Config(_) | Error::EventTypes(_) | Error::Sinks(_) => EXIT_CONFIG,
             Error::Socket(ingest::BindError::Untrusted { .. }) => EXIT_CONFIG,
-            Error::Key(evidence::checkpoint::KeyError::Format { .. }) => EXIT_CONFIG,
+            Error::Key(log::checkpoint::KeyError::Format { .. }) => EXIT_CONFIG,
             // Something else at `socket.path` (or `admin_socket`): the configuration names the wrong path.
             Error::Socket(ingest::BindError::NotASocket(_)) => EXIT_CONFIG,
             Error::Log(_) | Error::Socket(_) | Error::Spool(_) | Error::Key(_) => 1,
@@ -130,7 +132,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
             "the daemon's clock is shifted (a testing aid); record times and file names are not the real time"
         );
     }
-    let signer = evidence::checkpoint::Signer::load_or_generate(&config.log.signing_key())?;
+    let signer = log::checkpoint::Signer::load_or_generate(&config.log.signing_key())?;
     info!(
         public_key = %signer.public_path.display(),
         key = %signer.public_hex(),
@@ -169,9 +171,9 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
     let audit_task = tokio::spawn(record_own_events(ctx.clone(), audit_rx, background.clone()));
     let upkeep = {
         let (ctx, source) = (ctx.clone(), own_source(&ctx));
-        tokio::spawn(evidence::maintenance::run(
+        tokio::spawn(retention::run(
             config.log.dir.clone(),
-            evidence::maintenance::Policy::of(&config.log),
+            retention::Policy::of(&config.log),
             spool,
             rotated,
             background.clone(),

@@ -234,7 +234,8 @@ fn time_arg(flag: &str, text: &str) -> Result<std::time::SystemTime, String> {
 
 fn search(args: Search) -> ExitCode {
     use std::io::IsTerminal;
-    use trail::evidence::{files, search};
+    use trail::log::files;
+    use trail::tools::search;
     let dir = match args.dir {
         Some(d) => d,
         None => match log_dir(args.config) {
@@ -357,7 +358,8 @@ fn search(args: Search) -> ExitCode {
 }
 
 fn verify(mut paths: Vec<PathBuf>, key: Option<String>, config: Option<PathBuf>) -> ExitCode {
-    use trail::evidence::{checkpoint, verify};
+    use trail::log::checkpoint;
+    use trail::tools::verify;
     if paths.is_empty() {
         match log_dir(config) {
             Ok(dir) => paths.push(dir),

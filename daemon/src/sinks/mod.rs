@@ -6,7 +6,6 @@
 //! thread), then swap; if anything fails, the old generation keeps running and the failure is logged and audited.
 //! Plugin code never runs on the async runtime's threads.
 
-pub mod filter;
 pub mod loader;
 pub mod trust;
 pub mod validate;
@@ -27,8 +26,8 @@ use tracing::{error, info, warn};
 use crate::audit::Auditor;
 use crate::config::{Config, SinkConfig};
 use crate::event_types::Registry;
+use crate::filter::Filter;
 use crate::spool::Spool;
-use filter::Filter;
 use loader::{FileStamp, Loader, Plugin};
 use worker::{Control, ReplayReport, Status, Worker};
 

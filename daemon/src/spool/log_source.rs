@@ -1,6 +1,10 @@
 //! Reading the log by `seq`, for the spool's references to it.
 
-use super::*;
+use crate::record::line::ID;
+use crate::record::line::value_after;
+use std::io::BufRead;
+use std::io::BufReader;
+use std::path::PathBuf;
 
 /// Reads records of the log by `seq`, forwards, for the spool lines that refer to it.
 pub(super) struct LogSource {
@@ -48,7 +52,7 @@ impl LogSource {
                 }
                 return Ok(None);
             };
-            match crate::evidence::chain::line_seq(&line) {
+            match crate::record::line::seq(&line) {
                 Some(s) if s == seq => {
                     if value_after(&ID, &line).bytes(&line) != id.as_bytes() {
                         return Ok(None);
@@ -68,7 +72,7 @@ impl LogSource {
 
     /// Opens the last file whose first `seq` is at most `seq` (and later than `after`); false when there is none.
     pub(super) fn open(&mut self, seq: u64, after: Option<u64>) -> std::io::Result<bool> {
-        let files = match crate::evidence::files::list(&self.dir) {
+        let files = match crate::log::files::list(&self.dir) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             listed => listed?,
         };

@@ -5,7 +5,7 @@
 //! (`cursors/<sink>.json`) holding the position up to which that sink confirmed delivery. A record that is only
 //! streamed is spooled whole (the line the log would hold); a record that is also in the log is spooled as a
 //! reference to it, `{"seq":…,"id":…,"type":…,"in_log":true}`, and a reader that meets one reads the record from
-//! the log, which keeps it until every sink has confirmed it (see `evidence::maintenance`). So such records are
+//! the log, which keeps it until every sink has confirmed it (see `retention`). So such records are
 //! written and synced whole once. The journal writer appends and publishes; each sink's worker reads through a
 //! [`Reader`]. A record is visible to readers only once the journal has synced it, and a segment is deleted only
 //! when every sink's cursor is past it.
@@ -30,26 +30,22 @@ mod reader;
 mod record;
 mod writer;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Read as _, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard, OnceLock, mpsc};
-use std::time::{Duration, Instant};
-
-use memchr::memmem::Finder;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
-use crate::append::AppendFile;
 use crate::config::{SpoolConfig, WhenFull};
+use crate::log::append::AppendFile;
 
 use log_source::LogSource;
-use memory::{Block, in_memory};
+use memory::Block;
 pub use reader::{Read, Reader};
-pub use record::{Entry, Group, Mark, record_type};
-use record::{ID, IN_LOG, record_seq, value_after};
+pub use record::{Entry, Group, Mark};
+use record::{IN_LOG, record_seq};
 use writer::start_syncer;
 pub use writer::{Full, PendingSync, Writer};
 
@@ -66,7 +62,7 @@ pub enum Error {
     },
     /// Recovery found damage it will not cut.
     #[error(transparent)]
-    Damaged(#[from] crate::journal::Error),
+    Damaged(#[from] crate::log::recovery::Error),
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -163,7 +159,7 @@ pub fn open(config: &SpoolConfig, sinks: &[String]) -> Result<(Writer, Spool), E
             let path = segment_path(&shared_dir, start);
             // Orphans first: they are whole lines, so a torn tail after them goes aside with them.
             cut_orphans(&path, &config.log_dir)?;
-            let (len, head) = crate::journal::recover(&path)?;
+            let (len, head) = crate::log::recovery::recover(&path)?;
             last_seq = head.map(|h| h.seq);
             // A segment just started may be empty: the last seq is then in the one before.
             for &older in segments.iter().rev().skip(1) {
@@ -171,7 +167,7 @@ pub fn open(config: &SpoolConfig, sinks: &[String]) -> Result<(Writer, Spool), E
                     break;
                 }
                 let path = segment_path(&shared_dir, older);
-                last_seq = crate::journal::recover(&path)?.1.map(|h| h.seq);
+                last_seq = crate::log::recovery::recover(&path)?.1.map(|h| h.seq);
             }
             (start, len)
         }
@@ -293,7 +289,7 @@ fn cut_orphans(path: &Path, log_dir: &Path) -> Result<(), Error> {
 
 /// The `seq` of the last complete record of the log; `None` when the log directory does not exist yet.
 fn log_last_seq(log_dir: &Path) -> std::io::Result<Option<u64>> {
-    let files = match crate::evidence::files::list(log_dir) {
+    let files = match crate::log::files::list(log_dir) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         listed => listed?,
     };
@@ -304,9 +300,9 @@ fn log_last_seq(log_dir: &Path) -> std::io::Result<Option<u64>> {
         let mut file = File::open(&newest.path)?;
         let mut end = file.metadata()?.len();
         while end > 0 {
-            let (start, line) = crate::journal::last_line(&mut file, end)?;
+            let (start, line) = crate::log::recovery::last_line(&mut file, end)?;
             if line.last() == Some(&b'\n')
-                && let Some(seq) = crate::evidence::chain::line_seq(&line)
+                && let Some(seq) = crate::record::line::seq(&line)
             {
                 return Ok(Some(seq));
             }
@@ -326,7 +322,7 @@ fn set_aside_after_gap(dir: &Path, segments: &mut Vec<u64>) -> Result<(), Error>
         return Ok(());
     };
     let path = segment_path(dir, before);
-    let (len, _) = crate::journal::recover(&path)?;
+    let (len, _) = crate::log::recovery::recover(&path)?;
     if before + len >= last {
         return Ok(());
     }
@@ -428,6 +424,8 @@ impl Spool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
+    use std::time::Duration;
 
     fn config(dir: &Path, max_bytes: u64, when_full: WhenFull) -> SpoolConfig {
         SpoolConfig {

@@ -1,6 +1,11 @@
 //! Spool lines: whole records and references to the log, as a group commit builds them and as readers parse them.
 
-use super::*;
+use crate::record::line;
+use crate::record::line::ID;
+use crate::record::line::Span;
+use crate::record::line::TYPE;
+use crate::record::line::value_after;
+use std::sync::Arc;
 
 /// The spool's part of one group commit, built by the journal writer: the bytes for the segment file, where every
 /// record that is also in the log is only a reference to it (`{"seq":…,"id":…,"type":…,"in_log":true}`), and
@@ -28,11 +33,11 @@ impl Group {
         self.lines.extend_from_slice(line);
         if in_log {
             let record = &line[..line.len() - 1];
-            let digits = record_seq_len(record);
+            let digits = line::seq_len(record);
             let id = value_after(&ID, record);
             let ty = value_after(&TYPE, record);
             self.file
-                .extend_from_slice(&record[..b"{\"seq\":".len() + digits]);
+                .extend_from_slice(&record[..line::SEQ_PREFIX.len() + digits]);
             self.file.extend_from_slice(b",\"id\":\"");
             self.file.extend_from_slice(id.bytes(record));
             self.file.extend_from_slice(b"\",\"type\":\"");
@@ -101,22 +106,6 @@ pub struct Entry {
     pub(super) event_type: Span,
 }
 
-/// A part of a line: offset and length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(super) struct Span(pub(super) u32, pub(super) u32);
-
-impl Span {
-    pub(super) fn of<'a>(&self, line: &'a str) -> &'a str {
-        line.get(self.0 as usize..(self.0 + self.1) as usize)
-            .unwrap_or("")
-    }
-
-    pub(super) fn bytes<'a>(&self, line: &'a [u8]) -> &'a [u8] {
-        line.get(self.0 as usize..(self.0 + self.1) as usize)
-            .unwrap_or(b"")
-    }
-}
-
 impl Entry {
     /// An entry holding its own copy of `line`.
     pub fn new(seq: u64, end: u64, line: &str) -> Entry {
@@ -161,35 +150,7 @@ impl Entry {
     }
 }
 
-pub(super) static TYPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b",\"type\":\""));
-pub(super) static ID: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b",\"id\":\""));
-
-/// The event type of a stored record line: `type` always follows the fixed-format fields, so its first occurrence
-/// is the record's own.
-pub fn record_type(line: &[u8]) -> &str {
-    let Span(at, len) = value_after(&TYPE, line);
-    std::str::from_utf8(&line[at as usize..(at + len) as usize]).unwrap_or("")
-}
-
-/// Where the string value that follows the first occurrence of `key` (a `,"name":"` prefix) in a record line is.
-pub(super) fn value_after(key: &Finder<'_>, line: &[u8]) -> Span {
-    let Some(at) = key.find(line) else {
-        return Span::default();
-    };
-    let at = at + key.needle().len();
-    let len = memchr::memchr(b'"', &line[at..]).unwrap_or(0);
-    Span(at as u32, len as u32)
-}
-
 /// The `seq` of a spool line (0 when it has none).
 pub(super) fn record_seq(line: &[u8]) -> u64 {
-    crate::evidence::chain::line_seq(line).unwrap_or(0)
-}
-
-/// Digits of the `seq` at the start of a record line.
-pub(super) fn record_seq_len(line: &[u8]) -> usize {
-    let rest = line.strip_prefix(b"{\"seq\":").unwrap_or(b"");
-    rest.iter()
-        .position(|b| !b.is_ascii_digit())
-        .unwrap_or(rest.len())
+    line::seq(line).unwrap_or(0)
 }

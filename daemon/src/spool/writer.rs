@@ -1,6 +1,25 @@
 //! The writer's end of the spool, owned by the journal thread, and the spool's sync thread.
 
-use super::*;
+use super::CLEAN;
+use super::Error;
+use super::Group;
+use super::Shared;
+use super::io_error;
+use super::log_source::LogSource;
+use super::memory::Block;
+use crate::config::WhenFull;
+use crate::log::append::AppendFile;
+use crate::record::line::event_type;
+use std::collections::HashSet;
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::OnceLock;
+use std::sync::mpsc;
+use std::time::Duration;
+use tracing::error;
+use tracing::warn;
 
 /// The writer's end, owned by the journal thread.
 pub struct Writer {
@@ -72,7 +91,7 @@ pub(super) fn start_syncer() -> std::io::Result<mpsc::Sender<SyncRequest>> {
                         let _ = reply.send(synced);
                     }
                     SyncRequest::Writeback { file, offset, len } => {
-                        crate::append::start_writeback(&file, offset, len)
+                        crate::log::append::start_writeback(&file, offset, len)
                     }
                 }
             }
@@ -266,8 +285,8 @@ impl Writer {
                     }
                     break;
                 };
-                let seq = crate::evidence::chain::line_seq(&record);
-                if seq.is_some_and(|s| s > last) && streamed.contains(record_type(&record)) {
+                let seq = crate::record::line::seq(&record);
+                if seq.is_some_and(|s| s > last) && streamed.contains(event_type(&record)) {
                     line.clear();
                     line.extend_from_slice(&record);
                     line.push(b'\n');

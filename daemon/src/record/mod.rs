@@ -9,17 +9,17 @@
 //! `code`, `actor`, `target`, `outcome`, `message` and `payload` are present only when set; `source.pid` only when
 //! the kernel reported it; `source.daemon` only in the daemon's own records (a client's `source` is built from its
 //! peer credentials alone, so no client's record can carry it). Every record written to the log ends with `"hash"`, its link in the hash chain
-//! (`crate::evidence::chain`), sealed by the journal writer. Later versions may add fields after `payload` and
+//! (`crate::log::chain`), sealed by the journal writer. Later versions may add fields after `payload` and
 //! before `hash`, never reorder; `hash` stays last.
 //!
 //! A record is built in two halves so that work is done where it is cheapest: the connection task, in parallel
 //! with other connections, serializes everything after `seq` (the *tail*, without the closing brace); the single
 //! log writer only prefixes `{"seq":N` and closes the object. Nothing here touches files.
 
+pub mod line;
+
 use std::cell::RefCell;
 use std::time::{SystemTime, UNIX_EPOCH};
-
-use serde::Deserialize;
 
 use crate::event_types::EventType;
 use crate::protocol::Checked;
@@ -207,23 +207,6 @@ pub fn write_rfc3339(out: &mut Vec<u8>, t: SystemTime) {
     }
     out.extend_from_slice(&digits);
     out.push(b'Z');
-}
-
-/// The fields of a stored record that recovery and tools need without parsing the whole thing.
-#[derive(Debug, Deserialize)]
-pub struct Head {
-    /// Position in the log.
-    pub seq: u64,
-    /// Event id.
-    pub id: String,
-    /// Chain hash (absent in records written before the chain existed and in stream-only records).
-    #[serde(default)]
-    pub hash: Option<String>,
-}
-
-/// Reads the head of a stored line; `None` when it is not a trail record.
-pub fn parse_head(line: &[u8]) -> Option<Head> {
-    serde_json::from_slice(line).ok()
 }
 
 #[cfg(test)]

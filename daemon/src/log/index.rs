@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::chain;
 use super::checkpoint::FileEntry;
-use super::files::{self, Chunk, Chunks, LogFile};
+use super::files::{Chunk, Chunks, LogFile};
 
 /// About how many bytes of records a block holds.
 pub const BLOCK_BYTES: u64 = 1 << 20;
@@ -141,7 +141,9 @@ impl Builder {
                 t_max: String::new(),
             });
             block.len += line.len() as u64;
-            if let Some(t) = files::received_at(record).and_then(|t| std::str::from_utf8(t).ok()) {
+            if let Some(t) =
+                crate::record::line::received_at(record).and_then(|t| std::str::from_utf8(t).ok())
+            {
                 if block.t_min.is_empty() || t < block.t_min.as_str() {
                     block.t_min = t.to_owned();
                 }
@@ -149,7 +151,7 @@ impl Builder {
                     block.t_max = t.to_owned();
                 }
             }
-            let ty = crate::spool::record_type(record);
+            let ty = crate::record::line::event_type(record);
             match self.index.types.get_mut(ty) {
                 Some(n) => *n += 1,
                 None => {
@@ -179,7 +181,7 @@ impl Builder {
         self.close_block();
         let ix = &mut self.index;
         ix.size = size;
-        ix.last_seq = chain::line_seq(&self.last_line);
+        ix.last_seq = crate::record::line::seq(&self.last_line);
         ix.last_hash = chain::split(&self.last_line).map(|(_, h)| chain::hex(&h));
         ix.t_min = ix
             .blocks
@@ -236,12 +238,12 @@ pub fn summary(file: &LogFile) -> io::Result<FileEntry> {
     }
     let mut f = std::fs::File::open(&file.path)?;
     let size = f.metadata()?.len();
-    let (_, line) = crate::journal::last_line(&mut f, size)?;
+    let (_, line) = super::recovery::last_line(&mut f, size)?;
     let line = line.strip_suffix(b"\n").unwrap_or(&line);
     Ok(FileEntry {
         name: file.name.clone(),
         first_seq: file.first_seq,
-        last_seq: chain::line_seq(line),
+        last_seq: crate::record::line::seq(line),
         bytes: size,
         last_hash: chain::split(line).map(|(_, h)| chain::hex(&h)),
     })

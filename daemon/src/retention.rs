@@ -26,10 +26,10 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::checkpoint::{self, FileEntry};
-use super::files::{self, LogFile};
-use super::index::{self, Index};
 use crate::config::LogConfig;
+use crate::log::checkpoint::{self, FileEntry};
+use crate::log::files::{self, LogFile};
+use crate::log::index::{self, Index};
 
 /// zstd level for closed files: fast, and about 8x on audit records.
 const LEVEL: i32 = 3;
@@ -124,7 +124,7 @@ pub fn tidy(
                 policy
                     .by_type
                     .iter()
-                    .filter(move |(g, _)| crate::sinks::filter::glob(g, t))
+                    .filter(move |(g, _)| crate::filter::glob(g, t))
                     .map(|(_, d)| *d)
             })
             .chain(policy.retention)

@@ -1,7 +1,7 @@
 //! `trail verify`: checks a copy of the log offline and says exactly what is wrong and where.
 //!
 //! Owns the rules of verification. Every record must end in a hash field that links it to the record before
-//! it ([`super::chain`]); `seq` must increase; every checkpoint must carry a valid signature and agree with the
+//! it ([`crate::log::chain`]); `seq` must increase; every checkpoint must carry a valid signature and agree with the
 //! records and files it names; files may be missing only at the start of the log (removed by retention), and
 //! then the first record left must be vouched for by a deletion record in the chain or by a checkpoint.
 //!
@@ -24,9 +24,9 @@ use std::path::{Path, PathBuf};
 use ed25519_dalek::VerifyingKey;
 use serde::Deserialize;
 
-use super::chain::{self, Hash};
-use super::checkpoint::{self, Checkpoint};
-use super::files::{self, Chunk, Chunks, LogFile};
+use crate::log::chain::{self, Hash};
+use crate::log::checkpoint::{self, Checkpoint};
+use crate::log::files::{self, Chunk, Chunks, LogFile};
 
 /// One thing found wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -385,7 +385,7 @@ impl Verifier {
     }
 
     fn line(&mut self, name: &str, file: &LogFile, line_no: u64, line: &[u8], first_in_file: bool) {
-        let seq = chain::line_seq(line);
+        let seq = crate::record::line::seq(line);
         self.resolve_pending(seq);
         let (Some(seq), Some((body, stored))) = (seq, chain::split(line)) else {
             self.problem(

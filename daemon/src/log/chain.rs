@@ -19,30 +19,18 @@
 
 use sha2::{Digest, Sha256};
 
+use crate::record::line::{self, HASH_FIELD};
+
 /// A chain hash.
 pub type Hash = [u8; 32];
 
 /// The predecessor of the first record of a log.
 pub const GENESIS: Hash = [0; 32];
 
-/// What precedes the hex digits at the end of a sealed line.
-const FIELD: &[u8] = b",\"hash\":\"";
-/// Bytes of the hash field at the end of a sealed line: `,"hash":"` + 64 hex digits + `"}`.
-pub const SUFFIX_LEN: usize = FIELD.len() + 64 + 2;
-
-/// What precedes the digits of `seq` at the start of every record.
-const SEQ_PREFIX: &[u8] = b"{\"seq\":";
-
 /// The hash of a record whose canonical bytes are `body` followed by `}`, given its predecessor's.
 pub fn link(prev: &Hash, body: &[u8]) -> Hash {
-    let digits = body
-        .strip_prefix(SEQ_PREFIX)
-        .map_or(0, |r| r.iter().take_while(|b| b.is_ascii_digit()).count());
-    let seq = std::str::from_utf8(&body[SEQ_PREFIX.len().min(body.len())..][..digits])
-        .ok()
-        .and_then(|d| d.parse().ok());
-    match seq {
-        Some(seq) => link_digest(prev, seq, &digest(&body[SEQ_PREFIX.len() + digits..])),
+    match line::split_seq(body) {
+        Some((seq, rest)) => link_digest(prev, seq, &digest(rest)),
         // Not a record: no hash a writer produced can match, and this one will not either.
         None => link_digest(prev, u64::MAX, &digest(body)),
     }
@@ -70,7 +58,7 @@ pub fn link_digest(prev: &Hash, seq: u64, digest: &Hash) -> Hash {
 /// the record without its closing brace) and returns the new chain head. Same result as [`seal`].
 pub fn seal_digest(prev: &Hash, seq: u64, digest: &Hash, out: &mut Vec<u8>) -> Hash {
     let hash = link_digest(prev, seq, digest);
-    out.extend_from_slice(FIELD);
+    out.extend_from_slice(HASH_FIELD);
     push_hex(out, &hash);
     out.extend_from_slice(b"\"}");
     hash
@@ -80,7 +68,7 @@ pub fn seal_digest(prev: &Hash, seq: u64, digest: &Hash, out: &mut Vec<u8>) -> H
 /// returns the new chain head.
 pub fn seal(prev: &Hash, out: &mut Vec<u8>, start: usize) -> Hash {
     let hash = link(prev, &out[start..]);
-    out.extend_from_slice(FIELD);
+    out.extend_from_slice(HASH_FIELD);
     push_hex(out, &hash);
     out.extend_from_slice(b"\"}");
     hash
@@ -89,9 +77,7 @@ pub fn seal(prev: &Hash, out: &mut Vec<u8>, start: usize) -> Hash {
 /// Splits a sealed line (without newline) into its body (canonical bytes less the closing brace) and its hash;
 /// `None` when the line does not end in a well-formed hash field.
 pub fn split(line: &[u8]) -> Option<(&[u8], Hash)> {
-    let at = line.len().checked_sub(SUFFIX_LEN)?;
-    let (body, suffix) = line.split_at(at);
-    let hex = suffix.strip_prefix(FIELD)?.strip_suffix(b"\"}")?;
+    let (body, hex) = line::split_hash(line)?;
     Some((body, parse_hex(hex)?))
 }
 
@@ -128,16 +114,6 @@ pub fn parse_hex(hex: &[u8]) -> Option<Hash> {
         out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
     }
     Some(out)
-}
-
-/// The `seq` at the start of a stored line (`{"seq":N,…`).
-pub fn line_seq(line: &[u8]) -> Option<u64> {
-    let rest = line.strip_prefix(b"{\"seq\":")?;
-    let end = rest.iter().position(|b| !b.is_ascii_digit())?;
-    if end == 0 || end > 20 {
-        return None;
-    }
-    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
 }
 
 #[cfg(test)]
@@ -188,15 +164,5 @@ mod tests {
         check(&format!(r#"{{"seq":1,"hash":"{}"}}"#, "A".repeat(64)));
         check(&format!(r#"{{"seq":1,"hash":"{}"}}x"#, "a".repeat(64)));
         check(&format!(r#"{{"seq":1,"hash":"{}"}}"#, "a".repeat(63)));
-    }
-
-    #[test]
-    fn seqs() {
-        let check =
-            |line: &str, seq: Option<u64>| assert_eq!(line_seq(line.as_bytes()), seq, "{line}");
-        check(r#"{"seq":17,"id":"x"}"#, Some(17));
-        check(r#"{"seq":,"id":"x"}"#, None);
-        check(r#"{"seq":17"#, None);
-        check(r#"{"id":"x","seq":17}"#, None);
     }
 }

@@ -7,6 +7,20 @@
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The symlink in the log directory that names the file being appended to.
+pub const CURRENT: &str = "current";
+
+/// The name of a log file that starts at `time` with record `first_seq`.
+pub fn file_name(time: SystemTime, first_seq: u64) -> String {
+    let secs = time
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let t = chrono::DateTime::<chrono::Utc>::from_timestamp(secs as i64, 0).unwrap_or_default();
+    format!("trail-{}-{first_seq:020}.jsonl", t.format("%Y%m%dT%H%M%SZ"))
+}
 
 /// Extension of a compressed log file, after `.jsonl`.
 pub const ZST: &str = ".zst";
@@ -149,20 +163,8 @@ impl<R: Read> Chunks<R> {
     }
 }
 
-/// The 30 bytes of a stored line's `received_at` (`YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`), found at its fixed place
-/// after `seq` and `id`; `None` when the line does not have the daemon's layout.
-pub fn received_at(line: &[u8]) -> Option<&[u8]> {
-    const ID: &[u8] = b",\"id\":\"";
-    const RECEIVED: &[u8] = b"\",\"received_at\":\"";
-    let rest = line.strip_prefix(b"{\"seq\":")?;
-    let digits = rest.iter().position(|b| !b.is_ascii_digit())?;
-    let rest = rest[digits..].strip_prefix(ID)?;
-    let rest = rest.get(36..)?.strip_prefix(RECEIVED)?;
-    let t = rest.get(..30)?;
-    (t[29] == b'Z' && t[10] == b'T').then_some(t)
-}
-
-/// Formats a time like a record's `received_at`, for comparing with [`received_at`] byte by byte.
+/// Formats a time like a record's `received_at`, for comparing with [`crate::record::line::received_at`] byte
+/// by byte.
 pub fn stamp(t: std::time::SystemTime) -> Vec<u8> {
     let mut out = Vec::with_capacity(30);
     crate::record::write_rfc3339(&mut out, t);
@@ -172,6 +174,7 @@ pub fn stamp(t: std::time::SystemTime) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn names() {
@@ -224,16 +227,24 @@ mod tests {
         }
     }
 
+    /// The first `seq` of a log file, as tools read it from the name.
+    fn first_seq_of(path: &Path) -> Option<u64> {
+        LogFile::parse(path).map(|f| f.first_seq)
+    }
+
     #[test]
-    fn received_at_is_read_from_its_fixed_place() {
-        let line = br#"{"seq":12,"id":"019ab7c4-0000-7000-8000-000000000000","received_at":"2026-11-20T00:00:00.123456789Z","occurred_at":"x"}"#;
-        assert_eq!(
-            received_at(line),
-            Some(&b"2026-11-20T00:00:00.123456789Z"[..])
-        );
-        assert_eq!(
-            received_at(br#"{"seq":12,"id":"short","received_at":"x"}"#),
-            None
-        );
+    fn file_names_round_trip_and_sort() {
+        let a = file_name(UNIX_EPOCH + Duration::from_secs(1_795_132_800), 7);
+        assert_eq!(a, "trail-20261120T000000Z-00000000000000000007.jsonl");
+        assert_eq!(first_seq_of(Path::new(&a)), Some(7));
+        let b = file_name(UNIX_EPOCH + Duration::from_secs(1_795_132_801), 10);
+        assert!(a < b);
+        for bad in [
+            "trail-x.jsonl",
+            "trail-20261120T000000Z-7.jsonl",
+            "trail-20261120T000000Z-00000000000000000007.jsonl.torn-1-2",
+        ] {
+            assert_eq!(first_seq_of(Path::new(bad)), None, "{bad}");
+        }
     }
 }

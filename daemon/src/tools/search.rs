@@ -24,8 +24,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::files::{self, Chunk, Chunks, LogFile};
-use super::index;
+use crate::log::files::{self, Chunk, Chunks, LogFile};
+use crate::log::index;
 
 /// What to look for; every condition set must hold.
 #[derive(Debug, Clone, Default)]
@@ -145,7 +145,7 @@ impl Matcher {
         if self.query.from.is_none() && self.query.to.is_none() {
             return true;
         }
-        let Some(t) = files::received_at(line) else {
+        let Some(t) = crate::record::line::received_at(line) else {
             return false;
         };
         self.query.from.as_deref().is_none_or(|f| t >= f)
@@ -168,7 +168,7 @@ impl Matcher {
             && !q
                 .types
                 .iter()
-                .any(|g| crate::sinks::filter::glob(g, &p.event_type))
+                .any(|g| crate::filter::glob(g, &p.event_type))
         {
             return false;
         }

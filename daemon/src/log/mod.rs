@@ -1,0 +1,12 @@
+//! The ground floor of the on-disk format: everything that names, reads, appends to and checks the log files.
+//!
+//! Owns the file names, reading files in chunks, recovery of a torn tail, the append-only file, the hash chain,
+//! signed checkpoints and the sidecar indexes. It imports only [`crate::record`]: the journal, the spool, the
+//! sinks and the tools build on it, never the other way round.
+
+pub mod append;
+pub mod chain;
+pub mod checkpoint;
+pub mod files;
+pub mod index;
+pub mod recovery;
