@@ -150,7 +150,11 @@ fn make_install_lays_out_a_working_installation() {
     fs::create_dir(&staged).unwrap();
     fs::copy(env!("CARGO_BIN_EXE_traild"), staged.join("traild")).unwrap();
     fs::copy(env!("CARGO_BIN_EXE_trail"), staged.join("trail")).unwrap();
-    for package in ["trail-sink-webhook", "trail-sink-syslog", "trail-sink-postgres"] {
+    for package in [
+        "trail-sink-webhook",
+        "trail-sink-syslog",
+        "trail-sink-postgres",
+    ] {
         let library = crate::util::plugins::library(package);
         fs::copy(&library, staged.join(library.file_name().unwrap())).unwrap();
     }
