@@ -59,7 +59,8 @@ impl Sink for Compat {
                 "line": record.line.as_str(),
                 "api": API_VERSION.to_string(),
             });
-            writeln!(self.out, "{line}").map_err(|e| {
+            // One write per line: readers (the tests) never see half a line.
+            self.out.write_all(format!("{line}\n").as_bytes()).map_err(|e| {
                 WriteError::new(delivered as u64, SinkError::retryable(e.to_string()))
             })?;
         }
