@@ -669,7 +669,15 @@ fn a_full_disk_leaves_no_temporary_checkpoint_or_index_behind() {
     limit_file_size(&daemon, 100);
     let answer = daemon.client().emit(&login("past the limit")).unwrap();
     assert_eq!(answer["error"]["code"], json!("unavailable"), "{answer}");
-    assert_eq!(temporary_files(&daemon.log_dir), Vec::<PathBuf>::new());
+    // The background index write may still hold its temporary file for a moment: what matters is that none stays.
+    let mut left = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            left = temporary_files(&daemon.log_dir);
+            left.is_empty()
+        }),
+        "temporary files left behind: {left:?}"
+    );
     // Space is back (upkeep is tried again at the next rotation, within a minute, or at the next start): the index
     // is written, and no temporary file is left.
     limit_file_size(&daemon, libc::RLIM_INFINITY);
