@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::util::{
-    Daemon, let_others_traverse, login, other_user, repo_event_types, trail, wait_until,
+    Daemon, let_others_traverse, login, other_user, repo_event_types, trail, wait_exit, wait_until,
 };
 
 /// Runs `traild` on `config` and expects it to refuse to start: its exit code and standard error.
@@ -24,21 +24,11 @@ fn refused_start(config: &Path) -> (Option<i32>, String) {
         .stderr(fs::File::create(&stderr_path).unwrap())
         .spawn()
         .unwrap();
-    let mut status = None;
-    let exited = wait_until(Duration::from_secs(30), || {
-        status = child.try_wait().unwrap();
-        status.is_some()
-    });
-    if !exited {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    let status = wait_exit(&mut child, Duration::from_secs(30));
     let stderr = fs::read_to_string(&stderr_path).unwrap_or_default();
-    assert!(
-        exited,
-        "traild started although it should not have:\n{stderr}"
-    );
-    (status.unwrap().code(), stderr)
+    let status =
+        status.unwrap_or_else(|| panic!("traild started although it should not have:\n{stderr}"));
+    (status.code(), stderr)
 }
 
 /// A config in `dir` whose socket is `socket` (and admin socket `admin`, when given).

@@ -30,6 +30,20 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// Waits up to `timeout` for `child` to exit; kills it (and returns `None`) when it does not.
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let mut status = None;
+    let exited = wait_until(timeout, || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    if !exited {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    status
+}
+
 /// What to start a daemon with.
 pub struct Setup {
     /// Extra lines appended to the generated config.
@@ -192,16 +206,8 @@ impl Daemon {
 
     pub fn wait(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");
-        let mut status = None;
-        let exited = wait_until(Duration::from_secs(30), || {
-            status = child.try_wait().unwrap();
-            status.is_some()
-        });
-        if !exited {
-            let _ = child.kill();
-            panic!("traild did not exit:\n{}", self.stderr());
-        }
-        status.unwrap()
+        wait_exit(&mut child, Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("traild did not exit:\n{}", self.stderr()))
     }
 
     /// The raw lines of every log file, oldest first. While the daemon runs, a group being written may be seen
