@@ -5,7 +5,7 @@
 //! last `seq` and chain hash, and every log file present with its `seq` range, its length (uncompressed) and the
 //! chain hash of its last record, which commits to every byte of every record in it and before it.
 //!
-//! File `checkpoints/checkpoint-<UTC time>-<seq, 20 digits>.json` in the log directory, one line:
+//! File `checkpoints/checkpoint-<UTC time to the nanosecond>-<seq, 20 digits>.json` in the log directory, one line:
 //!
 //! ```text
 //! {"checkpoint":1,"created_at":"…","reason":"rotation","seq":N,"hash":"<hex>","files":[{"name":"trail-….jsonl",
@@ -197,13 +197,21 @@ pub fn write(log_dir: &Path, signer: &Signer, body: &Body) -> std::io::Result<Pa
     line.extend_from_slice(SIGNATURE_FIELD);
     chain::push_hex(&mut line, &signature.to_bytes());
     line.extend_from_slice(b"\"}\n");
+    // The name carries the creation time to the nanosecond, so two checkpoints of one second (a stop right
+    // after a rotation) never share a name; and an existing checkpoint is never replaced.
     let time = body.created_at.replace(['-', ':'], "");
     let name = format!(
         "checkpoint-{}Z-{:020}.json",
-        time.get(..15).unwrap_or("0"),
+        time.get(..25).unwrap_or("0"),
         body.seq.unwrap_or(0)
     );
     let path = dir.join(name);
+    if path.exists() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!("{} exists: checkpoints are never replaced", path.display()),
+        ));
+    }
     crate::modes::write_aside(&dir.join(".checkpoint.tmp"), &path, &line, true)?;
     std::fs::File::open(&dir)?.sync_all()?;
     Ok(path)
