@@ -398,12 +398,14 @@ pub fn install_plugin(dir: &Path, library: &Path, name: &str) {
     fs::rename(&tmp, dir.join(name)).unwrap();
 }
 
-/// The lines a recorder-style plugin wrote to `path`, parsed.
+/// The complete lines a recorder-style plugin wrote to `path`, parsed. A plugin that is still writing may have
+/// written part of a line (its buffer fills at any byte): an unterminated tail is not a line yet and is left out.
 pub fn recorded(path: &Path) -> Vec<Value> {
-    fs::read_to_string(path)
-        .unwrap_or_default()
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let complete = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
+    complete
         .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("corrupt line {l:?}: {e}")))
         .collect()
 }
 
