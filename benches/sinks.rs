@@ -182,7 +182,7 @@ fn delivery(library: &Path, n: u64, in_log: bool) -> f64 {
     let types = vec![HashSet::from(["user_login".to_string()])];
     let started = Instant::now();
     let sinks = Sinks::start(&config, types, spool, Auditor::disabled()).unwrap();
-    let delivered = || sinks.status()["sinks"][0]["delivered"].as_u64().unwrap();
+    let delivered = || sinks.status().sinks[0].delivered;
     while delivered() < n {
         std::thread::sleep(Duration::from_millis(1));
     }

@@ -4,7 +4,9 @@
 //! Read like rust-analyzer's tidy tests: the source files are scanned as text for `crate::` paths (`use` lines and
 //! paths in code, comments skipped), and the rules are parsed from ARCHITECTURE.md, so the document and this test
 //! cannot drift apart. A rule line reads ``- `a` imports only `b`, `c` `` or ``- `a` imports nothing from `b`,
-//! `c` ``; `tokio` counts as a module there (a file that names `tokio::` imports it).
+//! `c` ``; `tokio` counts as a module there (a file that names `tokio::` imports it), and so does `json`, untyped
+//! JSON: a file imports it when it names `serde_json::Value` or `serde_json::Map`, or builds with `json!`. A module
+//! that does not import `json` only serializes typed values.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -44,6 +46,13 @@ fn imports(text: &str) -> BTreeMap<String, String> {
         };
         if code.contains("tokio::") || code.contains("tokio_util::") {
             push("tokio");
+        }
+        let untyped = || {
+            code.split(|c: char| !c.is_alphanumeric() && c != '_')
+                .any(|w| w == "Value" || w == "Map")
+        };
+        if code.contains("json!") || (code.contains("serde_json::") && untyped()) {
+            push("json");
         }
         let mut rest = code;
         while let Some(at) = rest.find("crate::") {
@@ -267,6 +276,20 @@ fn top_level_modules_have_no_cycles_and_no_forbidden_arrows() {
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn untyped_json_counts_as_the_module_json() {
+    let check = |text: &str, expected: bool| {
+        assert_eq!(imports(text).contains_key("json"), expected, "{text}");
+    };
+    check("use serde_json::{Value, json};", true);
+    check("let v: serde_json::Map<String, _> = m;", true);
+    check("let answer = json!({\"ok\": true});", true);
+    check("serde_json::to_writer(&mut line, &head)?;", false);
+    check("record: Box<serde_json::value::RawValue>,", false);
+    check("// json!({}) in a comment", false);
+    check("let v: Value = other_crate::parse();", false);
 }
 
 #[test]

@@ -1,21 +1,24 @@
 //! The admin socket: `trail status`, `trail reload` and `trail replay` talk to the running daemon here.
 //!
 //! Owns the admin protocol: newline-delimited JSON, one request object per line (`{"command": "status"}`,
-//! `{"command": "reload"}`, `{"command": "replay", "sink": "..."}`), one answer object per line. The socket is
+//! `{"command": "reload"}`, `{"command": "replay", "sink": "..."}`), one answer object per line. Only this module
+//! builds the answers: the sinks and the connections report typed values, which it puts into JSON. The socket is
 //! created with mode 0600: only the daemon's user (and root) may use it. Commands that run plugin code or wait
 //! for sink threads run on blocking threads, never on the runtime's workers.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::sinks::Sinks;
+use crate::ingest::ConnectionsReport;
+use crate::sinks::{self, ReloadError, Sinks};
 
 /// What the admin commands act on.
 pub struct Admin {
@@ -80,34 +83,81 @@ async fn connection(stream: UnixStream, admin: Arc<Admin>) {
     debug!("admin connection closed");
 }
 
+/// The answer to `status`.
+#[derive(Serialize)]
+struct Status {
+    ok: bool,
+    version: &'static str,
+    pid: u32,
+    uptime_seconds: u64,
+    event_types: usize,
+    connections: ConnectionsReport,
+    /// `sinks`, `plugins`, `libraries_mapped`, `spool`, when sinks are configured.
+    #[serde(flatten)]
+    sinks: Option<sinks::Report>,
+}
+
+/// One element of the answer to `reload`: what was done with one changed library.
+#[derive(Serialize)]
+struct Reloaded<'a> {
+    file: &'a Path,
+    plugin: &'a str,
+    #[serde(flatten)]
+    swapped: Option<&'a sinks::Swapped>,
+    ok: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    refused: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+impl<'a> Reloaded<'a> {
+    fn of(r: &'a sinks::Reload) -> Reloaded<'a> {
+        let (swapped, error) = match &r.result {
+            Ok(s) => (Some(s), None),
+            Err(e) => (None, Some(e)),
+        };
+        Reloaded {
+            file: &r.file,
+            plugin: &r.plugin,
+            swapped,
+            ok: error.is_none(),
+            refused: matches!(error, Some(ReloadError::Load(e)) if e.refused()),
+            error: error.map(ToString::to_string),
+        }
+    }
+}
+
+fn to_json(answer: impl Serialize) -> Value {
+    serde_json::to_value(answer).expect("admin answers are serializable")
+}
+
 fn handle(admin: &Admin, request: Request) -> Value {
     match request {
-        Request::Status => {
-            let mut status = json!({
-                "ok": true,
-                "version": env!("CARGO_PKG_VERSION"),
-                "pid": std::process::id(),
-                "uptime_seconds": admin.started.elapsed().as_secs(),
-                "event_types": admin.event_types,
-                "connections": admin.connections.status(),
-            });
-            if let Some(sinks) = &admin.sinks {
-                let s = sinks.status();
-                for key in ["sinks", "plugins", "libraries_mapped", "spool"] {
-                    status[key] = s[key].clone();
-                }
-            }
-            status
-        }
+        Request::Status => to_json(Status {
+            ok: true,
+            version: env!("CARGO_PKG_VERSION"),
+            pid: std::process::id(),
+            uptime_seconds: admin.started.elapsed().as_secs(),
+            event_types: admin.event_types,
+            connections: admin.connections.status(),
+            sinks: admin.sinks.as_ref().map(|s| s.status()),
+        }),
         Request::Reload => match &admin.sinks {
-            Some(sinks) => json!({"ok": true, "reloaded": sinks.reload_all()}),
+            Some(sinks) => {
+                let reloaded = match sinks.reload_all() {
+                    Ok(all) => all.iter().map(|r| to_json(Reloaded::of(r))).collect(),
+                    Err(e) => vec![json!({"error": e.to_string()})],
+                };
+                json!({"ok": true, "reloaded": reloaded})
+            }
             None => json!({"ok": true, "reloaded": [], "note": "no sinks are configured"}),
         },
         Request::Replay { sink } => match admin.sinks.as_ref().map(|s| s.replay(&sink)) {
             Some(Ok(report)) => {
                 json!({"ok": true, "sink": sink, "delivered": report.delivered, "failed": report.failed})
             }
-            Some(Err(e)) => json!({"ok": false, "error": e}),
+            Some(Err(e)) => json!({"ok": false, "error": e.to_string()}),
             None => json!({"ok": false, "error": "no sinks are configured"}),
         },
     }

@@ -4,11 +4,32 @@
 //! into the binary so they exist whatever the configured directory holds). The requests go through the same
 //! checks and the same journal as any client's, attributed to the daemon's own process.
 
+use std::path::Path;
+
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use crate::sinks::loader::Plugin;
+/// What the plugin events say about a loaded plugin build (the loader's `Plugin` lends it: this module stays
+/// below `sinks`).
+#[derive(Debug, Clone, Copy)]
+pub struct Build<'a> {
+    /// The name the plugin declares.
+    pub name: &'a str,
+    /// The plugin's own version.
+    pub version: &'a str,
+    /// The plugin API version it was built against.
+    pub api_version: &'a str,
+    /// The installed file it was loaded from.
+    pub file: &'a Path,
+}
+
+impl Build<'_> {
+    /// `name version (api X.Y)`, as logs and messages name a build.
+    pub fn describe(&self) -> String {
+        format!("{} {} (api {})", self.name, self.version, self.api_version)
+    }
+}
 
 /// Sends the daemon's own audit events; cheap to clone, never blocks (events are rare and queued).
 #[derive(Clone, Debug)]
@@ -47,7 +68,7 @@ impl Auditor {
     }
 
     /// A plugin build was loaded at start (`generation` 1) or swapped in by a reload.
-    pub fn plugin_loaded(&self, plugin: &Plugin, generation: u64, sinks: &[String]) {
+    pub fn plugin_loaded(&self, plugin: Build<'_>, generation: u64, sinks: &[String]) {
         let payload = json!({
             "plugin": plugin.name, "version": plugin.version, "api_version": plugin.api_version,
             "file": plugin.file.display().to_string(), "generation": generation, "sinks": sinks,
@@ -73,7 +94,7 @@ impl Auditor {
     }
 
     /// A plugin file could not be loaded, or its sinks could not be built from it.
-    pub fn plugin_failed(&self, file: &std::path::Path, plugin: Option<&str>, reason: &str) {
+    pub fn plugin_failed(&self, file: &Path, plugin: Option<&str>, reason: &str) {
         self.send(
             "trail_plugin_failed",
             format!("sink plugin {} was not loaded: {reason}", file.display()),
@@ -84,7 +105,7 @@ impl Auditor {
 
     /// A plugin file was not loaded because someone other than root or the daemon's user could change it or a
     /// directory on its path.
-    pub fn plugin_refused(&self, file: &std::path::Path, plugin: Option<&str>, reason: &str) {
+    pub fn plugin_refused(&self, file: &Path, plugin: Option<&str>, reason: &str) {
         self.send(
             "trail_plugin_refused",
             format!("sink plugin {} was refused: {reason}", file.display()),
@@ -105,7 +126,7 @@ impl Auditor {
 }
 
 /// The payload of the plugin-file events: `file`, `reason` and, when known, `plugin`.
-fn file_payload(file: &std::path::Path, plugin: Option<&str>, reason: &str) -> Value {
+fn file_payload(file: &Path, plugin: Option<&str>, reason: &str) -> Value {
     let mut payload = json!({"file": file.display().to_string(), "reason": reason});
     if let Some(p) = plugin {
         payload["plugin"] = json!(p);

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
@@ -77,6 +77,27 @@ pub struct Connections {
     waiting: AtomicUsize,
 }
 
+/// The `connections` object of `trail status`: the bounds and what they counted (see README.md).
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectionsReport {
+    /// Connections open now.
+    pub open: usize,
+    /// `limits.max_connections`.
+    pub max: usize,
+    /// Clients turned away by `max_connections` since start.
+    pub refused: u64,
+    /// Connections closed for being idle since start.
+    pub idle_closed: u64,
+    /// Bytes of unfinished lines now.
+    pub buffered_bytes: usize,
+    /// Line slots in use.
+    pub long_lines: usize,
+    /// Line slots in all.
+    pub long_line_slots: usize,
+    /// Connections not being read until a slot is free.
+    pub waiting_for_buffer: usize,
+}
+
 impl Connections {
     /// Bounds as configured.
     pub fn new(limits: &Limits) -> Connections {
@@ -100,17 +121,17 @@ impl Connections {
     }
 
     /// The `connections` object of `trail status`.
-    pub fn status(&self) -> Value {
-        json!({
-            "open": self.open(),
-            "max": self.max,
-            "refused": self.refused.load(Ordering::Relaxed),
-            "idle_closed": self.idle_closed.load(Ordering::Relaxed),
-            "buffered_bytes": self.buffered.load(Ordering::Relaxed),
-            "long_lines": self.slot_count - self.slots.available_permits(),
-            "long_line_slots": self.slot_count,
-            "waiting_for_buffer": self.waiting.load(Ordering::Relaxed),
-        })
+    pub fn status(&self) -> ConnectionsReport {
+        ConnectionsReport {
+            open: self.open(),
+            max: self.max,
+            refused: self.refused.load(Ordering::Relaxed),
+            idle_closed: self.idle_closed.load(Ordering::Relaxed),
+            buffered_bytes: self.buffered.load(Ordering::Relaxed),
+            long_lines: self.slot_count - self.slots.available_permits(),
+            long_line_slots: self.slot_count,
+            waiting_for_buffer: self.waiting.load(Ordering::Relaxed),
+        }
     }
 }
 

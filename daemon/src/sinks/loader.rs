@@ -24,18 +24,77 @@ use object::{Object, ObjectSegment, ObjectSymbol};
 use trail_plugin_api::{Host, HostCallbacks, LogLevel, SinkBox, SinkError, SinkPluginRef};
 
 use super::trust;
+use crate::audit::Build;
 
 /// A plugin library that could not be loaded.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("plugin {}: {}{reason}", file.display(), if *.refused { "refused: " } else { "" })]
+#[derive(Debug, thiserror::Error)]
+#[error("plugin {}: {}{kind}", file.display(), if kind.is_refused() { "refused: " } else { "" })]
 pub struct LoadError {
     /// The installed library.
     pub file: PathBuf,
-    /// What went wrong, for people.
-    pub reason: String,
-    /// The library was not loaded because it, or a directory on its path, could be changed by someone other than
-    /// root or the daemon's user (see [`super::trust`]); nothing of it ran.
-    pub refused: bool,
+    /// What went wrong.
+    pub kind: LoadErrorKind,
+}
+
+/// Why a plugin library could not be loaded; the text is the reason given to people and to audit events.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadErrorKind {
+    /// The library, or a directory on its path, could be changed by someone other than root or the daemon's user
+    /// (see [`super::trust`]); nothing of it ran.
+    #[error("{0}")]
+    Refused(String),
+    /// The file could not be opened, examined or read.
+    #[error("cannot read it: {0}")]
+    Unreadable(std::io::Error),
+    /// Its real path could not be found.
+    #[error("cannot resolve it: {0}")]
+    Unresolvable(std::io::Error),
+    /// Another file took its place between opening and checking.
+    #[error("it was replaced while being checked; it will be looked at again")]
+    Replaced,
+    /// Not a complete 64-bit little-endian ELF file.
+    #[error("{0}")]
+    NotElf(String),
+    /// The private copy could not be written.
+    #[error("cannot copy it to {}: {source}", copy.display())]
+    Copy {
+        /// Where the copy was to go.
+        copy: PathBuf,
+        /// Why it could not be written.
+        source: std::io::Error,
+    },
+    /// The dynamic loader or abi_stable refused it (another API, not a plugin, a broken library).
+    #[error("{0}")]
+    Library(String),
+    /// Loaded, it declares another plugin name than the one it was picked for.
+    #[error(
+        "it was picked for the plugin {picked:?} but declares {declared:?} when loaded; rebuild it or rename the file"
+    )]
+    Misnamed {
+        /// The name it was picked for (from its symbol table or file name).
+        picked: String,
+        /// The name its root module gives.
+        declared: String,
+    },
+}
+
+impl LoadErrorKind {
+    /// Whether the library was refused for who may change it, rather than failing to load.
+    pub fn is_refused(&self) -> bool {
+        matches!(self, LoadErrorKind::Refused(_))
+    }
+}
+
+impl LoadError {
+    /// Whether the library was refused for who may change it (nothing of it ran).
+    pub fn refused(&self) -> bool {
+        self.kind.is_refused()
+    }
+
+    /// What went wrong, for people, without the file's name.
+    pub fn reason(&self) -> String {
+        self.kind.to_string()
+    }
 }
 
 /// What identifies one version of an installed file, its owner and mode included (fixing a refused library's
@@ -100,9 +159,19 @@ impl Plugin {
         .into_result()
     }
 
+    /// What audit events say about this build.
+    pub fn build(&self) -> Build<'_> {
+        Build {
+            name: &self.name,
+            version: &self.version,
+            api_version: &self.api_version,
+            file: &self.file,
+        }
+    }
+
     /// `name version (api X.Y)` for logs.
     pub fn describe(&self) -> String {
-        format!("{} {} (api {})", self.name, self.version, self.api_version)
+        self.build().describe()
     }
 }
 
@@ -217,33 +286,31 @@ impl Loader {
 
     /// Loads the library installed at `file`, which [`identify`] picked for the plugin `name`.
     pub fn load(&self, file: &Path, name: &str) -> Result<Plugin, LoadError> {
-        let fail = |refused: bool| {
-            move |reason: String| LoadError {
-                file: file.to_owned(),
-                reason,
-                refused,
-            }
+        let fail = |kind| LoadError {
+            file: file.to_owned(),
+            kind,
         };
-        let (bytes, stamp) = read_trusted(file)?;
-        elf_complete(&bytes).map_err(fail(false))?;
+        let (bytes, stamp) = read_trusted(file).map_err(fail)?;
+        elf_complete(&bytes).map_err(|e| fail(LoadErrorKind::NotElf(e)))?;
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let stem = file.file_stem().unwrap_or_default().to_string_lossy();
         let copy = self.copies.join(format!("{stem}.{n}.so"));
-        write_copy(&copy, &bytes)
-            .map_err(|e| fail(false)(format!("cannot copy it to {}: {e}", copy.display())))?;
+        if let Err(source) = write_copy(&copy, &bytes) {
+            return Err(fail(LoadErrorKind::Copy { copy, source }));
+        }
         tracing::info!(file = %file.display(), plugin = name, copy = %copy.display(), "loading plugin library");
         let loaded =
             lib_header_from_path(&copy).and_then(|h| h.init_root_module::<SinkPluginRef>());
         // The mapping outlives the file; the copy is not needed any more.
         let _ = fs::remove_file(&copy);
-        let module = loaded.map_err(|e| fail(false)(explain(e)))?;
+        let module = loaded.map_err(|e| fail(LoadErrorKind::Library(explain(e))))?;
         self.libraries.fetch_add(1, Ordering::Relaxed);
         let declared = module.name().to_string();
         if declared != name {
-            return Err(fail(false)(format!(
-                "it was picked for the plugin {name:?} but declares {declared:?} when loaded; rebuild it or \
-                 rename the file"
-            )));
+            return Err(fail(LoadErrorKind::Misnamed {
+                picked: name.to_owned(),
+                declared,
+            }));
         }
         Ok(Plugin {
             name: declared,
@@ -258,31 +325,20 @@ impl Loader {
 
 /// Reads the library at `file` whole, from one open file whose owner and mode, and the directories above it
 /// (and above its directory entry, which may be a symbolic link), are checked first ([`trust`]).
-fn read_trusted(file: &Path) -> Result<(Vec<u8>, FileStamp), LoadError> {
-    let fail = |refused: bool, reason: String| LoadError {
-        file: file.to_owned(),
-        reason,
-        refused,
-    };
-    let mut f = fs::File::open(file).map_err(|e| fail(false, format!("cannot read it: {e}")))?;
-    let meta = f
-        .metadata()
-        .map_err(|e| fail(false, format!("cannot read it: {e}")))?;
+fn read_trusted(file: &Path) -> Result<(Vec<u8>, FileStamp), LoadErrorKind> {
+    use LoadErrorKind::{Refused, Replaced, Unreadable, Unresolvable};
+    let mut f = fs::File::open(file).map_err(Unreadable)?;
+    let meta = f.metadata().map_err(Unreadable)?;
     let entry_dir = file.parent().unwrap_or(Path::new("."));
-    trust::check_dir(entry_dir).map_err(|e| fail(true, e))?;
-    let real =
-        fs::canonicalize(file).map_err(|e| fail(false, format!("cannot resolve it: {e}")))?;
-    let at_real = fs::metadata(&real).map_err(|e| fail(false, format!("cannot read it: {e}")))?;
+    trust::check_dir(entry_dir).map_err(Refused)?;
+    let real = fs::canonicalize(file).map_err(Unresolvable)?;
+    let at_real = fs::metadata(&real).map_err(Unreadable)?;
     if (at_real.dev(), at_real.ino()) != (meta.dev(), meta.ino()) {
-        return Err(fail(
-            false,
-            "it was replaced while being checked; it will be looked at again".into(),
-        ));
+        return Err(Replaced);
     }
-    trust::check_file(&real, &meta).map_err(|e| fail(true, e))?;
+    trust::check_file(&real, &meta).map_err(Refused)?;
     let mut bytes = Vec::with_capacity(meta.len() as usize);
-    f.read_to_end(&mut bytes)
-        .map_err(|e| fail(false, format!("cannot read it: {e}")))?;
+    f.read_to_end(&mut bytes).map_err(Unreadable)?;
     Ok((bytes, FileStamp::from(&meta)))
 }
 

@@ -1,11 +1,14 @@
 //! Sinks: streamed events delivered to plugin instances, each sink on its own thread, with hot reload.
 //!
-//! Owns the plugin table (which build of which plugin serves which sinks, and its generation), the workers, and
-//! the reload procedure shared by start-up, the directory watcher, `SIGHUP` and `trail reload`: build the new
-//! generation completely (load the library, construct an instance for every sink that uses it, each on its own
-//! thread), then swap; if anything fails, the old generation keeps running and the failure is logged and audited.
-//! Plugin code never runs on the async runtime's threads.
+//! Owns the plugin table (which build of which plugin serves which sinks, and its generation) and the workers.
+//! Start-up, the directory watcher, `SIGHUP` and `trail reload` go through one procedure ([`generation`]): build
+//! every instance of the new generation (start-up's old generation is empty), each on its sink's own thread, then
+//! swap; if anything fails, the old generation keeps running (at start-up, nothing starts) and the failure is
+//! logged and audited. Plugin code never runs on the async runtime's threads. What it reports (status, what a
+//! reload did, problems) are typed values; the admin socket turns them into its answers.
 
+pub mod dead_letter;
+pub mod generation;
 pub mod loader;
 pub mod trust;
 pub mod validate;
@@ -20,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde::Serialize;
 use tracing::{error, info, warn};
 
 use crate::audit::Auditor;
@@ -28,16 +31,210 @@ use crate::config::{Config, SinkConfig};
 use crate::event_types::Registry;
 use crate::filter::Filter;
 use crate::spool::Spool;
-use loader::{FileStamp, Loader, Plugin};
+use dead_letter::DeadLetters;
+use generation::{InstanceError, InstanceProblem, Plan};
+use loader::{FileStamp, LoadError, Loader, Plugin};
 use worker::{Control, ReplayReport, Status, Worker};
-
-/// How long a reload waits for a sink's worker to build its new instance.
-const PREPARE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Sinks that could not be set up.
 #[derive(Debug, thiserror::Error)]
 #[error("{} problem(s) with sinks:{}", .0.len(), .0.iter().map(|p| format!("\n  {p}")).collect::<String>())]
-pub struct Error(pub Vec<String>);
+pub struct Error(pub Vec<Problem>);
+
+/// One reason why sinks could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum Problem {
+    /// `plugins_dir` could not be listed.
+    #[error("plugins_dir {}: {source}", dir.display())]
+    Unlisted {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// More than one library declares a plugin that a sink uses.
+    #[error("plugin {name:?} is declared by {}; remove all but one", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(" and "))]
+    Ambiguous {
+        /// The plugin's name.
+        name: String,
+        /// The libraries that declare it.
+        files: Vec<PathBuf>,
+    },
+    /// No library declares a plugin that a sink uses.
+    #[error("no library in {} declares the plugin {name:?}{}", dir.display(), unreadable.iter().map(|(f, e)| format!("; {}: {e}", f.display())).collect::<String>())]
+    Missing {
+        /// `plugins_dir`.
+        dir: PathBuf,
+        /// The plugin's name.
+        name: String,
+        /// The libraries whose name symbol could not be read, and why.
+        unreadable: Vec<(PathBuf, String)>,
+    },
+    /// A library could not be loaded.
+    #[error("{0}")]
+    Load(LoadError),
+    /// The private directory of library copies could not be made.
+    #[error("{}: {source}", dir.display())]
+    Copies {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A sink's thread could not be started.
+    #[error("sink {sink:?}: cannot start its thread: {source}")]
+    Thread {
+        /// The sink.
+        sink: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A sink's first instance could not be built.
+    #[error("{}", first_instance(.0))]
+    Instance(InstanceProblem),
+    /// `validate`'s process checking a library could not check it (see [`validate`]).
+    #[error("{0}")]
+    Check(validate::CheckError),
+    /// A problem that `validate`'s checking process reported, as it worded it.
+    #[error("{0}")]
+    Reported(String),
+}
+
+/// A first instance's problem: a refused configuration names the plugin, since nothing around it does.
+fn first_instance(p: &InstanceProblem) -> String {
+    match &p.error {
+        InstanceError::Rejected(e) => format!(
+            "sink {:?}: plugin {:?} rejected its config: {e}",
+            p.sink, p.plugin
+        ),
+        _ => p.to_string(),
+    }
+}
+
+/// Why a reload kept the running builds.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The plugin directory could not be listed.
+    #[error("cannot list {}: {source}", dir.display())]
+    Unlisted {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The new library could not be loaded (or was refused: [`LoadError::refused`]).
+    #[error("{0}")]
+    Load(LoadError),
+    /// Some sink could not build an instance of the new build.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Rejected(Vec<InstanceProblem>),
+}
+
+/// Why a replay did not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// No sink has that name.
+    #[error("no sink is called {0:?}")]
+    NoSuchSink(String),
+    /// The sink's worker has ended.
+    #[error("sink {0:?} has stopped")]
+    Stopped(String),
+    /// The sink's worker ended before it answered.
+    #[error("sink {0:?} stopped during the replay")]
+    StoppedDuring(String),
+}
+
+/// What a reload did with one changed library.
+#[derive(Debug)]
+pub struct Reload {
+    /// The installed library.
+    pub file: PathBuf,
+    /// The plugin it declares.
+    pub plugin: String,
+    /// The new build serving, or why the running builds are kept.
+    pub result: Result<Swapped, ReloadError>,
+}
+
+/// A new build that serves its plugin's sinks.
+#[derive(Debug, Clone, Serialize)]
+pub struct Swapped {
+    /// The build's own version.
+    pub version: String,
+    /// The plugin's generation it now is.
+    pub generation: u64,
+    /// The sinks it serves.
+    pub sinks: Vec<String>,
+}
+
+/// Everything `trail status` shows about sinks and plugins.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Every sink, in the configuration's order.
+    pub sinks: Vec<SinkReport>,
+    /// Every loaded plugin's serving build, by name.
+    pub plugins: Vec<PluginReport>,
+    /// Libraries loaded since start: abi_stable never unloads one, so every build stays mapped.
+    pub libraries_mapped: u64,
+    /// The spool's positions.
+    pub spool: SpoolReport,
+}
+
+/// One sink in [`Report`].
+#[derive(Debug, Clone, Serialize)]
+pub struct SinkReport {
+    /// The sink's name.
+    pub name: String,
+    /// The plugin it is configured with.
+    pub plugin: String,
+    /// `name version (api X.Y)` of the build serving it.
+    pub serving: String,
+    /// That build's installed file.
+    pub file: PathBuf,
+    /// The plugin's generation.
+    pub generation: Option<u64>,
+    /// Records delivered.
+    pub delivered: u64,
+    /// Records sent to the dead-letter file.
+    pub dead_lettered: u64,
+    /// Records skipped because the spool was full.
+    pub dropped: u64,
+    /// Failed writes that were retried.
+    pub retries: u64,
+    /// Panics caught in the plugin.
+    pub panics: u64,
+    /// Instances swapped in by reloads.
+    pub swaps: u64,
+    /// Spool bytes after the sink's cursor.
+    pub backlog_bytes: u64,
+    /// Events are waiting and none was delivered for `stuck_after`.
+    pub stuck: bool,
+    /// The last error, if the sink has not delivered since.
+    pub last_error: Option<String>,
+}
+
+/// One plugin in [`Report`].
+#[derive(Debug, Clone, Serialize)]
+pub struct PluginReport {
+    /// The plugin's name.
+    pub name: String,
+    /// The serving build's own version.
+    pub version: String,
+    /// The plugin API version it was built against.
+    pub api_version: String,
+    /// Its installed file.
+    pub file: PathBuf,
+    /// Its generation (1 at start, one more with each reload).
+    pub generation: u64,
+}
+
+/// The spool in [`Report`].
+#[derive(Debug, Clone, Serialize)]
+pub struct SpoolReport {
+    /// The spool's end.
+    pub head: u64,
+    /// Bytes not yet confirmed by every sink.
+    pub backlog_bytes: u64,
+}
 
 /// The event types each sink receives, from the sinks' filters and the registry.
 pub fn routes(sinks: &[SinkConfig], registry: &Registry) -> Vec<HashSet<String>> {
@@ -68,6 +265,7 @@ struct Table {
     seen: HashMap<PathBuf, FileStamp>,
 }
 
+/// A running sink: its worker's thread and what it shares with it.
 struct Handle {
     config: SinkConfig,
     control: mpsc::Sender<Control>,
@@ -88,13 +286,16 @@ pub struct Sinks {
 
 /// Picks, without loading anything, the library of every plugin in `wanted`: the one file in `dir` known by the
 /// plugin's name (see [`loader::identify`]). Returns the files by plugin name and the problems found.
-pub(crate) fn pick(dir: &Path, wanted: &HashSet<&str>) -> (HashMap<String, PathBuf>, Vec<String>) {
+pub(crate) fn pick(dir: &Path, wanted: &HashSet<&str>) -> (HashMap<String, PathBuf>, Vec<Problem>) {
     let mut picked = HashMap::new();
     let mut problems = Vec::new();
     let files = match loader::installed(dir) {
         Ok(f) => f,
-        Err(e) => {
-            problems.push(format!("plugins_dir {}: {e}", dir.display()));
+        Err(source) => {
+            problems.push(Problem::Unlisted {
+                dir: dir.to_owned(),
+                source,
+            });
             return (picked, problems);
         }
     };
@@ -102,36 +303,27 @@ pub(crate) fn pick(dir: &Path, wanted: &HashSet<&str>) -> (HashMap<String, PathB
     let mut unreadable = Vec::new();
     for file in files {
         let id = loader::identify(&file);
-        if let Some(e) = &id.unreadable {
-            unreadable.push(format!("{}: {e}", file.display()));
+        if let Some(e) = id.unreadable {
+            unreadable.push((file.clone(), e));
         }
         by_name.entry(id.name).or_default().push(file);
     }
     let mut names: Vec<&str> = wanted.iter().copied().collect();
     names.sort_unstable();
     for name in names {
-        match by_name.get(name).map(Vec::as_slice) {
-            Some([file]) => {
-                picked.insert(name.to_owned(), file.clone());
+        match by_name.remove(name) {
+            Some(mut files) if files.len() == 1 => {
+                picked.insert(name.to_owned(), files.remove(0));
             }
-            Some(files) if files.len() > 1 => problems.push(format!(
-                "plugin {name:?} is declared by {}; remove all but one",
-                files
-                    .iter()
-                    .map(|f| f.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(" and ")
-            )),
-            _ => {
-                let mut p = format!(
-                    "no library in {} declares the plugin {name:?}",
-                    dir.display()
-                );
-                for u in &unreadable {
-                    p.push_str(&format!("; {u}"));
-                }
-                problems.push(p);
-            }
+            Some(files) if files.len() > 1 => problems.push(Problem::Ambiguous {
+                name: name.to_owned(),
+                files,
+            }),
+            _ => problems.push(Problem::Missing {
+                dir: dir.to_owned(),
+                name: name.to_owned(),
+                unreadable: unreadable.clone(),
+            }),
         }
     }
     (picked, problems)
@@ -143,7 +335,7 @@ fn load_all(
     dir: &Path,
     wanted: &HashSet<&str>,
     audit: &Auditor,
-) -> (HashMap<String, Arc<Plugin>>, Vec<String>) {
+) -> (HashMap<String, Arc<Plugin>>, Vec<Problem>) {
     let (picked, mut problems) = pick(dir, wanted);
     let mut plugins = HashMap::new();
     for (name, file) in picked {
@@ -153,10 +345,10 @@ fn load_all(
                 plugins.insert(name, Arc::new(p));
             }
             Err(e) => {
-                if e.refused {
-                    audit.plugin_refused(&e.file, Some(&name), &e.reason);
+                if e.refused() {
+                    audit.plugin_refused(&e.file, Some(&name), &e.reason());
                 }
-                problems.push(e.to_string());
+                problems.push(Problem::Load(e));
             }
         }
     }
@@ -164,7 +356,8 @@ fn load_all(
 }
 
 impl Sinks {
-    /// Loads the plugins, builds an instance for every sink on the sink's own thread, and starts delivering.
+    /// Loads the plugins, starts a worker for every sink, builds the first generation (an instance for every
+    /// sink, each on the sink's own thread) and swaps it in: delivery starts once every instance is built.
     /// `types` are the event types each sink receives (see [`routes`]), in the order of `config.sinks`.
     pub fn start(
         config: &Config,
@@ -178,51 +371,39 @@ impl Sinks {
             .expect("checked with the configuration");
         let spool_dir = config.spool().dir;
         let copies = spool_dir.join("plugin-copies");
-        let loader =
-            Loader::new(&copies).map_err(|e| Error(vec![format!("{}: {e}", copies.display())]))?;
+        let loader = Loader::new(&copies).map_err(|source| {
+            Error(vec![Problem::Copies {
+                dir: copies.clone(),
+                source,
+            }])
+        })?;
         let wanted: HashSet<&str> = config.sinks.iter().map(|s| s.plugin.as_str()).collect();
         let (plugins, problems) = load_all(&loader, &dir, &wanted, &audit);
         if !problems.is_empty() {
             return Err(Error(problems));
         }
         let mut handles = Vec::new();
-        let mut starting = Vec::new();
         for (sink, types) in config.sinks.iter().zip(types) {
-            let plugin = plugins[&sink.plugin].clone();
             let (control, control_rx) = mpsc::channel();
             let status = Arc::new(Status::default());
-            {
-                let mut d = status.detail.lock().unwrap_or_else(|p| p.into_inner());
-                d.plugin = plugin.describe();
-                d.file = plugin.file.clone();
-            }
             let worker = Worker {
                 config: sink.clone(),
                 reader: spool.reader(&sink.name).wanting(types),
-                plugin: plugin.clone(),
+                plugin: plugins[&sink.plugin].clone(),
                 control: control_rx,
                 status: status.clone(),
                 audit: audit.clone(),
-                dead_dir: spool_dir.join("dead"),
+                dead: DeadLetters::new(spool_dir.join("dead"), &sink.name),
             };
-            let (ready_tx, ready_rx) = mpsc::channel();
-            let name = sink.name.clone();
             let thread = std::thread::Builder::new()
-                .name(format!("sink-{name}"))
-                .spawn(move || {
-                    let config_json = worker::config_json(&worker.config);
-                    match worker.plugin.instantiate(&worker.config.name, &config_json) {
-                        Ok(instance) => {
-                            let _ = ready_tx.send(Ok(()));
-                            worker.run(instance);
-                        }
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e.to_string()));
-                        }
-                    }
-                })
-                .map_err(|e| Error(vec![format!("sink {name:?}: cannot start its thread: {e}")]))?;
-            starting.push((sink.name.clone(), sink.plugin.clone(), ready_rx));
+                .name(format!("sink-{}", sink.name))
+                .spawn(move || worker.run())
+                .map_err(|source| {
+                    Error(vec![Problem::Thread {
+                        sink: sink.name.clone(),
+                        source,
+                    }])
+                })?;
             handles.push(Handle {
                 config: sink.clone(),
                 control,
@@ -231,16 +412,7 @@ impl Sinks {
                 stuck: AtomicBool::new(false),
             });
         }
-        let mut problems = Vec::new();
-        for (name, plugin, ready) in starting {
-            match ready.recv() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => problems.push(format!(
-                    "sink {name:?}: plugin {plugin:?} rejected its config: {e}"
-                )),
-                Err(_) => problems.push(format!("sink {name:?}: its thread ended while starting")),
-            }
-        }
+        let first = generation::build_and_swap(&handles, &Plan::first(&handles, &plugins));
         let mut table = Table::default();
         for (name, plugin) in plugins {
             table.seen.insert(plugin.file.clone(), plugin.stamp);
@@ -260,14 +432,14 @@ impl Sinks {
             spool,
             audit,
         };
-        if !problems.is_empty() {
+        if let Err(problems) = first {
             sinks.stop();
-            return Err(Error(problems));
+            return Err(Error(problems.into_iter().map(Problem::Instance).collect()));
         }
         for loaded in sinks.lock().plugins.values() {
             sinks
                 .audit
-                .plugin_loaded(&loaded.plugin, 1, &sinks.users(&loaded.plugin.name));
+                .plugin_loaded(loaded.plugin.build(), 1, &sinks.users(&loaded.plugin.name));
         }
         Ok(sinks)
     }
@@ -290,24 +462,25 @@ impl Sinks {
     }
 
     /// Looks at every library in the plugin directory and reloads those that changed since they were last seen.
-    pub fn reload_all(&self) -> Vec<Value> {
-        let files = match loader::installed(&self.dir) {
-            Ok(f) => f,
-            Err(e) => {
-                error!(dir = %self.dir.display(), error = %e, "cannot list the plugin directory");
-                return vec![json!({"error": format!("cannot list {}: {e}", self.dir.display())})];
+    pub fn reload_all(&self) -> Result<Vec<Reload>, ReloadError> {
+        let files = loader::installed(&self.dir).map_err(|source| {
+            error!(dir = %self.dir.display(), error = %source, "cannot list the plugin directory");
+            ReloadError::Unlisted {
+                dir: self.dir.clone(),
+                source,
             }
-        };
-        files
+        })?;
+        Ok(files
             .iter()
             .filter_map(|f| self.reload_file(f, false))
-            .collect()
+            .collect())
     }
 
     /// Loads the library at `file` if it changed since it was last seen, and swaps it in for every sink that uses
-    /// its plugin. With `settle`, first waits until the file stops changing (it may still be being written).
-    /// Returns what happened, or `None` when the file is unchanged or gone.
-    pub fn reload_file(&self, file: &Path, settle: bool) -> Option<Value> {
+    /// its plugin (a new generation of those sinks; see [`generation`]). With `settle`, first waits until the file
+    /// stops changing (it may still be being written). Returns what happened, or `None` when the file is unchanged
+    /// or gone.
+    pub fn reload_file(&self, file: &Path, settle: bool) -> Option<Reload> {
         let mut table = self.lock();
         let mut stamp = FileStamp::of(file).ok()?;
         if table.seen.get(file) == Some(&stamp) {
@@ -332,78 +505,47 @@ impl Sinks {
             info!(file = %file.display(), plugin = %name, "plugin library changed, but no sink uses its plugin: not loaded");
             return None;
         }
+        let kept = |plugin: String, error| {
+            Some(Reload {
+                file: file.to_owned(),
+                plugin,
+                result: Err(error),
+            })
+        };
         let plugin = match self.loader.load(file, &name) {
             Ok(p) => Arc::new(p),
-            Err(e) if e.refused => {
+            Err(e) if e.refused() => {
                 error!("{e}; not loaded, the running builds are kept");
-                self.audit.plugin_refused(file, Some(&name), &e.reason);
+                self.audit.plugin_refused(file, Some(&name), &e.reason());
                 // Looked at again on the next change or rescan, e.g. once a directory's mode is fixed.
                 table.seen.remove(file);
-                return Some(
-                    json!({"file": file, "plugin": name, "ok": false, "refused": true, "error": e.to_string()}),
-                );
+                return kept(name, ReloadError::Load(e));
             }
             Err(e) => {
                 error!("{e}; the running builds are kept");
-                self.audit.plugin_failed(file, Some(&name), &e.reason);
-                return Some(
-                    json!({"file": file, "plugin": name, "ok": false, "error": e.to_string()}),
-                );
+                self.audit.plugin_failed(file, Some(&name), &e.reason());
+                return kept(name, ReloadError::Load(e));
             }
         };
-        let users: Vec<&Handle> = self
-            .handles
-            .iter()
-            .filter(|h| h.config.plugin == plugin.name)
-            .collect();
         let generation = table
             .plugins
             .get(&plugin.name)
             .map_or(1, |l| l.generation + 1);
-        // Phase one: every sink builds its new instance on its own thread.
-        let replies: Vec<_> = users
-            .iter()
-            .map(|h| {
-                let (tx, rx) = mpsc::channel();
-                let sent = h.control.send(Control::Prepare {
-                    plugin: plugin.clone(),
-                    reply: tx,
-                });
-                (h, sent.is_ok().then_some(rx))
-            })
-            .collect();
-        let mut problems = Vec::new();
-        for (h, rx) in &replies {
-            let answer = match rx {
-                Some(rx) => rx.recv_timeout(PREPARE_TIMEOUT).unwrap_or_else(|_| {
-                    Err(format!(
-                        "did not answer within {PREPARE_TIMEOUT:?} (busy in a write?)"
-                    ))
-                }),
-                None => Err("its worker has stopped".into()),
-            };
-            if let Err(e) = answer {
-                problems.push(format!("sink {:?}: {e}", h.config.name));
+        let sinks = match generation::build_and_swap(
+            &self.handles,
+            &Plan::new_build(&self.handles, &plugin),
+        ) {
+            Ok(sinks) => sinks,
+            Err(problems) => {
+                let error = ReloadError::Rejected(problems);
+                error!(plugin = %plugin.describe(), file = %file.display(), "new build rejected, the running one is kept: {error}");
+                self.audit
+                    .plugin_failed(file, Some(&plugin.name), &error.to_string());
+                return kept(plugin.name.clone(), error);
             }
-        }
-        let sinks: Vec<String> = users.iter().map(|h| h.config.name.clone()).collect();
-        if !problems.is_empty() {
-            for h in &users {
-                let _ = h.control.send(Control::Abort);
-            }
-            let reason = problems.join("; ");
-            error!(plugin = %plugin.describe(), file = %file.display(), "new build rejected, the running one is kept: {reason}");
-            self.audit.plugin_failed(file, Some(&plugin.name), &reason);
-            return Some(
-                json!({"file": file, "plugin": plugin.name, "ok": false, "error": reason}),
-            );
-        }
-        // Phase two: swap.
-        for h in &users {
-            let _ = h.control.send(Control::Commit);
-        }
+        };
         info!(plugin = %plugin.describe(), generation, sinks = ?sinks, elapsed = ?started.elapsed(), "plugin reloaded");
-        self.audit.plugin_loaded(&plugin, generation, &sinks);
+        self.audit.plugin_loaded(plugin.build(), generation, &sinks);
         table.plugins.insert(
             plugin.name.clone(),
             Loaded {
@@ -411,25 +553,31 @@ impl Sinks {
                 generation,
             },
         );
-        Some(
-            json!({"file": file, "plugin": plugin.name, "version": plugin.version, "generation": generation, "sinks": sinks, "ok": true}),
-        )
+        Some(Reload {
+            file: file.to_owned(),
+            plugin: plugin.name.clone(),
+            result: Ok(Swapped {
+                version: plugin.version.clone(),
+                generation,
+                sinks,
+            }),
+        })
     }
 
     /// Sends a sink's dead letters again.
-    pub fn replay(&self, sink: &str) -> Result<ReplayReport, String> {
+    pub fn replay(&self, sink: &str) -> Result<ReplayReport, ReplayError> {
         let handle = self
             .handles
             .iter()
             .find(|h| h.config.name == sink)
-            .ok_or_else(|| format!("no sink is called {sink:?}"))?;
+            .ok_or_else(|| ReplayError::NoSuchSink(sink.to_owned()))?;
         let (tx, rx) = mpsc::channel();
         handle
             .control
             .send(Control::Replay { reply: tx })
-            .map_err(|_| format!("sink {sink:?} has stopped"))?;
+            .map_err(|_| ReplayError::Stopped(sink.to_owned()))?;
         rx.recv()
-            .map_err(|_| format!("sink {sink:?} stopped during the replay"))
+            .map_err(|_| ReplayError::StoppedDuring(sink.to_owned()))
     }
 
     /// Logs sinks that became stuck (undelivered events, no progress for `stuck_after`) or recovered.
@@ -455,52 +603,55 @@ impl Sinks {
     }
 
     /// Everything `trail status` shows about sinks and plugins.
-    pub fn status(&self) -> Value {
+    pub fn status(&self) -> Report {
         let (head, cursors) = self.spool.positions();
         let table = self.lock();
-        let sinks: Vec<Value> = self
+        let sinks = self
             .handles
             .iter()
             .map(|h| {
                 let s = &h.status;
                 let detail = s.detail.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 let pos = cursors.get(&h.config.name).copied().unwrap_or(head);
-                json!({
-                    "name": h.config.name,
-                    "plugin": h.config.plugin,
-                    "serving": detail.plugin,
-                    "file": detail.file,
-                    "generation": table.plugins.get(&h.config.plugin).map(|l| l.generation),
-                    "delivered": s.delivered.load(Ordering::Relaxed),
-                    "dead_lettered": s.dead_lettered.load(Ordering::Relaxed),
-                    "dropped": s.dropped.load(Ordering::Relaxed),
-                    "retries": s.retries.load(Ordering::Relaxed),
-                    "panics": s.panics.load(Ordering::Relaxed),
-                    "swaps": s.swaps.load(Ordering::Relaxed),
-                    "backlog_bytes": head.saturating_sub(pos),
-                    "stuck": self.is_stuck(h, head, &cursors),
-                    "last_error": detail.last_error,
-                })
+                SinkReport {
+                    name: h.config.name.clone(),
+                    plugin: h.config.plugin.clone(),
+                    serving: detail.plugin,
+                    file: detail.file,
+                    generation: table.plugins.get(&h.config.plugin).map(|l| l.generation),
+                    delivered: s.delivered.load(Ordering::Relaxed),
+                    dead_lettered: s.dead_lettered.load(Ordering::Relaxed),
+                    dropped: s.dropped.load(Ordering::Relaxed),
+                    retries: s.retries.load(Ordering::Relaxed),
+                    panics: s.panics.load(Ordering::Relaxed),
+                    swaps: s.swaps.load(Ordering::Relaxed),
+                    backlog_bytes: head.saturating_sub(pos),
+                    stuck: self.is_stuck(h, head, &cursors),
+                    last_error: detail.last_error,
+                }
             })
             .collect();
-        let mut plugins: Vec<Value> = table
+        let mut plugins: Vec<PluginReport> = table
             .plugins
             .values()
-            .map(|l| {
-                json!({
-                    "name": l.plugin.name, "version": l.plugin.version, "api_version": l.plugin.api_version,
-                    "file": l.plugin.file, "generation": l.generation,
-                })
+            .map(|l| PluginReport {
+                name: l.plugin.name.clone(),
+                version: l.plugin.version.clone(),
+                api_version: l.plugin.api_version.clone(),
+                file: l.plugin.file.clone(),
+                generation: l.generation,
             })
             .collect();
-        plugins.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
-        json!({
-            "sinks": sinks,
-            "plugins": plugins,
-            // abi_stable never unloads a library: every build loaded since start stays mapped.
-            "libraries_mapped": self.loader.libraries(),
-            "spool": {"head": head, "backlog_bytes": self.spool.backlog()},
-        })
+        plugins.sort_by(|a, b| a.name.cmp(&b.name));
+        Report {
+            sinks,
+            plugins,
+            libraries_mapped: self.loader.libraries(),
+            spool: SpoolReport {
+                head,
+                backlog_bytes: self.spool.backlog(),
+            },
+        }
     }
 
     /// Stops every worker (each finishes its current write, flushes, closes and saves its position) and waits.

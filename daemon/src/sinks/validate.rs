@@ -11,14 +11,15 @@
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use trail_plugin_api::SinkError;
 
+use super::generation::{InstanceError, InstanceProblem};
 use super::loader::Loader;
-use super::{Error, pick, worker};
+use super::{Error, Problem, pick, worker};
 use crate::config::Config;
 
 /// The hidden subcommand of `traild` and `trail` that runs [`child_main`].
@@ -38,14 +39,27 @@ pub fn check(config: &Config) -> Result<(), Error> {
     let mut picked: Vec<(String, PathBuf)> = picked.into_iter().collect();
     picked.sort();
     for (plugin, file) in picked {
-        let sinks: Vec<Value> = config
+        let sinks = config
             .sinks
             .iter()
             .filter(|s| s.plugin == plugin)
-            .map(|s| json!({"name": s.name, "config": worker::config_json(s)}))
+            .map(|s| SinkRequest {
+                name: s.name.clone(),
+                config: worker::config_json(s),
+            })
             .collect();
-        let request = json!({"file": file, "plugin": plugin, "sinks": sinks});
-        problems.extend(in_child(&file, &request));
+        let request = Request {
+            file,
+            plugin,
+            sinks,
+        };
+        match in_child(&request) {
+            Ok(reported) => problems.extend(reported.into_iter().map(Problem::Reported)),
+            Err(kind) => problems.push(Problem::Check(CheckError {
+                file: request.file,
+                kind,
+            })),
+        }
     }
     if problems.is_empty() {
         Ok(())
@@ -54,54 +68,69 @@ pub fn check(config: &Config) -> Result<(), Error> {
     }
 }
 
-/// Runs the check of one library in a child process; returns its problems.
-fn in_child(file: &Path, request: &Value) -> Vec<String> {
-    let problem = |what: String| vec![format!("plugin {}: {what}", file.display())];
-    let child = Command::new("/proc/self/exe")
+/// A library that `validate` could not check in a child process.
+#[derive(Debug, thiserror::Error)]
+#[error("plugin {}: {kind}", file.display())]
+pub struct CheckError {
+    /// The library.
+    pub file: PathBuf,
+    /// What went wrong.
+    pub kind: CheckErrorKind,
+}
+
+/// What went wrong with the process checking a library.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckErrorKind {
+    /// The process could not be started.
+    #[error("cannot start a process to check it: {0}")]
+    Spawn(std::io::Error),
+    /// Waiting for it failed.
+    #[error("cannot wait for the process checking it: {0}")]
+    Wait(std::io::Error),
+    /// The library crashed it.
+    #[error(
+        "crashed the process that loaded it ({name}, signal {signal}): its initialisation code or its sink \
+         constructor is broken; it would crash the daemon the same way"
+    )]
+    Crashed {
+        /// The signal's number.
+        signal: i32,
+        /// The signal's description.
+        name: String,
+    },
+    /// It ended without answering.
+    #[error("the process that checked it ended ({0}) without an answer")]
+    NoAnswer(std::process::ExitStatus),
+}
+
+/// Runs the check of one library in a child process; returns the problems it reported.
+fn in_child(request: &Request) -> Result<Vec<String>, CheckErrorKind> {
+    let mut child = Command::new("/proc/self/exe")
         .arg(SUBCOMMAND)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) => return problem(format!("cannot start a process to check it: {e}")),
-    };
+        .spawn()
+        .map_err(CheckErrorKind::Spawn)?;
     if let Some(mut stdin) = child.stdin.take() {
         // A child that dies at once closes the pipe; its exit status says why.
         let _ = stdin.write_all(&serde_json::to_vec(request).expect("serializable"));
     }
-    let out = match child.wait_with_output() {
-        Ok(o) => o,
-        Err(e) => return problem(format!("cannot wait for the process checking it: {e}")),
-    };
+    let out = child.wait_with_output().map_err(CheckErrorKind::Wait)?;
     if let Some(signal) = out.status.signal() {
-        return problem(format!(
-            "crashed the process that loaded it ({}, signal {signal}): its initialisation code or its sink \
-             constructor is broken; it would crash the daemon the same way",
-            signal_name(signal)
-        ));
+        return Err(CheckErrorKind::Crashed {
+            signal,
+            name: signal_name(signal),
+        });
     }
     // The last answer line: the plugin's own code may have written to standard output too.
     let answer = String::from_utf8_lossy(&out.stdout)
         .lines()
         .rev()
-        .find_map(|l| {
-            serde_json::from_str::<Value>(l)
-                .ok()
-                .filter(|v| v["problems"].is_array())
-        });
+        .find_map(|l| serde_json::from_str::<Answer>(l).ok());
     match answer {
-        Some(a) if out.status.success() => a["problems"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|p| p.as_str().unwrap_or_default().to_owned())
-            .collect(),
-        _ => problem(format!(
-            "the process that checked it ended ({}) without an answer",
-            out.status
-        )),
+        Some(a) if out.status.success() => Ok(a.problems),
+        _ => Err(CheckErrorKind::NoAnswer(out.status)),
     }
 }
 
@@ -116,7 +145,8 @@ fn signal_name(signal: i32) -> String {
         .to_lowercase()
 }
 
-#[derive(Deserialize)]
+/// What the daemon asks the checking process.
+#[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Request {
     file: PathBuf,
@@ -124,11 +154,18 @@ struct Request {
     sinks: Vec<SinkRequest>,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SinkRequest {
     name: String,
     config: String,
+}
+
+/// What the checking process answers: the build it loaded (`name version (api X.Y)`), and its problems.
+#[derive(Serialize, Deserialize)]
+struct Answer {
+    plugin: Option<String>,
+    problems: Vec<String>,
 }
 
 /// The child's side of the check: reads the request, loads the library (from a private copy in a new 0700
@@ -154,7 +191,7 @@ pub fn child_main() -> i32 {
             "cannot make a private directory for plugin copies: {e}"
         )),
         Ok(loader) => match loader.load(&request.file, &request.plugin) {
-            Err(e) => problems.push(e.to_string()),
+            Err(e) => problems.push(Problem::Load(e).to_string()),
             Ok(plugin) => {
                 described = Some(plugin.describe());
                 for sink in &request.sinks {
@@ -162,15 +199,26 @@ pub fn child_main() -> i32 {
                         Ok(mut instance) => {
                             let _ = instance.close();
                         }
-                        Err(e) => problems.push(format!(
-                            "sink {:?}: plugin {:?} rejected its config: {e}",
-                            sink.name, request.plugin
-                        )),
+                        Err(e) => problems.push(rejected(&sink.name, &request.plugin, e)),
                     }
                 }
             }
         },
     }
-    println!("{}", json!({"plugin": described, "problems": problems}));
+    let answer = Answer {
+        plugin: described,
+        problems,
+    };
+    println!("{}", serde_json::to_string(&answer).expect("serializable"));
     0
+}
+
+/// A sink's configuration refused by its plugin, worded as at start-up.
+fn rejected(sink: &str, plugin: &str, error: SinkError) -> String {
+    Problem::Instance(InstanceProblem {
+        sink: sink.to_owned(),
+        plugin: plugin.to_owned(),
+        error: InstanceError::Rejected(error),
+    })
+    .to_string()
 }

@@ -4,12 +4,11 @@
 //! filter wants, batches them, and calls the plugin; confirms its position only after a write and a flush
 //! succeeded (at least once). Retryable failures back off exponentially with jitter; a permanent failure sends the
 //! one record to the dead-letter file and delivery goes on; a panic drops the instance and builds a fresh one.
-//! Hot reload is two-phase: `Prepare` builds the new instance here, `Commit` flushes and closes the old one and
-//! continues from the same position with the new one, `Abort` discards it.
+//! Every generation, the first included, is two-phase (see [`super::generation`]): `Prepare` builds the new
+//! instance here, `Commit` flushes and closes the old one (if any) and continues from the same position with the
+//! new one, `Abort` discards it. A worker delivers nothing before its first `Commit`.
 
-use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
@@ -20,6 +19,7 @@ use serde::Serialize;
 use tracing::{error, info, warn};
 use trail_plugin_api::{ErrorKind, Record, SinkBox, SinkError, WriteError};
 
+use super::dead_letter::{self, DeadLetters};
 use super::loader::Plugin;
 use crate::audit::Auditor;
 use crate::config::SinkConfig;
@@ -36,8 +36,8 @@ pub enum Control {
     Prepare {
         /// The new build.
         plugin: Arc<Plugin>,
-        /// Where to answer.
-        reply: Sender<Result<(), String>>,
+        /// Where to answer: the plugin's error when it refused to build an instance.
+        reply: Sender<Result<(), SinkError>>,
     },
     /// Switch to the prepared instance.
     Commit,
@@ -127,8 +127,8 @@ pub struct Worker {
     pub status: Arc<Status>,
     /// The daemon's own audit events.
     pub audit: Auditor,
-    /// Directory of dead-letter files.
-    pub dead_dir: PathBuf,
+    /// The sink's dead-letter files.
+    pub dead: DeadLetters,
 }
 
 enum Flow {
@@ -140,24 +140,36 @@ struct State {
     w: Worker,
     instance: Option<SinkBox>,
     prepared: Option<(Arc<Plugin>, SinkBox)>,
+    /// Whether a generation was committed: before that, nothing is delivered and a stop touches nothing.
+    serving: bool,
     attempt: u32,
     cursor_saved: Instant,
     stopping: bool,
 }
 
 impl Worker {
-    /// Runs until [`Control::Stop`], driving `instance` (an instance of `self.plugin` built on this thread).
-    pub fn run(self, instance: SinkBox) {
+    /// Runs until [`Control::Stop`]: waits for its first generation (`Prepare`, then `Commit`), then delivers.
+    pub fn run(self) {
         let name = self.config.name.clone();
-        self.status.progress();
         let mut s = State {
             w: self,
-            instance: Some(instance),
+            instance: None,
             prepared: None,
+            serving: false,
             attempt: 0,
             cursor_saved: Instant::now(),
             stopping: false,
         };
+        while !s.serving {
+            if let Flow::Stop = s.handle_controls(POLL) {
+                // Never served: nothing to flush, close or save.
+                if let Some((_, mut instance)) = s.prepared.take() {
+                    let _ = instance.close();
+                }
+                return;
+            }
+        }
+        s.w.status.progress();
         info!(sink = %name, plugin = %s.w.plugin.describe(), "sink started");
         while !s.stopping {
             if let Flow::Stop = s.handle_controls(Duration::ZERO) {
@@ -406,8 +418,7 @@ impl State {
                 Control::Prepare { plugin, reply } => {
                     let result = plugin
                         .instantiate(&self.w.config.name, &config_json(&self.w.config))
-                        .map(|instance| self.prepared = Some((plugin, instance)))
-                        .map_err(|e| e.to_string());
+                        .map(|instance| self.prepared = Some((plugin, instance)));
                     let _ = reply.send(result);
                 }
                 Control::Commit => self.swap(),
@@ -441,7 +452,6 @@ impl State {
         }
         self.instance = Some(instance);
         self.attempt = 0;
-        self.w.status.swaps.fetch_add(1, Ordering::Relaxed);
         {
             let mut d = self
                 .w
@@ -452,60 +462,31 @@ impl State {
             d.plugin = plugin.describe();
             d.file = plugin.file.clone();
         }
-        info!(sink = %self.name(), plugin = %plugin.describe(), "now served by the new plugin build");
+        if self.serving {
+            self.w.status.swaps.fetch_add(1, Ordering::Relaxed);
+            info!(sink = %self.name(), plugin = %plugin.describe(), "now served by the new plugin build");
+        }
+        self.serving = true;
         self.w.plugin = plugin;
     }
 
-    fn dead_path(&self) -> PathBuf {
-        self.w.dead_dir.join(format!("{}.jsonl", self.name()))
-    }
-
-    /// Appends a record and the error that refused it to the dead-letter file, durably.
+    /// Sends a record and the error that refused it to the dead-letter file, durably.
     fn dead_letter(&self, entry: &Entry, error: &SinkError) -> std::io::Result<()> {
-        crate::modes::create_dir_all(&self.w.dead_dir)?;
-        let mut line = Vec::with_capacity(entry.line().len() + 256);
-        #[derive(Serialize)]
-        struct Head<'a> {
-            sink: &'a str,
-            dead_at: String,
-            error_kind: String,
-            error: &'a str,
-            seq: u64,
-        }
-        let mut at = Vec::new();
-        crate::record::write_rfc3339(&mut at, SystemTime::now());
-        let head = Head {
-            sink: self.name(),
-            dead_at: String::from_utf8(at).unwrap_or_default(),
-            error_kind: error.kind.to_string(),
-            error: error.message.as_str(),
-            seq: entry.seq,
-        };
-        serde_json::to_writer(&mut line, &head).map_err(std::io::Error::other)?;
-        line.pop();
-        line.extend_from_slice(b",\"record\":");
-        line.extend_from_slice(entry.line().as_bytes());
-        line.extend_from_slice(b"}\n");
-        let mut file = crate::modes::append(&self.dead_path())?;
-        file.write_all(&line)?;
-        file.sync_data()?;
+        self.w.dead.append(entry, error)?;
         self.w.status.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        warn!(sink = %self.name(), seq = entry.seq, error = %error, file = %self.dead_path().display(), "record dead-lettered");
+        warn!(sink = %self.name(), seq = entry.seq, error = %error, file = %self.w.dead.path().display(), "record dead-lettered");
         Ok(())
     }
 
     /// Sends the dead letters again; those that fail permanently again go back to the dead-letter file.
     fn replay(&mut self) -> ReplayReport {
         let mut report = ReplayReport::default();
-        let path = self.dead_path();
-        let replaying = self
-            .w
-            .dead_dir
-            .join(format!("{}.replay-{}.jsonl", self.name(), now_ms()));
+        let path = self.w.dead.path();
+        let replaying = self.w.dead.replaying_path(now_ms());
         if std::fs::rename(&path, &replaying).is_err() {
             return report;
         }
-        let entries = match read_dead_letters(&replaying) {
+        let entries = match dead_letter::read(&replaying) {
             Ok(e) => e,
             Err(e) => {
                 error!(sink = %self.name(), error = %e, file = %replaying.display(), "cannot read dead letters");
@@ -520,7 +501,7 @@ impl State {
             done += (delivered + failed) as usize;
             if self.stopping {
                 // Keep what was not attempted for the next replay, after what failed again meanwhile.
-                if let Err(e) = keep_unreplayed(&replaying, done, &path) {
+                if let Err(e) = dead_letter::keep_unreplayed(&replaying, done, &path) {
                     error!(sink = %self.name(), error = %e, file = %replaying.display(), "cannot keep the dead letters not replayed yet");
                     return report;
                 }
@@ -550,31 +531,6 @@ impl State {
     }
 }
 
-/// Appends the dead letters of `replaying` after the first `done` to the dead-letter file `path`.
-fn keep_unreplayed(replaying: &Path, done: usize, path: &Path) -> std::io::Result<()> {
-    let mut out = crate::modes::append(path)?;
-    for line in BufReader::new(File::open(replaying)?).lines().skip(done) {
-        out.write_all(line?.as_bytes())?;
-        out.write_all(b"\n")?;
-    }
-    out.sync_all()
-}
-
-fn read_dead_letters(path: &Path) -> std::io::Result<Vec<Entry>> {
-    #[derive(serde::Deserialize)]
-    struct Dead {
-        seq: u64,
-        record: Box<serde_json::value::RawValue>,
-    }
-    let mut entries = Vec::new();
-    for line in BufReader::new(File::open(path)?).lines() {
-        let line = line?;
-        let dead: Dead = serde_json::from_str(&line).map_err(std::io::Error::other)?;
-        entries.push(Entry::new(dead.seq, 0, dead.record.get()));
-    }
-    Ok(entries)
-}
-
 /// The sink's `config` section as the JSON text its plugin receives.
 pub fn config_json(config: &SinkConfig) -> String {
     config.config.to_string()
@@ -586,30 +542,4 @@ fn random_unit() -> f64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(now_ms());
     (h.finish() >> 11) as f64 / (1u64 << 53) as f64
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_stopped_replay_keeps_what_it_did_not_attempt_after_what_failed_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let (replaying, dead) = (
-            dir.path().join("s.replay-1.jsonl"),
-            dir.path().join("s.jsonl"),
-        );
-        let letter =
-            |seq: u64| format!("{{\"seq\":{seq},\"record\":{{\"seq\":{seq}}},\"error\":\"e\"}}\n");
-        std::fs::write(&replaying, (1..=4).map(letter).collect::<String>()).unwrap();
-        // Seq 1 failed again during the replay and went back to the dead-letter file; 1 and 2 were attempted.
-        std::fs::write(&dead, letter(1)).unwrap();
-        keep_unreplayed(&replaying, 2, &dead).unwrap();
-        let seqs: Vec<u64> = read_dead_letters(&dead)
-            .unwrap()
-            .iter()
-            .map(|e| e.seq)
-            .collect();
-        assert_eq!(seqs, vec![1, 3, 4]);
-    }
 }
