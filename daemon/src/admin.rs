@@ -162,3 +162,44 @@ fn handle(admin: &Admin, request: Request) -> Value {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sinks::loader::{LoadError, LoadErrorKind};
+    use crate::sinks::{Reload, Swapped};
+
+    #[test]
+    fn reload_answers_keep_their_field_order() {
+        let check = |result, expected: &str| {
+            let reload = Reload {
+                file: "/p/libx.so".into(),
+                plugin: "x".into(),
+                result,
+            };
+            assert_eq!(to_json(Reloaded::of(&reload)).to_string(), expected);
+        };
+        check(
+            Ok(Swapped {
+                version: "1.2.0".into(),
+                generation: 3,
+                sinks: vec!["a".into(), "b".into()],
+            }),
+            r#"{"file":"/p/libx.so","plugin":"x","version":"1.2.0","generation":3,"sinks":["a","b"],"ok":true}"#,
+        );
+        let load = |kind| {
+            Err(ReloadError::Load(LoadError {
+                file: "/p/libx.so".into(),
+                kind,
+            }))
+        };
+        check(
+            load(LoadErrorKind::Refused("/p is writable by others".into())),
+            r#"{"file":"/p/libx.so","plugin":"x","ok":false,"refused":true,"error":"plugin /p/libx.so: refused: /p is writable by others"}"#,
+        );
+        check(
+            load(LoadErrorKind::Replaced),
+            r#"{"file":"/p/libx.so","plugin":"x","ok":false,"error":"plugin /p/libx.so: it was replaced while being checked; it will be looked at again"}"#,
+        );
+    }
+}

@@ -2,8 +2,8 @@
 //!
 //! Owns the line format, writing a letter (durably), reading the letters back for a replay, and keeping the
 //! letters a stopped replay did not attempt. One letter per line, its fields in this order:
-//! `{"sink":…,"dead_at":"<RFC 3339, the daemon's clock>","error_kind":"permanent","error":…,"seq":…,"record":{…}}`,
-//! `record` being the stored record's bytes as the spool holds them. A replay first renames the file aside
+//! `{"sink":…,"dead_at":"<RFC 3339, the daemon's clock>","error_kind":"permanent" or "config","error":…,"seq":…,`
+//! `"record":{…}}`, `record` being the stored record's bytes as the spool holds them. A replay first renames the file aside
 //! (`<sink>.replay-<ms>.jsonl`), so letters written meanwhile go to a new file.
 
 use std::fs::File;

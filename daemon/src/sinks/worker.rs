@@ -421,7 +421,14 @@ impl State {
                         .map(|instance| self.prepared = Some((plugin, instance)));
                     let _ = reply.send(result);
                 }
-                Control::Commit => self.swap(),
+                Control::Commit => {
+                    let first = !self.serving;
+                    self.swap();
+                    if first {
+                        // The first generation: start delivering now.
+                        return Flow::Continue;
+                    }
+                }
                 Control::Abort => {
                     if let Some((_, mut instance)) = self.prepared.take() {
                         let _ = instance.close();
