@@ -10,6 +10,8 @@
 //! `cargo bench --bench ingest -- --help` lists the options; benches/README.md explains the figures.
 
 use std::fmt::Write as _;
+use std::fs::File;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::thread;
