@@ -14,13 +14,14 @@
 //! Set `TRAIL_BENCH_EVENTS` to change the size (default 3,000,000), and `TRAIL_BENCH_BASELINE_TRAILD` to a
 //! `traild` built without the hash chain to add an alternating A/B ingest comparison.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use trail::log::{chain, files, index};
 use trail::tools::{search, verify};
+use trail_test_kit::load::{self, Plan};
+use trail_test_kit::{Daemon, Setup};
 
 const DAYS: u64 = 30;
 const START: u64 = 1_793_491_200; // 2026-11-01T00:00:00Z
@@ -280,71 +281,28 @@ fn hashing_overhead() {
 }
 
 fn daemon_ingest_rate(traild: &Path) -> f64 {
-    let tmp = tempfile::tempdir().unwrap();
-    let types = tmp.path().join("event-types");
-    std::fs::create_dir(&types).unwrap();
-    for e in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("event-types")).unwrap() {
-        let p = e.unwrap().path();
-        std::fs::copy(&p, types.join(p.file_name().unwrap())).unwrap();
-    }
-    let config = tmp.path().join("trail.yaml");
-    std::fs::write(
-        &config,
-        "socket: {path: trail.sock}\nevent_types: event-types\nlog: {dir: log}\n",
-    )
-    .unwrap();
-    let mut child = std::process::Command::new(traild)
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap();
-    let socket: PathBuf = tmp.path().join("trail.sock");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while UnixStream::connect(&socket).is_err() {
-        assert!(Instant::now() < deadline, "traild did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let per_client = 50_000;
-    let t = Instant::now();
-    let clients: Vec<_> = (0..4)
-        .map(|c| {
-            let socket = socket.clone();
-            std::thread::spawn(move || {
-                let stream = UnixStream::connect(&socket).unwrap();
-                let mut w = stream.try_clone().unwrap();
-                let writer = std::thread::spawn(move || {
-                    let mut buf = Vec::new();
-                    for i in 0..per_client {
-                        writeln!(
-                            buf,
-                            r#"{{"type":"user_login","actor":{{"id":"u-{c}","name":"alice"}},"outcome":"success","message":"bench {i}","payload":{{"method":"sso"}}}}"#
-                        )
-                        .unwrap();
-                        if buf.len() > 64 << 10 {
-                            w.write_all(&buf).unwrap();
-                            buf.clear();
-                        }
-                    }
-                    w.write_all(&buf).unwrap();
-                });
-                let mut ok = 0;
-                for line in BufReader::new(stream).lines().take(per_client) {
-                    if line.unwrap().starts_with(r#"{"ok":true"#) {
-                        ok += 1;
-                    }
-                }
-                writer.join().unwrap();
-                assert_eq!(ok, per_client);
-            })
-        })
-        .collect();
-    for c in clients {
-        c.join().unwrap();
-    }
-    let rate = (4 * per_client) as f64 / t.elapsed().as_secs_f64();
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let _ = child.wait();
-    let _ = SystemTime::now();
-    rate
+    let setup = Setup {
+        env: vec![("RUST_LOG".into(), "warn".into())],
+        shutdown_grace: None,
+        ..Setup::default()
+    };
+    let mut daemon = Daemon::with(traild, setup);
+    // 4 pipelining clients, 50,000 events each, writes of about 64 KiB, no window.
+    let plan = Plan {
+        window: u64::MAX,
+        ..Plan::new(4, 200_000)
+    };
+    let line = |c: usize, i: u64, buf: &mut Vec<u8>| {
+        writeln!(
+            buf,
+            r#"{{"type":"user_login","actor":{{"id":"u-{c}","name":"alice"}},"outcome":"success","message":"bench {i}","payload":{{"method":"sso"}}}}"#
+        )
+        .unwrap()
+    };
+    let mut probe = Vec::new();
+    line(0, 99_999, &mut probe);
+    let outcome = load::run(&daemon.socket, &plan, probe.len(), line).unwrap();
+    assert_eq!(outcome.acked(), 200_000);
+    daemon.stop_cleanly().unwrap();
+    outcome.events_per_sec()
 }

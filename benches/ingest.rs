@@ -12,17 +12,15 @@
 use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Barrier, OnceLock};
-use std::thread::{self, Thread};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, OnceLock};
+use std::thread;
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::json;
+use trail_test_kit::load::{self, Load, Outcome, Plan};
+use trail_test_kit::{Daemon, Setup};
 
 /// Targets from the issue, for a 2-core machine with the load generator on it.
 const TARGET_ALWAYS_EPS: f64 = 170_000.0;
@@ -30,14 +28,10 @@ const TARGET_NEVER_EPS: f64 = 450_000.0;
 const TARGET_P99_HALF: Duration = Duration::from_millis(5);
 const TARGET_RSS_KIB: u64 = 64 * 1024;
 
-/// Largest write the generator issues (and largest read of answers).
+/// Largest write the generator issues.
 const WRITE_BYTES: usize = 64 << 10;
-const READ_BYTES: usize = 256 << 10;
 /// By default a paced connection writes at most once per tick (whatever became due since its last write).
 const PACE_TICK: Duration = Duration::from_micros(200);
-/// How long the daemon may take to bind its socket, and to exit after SIGTERM.
-const START_DEADLINE: Duration = Duration::from_secs(15);
-const STOP_DEADLINE: Duration = Duration::from_secs(60);
 
 const HELP: &str = "\
 ingest benchmark: runs the release traild and pipelines ~300-byte events over N connections
@@ -331,147 +325,20 @@ fn build_event(templates: &[Template], conn: usize, n: u64, buf: &mut Vec<u8>) {
 // The daemon
 // ---------------------------------------------------------------------------------------------------------------
 
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-    log_dir: PathBuf,
-    stderr: PathBuf,
-    /// Socket and config; dropped after the child.
-    _run_dir: tempfile::TempDir,
-    _data_dir: tempfile::TempDir,
-}
-
-impl Daemon {
-    fn start(fsync: Fsync, opts: &Options) -> Result<Daemon> {
-        // The socket path must stay short (sun_path); the log goes where the caller asked.
-        let run_dir = tempfile::Builder::new()
-            .prefix("trail-bench-")
-            .tempdir()
-            .context("creating the socket dir")?;
-        let data_dir = match &opts.dir {
-            Some(d) => {
-                std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-                tempfile::Builder::new()
-                    .prefix("trail-bench-")
-                    .tempdir_in(d)
-            }
-            None => tempfile::Builder::new()
-                .prefix("trail-bench-data-")
-                .tempdir(),
-        }
-        .context("creating the data dir")?;
-        let socket = run_dir.path().join("trail.sock");
-        let log_dir = data_dir.path().join("log");
-        let event_types = Path::new(env!("CARGO_MANIFEST_DIR")).join("event-types");
-        let quote = |p: &Path| serde_json::to_string(&p.to_string_lossy()).expect("a string");
-        let config = format!(
-            "socket: {{path: {}}}\nevent_types: {}\nlog: {{dir: {}, fsync: {}{}}}\n",
-            quote(&socket),
-            quote(&event_types),
-            quote(&log_dir),
-            fsync.name(),
-            opts.log_extra
-                .as_deref()
-                .map(|x| format!(", {x}"))
-                .unwrap_or_default()
-        );
-        let config_path = run_dir.path().join("trail.yaml");
-        std::fs::write(&config_path, config).context("writing the config")?;
-        let stderr = run_dir.path().join("traild.stderr");
-        let child = Command::new(daemon_binary())
-            .arg("--config")
-            .arg(&config_path)
-            .env("RUST_LOG", daemon_log_filter().unwrap_or("info"))
-            .env_remove("JOURNAL_STREAM")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&stderr).context("creating the daemon's stderr file")?)
-            .spawn()
-            .context("starting traild")?;
-        let mut daemon = Daemon {
-            child,
-            socket,
-            log_dir,
-            stderr,
-            _run_dir: run_dir,
-            _data_dir: data_dir,
-        };
-        daemon.wait_ready()?;
-        Ok(daemon)
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    /// Polls until the socket accepts a connection; fails at once when the daemon exits.
-    fn wait_ready(&mut self) -> Result<()> {
-        let deadline = Instant::now() + START_DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!(
-                    "traild exited during start-up ({status})\n{}",
-                    self.stderr_tail()
-                );
-            }
-            if UnixStream::connect(&self.socket).is_ok() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "traild did not accept connections on {} within {START_DEADLINE:?}\n{}",
-                    self.socket.display(),
-                    self.stderr_tail()
-                );
-            }
-            thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    /// SIGTERM, then waits for a clean exit.
-    fn stop(&mut self) -> Result<()> {
-        // SAFETY: kill(2) on our own child's pid; the child has not been reaped yet, so the pid is still ours.
-        if unsafe { libc::kill(self.pid(), libc::SIGTERM) } != 0 {
-            bail!("SIGTERM: {}", std::io::Error::last_os_error());
-        }
-        let deadline = Instant::now() + STOP_DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                ensure!(
-                    status.success(),
-                    "traild exited with {status} after SIGTERM\n{}",
-                    self.stderr_tail()
-                );
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "traild did not exit within {STOP_DEADLINE:?} of SIGTERM\n{}",
-                    self.stderr_tail()
-                );
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn stderr_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let from = lines.len().saturating_sub(30);
-        format!(
-            "--- last lines of traild's stderr ---\n{}",
-            lines[from..].join("\n")
-        )
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// A fresh release daemon with `fsync`, its log under `--dir` when given.
+fn start_daemon(fsync: Fsync, opts: &Options) -> Result<Daemon> {
+    let setup = Setup {
+        fsync: fsync.name(),
+        log: opts.log_extra.clone(),
+        env: vec![(
+            "RUST_LOG".into(),
+            daemon_log_filter().unwrap_or("info").into(),
+        )],
+        shutdown_grace: None,
+        log_parent: opts.dir.clone(),
+        ..Setup::default()
+    };
+    Daemon::try_with(&daemon_binary(), setup)
 }
 
 fn daemon_log_filter() -> Option<&'static str> {
@@ -654,345 +521,22 @@ fn fs_type(path: &Path) -> String {
 // The load generator
 // ---------------------------------------------------------------------------------------------------------------
 
-#[derive(Debug, Clone, Copy)]
-enum Load {
-    /// As fast as the window allows.
-    Max,
-    /// Paced at this many events/s in total.
-    Paced(f64),
-}
-
-/// State shared by a connection's writer and reader.
-struct Shared {
-    /// Events completely written.
-    sent: AtomicU64,
-    /// Answers read.
-    acked: AtomicU64,
-    writer_waiting: AtomicBool,
-    abort: Arc<AtomicBool>,
-    writer: OnceLock<Thread>,
-}
-
-impl Shared {
-    fn wake_writer(&self) {
-        if self.writer_waiting.swap(false, Ordering::SeqCst)
-            && let Some(t) = self.writer.get()
-        {
-            t.unpark();
-        }
-    }
-}
-
-/// What one connection measured.
-struct ConnResult {
-    events: u64,
-    bytes: u64,
-    /// (latency in ns, number of events that had it).
-    samples: Vec<(u64, u32)>,
-    finished: Instant,
-}
-
-struct Plan {
-    conn: usize,
-    events: u64,
-    window: u64,
-    /// Most events in one write.
-    batch_max: u64,
-    /// The writer waits until the window has room for this many events (or all it has left).
-    low_water: u64,
-    load: Load,
-    connections: usize,
-    tick: Duration,
-}
-
-/// Sends `plan.events` events, never more than `plan.window` unanswered; reports each write's completion time
-/// and how many events it completed to the reader.
-fn writer(
-    stream: UnixStream,
-    plan: &Plan,
-    shared: &Shared,
-    stamps: mpsc::Sender<(Instant, u32)>,
-    start: &Barrier,
-) -> Result<u64> {
-    let _ = shared.writer.set(thread::current());
-    let templates = templates();
-    let mut stream = stream;
-    let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BYTES + 4096);
-    let mut ends: Vec<usize> = Vec::with_capacity(1024);
-    let (batch_max, low_water) = (plan.batch_max, plan.low_water);
-    let mut sent = 0u64;
-    let mut bytes = 0u64;
-    let per_conn_rate = match plan.load {
-        Load::Paced(rate) => {
-            // Paced runs sleep between small writes; the default 50 µs timer slack would blur the pacing.
-            // SAFETY: prctl(PR_SET_TIMERSLACK) only affects the calling thread.
-            unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1u64, 0u64, 0u64, 0u64) };
-            Some(rate / plan.connections as f64)
-        }
-        Load::Max => None,
+/// Drives `total` events at `load` into `daemon` over `opts.connections` connections.
+fn run_load(daemon: &Daemon, opts: &Options, total: u64, load: Load) -> Result<Outcome> {
+    let templates = Arc::new(templates());
+    let line_len = templates.iter().map(|t| t.line.len()).max().unwrap_or(300);
+    let plan = Plan {
+        window: opts.window,
+        write_bytes: WRITE_BYTES,
+        load,
+        tick: opts.tick,
+        timeout: opts.timeout,
+        ..Plan::new(opts.connections, total)
     };
-    start.wait();
-    let began = Instant::now();
-    let mut last_write = began;
-    // Stagger the connections of a paced run so they do not all send at the same instant.
-    let offset = per_conn_rate.map_or(0.0, |r| plan.conn as f64 / plan.connections as f64 / r);
-    while sent < plan.events {
-        if shared.abort.load(Ordering::Relaxed) {
-            bail!("aborted");
-        }
-        let mut want = (plan.events - sent).min(batch_max);
-        if let Some(rate) = per_conn_rate {
-            let elapsed = began.elapsed().as_secs_f64() - offset;
-            let due = if elapsed < 0.0 {
-                0
-            } else {
-                ((elapsed * rate) as u64 + 1).min(plan.events)
-            };
-            if due <= sent {
-                // Sleep until the next event is due, but write at most once per tick: at high rates a
-                // syscall per event would make the generator, not the daemon, the bottleneck.
-                let next = (began + Duration::from_secs_f64(offset + sent as f64 / rate))
-                    .max(last_write + plan.tick);
-                thread::sleep(next.saturating_duration_since(Instant::now()));
-                continue;
-            }
-            want = want.min(due - sent);
-        }
-        let in_flight = sent - shared.acked.load(Ordering::SeqCst);
-        let room = plan.window - in_flight;
-        if room < want.min(low_water) {
-            shared.writer_waiting.store(true, Ordering::SeqCst);
-            let in_flight = sent - shared.acked.load(Ordering::SeqCst);
-            if plan.window - in_flight < want.min(low_water) {
-                thread::park_timeout(Duration::from_millis(100));
-            }
-            shared.writer_waiting.store(false, Ordering::SeqCst);
-            continue;
-        }
-        let n = want.min(room);
-        buf.clear();
-        ends.clear();
-        for i in 0..n {
-            build_event(&templates, plan.conn, sent + i, &mut buf);
-            ends.push(buf.len());
-        }
-        let mut written = 0;
-        let mut completed = 0;
-        while written < buf.len() {
-            let w = stream
-                .write(&buf[written..])
-                .context("writing events to the daemon")?;
-            ensure!(w > 0, "the daemon stopped reading");
-            written += w;
-            let now = Instant::now();
-            let done = ends[completed..].partition_point(|&e| e <= written);
-            if done > 0 {
-                completed += done;
-                // Publish the count before the stamp so the reader's wake-up check sees it.
-                shared.sent.fetch_add(done as u64, Ordering::SeqCst);
-                if stamps.send((now, done as u32)).is_err() {
-                    bail!("the reader stopped");
-                }
-            }
-        }
-        sent += n;
-        bytes += buf.len() as u64;
-        last_write = Instant::now();
-    }
-    Ok(bytes)
-}
-
-/// Reads answers until every event is answered; each must be a success.
-fn reader(
-    stream: UnixStream,
-    plan: &Plan,
-    shared: &Shared,
-    stamps: mpsc::Receiver<(Instant, u32)>,
-    start: &Barrier,
-) -> Result<(Vec<(u64, u32)>, Instant)> {
-    let mut stream = stream;
-    let mut buf = vec![0u8; READ_BYTES];
-    let mut have = 0usize;
-    let mut acked = 0u64;
-    let mut samples: Vec<(u64, u32)> = Vec::with_capacity(1 << 16);
-    let mut current: Option<(Instant, u32)> = None;
-    start.wait();
-    while acked < plan.events {
-        if have == buf.len() {
-            bail!("an answer line is longer than {READ_BYTES} bytes");
-        }
-        let n = stream
-            .read(&mut buf[have..])
-            .context("reading answers from the daemon")?;
-        let now = Instant::now();
-        if n == 0 {
-            bail!(
-                "the daemon closed connection {} after {acked} of {} answers",
-                plan.conn,
-                plan.events
-            );
-        }
-        have += n;
-        let mut answered = 0u32;
-        let mut pos = 0;
-        for nl in memchr::memchr_iter(b'\n', &buf[..have]) {
-            let line = &buf[pos..nl];
-            if !line.starts_with(b"{\"ok\":true,") {
-                shared.abort.store(true, Ordering::SeqCst);
-                bail!(
-                    "connection {}: answer {} is not a success: {}",
-                    plan.conn,
-                    acked + u64::from(answered) + 1,
-                    String::from_utf8_lossy(line)
-                );
-            }
-            answered += 1;
-            pos = nl + 1;
-        }
-        buf.copy_within(pos..have, 0);
-        have -= pos;
-        // Answers come in request order: match them with the writes that completed their requests.
-        let mut left = answered;
-        while left > 0 {
-            let (sent_at, count) = match current.take() {
-                Some(c) if c.1 > 0 => c,
-                _ => stamps
-                    .recv()
-                    .context("an answer arrived for an event that was never sent")?,
-            };
-            let m = count.min(left);
-            samples.push((now.saturating_duration_since(sent_at).as_nanos() as u64, m));
-            left -= m;
-            current = Some((sent_at, count - m));
-        }
-        acked += u64::from(answered);
-        ensure!(
-            acked <= plan.events,
-            "connection {}: {acked} answers for {} events",
-            plan.conn,
-            plan.events
-        );
-        shared.acked.store(acked, Ordering::SeqCst);
-        let in_flight = shared.sent.load(Ordering::SeqCst).saturating_sub(acked);
-        if plan.window.saturating_sub(in_flight) >= plan.low_water {
-            shared.wake_writer();
-        }
-    }
-    Ok((samples, Instant::now()))
-}
-
-struct RunOutcome {
-    results: Vec<ConnResult>,
-    started: Instant,
-}
-
-fn run_load(daemon: &Daemon, opts: &Options, total: u64, load: Load) -> Result<RunOutcome> {
-    let n = opts.connections;
-    let abort = Arc::new(AtomicBool::new(false));
-    let line_len = templates()
-        .iter()
-        .map(|t| t.line.len())
-        .max()
-        .unwrap_or(300);
-    let batch_max = (WRITE_BYTES / line_len).max(1) as u64;
-    let low_water = batch_max.min(opts.window / 4).max(1);
-    let barrier = Arc::new(Barrier::new(2 * n + 1));
-    let (done_tx, done_rx) = mpsc::channel::<Result<ConnResult>>();
-    let mut handles = Vec::new();
-    for conn in 0..n {
-        let events = total / n as u64 + u64::from((conn as u64) < total % n as u64);
-        let plan = Arc::new(Plan {
-            conn,
-            events,
-            window: opts.window,
-            batch_max,
-            low_water,
-            load,
-            connections: n,
-            tick: opts.tick,
-        });
-        let stream = UnixStream::connect(&daemon.socket)
-            .with_context(|| format!("connecting to {}", daemon.socket.display()))?;
-        let read_half = stream.try_clone()?;
-        let shared = Arc::new(Shared {
-            sent: AtomicU64::new(0),
-            acked: AtomicU64::new(0),
-            writer_waiting: AtomicBool::new(false),
-            abort: abort.clone(),
-            writer: OnceLock::new(),
-        });
-        let (stamp_tx, stamp_rx) = mpsc::channel();
-        let w = {
-            let (plan, shared, barrier, abort) =
-                (plan.clone(), shared.clone(), barrier.clone(), abort.clone());
-            thread::Builder::new()
-                .name(format!("bench-writer-{conn}"))
-                .spawn(move || {
-                    let r = writer(stream, &plan, &shared, stamp_tx, &barrier);
-                    if r.is_err() {
-                        abort.store(true, Ordering::SeqCst);
-                    }
-                    r
-                })?
-        };
-        let r = {
-            let (barrier, done_tx, abort) = (barrier.clone(), done_tx.clone(), abort.clone());
-            thread::Builder::new()
-                .name(format!("bench-reader-{conn}"))
-                .spawn(move || {
-                    let read = reader(read_half, &plan, &shared, stamp_rx, &barrier);
-                    if read.is_err() {
-                        abort.store(true, Ordering::SeqCst);
-                        shared.wake_writer();
-                    }
-                    let result = read.and_then(|(samples, finished)| {
-                        let bytes = w
-                            .join()
-                            .map_err(|_| anyhow::anyhow!("writer {conn} panicked"))??;
-                        Ok(ConnResult {
-                            // What the reader counted, not what was planned: checked against the plan below.
-                            events: shared.acked.load(Ordering::SeqCst),
-                            bytes,
-                            samples,
-                            finished,
-                        })
-                    });
-                    let _ = done_tx.send(result);
-                })?
-        };
-        handles.push(r);
-    }
-    drop(done_tx);
-    barrier.wait();
-    let started = Instant::now();
-    let deadline = started + opts.timeout;
-    let mut results = Vec::new();
-    let mut failure = None;
-    while results.len() < n {
-        match done_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(Ok(r)) => results.push(r),
-            Ok(Err(e)) => {
-                failure = Some(e);
-                break;
-            }
-            Err(_) => {
-                failure = Some(anyhow::anyhow!(
-                    "the load did not finish within {:?}",
-                    opts.timeout
-                ));
-                break;
-            }
-        }
-    }
-    if let Some(e) = failure {
-        // Threads may be blocked on the daemon; the caller kills it, which unblocks them. Do not join here.
-        abort.store(true, Ordering::SeqCst);
-        return Err(anyhow::anyhow!("{e:#}\n{}", daemon.stderr_tail()));
-    }
-    for h in handles {
-        let _ = h.join();
-    }
-    Ok(RunOutcome { results, started })
+    load::run(&daemon.socket, &plan, line_len, move |conn, n, buf| {
+        build_event(&templates, conn, n, buf)
+    })
+    .map_err(|e| anyhow::anyhow!("{e:#}\n{}", daemon.stderr_tail(30)))
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1113,25 +657,26 @@ fn scenario(opts: &Options, fsync: Fsync, load: Load, events: u64) -> Result<Fig
             Load::Paced(r) => format!("paced at {r:.0} events/s"),
         }
     );
-    let mut daemon = Daemon::start(fsync, opts)?;
+    let mut daemon = start_daemon(fsync, opts)?;
     let log_fs = fs_type(&daemon.log_dir);
     if log_fs == "tmpfs" && fsync == Fsync::Always {
         eprintln!(
             "warning: the log is on tmpfs, where fdatasync does nothing; use --dir on a real disk"
         );
     }
-    let daemon_cpu_before = cpu_time(daemon.pid())?;
+    let pid = daemon.pid() as i32;
+    let daemon_cpu_before = cpu_time(pid)?;
     let own_before = own_cpu_time();
     let machine_before = machine_cpu_time()?;
     let outcome = run_load(&daemon, opts, events, load)?;
     let own_cpu = own_cpu_time() - own_before;
-    let daemon_cpu = cpu_time(daemon.pid())? - daemon_cpu_before;
+    let daemon_cpu = cpu_time(pid)? - daemon_cpu_before;
     let other_cpu = (machine_cpu_time()? - machine_before).saturating_sub(daemon_cpu + own_cpu);
-    let peak_rss_kib = peak_rss_kib(daemon.pid())?;
-    daemon.stop()?;
+    let peak_rss_kib = peak_rss_kib(pid)?;
+    daemon.stop_cleanly()?;
     if daemon_log_filter().is_some() {
         let keep = target_dir().join(format!("bench-ingest-{}.log", name.replace('/', "-")));
-        std::fs::copy(&daemon.stderr, &keep)
+        std::fs::copy(daemon.stderr_file(), &keep)
             .with_context(|| format!("keeping the daemon's stderr as {}", keep.display()))?;
         eprintln!("   daemon stderr kept as {}", keep.display());
     }

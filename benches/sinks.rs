@@ -8,18 +8,17 @@
 //!    from the rename to the new build serving, and the number of acknowledged events not delivered (must be 0).
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use trail::Config;
 use trail::audit::Auditor;
 use trail::sinks::Sinks;
+use trail_test_kit::load::{self, Load, Plan};
+use trail_test_kit::{Build, Daemon, Profile, Setup, install_plugin, workspace};
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
@@ -96,40 +95,27 @@ struct Libs {
 
 /// Builds the no-op plugin in release mode, twice: as is and marked `noop-v2`.
 fn build_noop() -> Libs {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let target = root.join("target/bench-plugins");
-    let staged = target.join("staged");
-    std::fs::create_dir_all(&staged).unwrap();
-    let build = |mark: Option<&str>, name: &str| {
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo
-            .current_dir(root)
-            .env("CARGO_TARGET_DIR", &target)
-            .args(["build", "--quiet", "--release", "-p", "trail-bench-noop"]);
-        match mark {
-            Some(m) => cargo.env("TRAIL_BENCH_MARK", m),
-            None => cargo.env_remove("TRAIL_BENCH_MARK"),
-        };
-        assert!(cargo.status().unwrap().success());
-        let to = staged.join(name);
-        std::fs::copy(target.join("release/libtrail_bench_noop.so"), &to).unwrap();
-        to
+    let build = |mark: Option<&str>, label: &str| {
+        Build::new(workspace(), &["trail-bench-noop"])
+            .profile(Profile::Release)
+            .target_dir(workspace().join("target/bench-plugins"))
+            .env("TRAIL_BENCH_MARK", mark)
+            .label(label)
+            .run()
+            .remove(0)
     };
     Libs {
-        v1: build(None, "v1.so"),
-        v2: build(Some("noop-v2"), "v2.so"),
+        v1: build(None, "noop-v1"),
+        v2: build(Some("noop-v2"), "noop-v2"),
     }
 }
 
 fn event_types() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("event-types")
+    workspace().join("event-types")
 }
 
 fn install(dir: &Path, library: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    let tmp = dir.join(".libnoop.so.tmp");
-    std::fs::copy(library, &tmp).unwrap();
-    std::fs::rename(&tmp, dir.join("libnoop.so")).unwrap();
+    install_plugin(dir, library, "libnoop.so");
 }
 
 fn sinks_yaml(count: usize) -> String {
@@ -203,61 +189,25 @@ fn record(seq: u64) -> String {
     )
 }
 
-struct Daemon {
-    child: Child,
-    dir: tempfile::TempDir,
+/// The release daemon with `sinks` no-op sinks that receive every event.
+fn start(sinks: usize, fsync: &'static str, library: &Path) -> Daemon {
+    let setup = Setup {
+        fsync,
+        plugins: if sinks > 0 {
+            vec![(library.to_owned(), "libnoop.so".to_owned())]
+        } else {
+            Vec::new()
+        },
+        extra_config: sinks_yaml(sinks),
+        env: vec![("RUST_LOG".into(), "warn".into())],
+        shutdown_grace: None,
+        ..Setup::default()
+    };
+    Daemon::with(Path::new(env!("CARGO_BIN_EXE_traild")), setup)
 }
 
-impl Daemon {
-    fn start(sinks: usize, fsync: &str, library: &Path) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        if sinks > 0 {
-            install(&dir.path().join("plugins"), library);
-        }
-        let config = dir.path().join("trail.yaml");
-        std::fs::write(
-            &config,
-            format!(
-                "socket: {{path: s.sock}}\nevent_types: {}\nlog: {{dir: log, fsync: {fsync}}}\n{}",
-                event_types().display(),
-                sinks_yaml(sinks)
-            ),
-        )
-        .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_traild"))
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let d = Daemon { child, dir };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while UnixStream::connect(d.socket()).is_err() {
-            assert!(Instant::now() < deadline, "daemon did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        d
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("s.sock")
-    }
-
-    fn status(&self) -> Value {
-        trail::client::admin(
-            &self.dir.path().join("admin.sock"),
-            &json!({"command": "status"}),
-        )
-        .unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
+fn status(daemon: &Daemon) -> Value {
+    trail::client::admin(&daemon.admin_socket(), &json!({"command": "status"})).unwrap()
 }
 
 fn request(i: u64) -> Vec<u8> {
@@ -274,45 +224,25 @@ fn request(i: u64) -> Vec<u8> {
 /// Pipelines `n` events over 4 connections; returns acknowledged events per second.
 fn ingest(socket: &Path, n: u64) -> f64 {
     let per = n / 4;
-    let started = Instant::now();
-    let threads: Vec<_> = (0..4)
-        .map(|c| {
-            let socket = socket.to_owned();
-            std::thread::spawn(move || {
-                let stream = UnixStream::connect(&socket).unwrap();
-                let mut w = stream.try_clone().unwrap();
-                let sender = std::thread::spawn(move || {
-                    let mut buf = Vec::with_capacity(1 << 20);
-                    for i in 0..per {
-                        buf.extend_from_slice(&request(c * per + i));
-                        if buf.len() > (1 << 20) - 1024 {
-                            w.write_all(&buf).unwrap();
-                            buf.clear();
-                        }
-                    }
-                    w.write_all(&buf).unwrap();
-                });
-                let mut ok = 0;
-                for line in BufReader::new(stream).lines().take(per as usize) {
-                    assert!(line.unwrap().starts_with("{\"ok\":true"));
-                    ok += 1;
-                }
-                sender.join().unwrap();
-                ok
-            })
-        })
-        .collect();
-    let acked: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
-    assert_eq!(acked, per * 4);
-    acked as f64 / started.elapsed().as_secs_f64()
+    let plan = Plan {
+        window: u64::MAX,
+        write_bytes: 1 << 20,
+        ..Plan::new(4, per * 4)
+    };
+    let outcome = load::run(socket, &plan, request(0).len(), move |c, i, buf| {
+        buf.extend_from_slice(&request(c as u64 * per + i))
+    })
+    .unwrap();
+    assert_eq!(outcome.acked(), per * 4);
+    outcome.events_per_sec()
 }
 
-fn ingest_with_sinks(library: &Path, sinks: usize, n: u64, fsync: &str) -> f64 {
-    let daemon = Daemon::start(sinks, fsync, library);
-    let rate = ingest(&daemon.socket(), n);
+fn ingest_with_sinks(library: &Path, sinks: usize, n: u64, fsync: &'static str) -> f64 {
+    let mut daemon = start(sinks, fsync, library);
+    let rate = ingest(&daemon.socket, n);
     if sinks > 0 {
         // Every sink must get every streamed record of the log, no more (no event lost in the measurement).
-        let expected = streamed_in_log(&daemon.dir.path().join("log"));
+        let expected = streamed_in_log(&daemon.log_dir);
         assert_eq!(
             expected.get("user_login"),
             Some(&n),
@@ -321,7 +251,7 @@ fn ingest_with_sinks(library: &Path, sinks: usize, n: u64, fsync: &str) -> f64 {
         let expected: u64 = expected.values().sum();
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let s = daemon.status();
+            let s = status(&daemon);
             let done = s["sinks"]
                 .as_array()
                 .unwrap()
@@ -337,45 +267,36 @@ fn ingest_with_sinks(library: &Path, sinks: usize, n: u64, fsync: &str) -> f64 {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+    daemon.stop_cleanly().unwrap();
     rate
 }
 
 fn hot_swap(libs: &Libs) -> (Duration, u64, u64) {
-    let daemon = Daemon::start(1, "always", &libs.v1);
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(AtomicU64::new(0));
+    let mut daemon = start(1, "always", &libs.v1);
+    // One connection, about 100 events a millisecond, until stopped.
+    let plan = Plan {
+        events: u64::MAX,
+        window: u64::MAX,
+        load: Load::Paced(100_000.0),
+        tick: Duration::from_millis(1),
+        ..Plan::new(1, 0)
+    };
+    let (stop, acked) = (plan.stop.clone(), plan.acked.clone());
     let client = {
-        let (socket, stop, acked) = (daemon.socket(), stop.clone(), acked.clone());
+        let socket = daemon.socket.clone();
         std::thread::spawn(move || {
-            let stream = UnixStream::connect(&socket).unwrap();
-            let mut w = stream.try_clone().unwrap();
-            let sender = std::thread::spawn(move || {
-                let mut i = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    let mut buf = Vec::new();
-                    for _ in 0..100 {
-                        buf.extend_from_slice(&request(i));
-                        i += 1;
-                    }
-                    w.write_all(&buf).unwrap();
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                w.shutdown(std::net::Shutdown::Write).unwrap();
-            });
-            for line in BufReader::new(stream).lines() {
-                assert!(line.unwrap().starts_with("{\"ok\":true"));
-                acked.fetch_add(1, Ordering::Relaxed);
-            }
-            sender.join().unwrap();
+            load::run(&socket, &plan, request(0).len(), |_, i, buf| {
+                buf.extend_from_slice(&request(i))
+            })
         })
     };
     while acked.load(Ordering::Relaxed) < 20_000 {
         std::thread::sleep(Duration::from_millis(5));
     }
     let renamed = Instant::now();
-    install(&daemon.dir.path().join("plugins"), &libs.v2);
+    install(&daemon.plugins_dir(), &libs.v2);
     let serving = |d: &Daemon| {
-        d.status()["sinks"][0]["serving"]
+        status(d)["sinks"][0]["serving"]
             .as_str()
             .unwrap_or("")
             .contains("noop-v2")
@@ -392,11 +313,10 @@ fn hot_swap(libs: &Libs) -> (Duration, u64, u64) {
         std::thread::sleep(Duration::from_millis(5));
     }
     stop.store(true, Ordering::Relaxed);
-    client.join().unwrap();
-    let acked = acked.load(Ordering::Relaxed);
+    let acked = client.join().unwrap().unwrap().acked();
     // The sink receives every streamed record of the log: the client's, all acknowledged, and the daemon's own
     // (plugin loaded, reloaded). Anything short of that, or more, is reported.
-    let expected = streamed_in_log(&daemon.dir.path().join("log"));
+    let expected = streamed_in_log(&daemon.log_dir);
     assert_eq!(
         expected.get("user_login"),
         Some(&acked),
@@ -405,12 +325,13 @@ fn hot_swap(libs: &Libs) -> (Duration, u64, u64) {
     let expected: u64 = expected.values().sum();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let delivered = daemon.status()["sinks"][0]["delivered"].as_u64().unwrap();
+        let delivered = status(&daemon)["sinks"][0]["delivered"].as_u64().unwrap();
         assert!(
             delivered <= expected,
             "{delivered} delivered, {expected} streamed: duplicates"
         );
         if delivered == expected || Instant::now() > deadline {
+            daemon.stop_cleanly().unwrap();
             return (swap, acked, expected - delivered);
         }
         std::thread::sleep(Duration::from_millis(10));

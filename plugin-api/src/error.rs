@@ -1,8 +1,9 @@
 //! Errors a sink returns to the host.
 //!
-//! This module owns the error values that cross the boundary. It does not decide what the host
-//! does with them: that policy is described on [`ErrorKind`] so that plugin authors know what
-//! each kind will cause, but it lives in the daemon.
+//! This module owns the error values that cross the boundary, and the host's rule for what a
+//! failed delivery of each kind causes ([`ErrorKind::host_action`]): trail's sink worker and
+//! the plugin test kit both apply that one function, so what a plugin's tests see is what the
+//! daemon does. The rule is plain Rust and never crosses the boundary.
 
 use std::fmt;
 
@@ -64,6 +65,27 @@ impl ErrorKind {
         self.0 == Self::RETRYABLE.0 || !self.is_known()
     }
 
+    /// What a host does with a batch after a delivery call failed with this kind: the rule
+    /// trail's sink worker applies to a failed [`write`](crate::Sink::write) (and to a failed
+    /// [`flush`](crate::Sink::flush) after it, as if nothing had been delivered), and that
+    /// plugin test kits apply so that tests see what the daemon does.
+    ///
+    /// | kind | action |
+    /// |---|---|
+    /// | [`RETRYABLE`](Self::RETRYABLE) and every kind this version does not know | [`HostAction::Retry`] |
+    /// | [`PERMANENT`](Self::PERMANENT), [`CONFIG`](Self::CONFIG) | [`HostAction::GiveUp`] |
+    /// | [`PANIC`](Self::PANIC) | [`HostAction::FreshInstance`] |
+    ///
+    /// Added in API 1.2. Not part of the ABI: a plugin built against an older version is
+    /// treated by the same rule.
+    pub const fn host_action(self) -> HostAction {
+        match self {
+            Self::PERMANENT | Self::CONFIG => HostAction::GiveUp,
+            Self::PANIC => HostAction::FreshInstance,
+            _ => HostAction::Retry,
+        }
+    }
+
     /// The lower-case name of a known kind (`retryable`, `permanent`, `config`, `panic`), or
     /// `None`. [`Display`](fmt::Display) prints `unknown(N)` for the others.
     pub const fn name(self) -> Option<&'static str> {
@@ -90,6 +112,24 @@ impl fmt::Debug for ErrorKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(self, f)
     }
+}
+
+/// What a host does after a delivery call failed: the answer of [`ErrorKind::host_action`].
+///
+/// In every case the first [`WriteError::delivered`] records of the batch count as delivered
+/// and are not sent again. This type stays on the host's side of the boundary (it is not
+/// `repr(C)` and no plugin ever sees it); later versions may add variants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum HostAction {
+    /// Send the undelivered rest of the batch again, after a backoff, to the same instance.
+    Retry,
+    /// Give up on the record at index `delivered`: it can never be delivered (trail writes it
+    /// to the sink's dead-letter file and counts it as failed). Delivery continues after it.
+    GiveUp,
+    /// The instance panicked and must not be called again: drop it, construct a new one (with
+    /// backoff) and send the undelivered rest of the batch to that.
+    FreshInstance,
 }
 
 /// An error returned by a sink's constructor or one of its methods.
@@ -208,22 +248,30 @@ impl std::error::Error for WriteError {
 mod tests {
     use super::*;
 
-    fn check_kind(kind: ErrorKind, display: &str, known: bool, retryable: bool) {
+    fn check_kind(
+        kind: ErrorKind,
+        display: &str,
+        known: bool,
+        retryable: bool,
+        action: HostAction,
+    ) {
         assert_eq!(kind.to_string(), display);
         assert_eq!(kind.is_known(), known, "{display}");
         assert_eq!(kind.is_retryable(), retryable, "{display}");
+        assert_eq!(kind.host_action(), action, "{display}");
         assert_eq!(ErrorKind::from_raw(kind.as_raw()), kind);
     }
 
     #[test]
     fn kinds() {
-        check_kind(ErrorKind::RETRYABLE, "retryable", true, true);
-        check_kind(ErrorKind::PERMANENT, "permanent", true, false);
-        check_kind(ErrorKind::CONFIG, "config", true, false);
-        check_kind(ErrorKind::PANIC, "panic", true, false);
-        check_kind(ErrorKind::from_raw(0), "unknown(0)", false, true);
-        check_kind(ErrorKind::from_raw(5), "unknown(5)", false, true);
-        check_kind(ErrorKind::from_raw(255), "unknown(255)", false, true);
+        use HostAction::{FreshInstance, GiveUp, Retry};
+        check_kind(ErrorKind::RETRYABLE, "retryable", true, true, Retry);
+        check_kind(ErrorKind::PERMANENT, "permanent", true, false, GiveUp);
+        check_kind(ErrorKind::CONFIG, "config", true, false, GiveUp);
+        check_kind(ErrorKind::PANIC, "panic", true, false, FreshInstance);
+        check_kind(ErrorKind::from_raw(0), "unknown(0)", false, true, Retry);
+        check_kind(ErrorKind::from_raw(5), "unknown(5)", false, true, Retry);
+        check_kind(ErrorKind::from_raw(255), "unknown(255)", false, true, Retry);
     }
 
     #[test]

@@ -184,7 +184,8 @@
 //! - adding [`ErrorKind`] or [`LogLevel`] values (older hosts treat an unknown kind as
 //!   retryable and an unknown level as info);
 //! - adding new types, functions and helpers, and new symbols exported by [`export_sink!`]
-//!   (1.1 added [`NAME_SYMBOL`]).
+//!   (1.1 added [`NAME_SYMBOL`]; 1.2 added [`ErrorKind::host_action`] and [`HostAction`], the
+//!   host's rule for each error kind, which never crosses the boundary).
 //!
 //! Plugins built against an older minor keep loading in newer hosts, and the other way round.
 //! Patch versions change documentation and helpers only. trail's test suite holds it to this:
@@ -194,7 +195,7 @@
 //!
 //! A plugin built against another major version is refused when it is loaded, with one line
 //! naming both versions, e.g. `plugin /usr/lib/trail/plugins/libx.so: built for
-//! trail-plugin-api 2.0.0; this daemon speaks 1.x (1.1.0): rebuild it against trail-plugin-api
+//! trail-plugin-api 2.0.0; this daemon speaks 1.x (1.2.0): rebuild it against trail-plugin-api
 //! 1.x`.
 #![deny(missing_docs)]
 
@@ -208,7 +209,7 @@ mod sink;
 /// The ABI-stability library this API is built on, for hosts and for [`export_sink!`].
 pub use abi_stable;
 
-pub use error::{ErrorKind, SinkError, WriteError};
+pub use error::{ErrorKind, HostAction, SinkError, WriteError};
 #[doc(hidden)]
 pub use export::__private;
 pub use host::{Host, HostCallbacks, HostCallbacks_TO, HostCallbacksBox, LogLevel};

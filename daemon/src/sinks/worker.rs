@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use abi_stable::std_types::RSlice;
 use serde::Serialize;
 use tracing::{error, info, warn};
-use trail_plugin_api::{ErrorKind, Record, SinkBox, SinkError, WriteError};
+use trail_plugin_api::{HostAction, Record, SinkBox, SinkError, WriteError};
 
 use super::dead_letter::{self, DeadLetters};
 use super::loader::Plugin;
@@ -321,8 +321,8 @@ impl State {
                         i += d;
                         self.succeeded(d as u64);
                     }
-                    match error.kind {
-                        ErrorKind::PERMANENT | ErrorKind::CONFIG if i < entries.len() => {
+                    match error.kind.host_action() {
+                        HostAction::GiveUp if i < entries.len() => {
                             if let Err(e) = self.dead_letter(&entries[i], &error) {
                                 // Without its dead letter the record must not be skipped: retry it.
                                 self.failed(&format!("cannot write the dead-letter file: {e}"));
@@ -333,7 +333,7 @@ impl State {
                             i += 1;
                             self.attempt = 0;
                         }
-                        ErrorKind::PANIC => {
+                        HostAction::FreshInstance => {
                             self.w.status.panics.fetch_add(1, Ordering::Relaxed);
                             self.failed(&format!("the plugin panicked: {}", error.message));
                             // The instance refuses further calls: build a fresh one for the retry.
