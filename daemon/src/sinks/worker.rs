@@ -473,7 +473,7 @@ impl State {
             seq: u64,
         }
         let mut at = Vec::new();
-        crate::record::write_rfc3339(&mut at, SystemTime::now());
+        crate::record::write_rfc3339(&mut at, crate::clock::now());
         let head = Head {
             sink: self.name(),
             dead_at: String::from_utf8(at).unwrap_or_default(),
