@@ -238,7 +238,9 @@ mod tests {
         check("1.5", ms(1_500));
         check(".5s", ms(500));
         check("0.25ms", Some(250_000));
+        check("2m", ms(120_000));
         check("5m", ms(300_000));
+        check("1h", ms(3_600_000));
         check("2h", ms(7_200_000));
         check("7d", ms(604_800_000));
         check("1.5d", ms(129_600_000));
