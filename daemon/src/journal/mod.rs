@@ -1,8 +1,9 @@
 //! The durable JSON-lines log and its single writer (group commit).
 //!
-//! Owns the log directory: file naming, recovery of a torn tail at start, and the writer thread that assigns
-//! `seq`, appends records and syncs them. Nothing else writes to the log. A submission is acknowledged only after
-//! its records are written and, with `fsync: always`, after `fdatasync` returned.
+//! Owns writing the log directory: the writer thread that assigns `seq`, appends records and syncs them (file
+//! names, recovery of a torn tail and the chain are [`crate::log`]'s). Nothing else writes to the log. A
+//! submission is acknowledged only after its records are written and, with `fsync: always`, after `fdatasync`
+//! returned.
 //!
 //! Files are named `trail-<UTC start, YYYYMMDDTHHMMSSZ>-<first seq, 20 digits>.jsonl`, so they sort by time and
 //! by `seq`; the newest one is appended to and the symlink `current` names it. The writer also seals every
