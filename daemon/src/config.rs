@@ -701,152 +701,15 @@ fn user_message(e: &serde_saphyr::Error, at: Option<&str>) -> String {
     out
 }
 
-/// A unit of a quantity and how many base units it is.
-type Units = &'static [(&'static str, u64)];
-
-const DURATION_UNITS: Units = &[
-    ("ms", 1),
-    ("", 1_000),
-    ("s", 1_000),
-    ("m", 60_000),
-    ("h", 3_600_000),
-    ("d", 86_400_000),
-];
-
-const SIZE_UNITS: Units = &[
-    ("", 1),
-    ("B", 1),
-    ("KiB", 1 << 10),
-    ("MiB", 1 << 20),
-    ("GiB", 1 << 30),
-    ("KB", 1_000),
-    ("MB", 1_000_000),
-    ("GB", 1_000_000_000),
-];
-
-/// A quantity of a configuration file: a size (base unit: bytes) or a duration (base unit: milliseconds; a bare
-/// number means seconds).
-#[derive(Clone, Copy)]
-enum Kind {
-    Size,
-    Duration,
-}
-
-impl Kind {
-    fn units(self) -> Units {
-        match self {
-            Kind::Size => SIZE_UNITS,
-            Kind::Duration => DURATION_UNITS,
-        }
-    }
-
-    /// What a value should look like, for error messages.
-    fn expected(self) -> &'static str {
-        match self {
-            Kind::Size => "a size: use bytes or a unit such as 64KiB, 16MiB, 1GiB",
-            Kind::Duration => "a duration: use seconds or a unit such as 500ms, 10s, 5m, 2h, 7d",
-        }
-    }
-
-    /// Parses `<digits><unit>` in base units.
-    fn parse(self, text: &str) -> Result<u64, String> {
-        let not = || format!("{text:?} is not {}", self.expected());
-        let trimmed = text.trim();
-        let split = trimmed
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(trimmed.len());
-        let (number, unit) = trimmed.split_at(split);
-        let n: u64 = number.parse().map_err(|_| not())?;
-        let unit = unit.trim();
-        let factor = self
-            .units()
-            .iter()
-            .find(|(name, _)| *name == unit)
-            .map(|(_, f)| *f)
-            .ok_or_else(not)?;
-        n.checked_mul(factor)
-            .ok_or_else(|| format!("{text:?} is too large"))
-    }
-}
-
-/// Parses a duration such as `500ms`, `10s`, `5m`, `2h`, `7d`; a bare number means seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    Kind::Duration.parse(text).map(Duration::from_millis)
-}
-
-/// Parses a size such as `512`, `64KiB`, `16MiB`, `1GiB` (also `KB`/`MB`/`GB`, as powers of 1000).
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    Kind::Size.parse(text)
-}
-
-/// Reads a quantity in base units from a number or a text; anything else is refused saying what was written.
-impl<'de> serde::de::Visitor<'de> for Kind {
-    type Value = u64;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.expected())
-    }
-
-    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<u64, E> {
-        match self {
-            Kind::Size => Ok(v),
-            Kind::Duration => v
-                .checked_mul(1_000)
-                .ok_or_else(|| E::custom(format!("{v} is too large"))),
-        }
-    }
-
-    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<u64, E> {
-        match u64::try_from(v) {
-            Ok(v) => self.visit_u64(v),
-            Err(_) => Err(E::custom(format!("{v} is not {}", self.expected()))),
-        }
-    }
-
-    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<u64, E> {
-        Err(E::custom(format!("{v} is not {}", self.expected())))
-    }
-
-    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<u64, E> {
-        Err(E::custom(format!("{v} is not {}", self.expected())))
-    }
-
-    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<u64, E> {
-        self.parse(v).map_err(E::custom)
-    }
-
-    fn visit_unit<E: serde::de::Error>(self) -> Result<u64, E> {
-        Err(E::custom(format!(
-            "an empty value is not {}; or leave the key out",
-            self.expected()
-        )))
-    }
-
-    fn visit_none<E: serde::de::Error>(self) -> Result<u64, E> {
-        self.visit_unit()
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<u64, A::Error> {
-        Err(serde::de::Error::custom(format!(
-            "a list is not {}",
-            self.expected()
-        )))
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<u64, A::Error> {
-        Err(serde::de::Error::custom(format!(
-            "a mapping is not {}",
-            self.expected()
-        )))
-    }
-}
+/// Durations and sizes follow one grammar, the plugins' settings' (README.md, "Durations and sizes").
+pub use trail_plugin_settings::quantity::{parse_duration, parse_size};
 
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    d.deserialize_any(Kind::Duration).map(Duration::from_millis)
+    trail_plugin_settings::quantity::deserialize_duration(d)
 }
 
 fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    d.deserialize_any(Kind::Size)
+    trail_plugin_settings::quantity::deserialize_size(d)
 }
 
 fn de_size_usize<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
@@ -1045,21 +908,6 @@ mod tests {
     }
 
     #[test]
-    fn sizes() {
-        let check = |text: &str, expected: Option<u64>| {
-            assert_eq!(parse_size(text).ok(), expected, "{text}");
-        };
-        check("4096", Some(4096));
-        check("64KiB", Some(65536));
-        check("16MiB", Some(16 << 20));
-        check("1GiB", Some(1 << 30));
-        check("2 MB", Some(2_000_000));
-        check("1TiB", None);
-        check("MiB", None);
-        check("99999999999GiB", None);
-    }
-
-    #[test]
     fn log_settings() {
         let c = parse(MINIMAL).unwrap();
         assert_eq!(c.log.rotate, Rotate::Daily);
@@ -1103,26 +951,5 @@ mod tests {
         bad("retention_by_type: {user_login: forever}", "user_login");
         bad("checkpoint_every: 0s", "at least 1s");
         bad("retain: 7d", "retain");
-    }
-
-    #[test]
-    fn durations() {
-        let check = |text: &str, expected: Option<u64>| {
-            assert_eq!(
-                parse_duration(text).ok().map(|d| d.as_millis() as u64),
-                expected,
-                "{text}"
-            );
-        };
-        check("500ms", Some(500));
-        check("10s", Some(10_000));
-        check("10", Some(10_000));
-        check("5m", Some(300_000));
-        check("2h", Some(7_200_000));
-        check("7d", Some(604_800_000));
-        check("", None);
-        check("s", None);
-        check("1y", None);
-        check("-1s", None);
     }
 }

@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::protocol::Payload;
+use crate::protocol::{Payload, Violation};
 
 /// The daemon's own event types, embedded so that they exist whatever the configured directory holds (a file of
 /// the same name in the directory takes precedence).
@@ -107,15 +107,6 @@ pub struct EventType {
     /// Where the definition came from.
     pub file: PathBuf,
     payload: Option<jsonschema::Validator>,
-}
-
-/// One violation found in a payload.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Violation {
-    /// JSON pointer into the request, e.g. `/payload/ip`.
-    pub path: String,
-    /// What is wrong there.
-    pub message: String,
 }
 
 impl EventType {

@@ -20,7 +20,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{Limits, SMALL_LINE_BYTES};
 use crate::event_types::{EventType, Registry};
@@ -621,6 +621,38 @@ pub async fn record_own(ctx: &Context, line: &[u8], source: &[u8]) -> Result<u64
         .await
         .unwrap_or_else(|_| Err(Unavailable("the log writer stopped".into())))
         .map_err(|e| Rejection::new(ErrorCode::Unavailable, e.0))
+}
+
+/// The `source` of the daemon's own events: its own process, marked `"daemon":true`.
+pub fn own_source(ctx: &Context) -> Vec<u8> {
+    Source {
+        uid: unsafe { libc::geteuid() },
+        gid: unsafe { libc::getegid() },
+        pid: Some(std::process::id() as i32),
+        host: ctx.host.clone(),
+        daemon: true,
+    }
+    .fragment()
+}
+
+/// Records the daemon's own audit events (the lines the auditor queues), attributed to its own process,
+/// until `done` (then drains what is queued).
+pub async fn record_own_events(
+    ctx: Arc<Context>,
+    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    done: CancellationToken,
+) {
+    let source = own_source(&ctx);
+    loop {
+        let line = tokio::select! {
+            biased;
+            line = rx.recv() => match line { Some(l) => l, None => break },
+            _ = done.cancelled() => match rx.try_recv() { Ok(l) => l, Err(_) => break },
+        };
+        if let Err(r) = record_own(&ctx, &line, &source).await {
+            error!(error = %r.message, event = %String::from_utf8_lossy(&line), "cannot record the daemon's own audit event");
+        }
+    }
 }
 
 /// Writes the answers of a connection in request order, each once its records are durable.

@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 pub use config::Config;
 
@@ -168,9 +168,13 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         connections: connections.clone(),
     });
     let background = CancellationToken::new();
-    let audit_task = tokio::spawn(record_own_events(ctx.clone(), audit_rx, background.clone()));
+    let audit_task = tokio::spawn(ingest::record_own_events(
+        ctx.clone(),
+        audit_rx,
+        background.clone(),
+    ));
     let upkeep = {
-        let (ctx, source) = (ctx.clone(), own_source(&ctx));
+        let (ctx, source) = (ctx.clone(), ingest::own_source(&ctx));
         tokio::spawn(retention::run(
             config.log.dir.clone(),
             retention::Policy::of(&config.log),
@@ -196,8 +200,11 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
     tokio::spawn(admin::serve(admin_listener, admin, background.clone()));
     let watcher = match &sinks {
         Some(s) => {
-            tokio::spawn(reload_on_sighup(s.clone(), background.clone()));
-            tokio::spawn(watch_stuck(s.clone(), background.clone()));
+            let for_hup = s.clone();
+            tokio::spawn(shutdown::reload_on_hangup(background.clone(), move || {
+                let _ = for_hup.reload_all();
+            }));
+            tokio::spawn(sinks::watch::watch_stuck(s.clone(), background.clone()));
             if std::env::var_os(NO_WATCH_VAR).is_some() {
                 warn!(
                     variable = NO_WATCH_VAR,
@@ -263,64 +270,6 @@ fn warn_if_few_descriptors(max_connections: usize) {
             "the open-file limit is below what limits.max_connections needs; clients beyond it wait in the \
              socket's backlog: raise LimitNOFILE or lower limits.max_connections"
         );
-    }
-}
-
-/// The `source` of the daemon's own events: its own process, marked `"daemon":true`.
-fn own_source(ctx: &ingest::Context) -> Vec<u8> {
-    record::Source {
-        uid: unsafe { libc::geteuid() },
-        gid: unsafe { libc::getegid() },
-        pid: Some(std::process::id() as i32),
-        host: ctx.host.clone(),
-        daemon: true,
-    }
-    .fragment()
-}
-
-/// Records the daemon's own audit events, attributed to its own process, until `done` (then drains what is queued).
-async fn record_own_events(
-    ctx: Arc<ingest::Context>,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
-    done: CancellationToken,
-) {
-    let source = own_source(&ctx);
-    loop {
-        let line = tokio::select! {
-            biased;
-            line = rx.recv() => match line { Some(l) => l, None => break },
-            _ = done.cancelled() => match rx.try_recv() { Ok(l) => l, Err(_) => break },
-        };
-        if let Err(r) = ingest::record_own(&ctx, &line, &source).await {
-            error!(error = %r.message, event = %String::from_utf8_lossy(&line), "cannot record the daemon's own audit event");
-        }
-    }
-}
-
-async fn reload_on_sighup(sinks: Arc<sinks::Sinks>, done: CancellationToken) {
-    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-        warn!("cannot handle SIGHUP; use `trail reload`");
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = done.cancelled() => return,
-            _ = hup.recv() => {
-                info!("SIGHUP: rescanning the plugin directory");
-                let s = sinks.clone();
-                let _ = tokio::task::spawn_blocking(move || s.reload_all()).await;
-            }
-        }
-    }
-}
-
-async fn watch_stuck(sinks: Arc<sinks::Sinks>, done: CancellationToken) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            _ = done.cancelled() => return,
-            _ = tick.tick() => sinks.watch_stuck(),
-        }
     }
 }
 

@@ -15,8 +15,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::event_types::Violation;
-
 pub use json_text::MAX_DEPTH;
 
 /// The JSON Schema of a request line.
@@ -205,6 +203,15 @@ impl ErrorCode {
         ErrorCode::Forbidden,
         ErrorCode::TooManyConnections,
     ];
+}
+
+/// One violation found in a request (its envelope or, by an event type's schema, its payload).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// JSON pointer into the request, e.g. `/payload/ip`.
+    pub path: String,
+    /// What is wrong there.
+    pub message: String,
 }
 
 /// A refused request, ready to be answered.

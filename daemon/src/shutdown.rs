@@ -1,11 +1,12 @@
-//! Turning SIGTERM and SIGINT into an orderly stop.
+//! Turning SIGTERM and SIGINT into an orderly stop, and SIGHUP into a reload.
 //!
-//! Owns signal handling only: the first signal cancels the token that every task watches; what stopping means is
-//! up to each task (the socket stops accepting, connections answer what they read, the journal syncs).
+//! Owns signal handling only: the first SIGTERM or SIGINT cancels the token that every task watches; what
+//! stopping means is up to each task (the socket stops accepting, connections answer what they read, the journal
+//! syncs). Each SIGHUP runs the reload it is given (the sinks rescan the plugin directory).
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 /// Cancels `token` on the first SIGTERM or SIGINT.
 pub fn on_signals(token: CancellationToken) -> std::io::Result<()> {
@@ -20,4 +21,21 @@ pub fn on_signals(token: CancellationToken) -> std::io::Result<()> {
         token.cancel();
     });
     Ok(())
+}
+
+/// Runs `reload` (on a blocking thread, one at a time) on every SIGHUP until `done`.
+pub async fn reload_on_hangup(done: CancellationToken, reload: impl Fn() + Clone + Send + 'static) {
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        warn!("cannot handle SIGHUP; use `trail reload`");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = done.cancelled() => return,
+            _ = hup.recv() => {
+                info!("SIGHUP: rescanning the plugin directory");
+                let _ = tokio::task::spawn_blocking(reload.clone()).await;
+            }
+        }
+    }
 }

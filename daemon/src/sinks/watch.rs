@@ -77,3 +77,14 @@ pub fn start(sinks: Arc<Sinks>) -> notify::Result<Watcher> {
         _debouncer: debouncer,
     })
 }
+
+/// Looks for stuck sinks ([`Sinks::watch_stuck`]) once a second until `done`.
+pub async fn watch_stuck(sinks: Arc<Sinks>, done: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = done.cancelled() => return,
+            _ = tick.tick() => sinks.watch_stuck(),
+        }
+    }
+}

@@ -1,10 +1,9 @@
 //! Reading the log by `seq`, for the spool's references to it.
 
-use crate::record::line::ID;
-use crate::record::line::value_after;
-use std::io::BufRead;
-use std::io::BufReader;
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
+
+use crate::record::line::{ID, value_after};
 
 /// Reads records of the log by `seq`, forwards, for the spool lines that refer to it.
 pub(super) struct LogSource {

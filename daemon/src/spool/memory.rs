@@ -1,10 +1,9 @@
 //! The newest published records, kept in memory for readers that keep up.
 
-use super::Entry;
 use std::collections::VecDeque;
-use std::sync::Arc;
-use std::sync::Mutex;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use super::Entry;
 
 /// Records published together, as kept in memory for readers: whole record lines, also of records whose spool
 /// line is a reference to the log.

@@ -1,19 +1,16 @@
 //! A sink's reader: from memory when it keeps up, else from the segment files, resolving references from the log.
 
-use super::Entry;
-use super::Shared;
-use super::log_source::LogSource;
-use super::memory::in_memory;
-use super::write_cursor;
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::SeekFrom;
-use std::io::{Read as _, Seek};
+use std::io::{Read as _, Seek, SeekFrom};
 use std::sync::Arc;
-use std::time::Duration;
-use std::time::Instant;
-use tracing::error;
-use tracing::warn;
+use std::time::{Duration, Instant};
+
+use tracing::{error, warn};
+
+use super::log_source::LogSource;
+use super::memory::in_memory;
+use super::{Entry, Shared, write_cursor};
 
 /// What one [`Reader::next`] call produced.
 #[derive(Debug, Default)]

@@ -1,11 +1,8 @@
 //! Spool lines: whole records and references to the log, as a group commit builds them and as readers parse them.
 
-use crate::record::line;
-use crate::record::line::ID;
-use crate::record::line::Span;
-use crate::record::line::TYPE;
-use crate::record::line::value_after;
 use std::sync::Arc;
+
+use crate::record::line::{self, ID, Span, TYPE, value_after};
 
 /// The spool's part of one group commit, built by the journal writer: the bytes for the segment file, where every
 /// record that is also in the log is only a reference to it (`{"seq":…,"id":…,"type":…,"in_log":true}`), and

@@ -1,25 +1,20 @@
 //! The writer's end of the spool, owned by the journal thread, and the spool's sync thread.
 
-use super::CLEAN;
-use super::Error;
-use super::Group;
-use super::Shared;
-use super::io_error;
-use super::log_source::LogSource;
-use super::memory::Block;
-use crate::config::WhenFull;
-use crate::log::append::AppendFile;
-use crate::record::line::event_type;
 use std::collections::HashSet;
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::Mutex;
-use std::sync::OnceLock;
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::Duration;
-use tracing::error;
-use tracing::warn;
+
+use tracing::{error, warn};
+
+use crate::config::WhenFull;
+use crate::log::append::AppendFile;
+use crate::record::line::event_type;
+
+use super::log_source::LogSource;
+use super::memory::Block;
+use super::{CLEAN, Error, Group, Shared, io_error};
 
 /// The writer's end, owned by the journal thread.
 pub struct Writer {

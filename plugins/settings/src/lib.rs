@@ -1,17 +1,22 @@
 //! Configuration parsing shared by trail's first-party sink plugins (`webhook`, `syslog`, `postgres`): reading a
-//! sink's `config` with errors the daemon reports as configuration errors, durations such as `500ms`, `10s`,
-//! `5m`, `2h` or a number of seconds, and secrets kept in the environment or in files ([`Secret`]). Not part of
-//! the plugin API: third-party plugins depend on `trail-plugin-api` alone.
+//! sink's `config` with errors the daemon reports as configuration errors, durations such as `500ms`, `1.5s`,
+//! `5m`, `2h`, `7d` or a number of seconds, and secrets kept in the environment or in files ([`Secret`]). Not
+//! part of the plugin API: third-party plugins depend on `trail-plugin-api` alone.
+//!
+//! [`quantity`] is the grammar of durations and sizes; the daemon's configuration reads its own durations and
+//! sizes with it too, so that one value means the same in both places.
 
 #![deny(missing_docs)]
 
+pub mod quantity;
 mod secret;
 
+pub use quantity::parse_duration;
 pub use secret::Secret;
 
 use std::time::Duration;
 
-use serde::de::{self, Deserialize, DeserializeOwned, Deserializer};
+use serde::de::{self, DeserializeOwned, Deserializer};
 use trail_plugin_api::SinkError;
 
 /// Reads `config_json` (the sink's `config` section) as `C` and checks it into the plugin's settings; every
@@ -33,31 +38,6 @@ fn config_error(message: String) -> SinkError {
     SinkError::config(format!("config: {message}"))
 }
 
-/// Parses a duration such as `500ms`, `10s`, `5m`, `2h`; a bare number means seconds. Zero is accepted (see
-/// [`de_positive_duration`] for settings where it makes no sense).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration: write e.g. 500ms, 10s, 5m"))?;
-    let seconds = match unit.trim() {
-        "ms" => number / 1000.0,
-        "" | "s" => number,
-        "m" => number * 60.0,
-        "h" => number * 3600.0,
-        other => {
-            return Err(format!(
-                "{text:?}: unknown unit {other:?}: write e.g. 500ms, 10s, 5m"
-            ));
-        }
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} is out of range"))
-}
-
 /// Like [`de_duration`], refusing zero: for timeouts and the like.
 pub fn de_positive_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     match de_duration(d)? {
@@ -69,47 +49,14 @@ pub fn de_positive_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Du
 }
 
 /// For `#[serde(default, deserialize_with = "de_duration")]` on an `Option<Duration>`: a number of seconds or a
-/// string that [`parse_duration`] reads.
+/// text that [`parse_duration`] reads (the grammar of [`quantity`]).
 pub fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    #[derive(serde::Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Seconds(u64),
-        Text(String),
-    }
-    match Raw::deserialize(d).map_err(|_| {
-        de::Error::custom("expected a duration such as \"500ms\", \"10s\" or a number of seconds")
-    })? {
-        Raw::Seconds(s) => Ok(Some(Duration::from_secs(s))),
-        Raw::Text(t) => parse_duration(&t).map(Some).map_err(de::Error::custom),
-    }
+    quantity::deserialize_duration(d).map(Some)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        let check = |text: &str, millis: Option<u64>| {
-            assert_eq!(
-                parse_duration(text).ok().map(|d| d.as_millis() as u64),
-                millis,
-                "{text}"
-            );
-        };
-        check("500ms", Some(500));
-        check("10s", Some(10_000));
-        check("10", Some(10_000));
-        check("1.5s", Some(1500));
-        check("2m", Some(120_000));
-        check("1h", Some(3_600_000));
-        check("0s", Some(0));
-        check("", None);
-        check("s", None);
-        check("-1s", None);
-        check("1 fortnight", None);
-    }
 
     #[test]
     fn numbers_and_strings_deserialize() {

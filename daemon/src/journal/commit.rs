@@ -1,0 +1,77 @@
+//! The log-plus-spool commit of one group: reserve room in the spool, append to both files, sync both at once,
+//! publish the spool's part to sinks; on any failure, nothing of the group remains in either file.
+
+use std::sync::atomic::Ordering;
+
+use crate::spool;
+
+use super::Options;
+use super::active::ActiveFile;
+use super::group::Group;
+use super::submit::Unavailable;
+
+/// Writes a group to the log and the spool; on success both are durable (per `sync`) and the spooled records are
+/// visible to sinks. On failure nothing of the group remains in either.
+pub(super) fn commit(
+    file: &mut ActiveFile,
+    group: &mut Group,
+    sync: bool,
+    options: &mut Options,
+) -> Result<(), Unavailable> {
+    let (persisted, streamed) = group.parts();
+    let spool = match (&mut options.spool, streamed.is_empty()) {
+        (_, true) => None,
+        (Some(spool), false) => Some(spool),
+        (None, false) => {
+            return Err(Unavailable(
+                "no spool is configured for streamed events".into(),
+            ));
+        }
+    };
+    if let Some(spool) = spool {
+        let stopping = options.stopping.clone();
+        spool
+            .reserve(streamed.file_len(), &|| stopping.load(Ordering::Relaxed))
+            .map_err(|e| Unavailable(format!("{e}; retry later")))?;
+        if !persisted.is_empty() {
+            file.out.append(persisted, false).map_err(|e| {
+                Unavailable(format!("the log cannot be written ({e}); retry later"))
+            })?;
+        }
+        let spool_sync = match spool.append(streamed) {
+            Ok(needed) => needed,
+            Err(e) => {
+                file.out.undo(persisted.len() as u64);
+                return Err(Unavailable(format!(
+                    "the spool cannot be written ({e}); retry later"
+                )));
+            }
+        };
+        if sync {
+            // Both files are synced at once: the group waits for the slower of the two, not for their sum. The
+            // spool only when it holds something the log does not (see `spool::Writer::append`).
+            let spool_synced = spool_sync.then(|| spool.start_sync());
+            let log_synced = if persisted.is_empty() {
+                Ok(())
+            } else {
+                file.out.file().sync_data()
+            };
+            let synced = log_synced.and(spool_synced.map_or(Ok(()), spool::PendingSync::wait));
+            if let Err(e) = synced {
+                file.out.undo(persisted.len() as u64);
+                spool.undo(streamed.file_len());
+                return Err(Unavailable(format!(
+                    "the log or the spool cannot be synced ({e}); retry later"
+                )));
+            }
+        }
+        spool.publish(streamed);
+        return Ok(());
+    }
+    if !persisted.is_empty() {
+        file.out
+            .append(persisted, sync)
+            .map_err(|e| Unavailable(format!("the log cannot be written ({e}); retry later")))?;
+    }
+    Ok(())
+}

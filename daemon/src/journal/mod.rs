@@ -1,0 +1,113 @@
+//! The durable JSON-lines log and its single writer (group commit).
+//!
+//! Owns writing the log directory: the writer thread that assigns `seq`, appends records and syncs them (file
+//! names, recovery of a torn tail and the chain are [`crate::log`]'s). Nothing else writes to the log. A
+//! submission is acknowledged only after its records are written and, with `fsync: always`, after `fdatasync`
+//! returned.
+//!
+//! Files are named `trail-<UTC start, YYYYMMDDTHHMMSSZ>-<first seq, 20 digits>.jsonl`, so they sort by time and
+//! by `seq`; the newest one is appended to and the symlink `current` names it. The writer also seals every
+//! persisted record into the hash chain ([`crate::log::chain`]: it is the only place that knows the order),
+//! starts a new file at period boundaries of the daemon's clock and before a file would pass `max_file_bytes`,
+//! and writes signed checkpoints ([`crate::log::checkpoint`]) at each rotation, every `checkpoint_every`
+//! while records arrive, and at stop. A failed write or sync changes neither the file nor the chain.
+//!
+//! One job per file: `submit` (the submission API: batches, routes, answers), `writer` (the group-commit loop on
+//! the writer thread), `group` (sealing a group: numbering, chaining and measuring it for the spool), `commit`
+//! (writing a group to the log and the spool, syncing both), `active` (the file being appended to, rotation),
+//! `schedule` (when to rotate and to write checkpoints).
+
+mod active;
+mod commit;
+mod group;
+mod schedule;
+mod submit;
+mod writer;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc};
+use tracing::{error, info};
+
+use crate::config::{FsyncPolicy, Rotate};
+use crate::log::chain;
+use crate::log::checkpoint::Signer;
+use crate::log::recovery::{Error, io_error};
+
+pub use submit::{Ack, Batch, Route, Submitter, Unavailable};
+
+use active::ActiveFile;
+use submit::Message;
+
+/// How much the writer gathers into one write and one sync.
+const GROUP_BYTES: usize = 8 << 20;
+/// Submissions that may wait for the writer; beyond that, connections stop reading (back-pressure).
+const QUEUE_DEPTH: usize = 512;
+
+/// The running writer. Dropping every [`Submitter`] lets it drain, sync and stop; [`Journal::join`] waits for that.
+pub struct Journal {
+    thread: JoinHandle<()>,
+}
+
+/// What the writer needs besides the log directory.
+pub struct Options {
+    /// When records are synced.
+    pub fsync: FsyncPolicy,
+    /// The spool's writing end, when sinks are configured.
+    pub spool: Option<crate::spool::Writer>,
+    /// Set when the daemon is stopping: a writer waiting for room in a full spool gives up.
+    pub stopping: Arc<AtomicBool>,
+    /// When a new file is started.
+    pub rotate: Rotate,
+    /// Size at which a file is closed.
+    pub max_file_bytes: u64,
+    /// Signs checkpoints; none means no checkpoints are written.
+    pub signer: Option<Arc<Signer>>,
+    /// How often a checkpoint is written while records arrive.
+    pub checkpoint_every: Duration,
+    /// Told whenever a file was closed (maintenance may index, compress or expire it).
+    pub rotated: Option<Arc<Notify>>,
+}
+
+impl Journal {
+    /// Opens (and if needed recovers) the log in `dir` and starts the writer thread.
+    pub fn start(dir: &Path, options: Options) -> Result<(Journal, Submitter), Error> {
+        let mut file = ActiveFile::open(dir)?;
+        // The newest records may be stream-only (in the spool, not the log): `seq` continues after them too.
+        if let Some(spooled) = options.spool.as_ref().and_then(|s| s.last_seq()) {
+            file.next_seq = file.next_seq.max(spooled + 1);
+        }
+        info!(file = %file.path.display(), next_seq = file.next_seq, chain = %chain::hex(&file.chain), "log open");
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let weak = tx.downgrade();
+        std::thread::Builder::new()
+            .name("trail-journal-tick".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(TICK);
+                    let Some(tx) = weak.upgrade() else { return };
+                    let _ = tx.try_send(Message::Tick);
+                }
+            })
+            .map_err(io_error(dir))?;
+        let thread = std::thread::Builder::new()
+            .name("trail-journal".into())
+            .spawn(move || writer::run(file, rx, options))
+            .map_err(io_error(dir))?;
+        Ok((Journal { thread }, Submitter::new(tx)))
+    }
+
+    /// Waits until the writer has drained its queue and synced the log.
+    pub fn join(self) {
+        if self.thread.join().is_err() {
+            error!("the log writer panicked");
+        }
+    }
+}
+
+/// How often the writer looks at the clock when no records arrive.
+const TICK: Duration = Duration::from_secs(1);

@@ -1,0 +1,117 @@
+//! When the writer starts a new file and writes a checkpoint: rotation at a period boundary of the daemon's
+//! clock (or before a file passes `max_file_bytes`), a checkpoint at each rotation, every `checkpoint_every`
+//! while records arrive, and at stop. Signing and syncing a checkpoint happen beside the writer.
+
+use std::time::Instant;
+
+use tracing::{debug, error, info};
+
+use crate::clock;
+use crate::log::{chain, checkpoint};
+
+use super::active::ActiveFile;
+use super::{Options, TICK};
+
+/// When checkpoints were written and whether the log changed since.
+pub(super) struct Schedule {
+    last: Instant,
+    /// The log changed since the last checkpoint.
+    pub(super) changed: bool,
+    /// A failed rotation is tried again only after this.
+    retry_rotation: Option<Instant>,
+}
+
+impl Schedule {
+    pub(super) fn new() -> Schedule {
+        Schedule {
+            last: Instant::now(),
+            changed: false,
+            retry_rotation: None,
+        }
+    }
+
+    /// What the clock asks for: a rotation at a period boundary, a checkpoint every `checkpoint_every`.
+    pub(super) fn tick(&mut self, file: &mut ActiveFile, options: &mut Options) {
+        if file.rotation_due(options, 0) {
+            self.rotate(file, options);
+        } else if self.changed && self.last.elapsed() >= options.checkpoint_every {
+            self.checkpoint(file, options, "interval");
+        }
+    }
+
+    /// Closes the current file, starts the next one and writes a checkpoint that covers the closed file.
+    pub(super) fn rotate(&mut self, file: &mut ActiveFile, options: &mut Options) {
+        if self.retry_rotation.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        match file.rotate() {
+            Ok(closed) => {
+                self.retry_rotation = None;
+                info!(closed = %closed, file = %file.path.display(), next_seq = file.next_seq, "log rotated");
+                self.checkpoint(file, options, "rotation");
+                if let Some(n) = &options.rotated {
+                    n.notify_one();
+                }
+            }
+            Err(e) => {
+                self.retry_rotation = Some(Instant::now() + TICK);
+                error!(file = %file.path.display(), error = %e, "cannot start a new log file; appending to the current one");
+            }
+        }
+    }
+
+    /// At stop: the last checkpoint, when the log changed since the one before, on disk before this returns.
+    pub(super) fn stop(&mut self, file: &mut ActiveFile, options: &Options) {
+        if self.changed {
+            self.checkpoint(file, options, "stop");
+        }
+    }
+
+    fn checkpoint(&mut self, file: &mut ActiveFile, options: &Options, reason: &str) {
+        let Some(signer) = &options.signer else {
+            return;
+        };
+        self.last = Instant::now();
+        let files = match file.entries() {
+            Ok(f) => f,
+            Err(e) => {
+                error!(dir = %file.dir.display(), error = %e, "cannot list the log files; no checkpoint written");
+                return;
+            }
+        };
+        let mut created_at = Vec::new();
+        crate::record::write_rfc3339(&mut created_at, clock::now());
+        let body = checkpoint::Body {
+            checkpoint: 1,
+            created_at: String::from_utf8(created_at).expect("ascii"),
+            reason: reason.to_owned(),
+            seq: file.last_seq_any,
+            hash: chain::hex(&file.chain),
+            files,
+            key: signer.public_hex(),
+        };
+        // Signing and syncing the checkpoint file happen beside the writer, which goes on committing groups.
+        self.changed = false;
+        let reason_is_stop = reason == "stop";
+        let (dir, signer, reason) = (file.dir.clone(), signer.clone(), reason.to_owned());
+        let spawned = std::thread::Builder::new()
+            .name("trail-checkpoint".into())
+            .spawn(move || match checkpoint::write(&dir, &signer, &body) {
+                Ok(path) => {
+                    debug!(file = %path.display(), seq = ?body.seq, reason, "checkpoint written")
+                }
+                Err(e) => error!(dir = %dir.display(), error = %e, "cannot write a checkpoint"),
+            });
+        match spawned {
+            // The last checkpoint, at stop, must be on disk before the daemon exits.
+            Ok(thread) if reason_is_stop => {
+                let _ = thread.join();
+            }
+            Ok(_) => {}
+            Err(e) => {
+                self.changed = true;
+                error!(error = %e, "cannot start writing a checkpoint");
+            }
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! The submission API: what a connection hands the writer (a [`Batch`] of record tails and their routes) and
+//! how it learns the outcome (an [`Ack`]).
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::log::chain;
+
+/// Record tails for one submission, in one buffer (see [`crate::record`]), and where each record goes.
+#[derive(Debug, Default)]
+pub struct Batch {
+    buf: Vec<u8>,
+    ends: Vec<usize>,
+    routes: Vec<Route>,
+    /// The chain's inner digest of every persisted record (zeros for the others), computed by the submitter so
+    /// that the single writer only chains 72 bytes per record.
+    digests: Vec<chain::Hash>,
+}
+
+/// Where a record is written: the log, the spool (for sinks), or both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    /// Written to the JSON-lines log.
+    pub persist: bool,
+    /// Written to the spool for sinks.
+    pub stream: bool,
+}
+
+impl Batch {
+    /// The buffer to append the next tail to; call [`Batch::end_record`] after writing it.
+    pub fn buf(&mut self) -> &mut Vec<u8> {
+        &mut self.buf
+    }
+
+    /// Marks the end of the tail just written and says where the record goes.
+    pub fn end_record(&mut self, route: Route) {
+        let start = self.ends.last().copied().unwrap_or(0);
+        let digest = if route.persist {
+            chain::digest(&self.buf[start..])
+        } else {
+            chain::GENESIS
+        };
+        self.ends.push(self.buf.len());
+        self.routes.push(route);
+        self.digests.push(digest);
+    }
+
+    /// Number of records.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// True when no record was added.
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// Bytes of all tails together.
+    pub(super) fn bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Every record's tail, route and inner digest, in order.
+    pub(super) fn tails(&self) -> impl Iterator<Item = (&[u8], Route, &chain::Hash)> {
+        let mut start = 0;
+        self.ends.iter().zip(&self.routes).zip(&self.digests).map(
+            move |((&end, &route), digest)| {
+                let tail = &self.buf[start..end];
+                start = end;
+                (tail, route, digest)
+            },
+        )
+    }
+}
+
+/// Why a submission was not stored; the client may retry.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct Unavailable(pub String);
+
+/// The outcome of a submission: the `seq` of its first record (the others follow consecutively).
+pub type Ack = oneshot::Receiver<Result<u64, Unavailable>>;
+
+/// A batch waiting for the writer, with the way to answer it.
+pub(super) struct Submission {
+    pub(super) batch: Batch,
+    /// Taken when answered.
+    done: Option<oneshot::Sender<Result<u64, Unavailable>>>,
+}
+
+impl Submission {
+    /// Answers the submitter (once; later answers are ignored).
+    pub(super) fn answer(&mut self, outcome: Result<u64, Unavailable>) {
+        if let Some(done) = self.done.take() {
+            let _ = done.send(outcome);
+        }
+    }
+}
+
+/// What the writer receives: work, or a reminder that time passed (rotation and checkpoints are due by the clock
+/// even when no records arrive).
+pub(super) enum Message {
+    Submit(Submission),
+    Tick,
+}
+
+/// A handle that submits batches to the writer; cheap to clone, one per connection.
+#[derive(Clone)]
+pub struct Submitter {
+    tx: mpsc::Sender<Message>,
+}
+
+impl Submitter {
+    pub(super) fn new(tx: mpsc::Sender<Message>) -> Submitter {
+        Submitter { tx }
+    }
+
+    /// Queues a batch, waiting while the writer's queue is full. The returned [`Ack`] resolves once the batch is
+    /// durable (or could not be stored).
+    pub async fn submit(&self, batch: Batch) -> Ack {
+        let (done, ack) = oneshot::channel();
+        let submission = Submission {
+            batch,
+            done: Some(done),
+        };
+        if let Err(mpsc::error::SendError(Message::Submit(mut s))) =
+            self.tx.send(Message::Submit(submission)).await
+        {
+            s.answer(Err(Unavailable("the log writer has stopped".into())));
+        }
+        ack
+    }
+}

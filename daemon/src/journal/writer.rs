@@ -1,0 +1,97 @@
+//! The group-commit loop on the writer thread: gather whatever submissions wait (up to `GROUP_BYTES`), seal them
+//! into a group, commit it in parts when the spool cannot take all of it now, answer every submission, and let
+//! the schedule rotate files and write checkpoints.
+
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use tracing::{debug, error, info};
+
+use crate::config::FsyncPolicy;
+
+use super::active::ActiveFile;
+use super::commit::commit;
+use super::group::Group;
+use super::schedule::Schedule;
+use super::submit::{Message, Submission};
+use super::{GROUP_BYTES, Options};
+
+/// Runs until every submitter is gone and the queue is drained; then syncs the log, writes the last checkpoint
+/// and closes the spool's writing end.
+pub(super) fn run(mut file: ActiveFile, mut rx: mpsc::Receiver<Message>, mut options: Options) {
+    let mut queued: Vec<Submission> = Vec::new();
+    let mut group = Group::with_capacity(GROUP_BYTES + (1 << 20));
+    let sync = options.fsync == FsyncPolicy::Always;
+    let mut schedule = Schedule::new();
+    file.point_current();
+    while let Some(message) = rx.blocking_recv() {
+        let first = match message {
+            Message::Tick => {
+                schedule.tick(&mut file, &mut options);
+                continue;
+            }
+            Message::Submit(s) => s,
+        };
+        let mut ticked = false;
+        let mut bytes = first.batch.bytes();
+        queued.push(first);
+        while bytes < GROUP_BYTES {
+            match rx.try_recv() {
+                Ok(Message::Submit(s)) => {
+                    bytes += s.batch.bytes();
+                    queued.push(s);
+                }
+                Ok(Message::Tick) => ticked = true,
+                Err(_) => break,
+            }
+        }
+        // Commit the group in parts when the spool cannot take all of it now: what fits is acknowledged
+        // without waiting for room for the rest.
+        let mut pending = &mut queued[..];
+        while !pending.is_empty() {
+            group.begin(file.next_seq, file.chain);
+            let spool = options.spool.as_ref();
+            let taken = pending
+                .iter()
+                .take_while(|s| group.add(&s.batch, |b| spool.is_none_or(|w| w.fits(b))))
+                .count();
+            let (part, rest) = std::mem::take(&mut pending).split_at_mut(taken);
+            pending = rest;
+            if group.log_bytes() > 0 && file.rotation_due(&options, group.log_bytes()) {
+                schedule.rotate(&mut file, &mut options);
+            }
+            let started = Instant::now();
+            match commit(&mut file, &mut group, sync, &mut options) {
+                Ok(()) => {
+                    if file.advance(group.head()) {
+                        schedule.changed = true;
+                    }
+                    let mut seq = group.first_seq();
+                    for s in part.iter_mut() {
+                        s.answer(Ok(seq));
+                        seq += s.batch.len() as u64;
+                    }
+                    debug!(records = group.records(), bytes = group.log_bytes() + group.spool_bytes(), elapsed = ?started.elapsed(), "group committed");
+                }
+                Err(reason) => {
+                    error!(file = %file.path.display(), error = %reason, records = group.records(), "cannot store events; answering unavailable");
+                    for s in part.iter_mut() {
+                        s.answer(Err(reason.clone()));
+                    }
+                }
+            }
+        }
+        queued.clear();
+        if ticked {
+            schedule.tick(&mut file, &mut options);
+        }
+    }
+    if let Err(e) = file.out.file().sync_all() {
+        error!(file = %file.path.display(), error = %e, "final sync failed");
+    }
+    schedule.stop(&mut file, &options);
+    if let Some(spool) = &options.spool {
+        spool.close();
+    }
+    info!(next_seq = file.next_seq, "log closed");
+}
