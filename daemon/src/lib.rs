@@ -12,6 +12,7 @@ pub mod config;
 pub mod event_types;
 pub mod filter;
 pub mod framing;
+pub mod idempotency;
 pub mod ingest;
 pub mod journal;
 pub mod log;
@@ -153,6 +154,16 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
             rotated: Some(rotated.clone()),
         },
     )?;
+    let idempotency = Arc::new(idempotency::Window::new(
+        config.idempotency.window,
+        config.idempotency.max_keys,
+    ));
+    match idempotency.rebuild(&config.log.dir, clock::now()) {
+        Ok(r) => {
+            info!(files = r.files, bytes = r.bytes, records = r.records, keys = r.keys, elapsed = ?r.elapsed, "idempotency window rebuilt from the log")
+        }
+        Err(e) => warn!(error = %e, "idempotency window rebuilt in part"),
+    }
     let listener = ingest::bind(&config.socket.path, config.socket.mode)?;
     let admin_path = config.admin_socket();
     let admin_listener = ingest::bind(&admin_path, 0o600)?;
@@ -166,6 +177,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         max_line_bytes: config.limits.max_line_bytes,
         streamed_types,
         connections: connections.clone(),
+        idempotency,
     });
     let background = CancellationToken::new();
     let audit_task = tokio::spawn(record_own_events(ctx.clone(), audit_rx, background.clone()));
