@@ -6,6 +6,7 @@ mod cli;
 mod connection_limits;
 mod durability;
 mod evidence;
+mod idempotency;
 mod modes;
 mod plugin_safety;
 mod postgres_sink;
