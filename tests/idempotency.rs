@@ -161,6 +161,20 @@ fn keys_survive_a_restart_within_the_window_and_expire_after_it() {
     }));
     assert_eq!(again["ok"], json!(true), "{again}");
     assert_eq!(with_key(&daemon, "r-1").len(), 2);
+    // Records with keys are chained and verified like any other.
+    daemon.stop();
+    let key = daemon.dir.path().join("keys/checkpoint-ed25519.pem.pub");
+    let (code, out, err) = trail(
+        &[
+            "verify",
+            daemon.log_dir.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("intact: 4 records"), "{out}");
 }
 
 #[test]
@@ -235,6 +249,12 @@ fn the_window_bound_forgets_the_oldest_key_first() {
         );
     }
     assert_eq!(with_key(&daemon, "a").len(), 2);
+    let status = daemon.admin(json!({"command": "status"}))["idempotency"].clone();
+    assert_eq!(
+        (&status["keys"], &status["evicted"], &status["max_keys"]),
+        (&json!(3), &json!(2), &json!(3)),
+        "{status}"
+    );
     // "b" went when "a" came back.
     assert!(
         send(&daemon, &keyed("b", "x").to_string())

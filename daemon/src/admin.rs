@@ -27,6 +27,8 @@ pub struct Admin {
     pub started: Instant,
     /// The submission socket's connections.
     pub connections: Arc<crate::ingest::Connections>,
+    /// The idempotency keys remembered.
+    pub idempotency: Arc<crate::idempotency::Window>,
 }
 
 #[derive(Deserialize)]
@@ -90,6 +92,7 @@ fn handle(admin: &Admin, request: Request) -> Value {
                 "uptime_seconds": admin.started.elapsed().as_secs(),
                 "event_types": admin.event_types,
                 "connections": admin.connections.status(),
+                "idempotency": admin.idempotency.status(crate::clock::now()),
             });
             if let Some(sinks) = &admin.sinks {
                 let s = sinks.status();

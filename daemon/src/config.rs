@@ -65,7 +65,7 @@ impl Default for IdempotencyConfig {
     fn default() -> Self {
         IdempotencyConfig {
             window: Duration::from_secs(24 * 3600),
-            max_keys: 1_000_000,
+            max_keys: 250_000,
         }
     }
 }
@@ -936,6 +936,14 @@ mod tests {
         assert_eq!(c.limits.max_buffered_bytes, 64 << 20);
         assert_eq!(c.limits.line_slots(), 47);
         assert_eq!(c.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(c.idempotency.window, Duration::from_secs(24 * 3600));
+        assert_eq!(c.idempotency.max_keys, 250_000);
+        let c = parse(&format!(
+            "{MINIMAL}idempotency: {{window: 10m, max_keys: 1000}}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.idempotency.window, Duration::from_secs(600));
+        assert_eq!(c.idempotency.max_keys, 1000);
     }
 
     #[test]
@@ -960,6 +968,10 @@ mod tests {
             "use at least 17825793",
         );
         check("limits: {max_buffered_bytes: lots}\n", "a size");
+        check("idempotency: {max_keys: 0}\n", "must be above zero");
+        check("idempotency: {window: 0s}\n", "must be above zero");
+        check("idempotency: {window: soon}\n", "idempotency.window");
+        check("idempotency: {keys: 1}\n", "keys");
         let err = parse("socket: {path: /x, mode: \"99\"}\nevent_types: t\nlog: {dir: l}\n")
             .unwrap_err()
             .to_string();

@@ -2,7 +2,8 @@
 //!
 //! Programs on the host submit audit events over a Unix socket ([`ingest`], [`protocol`]); each is checked against
 //! its event type ([`event_types`]), stamped with who sent it ([`record`]) and written durably to a JSON-lines log
-//! ([`journal`]) before it is acknowledged. See ARCHITECTURE.md for the map.
+//! ([`journal`]) before it is acknowledged; a repeated `idempotency_key` is answered from [`idempotency`] instead
+//! of stored twice. See ARCHITECTURE.md for the map.
 
 pub mod admin;
 pub mod audit;
@@ -204,6 +205,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         event_types: event_type_count,
         started,
         connections,
+        idempotency: ctx.idempotency.clone(),
     });
     tokio::spawn(admin::serve(admin_listener, admin, background.clone()));
     let watcher = match &sinks {
