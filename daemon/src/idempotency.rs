@@ -320,10 +320,12 @@ impl Window {
             while let Some(chunk) = chunks.next_chunk().map_err(io)? {
                 let Chunk::Lines(_, lines) = chunk else { break };
                 bytes += lines.len() as u64;
-                for l in lines.split(|&b| b == b'\n') {
-                    if let Some(entry) = read_keyed(l, &cutoff_stamp) {
+                let mut start = 0;
+                for end in memchr::memchr_iter(b'\n', lines) {
+                    if let Some(entry) = read_keyed(&lines[start..end], &cutoff_stamp) {
                         keyed.push(entry);
                     }
+                    start = end + 1;
                 }
             }
             found += keyed.len();
