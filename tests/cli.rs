@@ -34,7 +34,7 @@ fn emit_sends_the_payload_as_written() {
     let (code, out, err) = emit(r#"{"n": 123456789012345678901234567890, "e": 1E400}"#);
     assert_eq!(code, 0, "{out}{err}");
     let (code, out, _) = emit(r#"{"a":1,"a":2}"#);
-    assert_eq!(code, 1, "{out}");
+    assert_eq!(code, 65, "{out}");
     assert!(out.contains(r#"duplicate key \"a\" at /payload"#), "{out}");
     let lines = daemon.log_lines();
     assert_eq!(lines.len(), 1, "{lines:#?}");
@@ -77,7 +77,7 @@ fn emit_from_flags_and_from_stdin() {
     assert!(out.starts_with("{\"ok\":true,\"id\":"), "{out}");
     let stdin = "{\"type\":\"user_logout\"}\n\nnot json\n{\"type\":\"user_logout\",\"payload\":{\"reason\":\"expired\"}}\n";
     let (code, out, _) = trail(&["emit", "--socket", socket], stdin);
-    assert_eq!(code, 1, "one line was refused: {out}");
+    assert_eq!(code, 65, "one line was refused: {out}");
     let answers: Vec<Value> = out
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -95,7 +95,7 @@ fn emit_from_flags_and_from_stdin() {
         &["emit", "--socket", "/nonexistent/trail.sock", "-t", "x"],
         "",
     );
-    assert_eq!(code, 2);
+    assert_eq!(code, 69);
     assert!(err.contains("/nonexistent/trail.sock"), "{err}");
 }
 

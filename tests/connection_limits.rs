@@ -71,7 +71,7 @@ fn clients_beyond_max_connections_get_a_clear_answer_and_are_closed() {
             .contains("limits.max_connections"),
         "{text}"
     );
-    // `trail emit` shows that answer too, and exits 1 (refused).
+    // `trail emit` shows that answer too, and exits 75 (EX_TEMPFAIL: try again later).
     let (code, out, err) = trail(
         &[
             "emit",
@@ -82,7 +82,7 @@ fn clients_beyond_max_connections_get_a_clear_answer_and_are_closed() {
         ],
         "",
     );
-    assert_eq!(code, 1, "{out}{err}");
+    assert_eq!(code, 75, "{out}{err}");
     assert!(out.contains("too_many_connections"), "{out}{err}");
 
     // Once one closes, a new client is served.

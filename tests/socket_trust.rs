@@ -139,7 +139,7 @@ fn a_symbolic_link_at_the_socket_path_is_never_followed() {
         ],
         "",
     );
-    assert_eq!(code, 2, "{stderr}");
+    assert_eq!(code, 69, "{stderr}");
     assert!(stderr.contains("is a symbolic link"), "{stderr}");
     assert!(daemon.records().is_empty());
 }
@@ -214,7 +214,7 @@ fn clients_refuse_another_users_socket_unless_told_to_expect_that_user() {
     assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
     assert!(err.to_string().contains(&owned_by), "{err}");
     let (code, out, err) = trail(&["emit", "--socket", s, "--type", "user_logout"], "");
-    assert_eq!(code, 2, "{out}{err}");
+    assert_eq!(code, 69, "{out}{err}");
     assert!(
         err.contains(&owned_by) && err.contains("--socket-owner"),
         "{err}"

@@ -30,6 +30,8 @@ pub struct Admin {
     pub started: Instant,
     /// The submission socket's connections.
     pub connections: Arc<crate::ingest::Connections>,
+    /// The idempotency keys remembered.
+    pub idempotency: Arc<crate::idempotency::Window>,
 }
 
 #[derive(Deserialize)]
@@ -92,6 +94,7 @@ struct Status {
     uptime_seconds: u64,
     event_types: usize,
     connections: ConnectionsReport,
+    idempotency: crate::idempotency::Status,
     /// `sinks`, `plugins`, `libraries_mapped`, `spool`, when sinks are configured.
     #[serde(flatten)]
     sinks: Option<sinks::Report>,
@@ -141,6 +144,7 @@ fn handle(admin: &Admin, request: Request) -> Value {
             uptime_seconds: admin.started.elapsed().as_secs(),
             event_types: admin.event_types,
             connections: admin.connections.status(),
+            idempotency: admin.idempotency.status(crate::clock::now()),
             sinks: admin.sinks.as_ref().map(|s| s.status()),
         }),
         Request::Reload => match &admin.sinks {

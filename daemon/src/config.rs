@@ -45,6 +45,29 @@ pub struct Config {
     /// The group of the files and directories the daemon writes.
     #[serde(default)]
     pub files: FilesConfig,
+    /// How long, and for how many keys, repeated submissions with the same `idempotency_key` are recognised.
+    #[serde(default)]
+    pub idempotency: IdempotencyConfig,
+}
+
+/// The window of idempotency keys (see [`crate::idempotency`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdempotencyConfig {
+    /// How long after a keyed event was stored a repeat of its key is recognised.
+    #[serde(deserialize_with = "de_duration")]
+    pub window: Duration,
+    /// Most keys remembered; beyond it the oldest is forgotten first.
+    pub max_keys: usize,
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        IdempotencyConfig {
+            window: Duration::from_secs(24 * 3600),
+            max_keys: 250_000,
+        }
+    }
 }
 
 /// How the daemon's files are shared: files 0640, directories 0750 (the signing key 0600), in one group.
@@ -474,6 +497,7 @@ impl Config {
             sinks: Vec::new(),
             admin_socket: None,
             files: FilesConfig::default(),
+            idempotency: IdempotencyConfig::default(),
         };
         let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
         config.resolve(&cwd);
@@ -512,6 +536,11 @@ impl Config {
                 "limits.max_line_bytes: {} is too small; use at least 256",
                 self.limits.max_line_bytes
             )));
+        }
+        if self.idempotency.window.is_zero() || self.idempotency.max_keys == 0 {
+            return Err(invalid(
+                "idempotency.window and idempotency.max_keys must be above zero".into(),
+            ));
         }
         let limits = &self.limits;
         if limits.max_connections == 0 {
@@ -770,6 +799,14 @@ mod tests {
         assert_eq!(c.limits.max_buffered_bytes, 64 << 20);
         assert_eq!(c.limits.line_slots(), 47);
         assert_eq!(c.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(c.idempotency.window, Duration::from_secs(24 * 3600));
+        assert_eq!(c.idempotency.max_keys, 250_000);
+        let c = parse(&format!(
+            "{MINIMAL}idempotency: {{window: 10m, max_keys: 1000}}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.idempotency.window, Duration::from_secs(600));
+        assert_eq!(c.idempotency.max_keys, 1000);
     }
 
     #[test]
@@ -794,6 +831,10 @@ mod tests {
             "use at least 17825793",
         );
         check("limits: {max_buffered_bytes: lots}\n", "a size");
+        check("idempotency: {max_keys: 0}\n", "must be above zero");
+        check("idempotency: {window: 0s}\n", "must be above zero");
+        check("idempotency: {window: soon}\n", "idempotency.window");
+        check("idempotency: {keys: 1}\n", "keys");
         let err = parse("socket: {path: /x, mode: \"99\"}\nevent_types: t\nlog: {dir: l}\n")
             .unwrap_err()
             .to_string();

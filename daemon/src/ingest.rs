@@ -26,6 +26,7 @@ use crate::config::{Limits, SMALL_LINE_BYTES};
 use crate::event_types::{EventType, Registry};
 
 use crate::framing::{Frame, Framer};
+use crate::idempotency::{self, Claim, EventDigest, Window};
 use crate::journal::{Ack, Batch, Route, Submitter, Unavailable};
 use crate::protocol::{self, ErrorCode, Rejection};
 use crate::record::{self, Source};
@@ -56,6 +57,8 @@ pub struct Context {
     pub streamed_types: HashSet<String>,
     /// The limits across connections and their counters.
     pub connections: Arc<Connections>,
+    /// Idempotency keys of recent submissions.
+    pub idempotency: Arc<Window>,
 }
 
 /// The bounds across connections (`limits:`) and what they counted, shown by `trail status`.
@@ -335,14 +338,69 @@ fn refuse(stream: UnixStream, connections: &Connections) {
 }
 
 /// What one read produced: an answer slot per request line, and the records to store.
+///
+/// A line whose idempotency key is in flight (another submission with it is on its way to the log) cannot be
+/// decided yet: it and every line after it in the read are kept in `deferred`, and checked again once that
+/// submission is settled, so that the connection's lines are still stored and answered in order.
 struct Chunk {
     slots: Vec<Slot>,
     batch: Batch,
+    claims: Claims,
+    deferred: Option<Deferred>,
+}
+
+impl Chunk {
+    fn new(ctx: &Context) -> Chunk {
+        Chunk {
+            slots: Vec::new(),
+            batch: Batch::default(),
+            claims: Claims {
+                window: ctx.idempotency.clone(),
+                list: Vec::new(),
+            },
+            deferred: None,
+        }
+    }
 }
 
 enum Slot {
-    Accepted { id: [u8; 36] },
+    Accepted {
+        id: [u8; 36],
+    },
+    /// A repeat of a stored submission (same key, same event): answered with the first one's id and seq.
+    Duplicate {
+        id: [u8; 36],
+        seq: u64,
+    },
     Rejected(Rejection),
+}
+
+/// Lines that wait for the submission that holds `key` in flight; `None` stands for a too-long line.
+struct Deferred {
+    key: idempotency::Key,
+    frames: Vec<Option<Vec<u8>>>,
+}
+
+/// The keys a batch holds in flight, with each record's index in the batch and its id. Keys not settled when
+/// this is dropped (the batch was not stored, or never reached the journal) are freed.
+struct Claims {
+    window: Arc<Window>,
+    list: Vec<(usize, idempotency::Key, uuid::Uuid)>,
+}
+
+impl Drop for Claims {
+    fn drop(&mut self) {
+        for (_, key, _) in self.list.drain(..) {
+            self.window.failed(key);
+        }
+    }
+}
+
+/// Who sent a connection's lines: the `source` fragment of their records and the uid their keys belong to
+/// (`None` for the daemon's own events, which have no keys).
+struct Peer {
+    fragment: Vec<u8>,
+    uid: Option<u32>,
 }
 
 /// A chunk whose records are on their way to the journal.
@@ -372,7 +430,10 @@ async fn connection(
         }
     };
     debug!(uid = source.uid, pid = ?source.pid, "connection opened");
-    let fragment = source.fragment();
+    let peer = Peer {
+        fragment: source.fragment(),
+        uid: Some(source.uid),
+    };
     let limits = &ctx.connections;
     let (reader, writer) = stream.into_split();
     let (pending_tx, pending_rx) = mpsc::channel(PENDING_DEPTH);
@@ -435,13 +496,8 @@ async fn connection(
                 break;
             }
         };
-        let mut chunk = Chunk {
-            slots: Vec::new(),
-            batch: Batch::default(),
-        };
-        framer.push(&buf[..n], |frame| {
-            handle(frame, &ctx, &fragment, false, &mut chunk)
-        });
+        let mut chunk = Chunk::new(&ctx);
+        framer.push(&buf[..n], |frame| handle(frame, &ctx, &peer, &mut chunk));
         drop(buf);
         if framer.buffered() <= SMALL_LINE_BYTES {
             // The long line is complete (or skipped): its slot and its memory go back.
@@ -449,17 +505,14 @@ async fn connection(
             framer.shrink_to(SMALL_LINE_BYTES);
         }
         buffered.set(framer.buffered());
-        if !send(&ctx, chunk, &pending_tx).await {
+        if !send(&ctx, &peer, chunk, &pending_tx).await {
             break;
         }
     }
     if eof {
-        let mut chunk = Chunk {
-            slots: Vec::new(),
-            batch: Batch::default(),
-        };
-        framer.finish(|frame| handle(frame, &ctx, &fragment, false, &mut chunk));
-        send(&ctx, chunk, &pending_tx).await;
+        let mut chunk = Chunk::new(&ctx);
+        framer.finish(|frame| handle(frame, &ctx, &peer, &mut chunk));
+        send(&ctx, &peer, chunk, &pending_tx).await;
     }
     drop(buffered);
     drop(slot);
@@ -499,27 +552,81 @@ impl Drop for Buffered<'_> {
     }
 }
 
-/// Hands a chunk to the journal and its answers to the responder; false when the client is gone.
-async fn send(ctx: &Context, chunk: Chunk, pending: &mpsc::Sender<Pending>) -> bool {
-    if chunk.slots.is_empty() {
-        return true;
+/// Hands a chunk to the journal and its answers to the responder; false when the client is gone. Deferred lines
+/// are checked again once the submission they wait for is settled, and sent the same way.
+async fn send(
+    ctx: &Context,
+    peer: &Peer,
+    mut chunk: Chunk,
+    pending: &mpsc::Sender<Pending>,
+) -> bool {
+    loop {
+        let deferred = chunk.deferred.take();
+        if !chunk.slots.is_empty() {
+            let ack = if chunk.batch.is_empty() {
+                None
+            } else {
+                let ack = ctx.submitter.submit(std::mem::take(&mut chunk.batch)).await;
+                Some(settle(std::mem::take(&mut chunk.claims.list), ctx, ack))
+            };
+            let slots = std::mem::take(&mut chunk.slots);
+            if pending.send(Pending { slots, ack }).await.is_err() {
+                return false;
+            }
+        }
+        let Some(deferred) = deferred else {
+            return true;
+        };
+        ctx.idempotency.wait(deferred.key).await;
+        chunk = Chunk::new(ctx);
+        for frame in &deferred.frames {
+            let frame = frame.as_deref().map_or(Frame::TooLarge, Frame::Line);
+            handle(frame, ctx, peer, &mut chunk);
+        }
     }
-    let ack = if chunk.batch.is_empty() {
-        None
-    } else {
-        Some(ctx.submitter.submit(chunk.batch).await)
-    };
-    pending
-        .send(Pending {
-            slots: chunk.slots,
-            ack,
-        })
-        .await
-        .is_ok()
 }
 
-/// `own`: the line is one of the daemon's own events (only those may have the daemon's own types).
-fn handle(frame: Frame<'_>, ctx: &Context, source: &[u8], own: bool, chunk: &mut Chunk) {
+/// Settles the keys a batch holds in flight as soon as the journal answers, whether or not the connection's
+/// responder gets to the answer (its client may not read): returns the journal's answer for the responder.
+fn settle(list: Vec<(usize, idempotency::Key, uuid::Uuid)>, ctx: &Context, ack: Ack) -> Ack {
+    if list.is_empty() {
+        return ack;
+    }
+    let mut claims = Claims {
+        window: ctx.idempotency.clone(),
+        list,
+    };
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let stored = ack.await.unwrap_or_else(|_| {
+            Err(Unavailable(
+                "the log writer stopped before storing the event".into(),
+            ))
+        });
+        if let Ok(first) = &stored {
+            for (index, key, id) in claims.list.drain(..) {
+                claims.window.stored(key, first + index as u64, id);
+            }
+        }
+        // Not stored: dropping the claims frees their keys.
+        drop(claims);
+        let _ = tx.send(stored);
+    });
+    rx
+}
+
+/// Checks one frame and adds its answer slot (and its record) to `chunk`. A peer without a uid is the daemon
+/// itself: only it may submit the daemon's own types.
+fn handle(frame: Frame<'_>, ctx: &Context, peer: &Peer, chunk: &mut Chunk) {
+    if let Some(deferred) = &mut chunk.deferred {
+        match frame {
+            Frame::Line(line) if line.iter().all(u8::is_ascii_whitespace) => {}
+            Frame::Line(line) => deferred.frames.push(Some(line.to_vec())),
+            Frame::TooLarge => deferred.frames.push(None),
+        }
+        return;
+    }
+    let own = peer.uid.is_none();
     let line = match frame {
         Frame::TooLarge => {
             chunk.slots.push(Slot::Rejected(Rejection::new(
@@ -538,16 +645,71 @@ fn handle(frame: Frame<'_>, ctx: &Context, source: &[u8], own: bool, chunk: &mut
     let slot = match check(line, ctx, own) {
         Ok((event, ty, route)) => {
             let now = crate::clock::now();
+            let id = record::new_id(now);
             let mut text = [0u8; 36];
-            record::new_id(now).hyphenated().encode_lower(&mut text);
+            id.hyphenated().encode_lower(&mut text);
             let id_str = std::str::from_utf8(&text).expect("uuid text is ascii");
-            record::write_tail(chunk.batch.buf(), id_str, now, &event, ty, source);
-            chunk.batch.end_record(route);
-            Slot::Accepted { id: text }
+            let start = chunk.batch.buf().len();
+            let parts =
+                record::write_tail(chunk.batch.buf(), id_str, now, &event, ty, &peer.fragment);
+            let claim = match (&event.request.idempotency_key, peer.uid) {
+                (Some(key), Some(uid)) => {
+                    let buf = chunk.batch.buf();
+                    let occurred = &buf[parts.occurred_at.clone()];
+                    let occurred =
+                        (occurred != &buf[parts.received_at.clone()]).then_some(occurred);
+                    let digest = EventDigest::new(&ty.name, occurred, &buf[parts.fields.clone()]);
+                    let k = idempotency::Key::new(uid, key);
+                    Some((k, ctx.idempotency.claim(k, digest, now), key, uid))
+                }
+                _ => None,
+            };
+            match claim {
+                None | Some((_, Claim::New, _, _)) => {
+                    if let Some((k, ..)) = claim {
+                        chunk.claims.list.push((chunk.batch.len(), k, id));
+                    }
+                    chunk.batch.end_record(route);
+                    Slot::Accepted { id: text }
+                }
+                Some((k, other, key, uid)) => {
+                    chunk.batch.buf().truncate(start);
+                    match other {
+                        Claim::Duplicate { id, seq } => {
+                            let mut text = [0u8; 36];
+                            id.hyphenated().encode_lower(&mut text);
+                            Slot::Duplicate { id: text, seq }
+                        }
+                        Claim::Conflict { id, seq } => Slot::Rejected(conflict(key, uid, id, seq)),
+                        Claim::New | Claim::Wait => {
+                            chunk.deferred = Some(Deferred {
+                                key: k,
+                                frames: vec![Some(line.to_vec())],
+                            });
+                            return;
+                        }
+                    }
+                }
+            }
         }
         Err(rejection) => Slot::Rejected(rejection),
     };
     chunk.slots.push(slot);
+}
+
+fn conflict(key: &str, uid: u32, id: uuid::Uuid, seq: u64) -> Rejection {
+    let message = format!(
+        "idempotency_key {key:?} was used by uid {uid} for a different event (stored as seq {seq}, id {id}); \
+         nothing was stored: use a new key for a new event"
+    );
+    Rejection {
+        code: ErrorCode::Conflict,
+        details: vec![crate::protocol::Violation {
+            path: "/idempotency_key".into(),
+            message: message.clone(),
+        }],
+        message,
+    }
 }
 
 /// Checks a request line completely: envelope, type (the daemon's own types only when `own`), payload, destination.
@@ -607,16 +769,17 @@ fn check<'c>(
 /// Records one of the daemon's own events (a request line) through the same checks and journal as a client's,
 /// attributed to `source`. Returns its `seq`.
 pub async fn record_own(ctx: &Context, line: &[u8], source: &[u8]) -> Result<u64, Rejection> {
-    let mut chunk = Chunk {
-        slots: Vec::new(),
-        batch: Batch::default(),
+    let mut chunk = Chunk::new(ctx);
+    let peer = Peer {
+        fragment: source.to_vec(),
+        uid: None,
     };
-    handle(Frame::Line(line), ctx, source, true, &mut chunk);
+    handle(Frame::Line(line), ctx, &peer, &mut chunk);
     if let Some(Slot::Rejected(r)) = chunk.slots.pop() {
         return Err(r);
     }
     ctx.submitter
-        .submit(chunk.batch)
+        .submit(std::mem::take(&mut chunk.batch))
         .await
         .await
         .unwrap_or_else(|_| Err(Unavailable("the log writer stopped".into())))
@@ -698,6 +861,11 @@ async fn respond(
                 (Slot::Accepted { .. }, Err(e)) => {
                     Rejection::new(ErrorCode::Unavailable, e.0.clone()).encode(&mut out)
                 }
+                (Slot::Duplicate { id, seq }, _) => protocol::encode_duplicate(
+                    std::str::from_utf8(id).unwrap_or_default(),
+                    *seq,
+                    &mut out,
+                ),
                 (Slot::Rejected(r), _) => r.encode(&mut out),
             }
         }

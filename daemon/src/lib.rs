@@ -2,7 +2,8 @@
 //!
 //! Programs on the host submit audit events over a Unix socket ([`ingest`], [`protocol`]); each is checked against
 //! its event type ([`event_types`]), stamped with who sent it ([`record`]) and written durably to a JSON-lines log
-//! ([`journal`]) before it is acknowledged. See ARCHITECTURE.md for the map.
+//! ([`journal`]) before it is acknowledged; a repeated `idempotency_key` is answered from [`idempotency`] instead
+//! of stored twice. See ARCHITECTURE.md for the map.
 
 pub mod admin;
 pub mod audit;
@@ -12,6 +13,7 @@ pub mod config;
 pub mod event_types;
 pub mod filter;
 pub mod framing;
+pub mod idempotency;
 pub mod ingest;
 pub mod journal;
 pub mod log;
@@ -153,6 +155,16 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
             rotated: Some(rotated.clone()),
         },
     )?;
+    let idempotency = Arc::new(idempotency::Window::new(
+        config.idempotency.window,
+        config.idempotency.max_keys,
+    ));
+    match idempotency.rebuild(&config.log.dir, clock::now()) {
+        Ok(r) => {
+            info!(files = r.files, bytes = r.bytes, records = r.records, keys = r.keys, elapsed = ?r.elapsed, "idempotency window rebuilt from the log")
+        }
+        Err(e) => warn!(error = %e, "idempotency window rebuilt in part"),
+    }
     let listener = ingest::bind(&config.socket.path, config.socket.mode)?;
     let admin_path = config.admin_socket();
     let admin_listener = ingest::bind(&admin_path, 0o600)?;
@@ -166,6 +178,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         max_line_bytes: config.limits.max_line_bytes,
         streamed_types,
         connections: connections.clone(),
+        idempotency,
     });
     let background = CancellationToken::new();
     let audit_task = tokio::spawn(ingest::record_own_events(
@@ -196,6 +209,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         event_types: event_type_count,
         started,
         connections,
+        idempotency: ctx.idempotency.clone(),
     });
     tokio::spawn(admin::serve(admin_listener, admin, background.clone()));
     let watcher = match &sinks {

@@ -45,7 +45,14 @@ pub struct Request {
     /// When it happened, RFC 3339.
     #[serde(default)]
     pub occurred_at: Option<String>,
+    /// The client's name for this submission: a repeat with the same key from the same uid, within the daemon's
+    /// window, is answered with the first one's `id` and `seq` instead of being stored again.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
 }
+
+/// Longest `idempotency_key`, in bytes of UTF-8.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
 
 /// A payload as it is stored: the JSON text the client sent, without insignificant whitespace, every number and
 /// string byte for byte as written. Reading one refuses repeated keys, too deep nesting and lone surrogates.
@@ -175,6 +182,9 @@ pub enum ErrorCode {
     Forbidden,
     /// The daemon has `limits.max_connections` connections open: sent once, then the connection is closed.
     TooManyConnections,
+    /// The `idempotency_key` was used before, by the same uid within the window, for a different event; nothing
+    /// was stored. Retrying the same request does not help.
+    Conflict,
 }
 
 impl ErrorCode {
@@ -189,11 +199,12 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::Conflict => "conflict",
         }
     }
 
     /// Every code, in the order of README's table.
-    pub const ALL: [ErrorCode; 8] = [
+    pub const ALL: [ErrorCode; 9] = [
         ErrorCode::InvalidJson,
         ErrorCode::InvalidEvent,
         ErrorCode::UnknownType,
@@ -202,6 +213,7 @@ impl ErrorCode {
         ErrorCode::Unavailable,
         ErrorCode::Forbidden,
         ErrorCode::TooManyConnections,
+        ErrorCode::Conflict,
     ];
 }
 
@@ -282,6 +294,14 @@ pub fn encode_ack(id: &str, seq: u64, out: &mut Vec<u8>) {
     out.extend_from_slice(b"}\n");
 }
 
+/// Appends the answer to a repeated submission (same `idempotency_key`, same event) that stored nothing: the
+/// first submission's `id` and `seq` and `"duplicate":true`, newline included.
+pub fn encode_duplicate(id: &str, seq: u64, out: &mut Vec<u8>) {
+    encode_ack(id, seq, out);
+    out.truncate(out.len() - 2);
+    out.extend_from_slice(b",\"duplicate\":true}\n");
+}
+
 /// A request that passed the envelope checks; `occurred_at` is parsed.
 #[derive(Debug)]
 pub struct Checked {
@@ -348,6 +368,17 @@ fn check(request: Request) -> Result<Checked, Violation> {
     }
     if request.payload.as_ref().is_some_and(|p| !p.is_object()) {
         return Err(violation("/payload", "must be a JSON object"));
+    }
+    if let Some(key) = &request.idempotency_key
+        && !(1..=MAX_IDEMPOTENCY_KEY_BYTES).contains(&key.len())
+    {
+        return Err(violation(
+            "/idempotency_key",
+            &format!(
+                "must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes of UTF-8, not {}",
+                key.len()
+            ),
+        ));
     }
     let occurred_at = match &request.occurred_at {
         None => None,
@@ -472,6 +503,28 @@ mod tests {
         check(
             r#"{"type":"x","occurred_at":"2026-11-22"}"#,
             "invalid_event: /occurred_at",
+        );
+        check(r#"{"type":"x","idempotency_key":"k-1"}"#, "ok");
+        check(
+            &format!(r#"{{"type":"x","idempotency_key":"{}"}}"#, "k".repeat(128)),
+            "ok",
+        );
+        check(
+            &format!(r#"{{"type":"x","idempotency_key":"{}"}}"#, "k".repeat(129)),
+            "invalid_event: /idempotency_key",
+        );
+        // Bytes, not characters: 65 two-byte characters are 130 bytes.
+        check(
+            &format!(r#"{{"type":"x","idempotency_key":"{}"}}"#, "é".repeat(65)),
+            "invalid_event: /idempotency_key",
+        );
+        check(
+            r#"{"type":"x","idempotency_key":""}"#,
+            "invalid_event: /idempotency_key",
+        );
+        check(
+            r#"{"type":"x","idempotency_key":7}"#,
+            "invalid_event: /idempotency_key",
         );
         check(
             r#"{"type":7,"outcome":"maybe","payload":"p","actor":{"id":1}}"#,
@@ -624,6 +677,7 @@ mod tests {
         let validator = jsonschema::draft202012::new(&schema).unwrap();
         let mut out = Vec::new();
         encode_ack("019ab7c4-0000-7000-8000-000000000000", 7, &mut out);
+        encode_duplicate("019ab7c4-0000-7000-8000-000000000000", 7, &mut out);
         for code in ErrorCode::ALL {
             Rejection::new(code, "m").encode(&mut out);
         }
@@ -637,6 +691,7 @@ mod tests {
     fn responses() {
         let mut out = Vec::new();
         encode_ack("0192", 42, &mut out);
+        encode_duplicate("0192", 42, &mut out);
         Rejection {
             code: ErrorCode::InvalidPayload,
             message: "bad \"ip\"".into(),
@@ -657,6 +712,10 @@ mod tests {
         );
         assert_eq!(
             lines[1],
+            serde_json::json!({"ok": true, "id": "0192", "seq": 42, "duplicate": true})
+        );
+        assert_eq!(
+            lines[2],
             serde_json::json!({"ok": false, "error": {"code": "invalid_payload", "message": "bad \"ip\"",
                 "details": [{"path": "/payload/ip", "message": "not an ipv4"}]}})
         );

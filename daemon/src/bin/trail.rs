@@ -19,8 +19,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Submit one event built from flags, or, without --type, every NDJSON line of standard input; prints each
-    /// answer. Exits 0 when all were accepted, 1 when any was refused, 2 when the daemon cannot be reached.
+    /// Submit one event built from flags (`trail emit -t TYPE -- message text` as logger does), or, without
+    /// --type, every NDJSON line of standard input; prints each answer. Exits (sysexits) 0 when every event was
+    /// acknowledged, 65 when one was refused as invalid (no retry helps), 75 when the daemon answered
+    /// unavailable, rate_limited or too_many_connections (retry later), 69 when it cannot be reached.
     Emit(Box<Emit>),
     /// Show the running daemon's state: sinks (delivered, dead letters, backlog, stuck), plugins and their
     /// generations, the spool.
@@ -194,6 +196,17 @@ struct Emit {
     /// occurred_at, RFC 3339
     #[arg(long)]
     occurred_at: Option<String>,
+    /// idempotency_key: a repeat within the daemon's window stores nothing and is answered "duplicate"
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// Retry answers that say "later" (unavailable, rate_limited, too_many_connections) and unreachable
+    /// daemons for this long (e.g. 30s, 5m), with backoff; every event is sent with an idempotency_key (one is
+    /// generated when it has none), so a retry never stores an event twice.
+    #[arg(long, value_name = "DURATION", value_parser = trail::config::parse_duration)]
+    retry: Option<std::time::Duration>,
+    /// The message, as words (logger's form: `trail emit -t TYPE -- disk replaced in slot 4`).
+    #[arg(trailing_var_arg = true, value_name = "MESSAGE")]
+    words: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -452,47 +465,271 @@ fn admin(args: AdminArgs, request: Value) -> ExitCode {
     }
 }
 
+/// sysexits(3): the input data was incorrect (a refused event).
+const EX_DATAERR: u8 = 65;
+/// sysexits(3): the service is unavailable (the daemon cannot be reached).
+const EX_UNAVAILABLE: u8 = 69;
+/// sysexits(3): a temporary failure; trying again later may work.
+const EX_TEMPFAIL: u8 = 75;
+/// Lines of standard input sent (and, with --retry, retried) together.
+const EMIT_BATCH: usize = 1024;
+
 fn emit(args: Emit) -> ExitCode {
     let owners = match args.owner.owners() {
         Ok(o) => o,
         Err(code) => return code,
     };
     let socket = args.socket.clone().unwrap_or_else(client::default_socket);
-    let unreachable = |e: std::io::Error| {
-        eprintln!(
-            "trail: cannot talk to the daemon at {}: {e}",
-            socket.display()
-        );
-        ExitCode::from(2)
-    };
-    let Some(event) = event_from_flags(&args) else {
-        let stdin = std::io::BufReader::new(std::io::stdin());
-        let piped = client::connect(&socket, &owners)
-            .and_then(|stream| client::pipeline_on(stream, stdin, std::io::stdout().lock()));
-        return match piped {
-            Ok(t) if t.rejected == 0 => ExitCode::SUCCESS,
-            Ok(_) => ExitCode::FAILURE,
-            Err(e) => unreachable(e),
-        };
-    };
-    let event = match event {
-        Ok(e) => e,
-        Err(message) => {
+    let connect = || client::connect(&socket, &owners);
+    let lines = match event_from_flags(&args) {
+        Some(Ok(line)) => vec![line],
+        Some(Err(message)) => {
             eprintln!("trail: {message}");
+            return ExitCode::from(EX_DATAERR);
+        }
+        None if !args.words.is_empty() => {
+            eprintln!("trail: a message given as words needs --type");
             return ExitCode::from(2);
         }
+        None => {
+            let mut worst = Outcome::Acknowledged;
+            let mut batch = Vec::new();
+            let mut stdin = std::io::stdin().lock();
+            loop {
+                let mut line = Vec::new();
+                let n = match std::io::BufRead::read_until(&mut stdin, b'\n', &mut line) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        eprintln!("trail: cannot read standard input: {e}");
+                        return ExitCode::from(74);
+                    }
+                };
+                if n > 0 && !line.iter().all(u8::is_ascii_whitespace) {
+                    if line.last() != Some(&b'\n') {
+                        line.push(b'\n');
+                    }
+                    batch.push(line);
+                }
+                if batch.len() == EMIT_BATCH || (n == 0 && !batch.is_empty()) {
+                    worst = worst.max(submit(
+                        std::mem::take(&mut batch),
+                        args.retry,
+                        &connect,
+                        &socket,
+                    ));
+                    if worst == Outcome::Unreachable {
+                        break;
+                    }
+                }
+                if n == 0 {
+                    break;
+                }
+            }
+            return worst.exit_code();
+        }
     };
-    let answer =
-        match Client::connect_trusting(&socket, &owners).and_then(|mut c| c.emit_raw(&event)) {
-            Ok(a) => a,
-            Err(e) => return unreachable(e),
-        };
-    let _ = writeln!(std::io::stdout(), "{answer}");
-    if answer["ok"] == json!(true) {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
+    submit(lines, args.retry, &connect, &socket).exit_code()
+}
+
+/// How a submission of some events ended, worst last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Outcome {
+    Acknowledged,
+    /// Some answer said to try again later.
+    Later,
+    /// Some event was refused for what it is.
+    Refused,
+    /// Some event got no answer: the daemon could not be reached or closed the connection.
+    Unreachable,
+}
+
+impl Outcome {
+    fn exit_code(self) -> ExitCode {
+        ExitCode::from(match self {
+            Outcome::Acknowledged => 0,
+            Outcome::Later => EX_TEMPFAIL,
+            Outcome::Refused => EX_DATAERR,
+            Outcome::Unreachable => EX_UNAVAILABLE,
+        })
     }
+
+    fn of(answer: &Value) -> Outcome {
+        if answer["ok"] == json!(true) {
+            return Outcome::Acknowledged;
+        }
+        match answer["error"]["code"].as_str() {
+            Some("unavailable" | "rate_limited" | "too_many_connections") => Outcome::Later,
+            _ => Outcome::Refused,
+        }
+    }
+}
+
+/// Sends `lines` (each ending in a newline) pipelined on one connection, prints the answers in order and says how
+/// it ended. With `retry`, events answered "later", and those the daemon did not answer, are sent again with
+/// backoff until `retry` has passed, each with the same idempotency_key every time (added when missing).
+fn submit(
+    mut lines: Vec<Vec<u8>>,
+    retry: Option<std::time::Duration>,
+    connect: &dyn Fn() -> std::io::Result<std::os::unix::net::UnixStream>,
+    socket: &std::path::Path,
+) -> Outcome {
+    use std::time::{Duration, Instant};
+    if retry.is_some() {
+        for line in &mut lines {
+            with_idempotency_key(line);
+        }
+    }
+    let deadline = retry.map(|r| Instant::now() + r);
+    let mut answers: Vec<Option<Value>> = vec![None; lines.len()];
+    let mut todo: Vec<usize> = (0..lines.len()).collect();
+    let mut backoff = Duration::from_millis(100);
+    let mut failure = None;
+    loop {
+        let got = connect().and_then(|stream| {
+            let batch: Vec<&[u8]> = todo.iter().map(|&i| lines[i].as_slice()).collect();
+            exchange(stream, &batch)
+        });
+        let (got, error) = match got {
+            Ok((got, error)) => (got, error),
+            Err(e) => (Vec::new(), Some(e)),
+        };
+        let mut again = Vec::new();
+        for (k, &i) in todo.iter().enumerate() {
+            match got.get(k) {
+                Some(answer) => {
+                    if Outcome::of(answer) == Outcome::Later {
+                        again.push(i);
+                    }
+                    answers[i] = Some(answer.clone());
+                }
+                None => again.push(i),
+            }
+        }
+        failure = error.or(failure);
+        let retrying = deadline.is_some_and(|d| Instant::now() + backoff < d);
+        if again.is_empty() || !retrying {
+            break;
+        }
+        eprintln!(
+            "trail: {} event(s) not stored yet ({}); sending them again in {backoff:?}",
+            again.len(),
+            failure.as_ref().map_or_else(
+                || {
+                    let codes: std::collections::BTreeSet<&str> = again
+                        .iter()
+                        .filter_map(|&i| answers[i].as_ref()?["error"]["code"].as_str())
+                        .collect();
+                    codes.into_iter().collect::<Vec<_>>().join(", ")
+                },
+                |e| e.to_string()
+            )
+        );
+        failure = None;
+        todo = again;
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+    let mut out = std::io::stdout().lock();
+    let mut worst = Outcome::Acknowledged;
+    let mut unanswered = 0;
+    for answer in &answers {
+        match answer {
+            Some(a) => {
+                let _ = writeln!(out, "{a}");
+                worst = worst.max(Outcome::of(a));
+            }
+            None => unanswered += 1,
+        }
+    }
+    if unanswered > 0 {
+        let why = failure.map_or_else(|| "no answer".to_owned(), |e| e.to_string());
+        eprintln!(
+            "trail: cannot talk to the daemon at {}: {why}; {unanswered} event(s) got no answer",
+            socket.display()
+        );
+        // A daemon that turned the connection away (too_many_connections) answered for the first event only.
+        if worst != Outcome::Later {
+            worst = Outcome::Unreachable;
+        }
+    }
+    worst
+}
+
+/// Sends `lines` on `stream` from a second thread while reading their answers; returns the answers read and,
+/// when fewer came than were sent, why.
+fn exchange(
+    stream: std::os::unix::net::UnixStream,
+    lines: &[&[u8]],
+) -> std::io::Result<(Vec<Value>, Option<std::io::Error>)> {
+    let mut writer = stream.try_clone()?;
+    std::thread::scope(|scope| {
+        let sender = scope.spawn(move || -> std::io::Result<()> {
+            let mut buffered = std::io::BufWriter::with_capacity(64 << 10, &mut writer);
+            for line in lines {
+                buffered.write_all(line)?;
+            }
+            buffered.flush()?;
+            drop(buffered);
+            writer.shutdown(std::net::Shutdown::Write)
+        });
+        let mut answers = Vec::with_capacity(lines.len());
+        let mut failure = None;
+        let reader = std::io::BufReader::new(&stream);
+        for line in std::io::BufRead::lines(reader).take(lines.len()) {
+            match line.map(|l| serde_json::from_str::<Value>(&l)) {
+                Ok(Ok(answer)) => answers.push(answer),
+                Ok(Err(e)) => {
+                    failure = Some(std::io::Error::other(format!("unreadable answer: {e}")));
+                    break;
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        let sent = sender
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("sender panicked")));
+        if answers.len() < lines.len() {
+            let closed = std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the daemon closed the connection",
+            );
+            failure = failure.or(sent.err()).or(Some(closed));
+        }
+        Ok((answers, failure))
+    })
+}
+
+/// Adds `"idempotency_key":"trail-emit-<UUID v7>"` to a request line that is a JSON object without one. Other
+/// lines are left as they are (the daemon refuses them).
+fn with_idempotency_key(line: &mut Vec<u8>) {
+    #[derive(serde::Deserialize)]
+    struct Keyed<'a> {
+        #[serde(borrow)]
+        idempotency_key: Option<&'a serde_json::value::RawValue>,
+    }
+    let has_key = match serde_json::from_slice::<Keyed>(line) {
+        Ok(k) => k.idempotency_key.is_some(),
+        Err(_) => return,
+    };
+    let Some(open) = line.iter().position(|&b| b == b'{') else {
+        return;
+    };
+    if has_key {
+        return;
+    }
+    let empty = line[open + 1..]
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|&b| b == b'}');
+    let key = format!(
+        "\"idempotency_key\":\"trail-emit-{}\"{}",
+        uuid::Uuid::now_v7(),
+        if empty { "" } else { "," }
+    );
+    line.splice(open + 1..open + 1, key.into_bytes());
 }
 
 /// The request line the flags describe, newline included; `None` when no --type was given (read standard input
@@ -524,10 +761,17 @@ fn event_from_flags(args: &Emit) -> Option<Result<Vec<u8>, String>> {
     ]) {
         event.insert("target".into(), target);
     }
+    let words = (!args.words.is_empty()).then(|| args.words.join(" "));
+    if words.is_some() && args.message.is_some() {
+        return Some(Err(
+            "give the message either with --message or as words after the flags, not both".into(),
+        ));
+    }
     for (key, value) in [
-        ("message", &args.message),
-        ("outcome", &args.outcome),
-        ("occurred_at", &args.occurred_at),
+        ("message", args.message.as_ref().or(words.as_ref())),
+        ("outcome", args.outcome.as_ref()),
+        ("occurred_at", args.occurred_at.as_ref()),
+        ("idempotency_key", args.idempotency_key.as_ref()),
     ] {
         if let Some(v) = value {
             event.insert(key.into(), json!(v));

@@ -3,10 +3,10 @@
 //! ```text
 //! {"seq":…,"id":…,"received_at":…,"occurred_at":…,"type":…,"version":…,"severity":…,"code":…,
 //!  "source":{"uid":…,"gid":…,"pid":…,"host":…,"daemon":true},"actor":{…},"target":{…},"outcome":…,"message":…,
-//!  "payload":{…}}
+//!  "payload":{…},"idempotency_key":…}
 //! ```
 //!
-//! `code`, `actor`, `target`, `outcome`, `message` and `payload` are present only when set; `source.pid` only when
+//! `code`, `actor`, `target`, `outcome`, `message`, `payload` and `idempotency_key` are present only when set; `source.pid` only when
 //! the kernel reported it; `source.daemon` only in the daemon's own records (a client's `source` is built from its
 //! peer credentials alone, so no client's record can carry it). Every record written to the log ends with `"hash"`, its link in the hash chain
 //! (`crate::log::chain`), sealed by the journal writer. Later versions may add fields after `payload` and
@@ -62,6 +62,18 @@ impl Source {
     }
 }
 
+/// Where the parts of a tail that [`write_tail`] appended are in its buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TailParts {
+    /// The text of `received_at`.
+    pub received_at: std::ops::Range<usize>,
+    /// The text of `occurred_at`.
+    pub occurred_at: std::ops::Range<usize>,
+    /// The event's own fields after `source`, keys included: `,"actor":…` up to the end of `payload` (empty when
+    /// none of `actor`, `target`, `outcome`, `message`, `payload` is set).
+    pub fields: std::ops::Range<usize>,
+}
+
 /// Appends the tail of a record (everything after `seq`, without the closing brace) to `out`.
 pub fn write_tail(
     out: &mut Vec<u8>,
@@ -70,13 +82,16 @@ pub fn write_tail(
     event: &Checked,
     ty: &EventType,
     source_fragment: &[u8],
-) {
+) -> TailParts {
     let r = &event.request;
     out.extend_from_slice(b",\"id\":\"");
     out.extend_from_slice(id.as_bytes());
     out.extend_from_slice(b"\",\"received_at\":\"");
+    let received_start = out.len();
     write_rfc3339(out, received_at);
+    let received_end = out.len();
     out.extend_from_slice(b"\",\"occurred_at\":\"");
+    let occurred_start = out.len();
     match event.occurred_at {
         Some(t) => out.extend_from_slice(
             t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
@@ -84,6 +99,7 @@ pub fn write_tail(
         ),
         None => write_rfc3339(out, received_at),
     }
+    let occurred_end = out.len();
     // Type names and codes are restricted by the definition schema to characters that need no escaping.
     out.extend_from_slice(b"\",\"type\":\"");
     out.extend_from_slice(ty.name.as_bytes());
@@ -98,6 +114,7 @@ pub fn write_tail(
         out.push(b'"');
     }
     out.extend_from_slice(source_fragment);
+    let fields_start = out.len();
     let json = |out: &mut Vec<u8>, key: &[u8], value: &dyn erased::Json| {
         out.extend_from_slice(key);
         value.write(out);
@@ -120,6 +137,15 @@ pub fn write_tail(
         // Copied through as sent (compact, every token unchanged), never re-serialized.
         out.extend_from_slice(b",\"payload\":");
         out.extend_from_slice(p.as_str().as_bytes());
+    }
+    let fields_end = out.len();
+    if let Some(k) = &r.idempotency_key {
+        json(out, b",\"idempotency_key\":", k);
+    }
+    TailParts {
+        received_at: received_start..received_end,
+        occurred_at: occurred_start..occurred_end,
+        fields: fields_start..fields_end,
     }
 }
 
