@@ -7,6 +7,7 @@ mod connection_limits;
 mod durability;
 mod evidence;
 mod modes;
+mod nats;
 mod plugin_safety;
 mod postgres_sink;
 mod sdk;

@@ -293,7 +293,7 @@ pub mod plugins {
     use std::process::Command;
     use std::sync::{Mutex, OnceLock};
 
-    const PACKAGES: [&str; 8] = [
+    const PACKAGES: [&str; 9] = [
         "trail-test-recorder",
         "trail-test-flaky",
         "trail-test-panicker",
@@ -302,6 +302,7 @@ pub mod plugins {
         "trail-sink-webhook",
         "trail-sink-syslog",
         "trail-sink-postgres",
+        "trail-sink-nats",
     ];
 
     /// One build at a time; outputs are copied aside before the next build can overwrite them.

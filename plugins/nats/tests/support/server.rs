@@ -34,6 +34,8 @@ pub enum Auth {
     None,
     /// [`USER`] with [`PASSWORD`].
     UserPassword,
+    /// [`USER`] with this password.
+    Password(String),
     /// This token.
     Token(String),
 }
@@ -54,6 +56,7 @@ pub struct Server {
     pub port: u16,
     child: Option<Child>,
     name: String,
+    cluster: Option<String>,
 }
 
 fn free_port() -> u16 {
@@ -92,7 +95,19 @@ impl Server {
             .prefix("trail-nats")
             .tempdir()
             .unwrap();
-        let d = dir.path();
+        let server = Self {
+            dir,
+            port,
+            child: None,
+            name: name.to_owned(),
+            cluster,
+        };
+        server.write_config(options);
+        server
+    }
+
+    fn write_config(&self, options: &Options) {
+        let (d, name, port) = (self.dir.path(), &self.name, self.port);
         let mut conf = format!(
             "server_name: {name}\nlisten: 127.0.0.1:{port}\nlog_file: \"{log}\"\n\
              jetstream {{ store_dir: \"{store}\" }}\nmax_payload: 1MB\n",
@@ -103,6 +118,9 @@ impl Server {
             Auth::None => {}
             Auth::UserPassword => conf.push_str(&format!(
                 "authorization {{ user: {USER}, password: \"{PASSWORD}\" }}\n"
+            )),
+            Auth::Password(password) => conf.push_str(&format!(
+                "authorization {{ user: {USER}, password: \"{password}\" }}\n"
             )),
             Auth::Token(token) => {
                 conf.push_str(&format!("authorization {{ token: \"{token}\" }}\n"))
@@ -117,15 +135,24 @@ impl Server {
                 d.join("key.pem").display()
             ));
         }
-        if let Some(cluster) = cluster {
-            conf.push_str(&cluster);
+        if let Some(cluster) = &self.cluster {
+            conf.push_str(cluster);
         }
         fs::write(d.join("server.conf"), conf).unwrap();
-        Self {
-            dir,
-            port,
-            child: None,
-            name: name.to_owned(),
+    }
+
+    /// Writes the configuration anew with `options` and has the running server reload it (SIGHUP).
+    pub fn reconfigure(&self, options: &Options) {
+        self.write_config(options);
+        let child = self.child.as_ref().expect("the server runs");
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGHUP) }, 0);
+    }
+
+    /// Stops the server cleanly (SIGTERM) and waits for it to end.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
         }
     }
 
@@ -346,21 +373,62 @@ impl Reader {
                     .await
                     .unwrap();
                 while let Some(message) = batch.next().await {
-                    let message = message.unwrap();
-                    let info = message.info().unwrap();
-                    out.push(Stored {
-                        stream_seq: info.stream_sequence,
-                        subject: message.subject.to_string(),
-                        msg_id: message
-                            .headers
-                            .as_ref()
-                            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
-                            .map(|v| v.as_str().to_owned()),
-                        record: serde_json::from_slice(&message.payload).unwrap(),
-                    });
+                    out.push(stored(message.unwrap()));
                 }
             }
             out
         })
+    }
+
+    /// What a consumer with `config` (the JetStream API's consumer configuration, as README.md writes them)
+    /// receives from stream `name`: created through `$JS.API.CONSUMER.CREATE`, read until nothing is pending.
+    pub fn consume(&self, name: &str, config: Value) -> Vec<Stored> {
+        self.runtime.block_on(async {
+            let created: Value = self
+                .jetstream
+                .request(
+                    format!("CONSUMER.CREATE.{name}"),
+                    &json!({"stream_name": name, "config": config}),
+                )
+                .await
+                .unwrap();
+            assert!(created.get("error").is_none(), "{created}");
+            let pending = created["num_pending"].as_u64().unwrap();
+            let consumer: async_nats::jetstream::consumer::PullConsumer = self
+                .jetstream
+                .get_consumer_from_stream(created["name"].as_str().unwrap(), name)
+                .await
+                .unwrap();
+            let mut out = Vec::new();
+            let deadline = Instant::now() + READY_DEADLINE;
+            while (out.len() as u64) < pending {
+                assert!(Instant::now() < deadline, "read {} of {pending}", out.len());
+                let mut batch = consumer
+                    .batch()
+                    .max_messages(1000)
+                    .expires(Duration::from_secs(1))
+                    .messages()
+                    .await
+                    .unwrap();
+                while let Some(message) = batch.next().await {
+                    out.push(stored(message.unwrap()));
+                }
+            }
+            out
+        })
+    }
+}
+
+fn stored(message: async_nats::jetstream::Message) -> Stored {
+    let info = message.info().unwrap();
+    Stored {
+        stream_seq: info.stream_sequence,
+        subject: message.subject.to_string(),
+        msg_id: message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+            .map(|v| v.as_str().to_owned()),
+        record: serde_json::from_slice(&message.payload).unwrap(),
     }
 }
