@@ -215,7 +215,8 @@ fn a_consumer_of_the_stream_sees_what_trail_search_finds() {
     assert_eq!(sink_status(&daemon)["delivered"], json!(45));
 
     // README's consumers ("Fleet"), as written there.
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let consumer = |mentions: &str| -> Value {
         let line = readme
             .lines()
@@ -225,7 +226,8 @@ fn a_consumer_of_the_stream_sees_what_trail_search_finds() {
     };
     let mut last_hour = consumer("by_start_time");
     let hour_ago = chrono::Utc::now() - chrono::Duration::hours(1);
-    last_hour["opt_start_time"] = json!(hour_ago.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+    last_hour["opt_start_time"] =
+        json!(hour_ago.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
     let actor: Vec<Stored> = reader
         .consume("AUDIT", last_hour)
         .into_iter()
@@ -239,7 +241,11 @@ fn a_consumer_of_the_stream_sees_what_trail_search_finds() {
         .collect();
     assert_eq!(
         last,
-        ["audit.host-a.role_granted", "audit.host-a.stream_only", "audit.host-a.user_login"]
+        [
+            "audit.host-a.role_granted",
+            "audit.host-a.stream_only",
+            "audit.host-a.user_login"
+        ]
     );
 }
 
@@ -255,7 +261,7 @@ fn every_event_arrives_once_across_a_server_restart_under_load() {
         },
     );
     let reader = Reader::connect(&[server.url()], None);
-    let emitter = Emitter::start(&daemon, 3000);
+    let emitter = Emitter::start(&daemon, 1_000_000);
     wait_for_messages(&reader, &daemon, 300, &|| server.log());
     server.stop();
     // Events go on being acknowledged, and wait in the spool.
@@ -392,7 +398,7 @@ fn wrong_credentials_show_in_the_log_and_status_while_events_wait_in_the_spool()
         auth: Auth::Password("not-the-password".into()),
         ..Options::default()
     });
-    let reader = Reader::connect(&[server.url()], None);
+    let reader = Reader::connect(&[server.url()], Some((USER, "not-the-password")));
     wait_for_messages(&reader, &daemon, 10, &|| server.log());
 }
 

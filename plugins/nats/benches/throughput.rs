@@ -26,13 +26,29 @@ fn main() {
     let only = std::env::var("TRAIL_BENCH_ONLY").ok();
     let plugin = Plugin::build_and_load("trail-sink-nats", Profile::Release);
     let mut next = 1;
-    let runs = [(500, 4096), (5000, 4096), (20_000, 4096), (20_000, 16_384), (5000, 256)];
+    let runs = [
+        (500, 4096),
+        (5000, 4096),
+        (20_000, 4096),
+        (20_000, 16_384),
+        (5000, 256),
+    ];
     if only.as_deref() != Some("cluster") {
         let server = Server::start(Options::default());
         let urls = vec![server.url()];
         for (i, &(batch, window)) in runs.iter().enumerate() {
             let stream = format!("SINGLE{i}");
-            run(&plugin, &urls, &stream, 1, batch, window, &mut next, total, "single node");
+            run(
+                &plugin,
+                &urls,
+                &stream,
+                1,
+                batch,
+                window,
+                &mut next,
+                total,
+                "single node",
+            );
         }
     }
     if only.as_deref() != Some("single") {
@@ -40,7 +56,17 @@ fn main() {
         let urls = cluster.urls();
         for (i, &(batch, window)) in runs.iter().enumerate() {
             let stream = format!("CLUSTER{i}");
-            run(&plugin, &urls, &stream, 3, batch, window, &mut next, total, "3 nodes, R3");
+            run(
+                &plugin,
+                &urls,
+                &stream,
+                3,
+                batch,
+                window,
+                &mut next,
+                total,
+                "3 nodes, R3",
+            );
         }
     }
 }
