@@ -19,7 +19,7 @@ DESTDIR       ?=
 CARGO         ?= cargo
 # release, or debug to install what `cargo build` made (the test suite does this)
 PROFILE       ?= release
-PLUGINS       := trail-sink-webhook trail-sink-syslog trail-sink-postgres
+PLUGINS       := trail-sink-webhook trail-sink-syslog trail-sink-postgres trail-sink-nats
 TARGET_DIR    ?= target
 
 PROFILE_FLAG := $(if $(filter release,$(PROFILE)),--release,)

@@ -8,6 +8,7 @@ mod durability;
 mod evidence;
 mod idempotency;
 mod modes;
+mod nats;
 mod plugin_safety;
 mod postgres_sink;
 mod python_client;

@@ -88,7 +88,7 @@ pub mod plugins {
 
     use trail_test_kit::{Build, workspace};
 
-    const PACKAGES: [&str; 8] = [
+    const PACKAGES: [&str; 9] = [
         "trail-test-recorder",
         "trail-test-flaky",
         "trail-test-panicker",
@@ -97,6 +97,7 @@ pub mod plugins {
         "trail-sink-webhook",
         "trail-sink-syslog",
         "trail-sink-postgres",
+        "trail-sink-nats",
     ];
 
     fn build(packages: &[&str], mark: Option<&str>, label: &str) -> Vec<PathBuf> {
