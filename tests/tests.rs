@@ -9,6 +9,7 @@ mod evidence;
 mod modes;
 mod plugin_safety;
 mod postgres_sink;
+mod rust_client;
 mod sdk;
 mod service;
 mod sinks;

@@ -430,7 +430,10 @@ fn admin(args: AdminArgs, request: Value) -> ExitCode {
     let socket = args
         .admin_socket
         .unwrap_or_else(client::default_admin_socket);
-    match Client::connect_trusting(&socket, &owners).and_then(|mut c| c.emit(&request)) {
+    match Client::connect_trusting(&socket, &owners)
+        .map_err(std::io::Error::from)
+        .and_then(|mut c| c.emit(&request))
+    {
         Ok(answer) => {
             println!(
                 "{}",
@@ -468,6 +471,7 @@ fn emit(args: Emit) -> ExitCode {
     let Some(event) = event_from_flags(&args) else {
         let stdin = std::io::BufReader::new(std::io::stdin());
         let piped = client::connect(&socket, &owners)
+            .map_err(std::io::Error::from)
             .and_then(|stream| client::pipeline_on(stream, stdin, std::io::stdout().lock()));
         return match piped {
             Ok(t) if t.rejected == 0 => ExitCode::SUCCESS,
@@ -482,11 +486,13 @@ fn emit(args: Emit) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let answer =
-        match Client::connect_trusting(&socket, &owners).and_then(|mut c| c.emit_raw(&event)) {
-            Ok(a) => a,
-            Err(e) => return unreachable(e),
-        };
+    let answer = match Client::connect_trusting(&socket, &owners)
+        .map_err(std::io::Error::from)
+        .and_then(|mut c| c.emit_raw(&event))
+    {
+        Ok(a) => a,
+        Err(e) => return unreachable(e),
+    };
     let _ = writeln!(std::io::stdout(), "{answer}");
     if answer["ok"] == json!(true) {
         ExitCode::SUCCESS
