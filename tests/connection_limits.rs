@@ -281,8 +281,9 @@ fn running_out_of_descriptors_neither_spins_nor_floods_the_log() {
     let (socket, admin) = (daemon.socket.clone(), daemon.path("admin.sock"));
     let emitted = tx.clone();
     std::thread::spawn(move || {
-        let answer =
-            trail::client::Client::connect(&socket).and_then(|mut c| c.emit(&login("late")));
+        let answer = trail::client::Client::connect(&socket)
+            .map_err(std::io::Error::from)
+            .and_then(|mut c| c.emit(&login("late")));
         let _ = emitted.send(("emit", answer.map_err(|e| e.to_string())));
     });
     std::thread::spawn(move || {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::util::{Daemon, Setup, login, trail, wait_until};
+use crate::util::{Daemon, Setup, limit_file_size, login, trail, wait_until};
 
 fn setup(log: &str) -> Setup {
     Setup {
@@ -626,17 +626,6 @@ fn search_agrees_with_a_brute_force_filter_across_rotated_and_compressed_files()
         out.starts_with("received_at") && out.lines().count() == 3,
         "{out}"
     );
-}
-
-/// Sets the daemon's `RLIMIT_FSIZE`: its writes past `soft` bytes into any file fail with EFBIG, as on a full disk.
-fn limit_file_size(daemon: &Daemon, soft: u64) {
-    let l = libc::rlimit {
-        rlim_cur: soft,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    let pid = daemon.pid() as i32;
-    let set = unsafe { libc::prlimit(pid, libc::RLIMIT_FSIZE, &l, std::ptr::null_mut()) };
-    assert_eq!(set, 0);
 }
 
 /// Every file under `dir` whose name ends in `.tmp`.

@@ -209,6 +209,7 @@ fn clients_refuse_another_users_socket_unless_told_to_expect_that_user() {
 
     // Refused: by the library, by `trail emit` and by `trail status`.
     let err = trail::client::Client::connect(&socket)
+        .map_err(std::io::Error::from)
         .err()
         .expect("refused");
     assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");

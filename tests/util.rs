@@ -234,3 +234,14 @@ pub fn let_others_traverse(path: &Path) {
         dir = d.parent();
     }
 }
+
+/// Sets the daemon's `RLIMIT_FSIZE`: its writes past `soft` bytes into any file fail with EFBIG, as on a full disk.
+pub fn limit_file_size(daemon: &Daemon, soft: u64) {
+    let l = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    let pid = daemon.pid() as i32;
+    let set = unsafe { libc::prlimit(pid, libc::RLIMIT_FSIZE, &l, std::ptr::null_mut()) };
+    assert_eq!(set, 0);
+}

@@ -478,10 +478,7 @@ impl Config {
     /// The embedded default for development: socket under `$XDG_RUNTIME_DIR/trail/` (or `./run/` when it is not
     /// set), log under `./data/log`, event types from `./event-types`.
     pub fn development() -> Config {
-        let socket = match std::env::var_os("XDG_RUNTIME_DIR") {
-            Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("trail").join("trail.sock"),
-            _ => PathBuf::from("run").join("trail.sock"),
-        };
+        let socket = trail_client::development_socket();
         let mut config = Config {
             socket: SocketConfig {
                 path: socket,

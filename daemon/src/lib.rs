@@ -27,7 +27,8 @@ pub mod spool;
 pub mod systemd;
 pub mod telemetry;
 pub mod tools;
-pub mod trust;
+/// Whether a socket path can be trusted (from `trail-client`, which makes the same checks before it connects).
+pub use trail_client::trust;
 
 use std::collections::HashSet;
 use std::sync::Arc;

@@ -443,7 +443,10 @@ fn admin(args: AdminArgs, request: Value) -> ExitCode {
     let socket = args
         .admin_socket
         .unwrap_or_else(client::default_admin_socket);
-    match Client::connect_trusting(&socket, &owners).and_then(|mut c| c.emit(&request)) {
+    match Client::connect_trusting(&socket, &owners)
+        .map_err(std::io::Error::from)
+        .and_then(|mut c| c.emit(&request))
+    {
         Ok(answer) => {
             println!(
                 "{}",
@@ -480,7 +483,7 @@ fn emit(args: Emit) -> ExitCode {
         Err(code) => return code,
     };
     let socket = args.socket.clone().unwrap_or_else(client::default_socket);
-    let connect = || client::connect(&socket, &owners);
+    let connect = || client::connect(&socket, &owners).map_err(std::io::Error::from);
     let lines = match event_from_flags(&args) {
         Some(Ok(line)) => vec![line],
         Some(Err(message)) => {

@@ -241,7 +241,7 @@ pub fn check_socket(path: &Path, owners: &Owners) -> Result<PathBuf, Untrusted> 
 /// (`SO_PEERCRED`): the strongest check, since a trusted socket file could still have been bound by someone else
 /// before it was made trusted.
 pub fn check_peer(
-    stream: &std::os::unix::net::UnixStream,
+    stream: &impl std::os::fd::AsFd,
     path: &Path,
     owners: &Owners,
 ) -> Result<(), Untrusted> {
