@@ -150,6 +150,9 @@ pub struct Journal {
     thread: JoinHandle<()>,
 }
 
+/// Told of a checkpoint written: its path, its line and its C2SP note.
+pub type Checkpointed = Arc<dyn Fn(&Path, &[u8], Option<&[u8]>) + Send + Sync>;
+
 /// What the writer needs besides the log directory.
 pub struct Options {
     /// When records are synced.
@@ -168,6 +171,8 @@ pub struct Options {
     pub checkpoint_every: Duration,
     /// Told whenever a file was closed (maintenance may index, compress or expire it).
     pub rotated: Option<Arc<Notify>>,
+    /// Told of every checkpoint written but the one at stop (its path and line), to stream it to sinks.
+    pub checkpointed: Option<Checkpointed>,
 }
 
 impl Journal {
@@ -219,6 +224,14 @@ fn writer(mut log: LogFile, mut rx: mpsc::Receiver<Message>, mut options: Option
         last: Instant::now(),
         changed: false,
         retry_rotation: None,
+        writing: Vec::new(),
+        tree: match crate::log::tree::Cache::open(&log.dir, true) {
+            Ok(c) => Some(Arc::new(std::sync::Mutex::new(c))),
+            Err(e) => {
+                error!(error = %e, "cannot open the tree cache; checkpoints are written without the Merkle tree");
+                None
+            }
+        },
     };
     log.point_current();
     while let Some(message) = rx.blocking_recv() {
@@ -335,6 +348,9 @@ fn writer(mut log: LogFile, mut rx: mpsc::Receiver<Message>, mut options: Option
     if checkpoints.changed {
         write_checkpoint(&mut log, &options, &mut checkpoints, "stop");
     }
+    for thread in checkpoints.writing.drain(..) {
+        let _ = thread.join();
+    }
     if let Some(spool) = &options.spool {
         spool.close();
     }
@@ -347,6 +363,10 @@ struct Checkpoints {
     changed: bool,
     /// A failed rotation is tried again only after this.
     retry_rotation: Option<Instant>,
+    /// Checkpoints being written beside the writer; all are waited for before the daemon exits.
+    writing: Vec<JoinHandle<()>>,
+    /// The Merkle tree's cache, brought up to date by each checkpoint (none when it cannot be opened).
+    tree: Option<Arc<std::sync::Mutex<crate::log::tree::Cache>>>,
 }
 
 /// What the clock asks for: a rotation at a period boundary, a checkpoint every `checkpoint_every`.
@@ -402,32 +422,49 @@ fn write_checkpoint(
     let mut created_at = Vec::new();
     crate::record::write_rfc3339(&mut created_at, clock::now());
     let body = checkpoint::Body {
-        checkpoint: 1,
+        checkpoint: 2,
         created_at: String::from_utf8(created_at).expect("ascii"),
         reason: reason.to_owned(),
         seq: log.last_seq_any,
         hash: chain::hex(&log.chain),
         files,
+        tree_size: None,
+        tree_root: None,
         key: signer.public_hex(),
     };
     // Signing and syncing the checkpoint file happen beside the writer, which goes on committing groups.
     checkpoints.changed = false;
     let reason_is_stop = reason == "stop";
     let (dir, signer, reason) = (log.dir.clone(), signer.clone(), reason.to_owned());
+    let told = options.checkpointed.clone().filter(|_| !reason_is_stop);
+    let tree = checkpoints.tree.clone();
     let spawned = std::thread::Builder::new()
         .name("trail-checkpoint".into())
-        .spawn(move || match checkpoint::write(&dir, &signer, &body) {
-            Ok(path) => {
-                debug!(file = %path.display(), seq = ?body.seq, reason, "checkpoint written")
+        .spawn(move || {
+            let seq = body.seq;
+            match checkpoint::write_with_tree(&dir, &signer, tree.as_deref(), body) {
+            Ok((written, failed)) => {
+                if let Some(e) = failed {
+                    error!(error = %e, "cannot compute the Merkle tree; the checkpoint was written without it");
+                }
+                debug!(file = %written.path.display(), seq = ?seq, reason, "checkpoint written");
+                if let Some(tell) = told {
+                    tell(&written.path, &written.line, written.note.as_deref());
+                }
             }
             Err(e) => error!(dir = %dir.display(), error = %e, "cannot write a checkpoint"),
-        });
+        }});
+    checkpoints.writing.retain(|t| !t.is_finished());
     match spawned {
-        // The last checkpoint, at stop, must be on disk before the daemon exits.
+        // Every checkpoint, the one at stop last, must be on disk before the daemon exits: one still being
+        // written when the process ends is lost.
         Ok(thread) if reason_is_stop => {
+            for earlier in checkpoints.writing.drain(..) {
+                let _ = earlier.join();
+            }
             let _ = thread.join();
         }
-        Ok(_) => {}
+        Ok(thread) => checkpoints.writing.push(thread),
         Err(e) => {
             checkpoints.changed = true;
             error!(error = %e, "cannot start writing a checkpoint");

@@ -35,8 +35,9 @@ enum Command {
         admin: AdminArgs,
     },
     /// Check the log offline: the hash chain of every record, checkpoint signatures, missing, extra, truncated,
-    /// reordered or modified records and files. Prints each problem with file, line and seq; exit 0 only when all
-    /// is intact, 1 when something is wrong, 2 when the input cannot be read.
+    /// reordered, repeated or modified records and files, records after a stop. Prints each problem with file,
+    /// line and seq, and how many records no checkpoint covers; exit 0 only when all is intact, 1 when something
+    /// is wrong, 2 when the input cannot be read.
     Verify {
         /// Log directories (with their checkpoints/), log files (.jsonl, .jsonl.zst) or checkpoint files
         /// [default: the configuration's log directory]
@@ -44,6 +45,10 @@ enum Command {
         /// The daemon's checkpoint public key: a PEM file or 64 hex digits.
         #[arg(long)]
         key: Option<String>,
+        /// Checkpoints kept elsewhere, checked like the log's own: a directory of checkpoint files, or a JSON-lines
+        /// file of checkpoint lines or trail_checkpoint records (what a sink delivered). Repeatable.
+        #[arg(long, value_name = "PATH")]
+        checkpoints: Vec<PathBuf>,
         /// Configuration file whose log directory to check when no path is given.
         #[arg(long, short)]
         config: Option<PathBuf>,
@@ -206,7 +211,12 @@ fn main() -> ExitCode {
             config,
             event_types,
         } => validate(config, event_types),
-        Command::Verify { paths, key, config } => verify(paths, key, config),
+        Command::Verify {
+            paths,
+            key,
+            checkpoints,
+            config,
+        } => verify(paths, key, checkpoints, config),
         Command::Search(s) => search(*s),
         Command::CheckPlugin => ExitCode::from(trail::sinks::validate::child_main() as u8),
     }
@@ -357,7 +367,12 @@ fn search(args: Search) -> ExitCode {
     }
 }
 
-fn verify(mut paths: Vec<PathBuf>, key: Option<String>, config: Option<PathBuf>) -> ExitCode {
+fn verify(
+    mut paths: Vec<PathBuf>,
+    key: Option<String>,
+    outside: Vec<PathBuf>,
+    config: Option<PathBuf>,
+) -> ExitCode {
     use trail::log::checkpoint;
     use trail::tools::verify;
     if paths.is_empty() {
@@ -373,13 +388,19 @@ fn verify(mut paths: Vec<PathBuf>, key: Option<String>, config: Option<PathBuf>)
             return ExitCode::from(2);
         }
     };
-    let inputs = match verify::Inputs::gather(&paths) {
+    let mut inputs = match verify::Inputs::gather(&paths) {
         Ok(i) => i,
         Err(e) => {
             eprintln!("trail verify: {e}");
             return ExitCode::from(2);
         }
     };
+    for path in &outside {
+        if let Err(e) = inputs.add_outside(path) {
+            eprintln!("trail verify: --checkpoints {e}");
+            return ExitCode::from(2);
+        }
+    }
     let started = std::time::Instant::now();
     let report = match verify::verify(&inputs, key.as_ref()) {
         Ok(r) => r,
@@ -399,6 +420,23 @@ fn verify(mut paths: Vec<PathBuf>, key: Option<String>, config: Option<PathBuf>)
         .seqs
         .map(|(a, b)| format!(", seq {a}..{b}"))
         .unwrap_or_default();
+    // Always said, so that "intact" never hides that nothing was signed.
+    let covered = match report.covered {
+        Some(seq) => format!("after seq {seq}, the last a checkpoint covers"),
+        None => "no checkpoint covers any record".to_owned(),
+    };
+    let _ = writeln!(
+        out,
+        "unsigned: {} records ({covered}); only the hash chain protects them",
+        report.unsigned
+    );
+    if !outside.is_empty() {
+        let _ = writeln!(
+            out,
+            "outside: {} of the checkpoints were kept elsewhere",
+            report.outside
+        );
+    }
     let _ = writeln!(
         out,
         "{}: {} records in {} files ({} bytes{seqs}), {} checkpoints, {} problems, {:.2?}",
