@@ -84,7 +84,8 @@ fn emit_from_flags_and_from_stdin() {
         .collect();
     assert_eq!(answers.len(), 3);
     assert_eq!(answers[1]["error"]["code"], json!("invalid_json"));
-    assert_eq!(answers[2]["seq"], json!(3));
+    // After the daemon's start record (seq 1).
+    assert_eq!(answers[2]["seq"], json!(4));
     let records = daemon.records();
     assert_eq!(records[0]["actor"], json!({"id": "u-42", "name": "alice"}));
     assert_eq!(

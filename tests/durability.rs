@@ -24,14 +24,16 @@ fn restart_continues_seq() {
     for i in 0..3 {
         assert_eq!(
             daemon.client().emit(&login(&i.to_string())).unwrap()["seq"],
-            json!(i + 1)
+            // After the start record, seq 1.
+            json!(i + 2)
         );
     }
     assert!(daemon.stop().success(), "{}", daemon.stderr());
     daemon.spawn();
-    assert_eq!(daemon.client().emit(&login("3")).unwrap()["seq"], json!(4));
+    // After the second start's record, seq 5.
+    assert_eq!(daemon.client().emit(&login("3")).unwrap()["seq"], json!(6));
     let seqs: Vec<Value> = daemon.records().iter().map(|r| r["seq"].clone()).collect();
-    assert_eq!(seqs, [json!(1), json!(2), json!(3), json!(4)]);
+    assert_eq!(seqs, [json!(2), json!(3), json!(4), json!(6)]);
 }
 
 #[test]
@@ -42,7 +44,7 @@ fn a_torn_tail_is_cut_and_kept_aside() {
     assert!(daemon.stop().success());
     let file = log_file(&daemon);
     let good_len = std::fs::metadata(&file).unwrap().len();
-    let torn = br#"{"seq":3,"id":"0193","received_at":"2026-"#;
+    let torn = br#"{"seq":4,"id":"0193","received_at":"2026-"#;
     std::fs::OpenOptions::new()
         .append(true)
         .open(&file)
@@ -56,7 +58,8 @@ fn a_torn_tail_is_cut_and_kept_aside() {
         "{stderr}"
     );
     let answer = daemon.client().emit(&login("c")).unwrap();
-    assert_eq!(answer["seq"], json!(3));
+    // The start records are seq 1 and 4.
+    assert_eq!(answer["seq"], json!(5));
     let messages: Vec<Value> = daemon
         .records()
         .iter()
@@ -126,8 +129,15 @@ fn kill_9_under_load_loses_no_acknowledged_event() {
         .collect();
     assert!(acked.len() > 5_000, "only {} acknowledged", acked.len());
     daemon.spawn();
-    let records = daemon.records();
-    let seqs: Vec<u64> = records.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    let seqs: Vec<u64> = daemon
+        .all_log_lines()
+        .iter()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
     assert!(
         seqs.windows(2).all(|w| w[1] == w[0] + 1),
         "seq has gaps or repeats"

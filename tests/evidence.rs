@@ -96,7 +96,8 @@ fn every_kind_of_tampering_is_detected_where_it_happened() {
     let key = public_key(&daemon);
     let (code, out) = verify(&daemon.log_dir, &key);
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("intact: 48 records"), "{out}");
+    // 48 logins and the start record.
+    assert!(out.contains("intact: 49 records"), "{out}");
     let files = log_files(&daemon.log_dir);
     assert!(files.len() >= 3, "size rotation: {files:?}");
     for f in &files[..files.len() - 1] {
@@ -452,9 +453,22 @@ fn the_daemon_rotates_at_utc_midnight_on_its_clock() {
     assert_eq!(current, PathBuf::from(name(&files[1])));
     let (code, out) = verify(&daemon.log_dir, &public_key(&daemon));
     assert_eq!(code, 0, "{out}");
+    // The rotation's checkpoint and the stop's may be written at once (or in one second): each is written to a
+    // temporary file of its own and created exclusively under its own name, and the stop waits for every
+    // checkpoint still being written. (Both once shared one temporary file, `.checkpoint.tmp`, and the process
+    // could exit while the rotation's was still being written: one of the two was lost.)
+    let reasons: Vec<String> = trail::log::checkpoint::list(&daemon.log_dir)
+        .iter()
+        .map(|p| {
+            trail::log::checkpoint::Checkpoint::parse(&std::fs::read(p).unwrap())
+                .unwrap()
+                .body
+                .reason
+        })
+        .collect();
     assert!(
-        trail::log::checkpoint::list(&daemon.log_dir).len() >= 2,
-        "a checkpoint at rotation and at stop"
+        reasons.iter().any(|r| r == "rotation") && reasons.last().is_some_and(|r| r == "stop"),
+        "a checkpoint at rotation and at stop: {reasons:?}"
     );
 }
 
@@ -719,6 +733,8 @@ fn a_full_disk_is_answered_unavailable_and_the_daemon_resumes() {
         .iter()
         .map(|r| r["message"].clone())
         .collect();
+    // The start record is in the file too.
+    let acked_while_full = acked_while_full - 1;
     assert_eq!(messages.len(), acked_while_full + 1);
     assert_eq!(messages.last().unwrap(), &json!("space is back"));
     // Exactly what was acknowledged is in the log, in order: nothing acknowledged is missing, nothing refused is there.
@@ -734,3 +750,775 @@ fn a_full_disk_is_answered_unavailable_and_the_daemon_resumes() {
     let (code, out) = verify(&daemon.log_dir, &public_key(&daemon));
     assert_eq!(code, 0, "{out}");
 }
+
+/// The chain hash a record's line stores.
+fn stored_hash(line: &str) -> trail::log::chain::Hash {
+    trail::log::chain::split(line.as_bytes()).unwrap().1
+}
+
+/// `line` with its message and id changed, sealed again after the record whose hash is `prev`: a forged record
+/// that the chain alone accepts there (the chain needs no key).
+fn forge(line: &str, prev: &trail::log::chain::Hash) -> String {
+    let (body, _) = trail::log::chain::split(line.as_bytes()).unwrap();
+    let body = std::str::from_utf8(body)
+        .unwrap()
+        .replacen("\"message\":\"event ", "\"message\":\"forged ", 1)
+        .replacen("\"id\":\"0", "\"id\":\"f", 1);
+    assert!(body.contains("forged"), "{body}");
+    let mut out = body.into_bytes();
+    trail::log::chain::seal(prev, &mut out, 0);
+    String::from_utf8(out).unwrap()
+}
+
+/// Seals every record of the (uncompressed) log files in `dir` again, in order, from the genesis value: what an
+/// attacker does after changing a record.
+fn reseal(dir: &Path) {
+    let mut prev = trail::log::chain::GENESIS;
+    for f in log_files(dir) {
+        let resealed: Vec<String> = lines(&f)
+            .iter()
+            .map(|l| {
+                let (body, _) = trail::log::chain::split(l.as_bytes()).unwrap();
+                let mut out = body.to_vec();
+                prev = trail::log::chain::seal(&prev, &mut out, 0);
+                String::from_utf8(out).unwrap()
+            })
+            .collect();
+        write_lines(&f, &resealed);
+    }
+}
+
+/// The seq of a record's line.
+fn seq_of(line: &str) -> u64 {
+    serde_json::from_str::<Value>(line).unwrap()["seq"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn a_forked_or_copied_record_is_a_second_record_with_its_seq_where_it_is() {
+    let mut daemon = start("max_file_bytes: 4096", vec![]);
+    emit(&daemon, 0, 30);
+    assert!(daemon.stop().success(), "{}", daemon.stderr());
+    let key = public_key(&daemon);
+    let files = log_files(&daemon.log_dir);
+    assert!(files.len() >= 3, "{files:?}");
+    let newest = files.last().unwrap().clone();
+    // The newest file needs a login with a record before it in the same file.
+    let newest = if lines(&newest).len() >= 2 {
+        newest
+    } else {
+        files[files.len() - 2].clone()
+    };
+    for (where_, file) in [("closed", files[1].clone()), ("newest", newest)] {
+        let original = lines(&file);
+        let i = original.len() / 2;
+        assert!(i >= 1 && original[i].contains("\"type\":\"user_login\""));
+        let n = seq_of(&original[i]);
+        let prev = stored_hash(&original[i - 1]);
+        let at = format!(
+            "{}:{}: seq {n}: a second record with seq {n}",
+            name(&file),
+            i + 2
+        );
+        type Edit = Box<dyn Fn(&mut Vec<String>)>;
+        let cases: Vec<(&str, Edit)> = vec![
+            (
+                "a fork before the record",
+                Box::new(move |l: &mut Vec<String>| {
+                    let forged = forge(&l[i], &prev);
+                    l.insert(i, forged);
+                }),
+            ),
+            (
+                "a fork after the record",
+                Box::new(move |l: &mut Vec<String>| {
+                    let forged = forge(&l[i], &prev);
+                    l.insert(i + 1, forged);
+                }),
+            ),
+            (
+                "an exact copy of the line",
+                Box::new(move |l: &mut Vec<String>| {
+                    let copy = l[i].clone();
+                    l.insert(i + 1, copy);
+                }),
+            ),
+        ];
+        for (what, edit) in cases {
+            let copy = tempfile::tempdir().unwrap();
+            copy_dir(&daemon.log_dir, copy.path());
+            let mut l = original.clone();
+            edit(&mut l);
+            write_lines(&copy.path().join(name(&file)), &l);
+            let (code, out) = verify(copy.path(), &key);
+            assert_eq!(code, 1, "{what} in the {where_} file: {out}");
+            assert!(
+                out.contains(&at),
+                "{what} in the {where_} file: expected {at:?} in\n{out}"
+            );
+        }
+    }
+}
+
+#[test]
+fn closed_files_that_no_checkpoint_covers_are_a_problem_and_the_unsigned_tail_is_counted() {
+    let mut daemon = start("max_file_bytes: 4096", vec![]);
+    emit(&daemon, 0, 24);
+    assert!(daemon.stop().success(), "{}", daemon.stderr());
+    let key = public_key(&daemon);
+    let (code, out) = verify(&daemon.log_dir, &key);
+    assert_eq!(code, 0, "{out}");
+    // The stop checkpoint covers every record.
+    assert!(
+        out.contains("unsigned: 0 records (after seq 25, the last a checkpoint covers)"),
+        "{out}"
+    );
+    let files = log_files(&daemon.log_dir);
+    assert!(files.len() >= 2, "{files:?}");
+
+    // Checkpoints deleted: the closed files are covered by nothing.
+    let copy = tempfile::tempdir().unwrap();
+    copy_dir(&daemon.log_dir, copy.path());
+    std::fs::remove_dir_all(copy.path().join("checkpoints")).unwrap();
+    let (code, out) = verify(copy.path(), &key);
+    assert_eq!(code, 1, "{out}");
+    let first = lines(&files[0]).len();
+    assert!(
+        out.contains(&format!(
+            "problem: {}: {first} records of this closed file (seq 1..{first}) are covered by no checkpoint",
+            name(&files[0])
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("unsigned: 25 records (no checkpoint covers any record)"),
+        "{out}"
+    );
+    // Without a key that is said, but the checkpoints' absence is no proof of anything.
+    let (code, out, _) = trail(&["verify", copy.path().to_str().unwrap()], "");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("are covered by no checkpoint"), "{out}");
+
+    // A record changed, the whole chain sealed again and the checkpoints deleted: caught the same way.
+    let copy = tempfile::tempdir().unwrap();
+    copy_dir(&daemon.log_dir, copy.path());
+    let target = copy.path().join(name(&files[0]));
+    let mut l = lines(&target);
+    l[2] = l[2].replace("event 1", "event X");
+    write_lines(&target, &l);
+    reseal(copy.path());
+    let (code, out) = verify(copy.path(), &key);
+    assert_eq!(
+        code, 1,
+        "the re-sealed chain with its checkpoints deleted passed: {out}"
+    );
+    std::fs::remove_dir_all(copy.path().join("checkpoints")).unwrap();
+    let (code, out) = verify(copy.path(), &key);
+    assert_eq!(
+        code, 1,
+        "the re-sealed chain with its checkpoints deleted passed: {out}"
+    );
+    assert!(out.contains("covered by no checkpoint"), "{out}");
+
+    // A daemon still running: the records after its last checkpoint are the unsigned tail.
+    daemon.spawn();
+    emit(&daemon, 24, 3);
+    // A file closed by these records has its checkpoint written beside the writer, possibly just after the
+    // records were acknowledged: verify agrees once it is there.
+    let mut out = String::new();
+    let agreed = wait_until(Duration::from_secs(30), || {
+        let (code, o) = verify(&daemon.log_dir, &key);
+        out = o;
+        code == 0
+    });
+    assert!(agreed, "{out}");
+    // 29 records; a rotation may have written a checkpoint since the stop's, at seq 25.
+    let unsigned = out.lines().find(|l| l.starts_with("unsigned: ")).unwrap();
+    let covered: u64 = unsigned
+        .split("after seq ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(covered >= 25, "{out}");
+    assert!(
+        unsigned.starts_with(&format!("unsigned: {} records", 29 - covered)),
+        "{out}"
+    );
+    assert!(daemon.stop().success());
+}
+
+#[test]
+fn records_after_a_clean_stop_are_found_by_verify_and_by_the_next_start() {
+    let mut daemon = Daemon::start();
+    emit(&daemon, 0, 3);
+    assert!(daemon.stop().success(), "{}", daemon.stderr());
+    let key = public_key(&daemon);
+    let every = |d: &Daemon| -> Vec<Value> {
+        d.all_log_lines()
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let records = every(&daemon);
+    // Every start's first record is the daemon's own start record, naming the last checkpoint it found.
+    assert_eq!(records[0]["type"], json!("trail_started"), "{}", records[0]);
+    assert_eq!(records[0]["source"]["daemon"], json!(true));
+    assert!(
+        records[0]["payload"].get("checkpoint").is_none(),
+        "{}",
+        records[0]
+    );
+    let stop = trail::log::checkpoint::list(&daemon.log_dir).pop().unwrap();
+    let (code, out) = verify(&daemon.log_dir, &key);
+    assert_eq!(code, 0, "{out}");
+
+    // A well-chained record appended while the daemon is stopped.
+    let file = log_files(&daemon.log_dir).pop().unwrap();
+    let mut l = lines(&file);
+    let last = l.last().unwrap().clone();
+    let forged = forge(&last, &trail::log::chain::GENESIS);
+    let (body, _) = trail::log::chain::split(forged.as_bytes()).unwrap();
+    let body = std::str::from_utf8(body).unwrap().replacen(
+        &format!("{{\"seq\":{}", seq_of(&last)),
+        &format!("{{\"seq\":{}", seq_of(&last) + 1),
+        1,
+    );
+    let mut out = body.into_bytes();
+    trail::log::chain::seal(&stored_hash(&last), &mut out, 0);
+    l.push(String::from_utf8(out).unwrap());
+    write_lines(&file, &l);
+    let copy = tempfile::tempdir().unwrap();
+    copy_dir(&daemon.log_dir, copy.path());
+    let (code, out) = verify(copy.path(), &key);
+    assert_eq!(code, 1, "{out}");
+    let expected = format!(
+        "{}:{}: seq 5: a record after the stop checkpoint {} (seq 4) and before the daemon's next trail_started record",
+        name(&file),
+        l.len(),
+        name(&stop)
+    );
+    assert!(out.contains(&expected), "expected {expected:?} in\n{out}");
+    assert!(
+        out.contains("1 records (seq 5..5) were added while it was not running"),
+        "{out}"
+    );
+
+    // The next start says so in its log and records it, and goes on.
+    daemon.spawn();
+    emit(&daemon, 3, 1);
+    assert!(daemon.stop().success(), "{}", daemon.stderr());
+    let stderr = daemon.stderr();
+    assert!(
+        stderr.contains("records follow the last stop checkpoint"),
+        "{stderr}"
+    );
+    let records = every(&daemon);
+    let started = &records[5];
+    assert_eq!(started["type"], json!("trail_started"), "{started}");
+    assert_eq!(
+        started["payload"]["checkpoint"],
+        json!(name(&stop)),
+        "{started}"
+    );
+    assert_eq!(started["payload"]["checkpoint_reason"], json!("stop"));
+    assert_eq!(started["payload"]["checkpoint_seq"], json!(4));
+    let tampered = &records[6];
+    assert_eq!(tampered["type"], json!("trail_log_tampered"), "{tampered}");
+    assert_eq!(
+        tampered["payload"],
+        json!({"checkpoint": name(&stop), "checkpoint_seq": 4, "file": name(&file), "first_seq": 5,
+            "last_seq": 5, "records": 1})
+    );
+    assert_eq!(records[7]["message"], json!("event 3"));
+    // The forged record stays a problem; the rest of the log is intact.
+    let (code, out) = verify(&daemon.log_dir, &key);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&expected), "{out}");
+    assert!(out.contains(", 1 problems,"), "{out}");
+}
+
+#[test]
+fn problems_in_a_compressed_file_name_the_file_on_disk() {
+    let mut daemon = start("max_file_bytes: 4096, compress: true", vec![]);
+    emit(&daemon, 0, 30);
+    let compressed = wait_until(Duration::from_secs(30), || {
+        log_files(&daemon.log_dir)
+            .iter()
+            .any(|f| name(f).ends_with(".jsonl.zst"))
+    });
+    assert!(compressed, "nothing was compressed:\n{}", daemon.stderr());
+    assert!(daemon.stop().success());
+    let key = public_key(&daemon);
+    let zst = log_files(&daemon.log_dir)
+        .into_iter()
+        .find(|f| name(f).ends_with(".jsonl.zst"))
+        .unwrap();
+    let copy = tempfile::tempdir().unwrap();
+    copy_dir(&daemon.log_dir, copy.path());
+    // A copy of one of its records appended, compressed again.
+    let text =
+        String::from_utf8(zstd::decode_all(std::fs::File::open(&zst).unwrap()).unwrap()).unwrap();
+    let mut l: Vec<String> = text.lines().map(str::to_owned).collect();
+    l.push(l[1].clone());
+    let plain = l.iter().map(|x| format!("{x}\n")).collect::<String>();
+    std::fs::write(
+        copy.path().join(name(&zst)),
+        zstd::encode_all(plain.as_bytes(), 3).unwrap(),
+    )
+    .unwrap();
+    let (code, out) = verify(copy.path(), &key);
+    assert_eq!(code, 1, "{out}");
+    let seq = seq_of(&l[1]);
+    assert!(
+        out.contains(&format!(
+            "{}:{}: seq {seq}: a second record with seq {seq}",
+            name(&zst),
+            l.len()
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "problem: {}: the file is {} bytes (uncompressed), but it was closed",
+            name(&zst),
+            plain.len()
+        )),
+        "{out}"
+    );
+    assert!(
+        !out.contains(&format!(
+            "problem: {}:",
+            name(&zst).trim_end_matches(".zst")
+        )),
+        "{out}"
+    );
+}
+
+/// Signs a new checkpoint over the log in `dir` as it is now, with the daemon's own private key, after deleting
+/// every checkpoint: what someone who controls the host does after changing the log.
+fn sign_again(dir: &Path, private_key: &Path) {
+    use trail::log::checkpoint;
+    std::fs::remove_dir_all(dir.join(checkpoint::DIR)).unwrap();
+    let signer = checkpoint::Signer::load_or_generate(private_key).unwrap();
+    let files: Vec<checkpoint::FileEntry> = trail::log::files::list(dir)
+        .unwrap()
+        .iter()
+        .map(|f| trail::log::index::summary(f).unwrap())
+        .collect();
+    // The last file that holds a record (the newest may have been emptied).
+    let last = files.iter().rev().find(|f| f.last_seq.is_some()).unwrap();
+    let mut created_at = Vec::new();
+    trail::record::write_rfc3339(&mut created_at, std::time::SystemTime::now());
+    let body = checkpoint::Body {
+        checkpoint: 2,
+        created_at: String::from_utf8(created_at).unwrap(),
+        reason: "stop".into(),
+        seq: last.last_seq,
+        hash: last.last_hash.clone().unwrap(),
+        files: files.clone(),
+        tree_size: None,
+        tree_root: None,
+        key: signer.public_hex(),
+    };
+    checkpoint::write(dir, &signer, &body).unwrap();
+}
+
+#[test]
+fn checkpoints_kept_elsewhere_catch_a_cut_end_and_a_log_rolled_back_and_signed_again() {
+    let mut s = crate::sinks::with_sinks(
+        // The template sink appends each record's line to a file: the checkpoints as a sink delivers them.
+        &[crate::sinks::sink(
+            "offsite",
+            "line-file",
+            "[trail_checkpoint]",
+            "{path: $DIR/offsite.jsonl}",
+        )],
+        &[("trail-sink-template", "libtemplate.so")],
+        "",
+    );
+    s.log = Some("max_file_bytes: 4096".into());
+    let mut daemon = Daemon::with(s);
+    emit(&daemon, 0, 30);
+    assert!(daemon.stop().success(), "{}", daemon.stderr());
+    // The checkpoint at stop is streamed at the next start.
+    daemon.spawn();
+    let offsite = daemon.path("offsite.jsonl");
+    let mut delivered = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            delivered = crate::util::recorded(&offsite);
+            delivered
+                .iter()
+                .any(|r| r["payload"]["reason"] == json!("stop"))
+        }),
+        "the stop checkpoint was not delivered: {delivered:#?}\n{}",
+        daemon.stderr()
+    );
+    assert!(
+        delivered
+            .iter()
+            .any(|r| r["payload"]["reason"] == json!("rotation")),
+        "{delivered:#?}"
+    );
+    for r in &delivered {
+        assert_eq!(r["type"], json!("trail_checkpoint"));
+        assert_eq!(r["source"]["daemon"], json!(true));
+        // The line as written in checkpoints/, byte for byte.
+        let name = r["payload"]["name"].as_str().unwrap();
+        let local = std::fs::read_to_string(daemon.log_dir.join("checkpoints").join(name)).unwrap();
+        assert_eq!(r["payload"]["line"].as_str().unwrap(), local.trim_end());
+    }
+    assert!(daemon.stop().success());
+    // What was delivered by the time the daemon stopped (a rotation may have added one since).
+    let delivered = crate::util::recorded(&offsite);
+    let key = public_key(&daemon);
+    let private_key = daemon.path("keys/checkpoint-ed25519.pem");
+    let outside = offsite.to_str().unwrap().to_owned();
+    let with_outside = |dir: &Path, outside: &str| {
+        let (code, out, err) = trail(
+            &[
+                "verify",
+                dir.to_str().unwrap(),
+                "--key",
+                &key,
+                "--checkpoints",
+                outside,
+            ],
+            "",
+        );
+        (code, format!("{out}{err}"))
+    };
+    let (code, out) = with_outside(&daemon.log_dir, &outside);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!(
+            "outside: {} of the checkpoints were kept elsewhere",
+            delivered.len()
+        )),
+        "{out}"
+    );
+
+    // Records cut off the end, the checkpoints deleted and one signed again over what is left: the local log
+    // verifies, the checkpoints kept elsewhere do not agree.
+    let cut = tempfile::tempdir().unwrap();
+    copy_dir(&daemon.log_dir, cut.path());
+    // Everything from the last record the delivered stop checkpoint covers on.
+    let stop_seq = delivered
+        .iter()
+        .filter(|r| r["payload"]["reason"] == json!("stop"))
+        .map(|r| r["payload"]["seq"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    for f in log_files(cut.path()) {
+        let kept: Vec<String> = lines(&f)
+            .into_iter()
+            .filter(|l| seq_of(l) < stop_seq)
+            .collect();
+        if kept.is_empty() {
+            std::fs::remove_file(&f).unwrap();
+        } else {
+            write_lines(&f, &kept);
+        }
+    }
+    sign_again(cut.path(), &private_key);
+    let (code, out) = verify(cut.path(), &key);
+    assert_eq!(
+        code, 0,
+        "the attack is not one the local checkpoints catch: {out}"
+    );
+    let (code, out) = with_outside(cut.path(), &outside);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("records were removed from its end"), "{out}");
+    assert!(out.contains("(kept in "), "{out}");
+
+    // A record of a closed file changed, the chain sealed again and the checkpoints signed again.
+    let rolled = tempfile::tempdir().unwrap();
+    copy_dir(&daemon.log_dir, rolled.path());
+    let closed = log_files(rolled.path())[1].clone();
+    let mut l = lines(&closed);
+    l[1] = l[1].replacen("\"message\":\"event ", "\"message\":\"other ", 1);
+    write_lines(&closed, &l);
+    reseal(rolled.path());
+    sign_again(rolled.path(), &private_key);
+    let (code, out) = verify(rolled.path(), &key);
+    assert_eq!(
+        code, 0,
+        "the attack is not one the local checkpoints catch: {out}"
+    );
+    let (code, out) = with_outside(rolled.path(), &outside);
+    assert_eq!(code, 1, "{out}");
+    // Checkpoints vouch for each file's last record: the changed file's is the first that differs.
+    let last = lines(&closed).len();
+    let seq = seq_of(lines(&closed).last().unwrap());
+    assert!(
+        out.contains(&format!(
+            "{}:{last}: seq {seq}: the record's hash differs from the one checkpoint",
+            name(&closed)
+        )),
+        "{out}"
+    );
+    // The same from a directory of checkpoint files kept elsewhere.
+    let kept = tempfile::tempdir().unwrap();
+    copy_dir(&daemon.log_dir.join("checkpoints"), kept.path());
+    let (code, out) = with_outside(rolled.path(), kept.path().to_str().unwrap());
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("the record's hash differs from the one checkpoint"),
+        "{out}"
+    );
+    // What is not a checkpoint is refused, naming the line.
+    let junk = daemon.path("junk.jsonl");
+    std::fs::write(&junk, "{\"type\":\"user_login\"}\n").unwrap();
+    let (code, out) = with_outside(&daemon.log_dir, junk.to_str().unwrap());
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("junk.jsonl:1: neither a checkpoint line nor a trail_checkpoint record"),
+        "{out}"
+    );
+}
+
+/// RFC 9162's Merkle tree hash (section 2.1.1) over the lines of a file, written from the RFC in another language
+/// than the daemon's: prints the root of the first N lines, hex, for every N given.
+const MTH_PY: &str = r#"
+import hashlib, sys
+def mth(leaves):
+    n = len(leaves)
+    if n == 0:
+        return hashlib.sha256(b"").digest()
+    if n == 1:
+        return hashlib.sha256(b"\x00" + leaves[0]).digest()
+    k = 1
+    while k * 2 < n:
+        k *= 2
+    return hashlib.sha256(b"\x01" + mth(leaves[:k]) + mth(leaves[k:])).digest()
+lines = open(sys.argv[1], "rb").read().split(b"\n")[:-1]
+for n in sys.argv[2:]:
+    print(mth(lines[:int(n)]).hex())
+"#;
+
+#[test]
+fn checkpoints_sign_the_rfc_9162_tree_of_the_record_lines_also_as_a_c2sp_note() {
+    let mut daemon = start("max_file_bytes: 4096, compress: true", vec![]);
+    emit(&daemon, 0, 30);
+    assert!(
+        wait_until(Duration::from_secs(30), || log_files(&daemon.log_dir)
+            .iter()
+            .any(|f| name(f).ends_with(".zst"))),
+        "nothing was compressed"
+    );
+    assert!(daemon.stop().success(), "{}", daemon.stderr());
+    let key = trail::log::checkpoint::read_public_key(&public_key(&daemon)).unwrap();
+    // Every record line, across rotated and compressed files, in order.
+    let records = all_records(&daemon.log_dir);
+    let dir = tempfile::tempdir().unwrap();
+    let all = dir.path().join("records.jsonl");
+    std::fs::write(
+        &all,
+        records.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    )
+    .unwrap();
+    let mut expected = Vec::new();
+    for path in trail::log::checkpoint::list(&daemon.log_dir) {
+        let cp = trail::log::checkpoint::Checkpoint::parse(&std::fs::read(&path).unwrap()).unwrap();
+        let (size, root) = (
+            cp.body.tree_size.unwrap(),
+            cp.body.tree_root.clone().unwrap(),
+        );
+        // The tree at a checkpoint holds exactly the records up to its seq.
+        let upto = records
+            .iter()
+            .filter(|l| seq_of(l) <= cp.body.seq.unwrap())
+            .count() as u64;
+        assert_eq!(size, upto, "{}", path.display());
+        // The C2SP note beside it says the same, signed by the checkpoint key (checked by signed_note's verifier).
+        let note_path = path.with_extension("note");
+        let note = std::fs::read(&note_path).unwrap();
+        let opened = trail::log::checkpoint::open_note(&note, &key).unwrap();
+        assert_eq!(opened.size, size);
+        assert_eq!(trail::log::chain::hex(&opened.root.0), root);
+        let text = String::from_utf8(note.clone()).unwrap();
+        let mut l = text.lines();
+        assert_eq!(
+            l.next(),
+            Some(trail::log::checkpoint::origin(&key).as_str())
+        );
+        assert_eq!(l.next(), Some(size.to_string().as_str()));
+        // Another key does not open it, and a changed size breaks its signature.
+        let other =
+            trail::log::checkpoint::Signer::load_or_generate(&dir.path().join("o.pem")).unwrap();
+        assert!(trail::log::checkpoint::open_note(&note, &other.verifying_key()).is_err());
+        let forged = text.replacen(&format!("\n{size}\n"), &format!("\n{}\n", size + 1), 1);
+        assert!(trail::log::checkpoint::open_note(forged.as_bytes(), &key).is_err());
+        expected.push((size, root));
+    }
+    assert!(expected.len() >= 3, "{expected:?}");
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(MTH_PY)
+        .arg(&all)
+        .args(expected.iter().map(|(s, _)| s.to_string()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let roots: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        roots,
+        expected.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>()
+    );
+
+    // verify recomputes the tree: a checkpoint signed with another root (by someone with the key) is reported.
+    let copy = tempfile::tempdir().unwrap();
+    copy_dir(&daemon.log_dir, copy.path());
+    let newest = trail::log::checkpoint::list(copy.path()).pop().unwrap();
+    let mut cp = trail::log::checkpoint::Checkpoint::parse(&std::fs::read(&newest).unwrap())
+        .unwrap()
+        .body;
+    std::fs::remove_file(&newest).unwrap();
+    cp.tree_root = Some(trail::log::chain::hex(&[9; 32]));
+    let signer = trail::log::checkpoint::Signer::load_or_generate(
+        &daemon.path("keys/checkpoint-ed25519.pem"),
+    )
+    .unwrap();
+    trail::log::checkpoint::write(copy.path(), &signer, &cp).unwrap();
+    let (code, out) = verify(copy.path(), &public_key(&daemon));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("is not the one checkpoint"), "{out}");
+    let (code, out) = verify(&daemon.log_dir, &public_key(&daemon));
+    assert_eq!(code, 0, "{out}");
+
+    // Proofs for single records, across rotated and compressed files, checked by trail verify-proof and by a
+    // checker written from RFC 9162 in Python.
+    let key_file = public_key(&daemon);
+    let log = daemon.log_dir.to_str().unwrap().to_owned();
+    let check = |bundle: &str| -> (i32, bool) {
+        let path = dir.path().join("bundle.json");
+        std::fs::write(&path, bundle).unwrap();
+        let (code, out, err) = trail(
+            &["verify-proof", path.to_str().unwrap(), "--key", &key_file],
+            "",
+        );
+        assert!(code != 2, "{out}{err}");
+        let python = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(RFC9162_PY)
+            .arg(&path)
+            .output()
+            .unwrap();
+        (code, python.status.success())
+    };
+    let zst_seq = log_files(&daemon.log_dir)
+        .iter()
+        .find(|f| name(f).ends_with(".zst"))
+        .map(|f| trail::log::files::LogFile::parse(f).unwrap().first_seq + 1)
+        .unwrap();
+    let last_seq = seq_of(records.last().unwrap());
+    for seq in [1, zst_seq, last_seq] {
+        let (code, bundle, err) = trail(&["prove", &seq.to_string(), "--dir", &log], "");
+        assert_eq!(code, 0, "seq {seq}: {err}");
+        assert_eq!(check(&bundle), (0, true), "seq {seq}: {bundle}");
+        let mut b: Value = serde_json::from_str(&bundle).unwrap();
+        assert_eq!(b["seq"], json!(seq));
+        // A tampered record, proof or checkpoint fails both checkers.
+        let mut record = b.clone();
+        record["line"] = json!(b["line"].as_str().unwrap().replacen(
+            "\"type\":\"",
+            "\"type\":\"x",
+            1
+        ));
+        assert_eq!(check(&record.to_string()), (1, false), "record");
+        if !b["proof"].as_array().unwrap().is_empty() {
+            let mut proof = b.clone();
+            proof["proof"][0] = json!(trail::log::tree::leaf_hash(b"other").to_string());
+            assert_eq!(check(&proof.to_string()), (1, false), "proof");
+        }
+        let note = b["checkpoint"]["note"].as_str().unwrap().to_owned();
+        let root_line = note.lines().nth(2).unwrap().to_owned();
+        let other_root = trail::log::tree::leaf_hash(b"x").to_string();
+        b["checkpoint"]["note"] = json!(note.replacen(&root_line, &other_root, 1));
+        assert_eq!(check(&b.to_string()).0, 1, "checkpoint");
+    }
+    // A later checkpoint's tree extends an earlier one's.
+    let cps = trail::log::checkpoint::list(&daemon.log_dir);
+    let (code, bundle, err) = trail(
+        &[
+            "prove",
+            "--dir",
+            &log,
+            "--consistency",
+            cps[0].to_str().unwrap(),
+            cps.last().unwrap().to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(check(&bundle), (0, true), "{bundle}");
+    let mut b: Value = serde_json::from_str(&bundle).unwrap();
+    if !b["proof"].as_array().unwrap().is_empty() {
+        b["proof"][0] = json!(trail::log::tree::leaf_hash(b"other").to_string());
+        assert_eq!(check(&b.to_string()), (1, false));
+    }
+}
+
+/// RFC 9162's inclusion (2.1.3.2) and consistency (2.1.4.2) verification, written from the RFC: checks a bundle of
+/// `trail prove` against the roots its notes state (the notes' signatures are trail verify-proof's business).
+const RFC9162_PY: &str = r#"
+import base64, hashlib, json, sys
+H = lambda b: hashlib.sha256(b).digest()
+b = json.load(open(sys.argv[1]))
+def root(note):
+    lines = note.split("\n")
+    return int(lines[1]), base64.b64decode(lines[2])
+def inclusion(index, size, leaf, proof, r):
+    if index >= size: return False
+    fn, sn, h = index, size - 1, leaf
+    for p in proof:
+        if sn == 0: return False
+        if fn & 1 or fn == sn:
+            h = H(b"\x01" + p + h)
+            if not fn & 1:
+                while True:
+                    fn >>= 1; sn >>= 1
+                    if fn & 1 or fn == 0: break
+        else:
+            h = H(b"\x01" + h + p)
+        fn >>= 1; sn >>= 1
+    return sn == 0 and h == r
+def consistency(first, second, fh, sh, proof):
+    if first == second: return not proof and fh == sh
+    if first & (first - 1) == 0: proof = [fh] + proof
+    fn, sn = first - 1, second - 1
+    while fn & 1:
+        fn >>= 1; sn >>= 1
+    fr = sr = proof[0]
+    for c in proof[1:]:
+        if sn == 0: return False
+        if fn & 1 or fn == sn:
+            fr = H(b"\x01" + c + fr); sr = H(b"\x01" + c + sr)
+            if not fn & 1:
+                while True:
+                    fn >>= 1; sn >>= 1
+                    if fn & 1 or fn == 0: break
+        else:
+            sr = H(b"\x01" + sr + c)
+        fn >>= 1; sn >>= 1
+    return sn == 0 and fr == fh and sr == sh
+proof = [base64.b64decode(p) for p in b["proof"]]
+if b["kind"] == "inclusion":
+    size, r = root(b["checkpoint"]["note"])
+    ok = size == b["tree_size"] and inclusion(b["index"], size, H(b"\x00" + b["line"].encode()), proof, r)
+else:
+    (os_, orr), (ns, nr) = root(b["old"]["note"]), root(b["new"]["note"])
+    ok = consistency(os_, ns, orr, nr, proof)
+sys.exit(0 if ok else 1)
+"#;

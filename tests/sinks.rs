@@ -446,8 +446,8 @@ fn a_full_spool_makes_clients_wait_and_loses_nothing() {
         "backlog {max_backlog} is not bounded"
     );
     let got = wait_recorded(&daemon.path("gate.jsonl"), n as usize);
-    // seq 1 is the daemon's own plugin-loaded event.
-    assert_eq!(seqs(&got), (2..=n + 1).collect::<Vec<_>>());
+    // seq 1 is the daemon's start record, seq 2 its own plugin-loaded event.
+    assert_eq!(seqs(&got), (3..=n + 2).collect::<Vec<_>>());
 }
 
 #[test]

@@ -27,7 +27,8 @@ fn accepted_events_are_stamped_and_stored() {
     let gid = unsafe { libc::getgid() };
     for (i, ((answer, record), event)) in answers.iter().zip(&records).zip(&events).enumerate() {
         assert_eq!(answer["ok"], json!(true), "{answer}");
-        assert_eq!(answer["seq"], json!(i as u64 + 1));
+        // After the daemon's start record, seq 1.
+        assert_eq!(answer["seq"], json!(i as u64 + 2));
         assert_eq!(answer["id"], record["id"]);
         assert_eq!(record["seq"], answer["seq"]);
         let id = uuid::Uuid::parse_str(record["id"].as_str().unwrap()).unwrap();
@@ -208,7 +209,7 @@ fn ten_thousand_pipelined_events_keep_their_order() {
         seqs.push(answer["seq"].as_u64().unwrap());
     }
     sender.join().unwrap();
-    assert_eq!(seqs, (1..=n as u64).collect::<Vec<_>>());
+    assert_eq!(seqs, (2..=n as u64 + 1).collect::<Vec<_>>());
     let messages: Vec<String> = daemon
         .records()
         .iter()
@@ -249,7 +250,7 @@ fn eight_concurrent_connections_lose_nothing() {
     let records = daemon.records();
     assert_eq!(records.len(), 8 * per);
     let seqs: Vec<u64> = records.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
-    assert_eq!(seqs, (1..=(8 * per) as u64).collect::<Vec<_>>());
+    assert_eq!(seqs, (2..=(8 * per) as u64 + 1).collect::<Vec<_>>());
     acked.sort();
     assert_eq!(acked, seqs);
     // Each connection's records are in the order it sent them.

@@ -52,6 +52,8 @@ impl DerefMut for Daemon {
     }
 }
 
+pub use trail_test_kit::daemon::is_start_record;
+
 /// A minimal valid event of type `user_login` whose message is `message`.
 pub fn login(message: &str) -> Value {
     serde_json::json!({"type": "user_login", "actor": {"id": "u-42", "name": "alice"}, "message": message, "outcome": "success", "payload": {"method": "sso"}})

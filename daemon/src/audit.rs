@@ -1,4 +1,5 @@
-//! The daemon's own audit events: plugin loads, reloads, failures and refusals, and events a sink dropped.
+//! The daemon's own audit events: plugin loads, reloads, failures and refusals, events a sink dropped, the start
+//! record and records found after a stop.
 //!
 //! Owns turning what happened into requests of the built-in event types (`event-types/trail_*.yml`, embedded
 //! into the binary so they exist whatever the configured directory holds). The requests go through the same
@@ -51,14 +52,7 @@ impl Auditor {
 
     fn send(&self, event_type: &str, message: String, outcome: &str, payload: Value) {
         let Some(tx) = &self.tx else { return };
-        let request = json!({
-            "type": event_type,
-            "actor": {"id": "traild", "name": "trail daemon", "type": "system"},
-            "message": message,
-            "outcome": outcome,
-            "payload": payload,
-        });
-        let line = serde_json::to_vec(&request).expect("serializable");
+        let line = request(event_type, message, outcome, payload);
         if tx.send(line).is_err() {
             warn!(
                 event_type,
@@ -114,6 +108,14 @@ impl Auditor {
         );
     }
 
+    /// A checkpoint was written: streamed to the sinks that select `trail_checkpoint`, its line unchanged.
+    pub fn checkpoint(&self, path: &std::path::Path, line: &[u8], note: Option<&[u8]>) {
+        let Some((_, message, payload)) = checkpoint_event(path, line, note) else {
+            return;
+        };
+        self.send("trail_checkpoint", message, "success", payload);
+    }
+
     /// A sink skipped `dropped` events because the spool was full.
     pub fn sink_events_dropped(&self, sink: &str, dropped: u64) {
         self.send(
@@ -123,6 +125,87 @@ impl Auditor {
             json!({"sink": sink, "dropped": dropped}),
         );
     }
+}
+
+/// The request of the `trail_started` record every start writes first, naming the last checkpoint `found`.
+pub fn started_request(found: &crate::log::start::Found) -> Vec<u8> {
+    let mut payload = json!({"version": env!("CARGO_PKG_VERSION")});
+    let message = match &found.checkpoint {
+        Some(c) => {
+            payload["checkpoint"] = json!(c.name);
+            payload["checkpoint_reason"] = json!(c.reason);
+            payload["checkpoint_hash"] = json!(c.hash);
+            if let Some(seq) = c.seq {
+                payload["checkpoint_seq"] = json!(seq);
+            }
+            format!(
+                "trail daemon started; last checkpoint {} ({})",
+                c.name, c.reason
+            )
+        }
+        None => "trail daemon started; no checkpoint found".to_owned(),
+    };
+    request("trail_started", message, "success", payload)
+}
+
+/// The request of the `trail_log_tampered` record: records follow the stop checkpoint `last` that no start wrote.
+pub fn tampered_request(
+    last: &crate::log::start::Last,
+    foreign: &crate::log::start::Foreign,
+) -> Vec<u8> {
+    let mut payload = json!({
+        "checkpoint": last.name, "file": foreign.file, "first_seq": foreign.first_seq,
+        "last_seq": foreign.last_seq, "records": foreign.records,
+    });
+    if let Some(seq) = last.seq {
+        payload["checkpoint_seq"] = json!(seq);
+    }
+    let message = format!(
+        "{} records (seq {}..{}, from {}) follow the stop checkpoint {} and no start of the daemon wrote them: they were added while it was not running",
+        foreign.records, foreign.first_seq, foreign.last_seq, foreign.file, last.name
+    );
+    request("trail_log_tampered", message, "failure", payload)
+}
+
+/// The request of a `trail_checkpoint` event for the checkpoint at `path` whose line is `line`.
+pub fn checkpoint_request(
+    path: &std::path::Path,
+    line: &[u8],
+    note: Option<&[u8]>,
+) -> Option<Vec<u8>> {
+    let (_, message, payload) = checkpoint_event(path, line, note)?;
+    Some(request("trail_checkpoint", message, "success", payload))
+}
+
+fn checkpoint_event(
+    path: &std::path::Path,
+    line: &[u8],
+    note: Option<&[u8]>,
+) -> Option<(String, String, Value)> {
+    let name = path.file_name()?.to_str()?.to_owned();
+    let text = std::str::from_utf8(line).ok()?.trim_end_matches('\n');
+    let cp = crate::log::checkpoint::Checkpoint::parse(line).ok()?;
+    let mut payload = json!({"name": name, "line": text, "reason": cp.body.reason});
+    if let Some(seq) = cp.body.seq {
+        payload["seq"] = json!(seq);
+    }
+    if let Some(note) = note.and_then(|n| std::str::from_utf8(n).ok()) {
+        payload["note"] = json!(note);
+    }
+    let message = format!("checkpoint {name} ({}) written", cp.body.reason);
+    Some((name, message, payload))
+}
+
+/// A request line of one of the daemon's own types.
+fn request(event_type: &str, message: String, outcome: &str, payload: Value) -> Vec<u8> {
+    let request = json!({
+        "type": event_type,
+        "actor": {"id": "traild", "name": "trail daemon", "type": "system"},
+        "message": message,
+        "outcome": outcome,
+        "payload": payload,
+    });
+    serde_json::to_vec(&request).expect("serializable")
 }
 
 /// The payload of the plugin-file events: `file`, `reason` and, when known, `plugin`.

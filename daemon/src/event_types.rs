@@ -41,6 +41,18 @@ pub const BUILTIN: &[(&str, &str)] = &[
         "trail_log_file_deleted.yml",
         include_str!("../../event-types/trail_log_file_deleted.yml"),
     ),
+    (
+        "trail_started.yml",
+        include_str!("../../event-types/trail_started.yml"),
+    ),
+    (
+        "trail_log_tampered.yml",
+        include_str!("../../event-types/trail_log_tampered.yml"),
+    ),
+    (
+        "trail_checkpoint.yml",
+        include_str!("../../event-types/trail_checkpoint.yml"),
+    ),
 ];
 
 /// Event types whose names start with this are the daemon's own: only the daemon records them (with the marker

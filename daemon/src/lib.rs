@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 pub use config::Config;
 
@@ -142,6 +142,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         generated = signer.generated,
         "checkpoints are signed; check the log with `trail verify LOG_DIR --key PUBLIC_KEY`"
     );
+    let found = log::start::inspect(&config.log.dir, &signer.verifying_key());
     let rotated = Arc::new(tokio::sync::Notify::new());
     let (journal, submitter) = journal::Journal::start(
         &config.log.dir,
@@ -154,6 +155,14 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
             signer: Some(Arc::new(signer)),
             checkpoint_every: config.log.checkpoint_every,
             rotated: Some(rotated.clone()),
+            checkpointed: Some({
+                let auditor = auditor.clone();
+                Arc::new(
+                    move |path: &std::path::Path, line: &[u8], note: Option<&[u8]>| {
+                        auditor.checkpoint(path, line, note)
+                    },
+                )
+            }),
         },
     )?;
     let idempotency = Arc::new(idempotency::Window::new(
@@ -181,6 +190,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         connections: connections.clone(),
         idempotency,
     });
+    record_start(&ctx, &found).await;
     let background = CancellationToken::new();
     let audit_task = tokio::spawn(ingest::record_own_events(
         ctx.clone(),
@@ -285,6 +295,33 @@ fn warn_if_few_descriptors(max_connections: usize) {
             "the open-file limit is below what limits.max_connections needs; clients beyond it wait in the \
              socket's backlog: raise LimitNOFILE or lower limits.max_connections"
         );
+    }
+}
+
+/// Records `trail_started` (before anything else is recorded: nothing else is submitted yet) and, when records
+/// follow the last stop checkpoint, logs them and records `trail_log_tampered`; the daemon continues either way.
+async fn record_start(ctx: &ingest::Context, found: &log::start::Found) {
+    let source = ingest::own_source(ctx);
+    let mut lines = vec![audit::started_request(found)];
+    // The checkpoint at stop could not be streamed then (the sinks had stopped): it is now.
+    if let Some(last) = found.checkpoint.as_ref().filter(|c| c.reason == "stop")
+        && let Some(line) = audit::checkpoint_request(
+            std::path::Path::new(&last.name),
+            &last.line,
+            last.note.as_deref(),
+        )
+    {
+        lines.push(line);
+    }
+    if let (Some(last), Some(foreign)) = (&found.checkpoint, &found.foreign) {
+        error!(checkpoint = %last.name, file = %foreign.file, first_seq = foreign.first_seq, last_seq = foreign.last_seq,
+            records = foreign.records, "records follow the last stop checkpoint and no start of the daemon wrote them: the log was changed while the daemon was not running");
+        lines.push(audit::tampered_request(last, foreign));
+    }
+    for line in lines {
+        if let Err(r) = ingest::record_own(ctx, &line, &source).await {
+            error!(error = %r.message, event = %String::from_utf8_lossy(&line), "cannot record the daemon's own audit event");
+        }
     }
 }
 

@@ -37,8 +37,9 @@ enum Command {
         admin: AdminArgs,
     },
     /// Check the log offline: the hash chain of every record, checkpoint signatures, missing, extra, truncated,
-    /// reordered or modified records and files. Prints each problem with file, line and seq; exit 0 only when all
-    /// is intact, 1 when something is wrong, 2 when the input cannot be read.
+    /// reordered, repeated or modified records and files, records after a stop. Prints each problem with file,
+    /// line and seq, and how many records no checkpoint covers; exit 0 only when all is intact, 1 when something
+    /// is wrong, 2 when the input cannot be read.
     Verify {
         /// Log directories (with their checkpoints/), log files (.jsonl, .jsonl.zst) or checkpoint files
         /// [default: the configuration's log directory]
@@ -46,9 +47,44 @@ enum Command {
         /// The daemon's checkpoint public key: a PEM file or 64 hex digits.
         #[arg(long)]
         key: Option<String>,
+        /// Checkpoints kept elsewhere, checked like the log's own: a directory of checkpoint files, or a JSON-lines
+        /// file of checkpoint lines or trail_checkpoint records (what a sink delivered). Repeatable.
+        #[arg(long, value_name = "PATH")]
+        checkpoints: Vec<PathBuf>,
         /// Configuration file whose log directory to check when no path is given.
         #[arg(long, short)]
         config: Option<PathBuf>,
+    },
+    /// Write a JSON bundle proving that record SEQ is in the log's signed Merkle tree (the record line, its
+    /// inclusion proof, the checkpoint and its C2SP note), or with --consistency OLD NEW that checkpoint NEW's tree
+    /// extends OLD's. Checked without the log by `trail verify-proof`. Exit 0 with the bundle on standard output, 1
+    /// when it cannot be proved, 2 on an input error.
+    Prove {
+        /// The record's seq (not with --consistency).
+        #[arg(required_unless_present = "consistency")]
+        seq: Option<u64>,
+        /// The checkpoint file to prove against [default: the newest with a tree that covers SEQ].
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        /// Two checkpoint files, older first: prove the later tree extends the earlier.
+        #[arg(long, num_args = 2, value_names = ["OLD", "NEW"], conflicts_with_all = ["seq", "checkpoint"])]
+        consistency: Option<Vec<PathBuf>>,
+        /// The log directory [default: the configuration's].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Configuration file whose log directory to use when --dir is not given.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Check a bundle from `trail prove` against the daemon's public key, without the log: both signatures of
+    /// each checkpoint (JSON and C2SP note) and the RFC 9162 proof. Exit 0 when it holds, 1 when not, 2 on an
+    /// input error.
+    VerifyProof {
+        /// The bundle file (- for standard input).
+        bundle: PathBuf,
+        /// The daemon's checkpoint public key: a PEM file or 64 hex digits.
+        #[arg(long)]
+        key: String,
     },
     /// Find records in the log files (read directly; the daemon need not run). Newest first unless --oldest-first;
     /// JSON lines when the output is not a terminal, a table when it is. Exit 0 when any record matched, 1 when
@@ -219,8 +255,21 @@ fn main() -> ExitCode {
             config,
             event_types,
         } => validate(config, event_types),
-        Command::Verify { paths, key, config } => verify(paths, key, config),
+        Command::Verify {
+            paths,
+            key,
+            checkpoints,
+            config,
+        } => verify(paths, key, checkpoints, config),
         Command::Search(s) => search(*s),
+        Command::Prove {
+            seq,
+            checkpoint,
+            consistency,
+            dir,
+            config,
+        } => prove(seq, checkpoint, consistency, dir, config),
+        Command::VerifyProof { bundle, key } => verify_proof(&bundle, &key),
         Command::CheckPlugin => ExitCode::from(trail::sinks::validate::child_main() as u8),
     }
 }
@@ -233,6 +282,78 @@ fn log_dir(config: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
             ExitCode::from(trail::EXIT_CONFIG as u8)
         }),
         None => Ok(Config::development().log.dir),
+    }
+}
+
+fn prove(
+    seq: Option<u64>,
+    checkpoint: Option<PathBuf>,
+    consistency: Option<Vec<PathBuf>>,
+    dir: Option<PathBuf>,
+    config: Option<PathBuf>,
+) -> ExitCode {
+    use trail::tools::prove;
+    let dir = match dir {
+        Some(d) => d,
+        None => match log_dir(config) {
+            Ok(d) => d,
+            Err(code) => return code,
+        },
+    };
+    let bundle = match (consistency.as_deref(), seq) {
+        (Some([old, new]), _) => prove::prove_consistency(&dir, old, new),
+        (_, Some(seq)) => prove::prove(&dir, seq, checkpoint.as_deref()),
+        _ => Err("give a seq or --consistency OLD NEW".into()),
+    };
+    match bundle {
+        Ok(b) => {
+            println!("{}", serde_json::to_string(&b).expect("serializable"));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("trail prove: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn verify_proof(bundle: &std::path::Path, key: &str) -> ExitCode {
+    use trail::tools::prove;
+    let key = match trail::log::checkpoint::read_public_key(key) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("trail verify-proof: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let text = if bundle == std::path::Path::new("-") {
+        let mut t = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut t).map(|_| t)
+    } else {
+        std::fs::read_to_string(bundle)
+    };
+    let parsed = text
+        .map_err(|e| format!("{}: {e}", bundle.display()))
+        .and_then(|t| {
+            serde_json::from_str::<prove::Bundle>(&t)
+                .map_err(|e| format!("{}: not a proof bundle ({e})", bundle.display()))
+        });
+    let bundle = match parsed {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("trail verify-proof: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match prove::verify_proof(&bundle, &key) {
+        Ok(what) => {
+            println!("proof ok: {what}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("PROOF FAILS: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -370,7 +491,12 @@ fn search(args: Search) -> ExitCode {
     }
 }
 
-fn verify(mut paths: Vec<PathBuf>, key: Option<String>, config: Option<PathBuf>) -> ExitCode {
+fn verify(
+    mut paths: Vec<PathBuf>,
+    key: Option<String>,
+    outside: Vec<PathBuf>,
+    config: Option<PathBuf>,
+) -> ExitCode {
     use trail::log::checkpoint;
     use trail::tools::verify;
     if paths.is_empty() {
@@ -386,13 +512,19 @@ fn verify(mut paths: Vec<PathBuf>, key: Option<String>, config: Option<PathBuf>)
             return ExitCode::from(2);
         }
     };
-    let inputs = match verify::Inputs::gather(&paths) {
+    let mut inputs = match verify::Inputs::gather(&paths) {
         Ok(i) => i,
         Err(e) => {
             eprintln!("trail verify: {e}");
             return ExitCode::from(2);
         }
     };
+    for path in &outside {
+        if let Err(e) = inputs.add_outside(path) {
+            eprintln!("trail verify: --checkpoints {e}");
+            return ExitCode::from(2);
+        }
+    }
     let started = std::time::Instant::now();
     let report = match verify::verify(&inputs, key.as_ref()) {
         Ok(r) => r,
@@ -412,6 +544,23 @@ fn verify(mut paths: Vec<PathBuf>, key: Option<String>, config: Option<PathBuf>)
         .seqs
         .map(|(a, b)| format!(", seq {a}..{b}"))
         .unwrap_or_default();
+    // Always said, so that "intact" never hides that nothing was signed.
+    let covered = match report.covered {
+        Some(seq) => format!("after seq {seq}, the last a checkpoint covers"),
+        None => "no checkpoint covers any record".to_owned(),
+    };
+    let _ = writeln!(
+        out,
+        "unsigned: {} records ({covered}); only the hash chain protects them",
+        report.unsigned
+    );
+    if !outside.is_empty() {
+        let _ = writeln!(
+            out,
+            "outside: {} of the checkpoints were kept elsewhere",
+            report.outside
+        );
+    }
     let _ = writeln!(
         out,
         "{}: {} records in {} files ({} bytes{seqs}), {} checkpoints, {} problems, {:.2?}",

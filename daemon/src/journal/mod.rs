@@ -53,6 +53,9 @@ pub struct Journal {
     thread: JoinHandle<()>,
 }
 
+/// Told of a checkpoint written: its path, its line and its C2SP note.
+pub type Checkpointed = Arc<dyn Fn(&Path, &[u8], Option<&[u8]>) + Send + Sync>;
+
 /// What the writer needs besides the log directory.
 pub struct Options {
     /// When records are synced.
@@ -71,6 +74,8 @@ pub struct Options {
     pub checkpoint_every: Duration,
     /// Told whenever a file was closed (maintenance may index, compress or expire it).
     pub rotated: Option<Arc<Notify>>,
+    /// Told of every checkpoint written but the one at stop (its path and line), to stream it to sinks.
+    pub checkpointed: Option<Checkpointed>,
 }
 
 impl Journal {

@@ -2,12 +2,15 @@
 //! clock (or before a file passes `max_file_bytes`), a checkpoint at each rotation, every `checkpoint_every`
 //! while records arrive, and at stop. Signing and syncing a checkpoint happen beside the writer.
 
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use tracing::{debug, error, info};
 
 use crate::clock;
-use crate::log::{chain, checkpoint};
+use crate::log::{chain, checkpoint, tree};
 
 use super::active::ActiveFile;
 use super::{Options, TICK};
@@ -19,14 +22,26 @@ pub(super) struct Schedule {
     pub(super) changed: bool,
     /// A failed rotation is tried again only after this.
     retry_rotation: Option<Instant>,
+    /// Checkpoints being written beside the writer; all are waited for before the daemon exits.
+    writing: Vec<JoinHandle<()>>,
+    /// The Merkle tree's cache, brought up to date by each checkpoint (none when it cannot be opened).
+    tree: Option<Arc<Mutex<tree::Cache>>>,
 }
 
 impl Schedule {
-    pub(super) fn new() -> Schedule {
+    pub(super) fn new(dir: &Path) -> Schedule {
         Schedule {
             last: Instant::now(),
             changed: false,
             retry_rotation: None,
+            writing: Vec::new(),
+            tree: match tree::Cache::open(dir, true) {
+                Ok(c) => Some(Arc::new(Mutex::new(c))),
+                Err(e) => {
+                    error!(error = %e, "cannot open the tree cache; checkpoints are written without the Merkle tree");
+                    None
+                }
+            },
         }
     }
 
@@ -65,6 +80,9 @@ impl Schedule {
         if self.changed {
             self.checkpoint(file, options, "stop");
         }
+        for thread in self.writing.drain(..) {
+            let _ = thread.join();
+        }
     }
 
     fn checkpoint(&mut self, file: &mut ActiveFile, options: &Options, reason: &str) {
@@ -82,32 +100,50 @@ impl Schedule {
         let mut created_at = Vec::new();
         crate::record::write_rfc3339(&mut created_at, clock::now());
         let body = checkpoint::Body {
-            checkpoint: 1,
+            checkpoint: 2,
             created_at: String::from_utf8(created_at).expect("ascii"),
             reason: reason.to_owned(),
             seq: file.last_seq_any,
             hash: chain::hex(&file.chain),
             files,
+            tree_size: None,
+            tree_root: None,
             key: signer.public_hex(),
         };
         // Signing and syncing the checkpoint file happen beside the writer, which goes on committing groups.
         self.changed = false;
         let reason_is_stop = reason == "stop";
         let (dir, signer, reason) = (file.dir.clone(), signer.clone(), reason.to_owned());
+        let told = options.checkpointed.clone().filter(|_| !reason_is_stop);
+        let tree = self.tree.clone();
         let spawned = std::thread::Builder::new()
             .name("trail-checkpoint".into())
-            .spawn(move || match checkpoint::write(&dir, &signer, &body) {
-                Ok(path) => {
-                    debug!(file = %path.display(), seq = ?body.seq, reason, "checkpoint written")
+            .spawn(move || {
+                let seq = body.seq;
+                match checkpoint::write_with_tree(&dir, &signer, tree.as_deref(), body) {
+                    Ok((written, failed)) => {
+                        if let Some(e) = failed {
+                            error!(error = %e, "cannot compute the Merkle tree; the checkpoint was written without it");
+                        }
+                        debug!(file = %written.path.display(), seq = ?seq, reason, "checkpoint written");
+                        if let Some(tell) = told {
+                            tell(&written.path, &written.line, written.note.as_deref());
+                        }
+                    }
+                    Err(e) => error!(dir = %dir.display(), error = %e, "cannot write a checkpoint"),
                 }
-                Err(e) => error!(dir = %dir.display(), error = %e, "cannot write a checkpoint"),
             });
+        self.writing.retain(|t| !t.is_finished());
         match spawned {
-            // The last checkpoint, at stop, must be on disk before the daemon exits.
+            // Every checkpoint, the one at stop last, must be on disk before the daemon exits: one still being
+            // written when the process ends is lost.
             Ok(thread) if reason_is_stop => {
+                for earlier in self.writing.drain(..) {
+                    let _ = earlier.join();
+                }
                 let _ = thread.join();
             }
-            Ok(_) => {}
+            Ok(thread) => self.writing.push(thread),
             Err(e) => {
                 self.changed = true;
                 error!(error = %e, "cannot start writing a checkpoint");

@@ -22,7 +22,7 @@ pub(super) fn run(mut file: ActiveFile, mut rx: mpsc::Receiver<Message>, mut opt
     let mut queued: Vec<Submission> = Vec::new();
     let mut group = Group::with_capacity(GROUP_BYTES + (1 << 20));
     let sync = options.fsync == FsyncPolicy::Always;
-    let mut schedule = Schedule::new();
+    let mut schedule = Schedule::new(&file.dir);
     file.point_current();
     while let Some(message) = rx.blocking_recv() {
         let first = match message {

@@ -117,6 +117,11 @@ impl Signer {
         })
     }
 
+    /// The public key.
+    pub fn verifying_key(&self) -> VerifyingKey {
+        self.key.verifying_key()
+    }
+
     /// The public key, hex.
     pub fn public_hex(&self) -> String {
         chain::hex(self.key.verifying_key().as_bytes())
@@ -168,7 +173,8 @@ pub struct FileEntry {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Body {
-    /// Format version, 1.
+    /// Format version: 1, or 2 from daemons that record `trail_started` as the first record of every start
+    /// (only after a version-2 `stop` checkpoint is a record other than `trail_started` a problem).
     pub checkpoint: u32,
     /// When it was written (the daemon's clock).
     pub created_at: String,
@@ -181,40 +187,235 @@ pub struct Body {
     pub hash: String,
     /// Every log file present, oldest first; the last one was open for appending.
     pub files: Vec<FileEntry>,
+    /// The Merkle tree's size at `seq`: the records from the first one of the log up to `seq` ([`super::tree`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tree_size: Option<u64>,
+    /// The tree's root at that size, hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tree_root: Option<String>,
     /// The signer's public key, hex.
     pub key: String,
+}
+
+/// The C2SP origin (and note key name) of the log signed by `key`: `trail/` and the first 16 hex digits of the
+/// public key.
+pub fn origin(key: &VerifyingKey) -> String {
+    format!("trail/{}", &chain::hex(key.as_bytes())[..16])
+}
+
+/// The name of the C2SP `tlog-checkpoint` note written beside the checkpoint `json_name`: `.json` becomes `.note`.
+pub fn note_name(json_name: &str) -> String {
+    format!("{}.note", json_name.trim_end_matches(".json"))
+}
+
+/// Signs notes with the checkpoint key.
+struct NoteSigner<'a> {
+    name: String,
+    id: u32,
+    key: &'a SigningKey,
+}
+
+impl signed_note::Signer for NoteSigner<'_> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn key_id(&self) -> u32 {
+        self.id
+    }
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, ed25519_dalek::SignatureError> {
+        Ok(self.key.sign(msg).to_bytes().to_vec())
+    }
+}
+
+/// The C2SP `tlog-checkpoint` of the tree of `size` leaves whose root is `root`, as a signed note (Ed25519, key
+/// name [`origin`]).
+pub fn note(signer: &Signer, size: u64, root: &super::tree::Hash) -> Vec<u8> {
+    let name = origin(&signer.key.verifying_key());
+    let body = tlog_tiles::Checkpoint::new(&name, size, *root, "").expect("a valid origin");
+    let mut public = vec![1u8];
+    public.extend_from_slice(signer.key.verifying_key().as_bytes());
+    let id = signed_note::key_id(&name, &public);
+    let mut note = signed_note::Note::new(&body.to_bytes(), &[]).expect("a valid note");
+    let signer = NoteSigner {
+        name,
+        id,
+        key: &signer.key,
+    };
+    note.add_sigs(&[&signer]).expect("signing cannot fail");
+    note.to_bytes()
+}
+
+/// What a checked note says: origin, tree size and root.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NoteBody {
+    /// The log's origin.
+    pub origin: String,
+    /// The tree size.
+    pub size: u64,
+    /// The tree root.
+    pub root: super::tree::Hash,
+}
+
+/// Checks a C2SP `tlog-checkpoint` note against `key` (a signature by the key, under the key name [`origin`]),
+/// and reads it.
+pub fn open_note(text: &[u8], key: &VerifyingKey) -> Result<NoteBody, String> {
+    let name = origin(key);
+    let verifier =
+        signed_note::StandardVerifier::new(&signed_note::new_ed25519_verifier_key(&name, key))
+            .map_err(|e| format!("the key: {e}"))?;
+    let note =
+        signed_note::Note::from_bytes(text).map_err(|e| format!("not a signed note: {e}"))?;
+    let (verified, _) = note
+        .verify(&signed_note::VerifierList::new(vec![Box::new(verifier)]))
+        .map_err(|e| format!("the note's signature does not verify with the key ({e})"))?;
+    if verified.is_empty() {
+        return Err("the note is not signed by the key".into());
+    }
+    let body = tlog_tiles::Checkpoint::from_bytes(note.text())
+        .map_err(|e| format!("not a tlog checkpoint: {e}"))?;
+    if body.origin() != name {
+        return Err(format!("the note is for {}, not {name}", body.origin()));
+    }
+    Ok(NoteBody {
+        origin: body.origin().to_owned(),
+        size: body.size(),
+        root: *body.hash(),
+    })
 }
 
 const SIGNATURE_FIELD: &[u8] = b",\"signature\":\"";
 
 /// Writes a signed checkpoint into `log_dir/checkpoints/` (written aside, synced, renamed) and returns its path.
 pub fn write(log_dir: &Path, signer: &Signer, body: &Body) -> std::io::Result<PathBuf> {
-    let dir = log_dir.join(DIR);
-    crate::modes::create_dir_all(&dir)?;
+    write_line(log_dir, body, &sign(signer, body))
+}
+
+/// The signed checkpoint line of `body`, with its newline.
+pub fn sign(signer: &Signer, body: &Body) -> Vec<u8> {
     let mut line = serde_json::to_vec(body).expect("serializable");
     let signature = signer.key.sign(&line);
     line.pop();
     line.extend_from_slice(SIGNATURE_FIELD);
     chain::push_hex(&mut line, &signature.to_bytes());
     line.extend_from_slice(b"\"}\n");
-    // The name carries the creation time to the nanosecond, so two checkpoints of one second (a stop right
-    // after a rotation) never share a name; and an existing checkpoint is never replaced.
+    line
+}
+
+/// Writes the signed checkpoint `line` of `body` into `log_dir/checkpoints/` and returns its path.
+pub fn write_line(log_dir: &Path, body: &Body, line: &[u8]) -> std::io::Result<PathBuf> {
+    let dir = log_dir.join(DIR);
+    crate::modes::create_dir_all(&dir)?;
+    // The name carries the creation time to the nanosecond and the seq, so two checkpoints of one second (a stop
+    // right after a rotation) never share a name. The bytes are written to a temporary file of that name alone
+    // (two checkpoints may be written at once), synced, and then linked to their name, which fails when the name
+    // exists: a checkpoint is created exclusively and never replaced, and never seen half-written.
+    let name = file_name(body);
+    let path = dir.join(&name);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let result = (|| {
+        let mut file = crate::modes::open(
+            &tmp,
+            std::fs::OpenOptions::new().write(true).create_new(true),
+            crate::modes::FILE,
+        )?;
+        file.write_all(line)?;
+        file.sync_all()?;
+        std::fs::hard_link(&tmp, &path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("{} exists: checkpoints are never replaced", path.display()),
+                )
+            } else {
+                e
+            }
+        })
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    result?;
+    std::fs::File::open(&dir)?.sync_all()?;
+    Ok(path)
+}
+
+/// A checkpoint written: where, its line, and its note (absent when the tree could not be computed).
+pub struct Written {
+    /// The checkpoint file.
+    pub path: PathBuf,
+    /// Its line, as signed.
+    pub line: Vec<u8>,
+    /// The C2SP note written beside it.
+    pub note: Option<Vec<u8>>,
+}
+
+/// Completes `body` with the Merkle tree at its `seq` (bringing the cache up to date from the log files), signs
+/// it, and writes the checkpoint and its note. A tree that cannot be computed is returned as the second value;
+/// the checkpoint is then written without it.
+pub fn write_with_tree(
+    log_dir: &Path,
+    signer: &Signer,
+    tree: Option<&std::sync::Mutex<super::tree::Cache>>,
+    mut body: Body,
+) -> std::io::Result<(Written, Option<super::tree::Error>)> {
+    let mut failed = None;
+    let mut root = None;
+    if let Some(tree) = tree {
+        let mut cache = tree.lock().unwrap_or_else(|p| p.into_inner());
+        let computed = cache.catch_up(log_dir, body.seq).and_then(|()| {
+            let size = body.seq.map_or(0, |s| cache.size_at(s));
+            Ok((size, cache.root(size)?))
+        });
+        match computed {
+            Ok((size, hash)) => {
+                body.tree_size = Some(size);
+                body.tree_root = Some(chain::hex(&hash.0));
+                root = Some((size, hash));
+            }
+            Err(e) => failed = Some(e),
+        }
+    }
+    let line = sign(signer, &body);
+    let path = write_line(log_dir, &body, &line)?;
+    let note = match root {
+        Some((size, hash)) => {
+            let note = note(signer, size, &hash);
+            write_note(log_dir, &file_name(&body), &note)?;
+            Some(note)
+        }
+        None => None,
+    };
+    Ok((Written { path, line, note }, failed))
+}
+
+/// Writes the note of the checkpoint `json_name` beside it, created exclusively like the checkpoint.
+pub fn write_note(log_dir: &Path, json_name: &str, note: &[u8]) -> std::io::Result<PathBuf> {
+    let dir = log_dir.join(DIR);
+    let name = note_name(json_name);
+    let path = dir.join(&name);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let result = (|| {
+        let mut file = crate::modes::open(
+            &tmp,
+            std::fs::OpenOptions::new().write(true).create_new(true),
+            crate::modes::FILE,
+        )?;
+        file.write_all(note)?;
+        file.sync_all()?;
+        std::fs::hard_link(&tmp, &path)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    result?;
+    std::fs::File::open(&dir)?.sync_all()?;
+    Ok(path)
+}
+
+/// The file name of the checkpoint `body`: `checkpoint-<created_at without separators>-<seq, 20 digits>.json`.
+pub fn file_name(body: &Body) -> String {
     let time = body.created_at.replace(['-', ':'], "");
-    let name = format!(
+    format!(
         "checkpoint-{}Z-{:020}.json",
         time.get(..25).unwrap_or("0"),
         body.seq.unwrap_or(0)
-    );
-    let path = dir.join(name);
-    if path.exists() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::AlreadyExists,
-            format!("{} exists: checkpoints are never replaced", path.display()),
-        ));
-    }
-    crate::modes::write_aside(&dir.join(".checkpoint.tmp"), &path, &line, true)?;
-    std::fs::File::open(&dir)?.sync_all()?;
-    Ok(path)
+    )
 }
 
 /// A checkpoint read from a file.
@@ -306,6 +507,8 @@ mod tests {
                 bytes: 900,
                 last_hash: Some(chain::hex(&[7; 32])),
             }],
+            tree_size: Some(3),
+            tree_root: Some(chain::hex(&[8; 32])),
             key: String::new(),
         }
     }
@@ -341,7 +544,11 @@ mod tests {
         let other_public = read_public_key(&other.public_hex()).unwrap();
         assert!(cp.check_signature(Some(&other_public)).is_err());
         // Any change to the signed bytes is caught.
-        let text = String::from_utf8(bytes).unwrap();
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        // Created exclusively: the same checkpoint again is refused, and the first stays as it was.
+        let again = write(dir.path(), &signer, &b).unwrap_err();
+        assert_eq!(again.kind(), std::io::ErrorKind::AlreadyExists, "{again}");
+        assert_eq!(std::fs::read(&written).unwrap(), bytes);
         for (from, to) in [
             ("\"seq\":3", "\"seq\":4"),
             ("rotation", "rotatiom"),
@@ -351,5 +558,43 @@ mod tests {
             let cp = Checkpoint::parse(edited.as_bytes()).unwrap();
             assert!(cp.check_signature(Some(&public)).is_err(), "{from}");
         }
+    }
+
+    #[test]
+    fn checkpoints_written_at_once_are_all_kept() {
+        // A rotation's checkpoint is still being written when the stop's is: each has a temporary file of its own.
+        let dir = tempfile::tempdir().unwrap();
+        let signer = Signer::load_or_generate(&dir.path().join("k.pem")).unwrap();
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let (dir, signer) = (
+                    dir.path().to_owned(),
+                    Signer::load_or_generate(&dir.path().join("k.pem")).unwrap(),
+                );
+                std::thread::spawn(move || {
+                    let mut b = body();
+                    b.seq = Some(i);
+                    b.created_at = format!("2026-11-20T00:00:00.00000000{i}Z");
+                    write(&dir, &signer, &b).unwrap()
+                })
+            })
+            .collect();
+        let mut written: Vec<PathBuf> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        written.sort();
+        assert_eq!(list(dir.path()), written);
+        for p in &written {
+            let cp = Checkpoint::parse(&std::fs::read(p).unwrap()).unwrap();
+            cp.check_signature(Some(&signer.verifying_key())).unwrap();
+            assert_eq!(
+                p.file_name().unwrap().to_str().unwrap(),
+                file_name(&cp.body)
+            );
+        }
+        let left: Vec<_> = std::fs::read_dir(dir.path().join(DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 }

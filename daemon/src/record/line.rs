@@ -124,6 +124,24 @@ pub fn parse_head(line: &[u8]) -> Option<Head> {
     serde_json::from_slice(line).ok()
 }
 
+/// The type of a stored line when it is one of the daemon's own records: its top-level `source` carries
+/// `"daemon":true`, which only the daemon puts there. `None` for any other line.
+pub fn own_type(line: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Own {
+        #[serde(rename = "type")]
+        kind: String,
+        source: OwnSource,
+    }
+    #[derive(Deserialize)]
+    struct OwnSource {
+        #[serde(default)]
+        daemon: bool,
+    }
+    let own: Own = serde_json::from_slice(line).ok()?;
+    own.source.daemon.then_some(own.kind)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

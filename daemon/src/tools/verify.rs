@@ -71,6 +71,13 @@ pub struct Report {
     pub seqs: Option<(u64, u64)>,
     /// Checkpoints read.
     pub checkpoints: usize,
+    /// The highest `seq` a checkpoint with a good signature vouches for: every record up to it is signed.
+    pub covered: Option<u64>,
+    /// Of `checkpoints`, those kept elsewhere (`--checkpoints`).
+    pub outside: usize,
+    /// Records after `covered` (all of them when no checkpoint is good): the unsigned tail, which nothing but the
+    /// chain protects.
+    pub unsigned: u64,
 }
 
 impl Report {
@@ -87,9 +94,58 @@ pub struct Inputs {
     pub logs: Vec<LogFile>,
     /// Checkpoint files.
     pub checkpoints: Vec<PathBuf>,
+    /// Checkpoints kept elsewhere (`--checkpoints`): where each came from, and its line.
+    pub outside: Vec<(String, Vec<u8>)>,
 }
 
 impl Inputs {
+    /// Adds checkpoints kept elsewhere: a directory of checkpoint files (or a log directory, whose
+    /// `checkpoints/` is read), or a JSON-lines file whose lines are checkpoint lines or `trail_checkpoint`
+    /// records (as sinks deliver them; the checkpoint is the `line` of the payload, or of the object itself).
+    pub fn add_outside(&mut self, path: &Path) -> Result<(), String> {
+        let shown = path.display();
+        if path.is_dir() {
+            let mut names = checkpoint::list(path);
+            let loose = std::fs::read_dir(path).map_err(|e| format!("{shown}: {e}"))?;
+            names.extend(loose.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| {
+                p.is_file()
+                    && p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("checkpoint-") && n.ends_with(".json"))
+            }));
+            names.sort();
+            for p in names {
+                let line = std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+                self.outside.push((p.display().to_string(), line));
+            }
+            return Ok(());
+        }
+        let text = std::fs::read(path).map_err(|e| format!("{shown}: {e}"))?;
+        for (i, line) in text.split(|&b| b == b'\n').enumerate() {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let at = format!("{shown}:{}", i + 1);
+            let value: serde_json::Value =
+                serde_json::from_slice(line).map_err(|e| format!("{at}: not JSON ({e})"))?;
+            let inner = value
+                .pointer("/payload/line")
+                .or_else(|| value.get("line"))
+                .and_then(|l| l.as_str());
+            let line = match inner {
+                Some(l) => l.as_bytes().to_vec(),
+                None if value.get("checkpoint").is_some() => line.to_vec(),
+                None => {
+                    return Err(format!(
+                        "{at}: neither a checkpoint line nor a trail_checkpoint record (no payload.line)"
+                    ));
+                }
+            };
+            self.outside.push((at, line));
+        }
+        Ok(())
+    }
+
     /// Collects inputs from directories (a log directory and its `checkpoints/`) and files.
     pub fn gather(paths: &[PathBuf]) -> Result<Inputs, String> {
         let mut inputs = Inputs::default();
@@ -179,6 +235,8 @@ struct Prev {
     problem: Option<usize>,
     /// It was reported as out of order: what follows may be disturbed.
     reordered: bool,
+    /// A record with its `seq` came before (reported as such).
+    repeated: bool,
 }
 
 /// The first record of the log as given, checked against its predecessor once that is known.
@@ -194,6 +252,53 @@ struct Pending {
     problem: usize,
     seq: u64,
     prev_seq: u64,
+    /// A record with this `seq` came before.
+    repeated: bool,
+}
+
+/// Every `seq` seen: runs of consecutive values (a log's seqs increase, with gaps only for stream-only records),
+/// and the few that came out of order.
+#[derive(Default)]
+struct Seen {
+    runs: Vec<(u64, u64)>,
+    others: HashSet<u64>,
+}
+
+impl Seen {
+    /// Adds `seq`; false when it was seen before.
+    fn insert(&mut self, seq: u64) -> bool {
+        match self.runs.last_mut() {
+            Some((_, end)) if seq == *end + 1 => {
+                *end = seq;
+                return true;
+            }
+            Some((_, end)) if seq > *end => {}
+            None => {}
+            Some(_) => {
+                let i = self.runs.partition_point(|&(start, _)| start <= seq);
+                if i > 0 && self.runs[i - 1].1 >= seq {
+                    return false;
+                }
+                return self.others.insert(seq);
+            }
+        }
+        if self.others.contains(&seq) {
+            return false;
+        }
+        self.runs.push((seq, seq));
+        true
+    }
+}
+
+/// Records after a stop checkpoint that no start record follows yet.
+struct AfterStop {
+    checkpoint: String,
+    stop_seq: u64,
+    /// The problem reported at the first of them.
+    problem: Option<usize>,
+    first_seq: u64,
+    last_seq: u64,
+    records: u64,
 }
 
 struct Verifier {
@@ -207,6 +312,14 @@ struct Verifier {
     pending: Option<Pending>,
     /// The previous line was not a record, so the next link cannot be checked.
     after_damage: bool,
+    seen: Seen,
+    /// Format-2 stop checkpoints by the `seq` they end at: only the daemon's start record may follow.
+    stops: HashMap<u64, String>,
+    after_stop: Option<AfterStop>,
+    /// The Merkle tree of the records read, while the log starts at its first record.
+    tree: Option<crate::log::tree::Compact>,
+    /// Tree sizes and roots checkpoints sign, by the `seq` they are at: (checkpoint, size, root hex).
+    tree_claims: HashMap<u64, Vec<(String, u64, String)>>,
 }
 
 const WINDOW: usize = 4;
@@ -223,15 +336,46 @@ pub fn verify(inputs: &Inputs, key: Option<&VerifyingKey>) -> io::Result<Report>
         first: None,
         pending: None,
         after_damage: false,
+        seen: Seen::default(),
+        stops: HashMap::new(),
+        after_stop: None,
+        tree: None,
+        tree_claims: HashMap::new(),
     };
-    let checkpoints = v.read_checkpoints(&inputs.checkpoints, key);
+    let mut sources: Vec<(Option<String>, String, io::Result<Vec<u8>>)> = inputs
+        .checkpoints
+        .iter()
+        .map(|p| (None, display_name(p), std::fs::read(p)))
+        .collect();
+    sources.extend(
+        inputs
+            .outside
+            .iter()
+            .map(|(from, line)| (Some(from.clone()), from.clone(), Ok(line.clone()))),
+    );
+    let checkpoints = v.read_checkpoints(sources, key);
+    v.report.covered = v.claims.keys().max().copied();
     let mut sizes: BTreeMap<String, u64> = BTreeMap::new();
-    for file in &inputs.logs {
+    for (i, file) in inputs.logs.iter().enumerate() {
+        let unsigned = v.report.unsigned;
+        let seqs = v.report.seqs;
         let bytes = v.read_file(file)?;
         sizes.insert(file.name.clone(), bytes);
         v.report.files += 1;
+        let closed = i + 1 < inputs.logs.len();
+        if closed && v.report.unsigned > unsigned {
+            v.unsigned_closed_file(file, v.report.unsigned - unsigned, seqs, key.is_some());
+        }
     }
     v.resolve_pending(None);
+    v.end_after_stop();
+    if v.tree.is_none() && !v.tree_claims.is_empty() && v.report.records > 0 {
+        v.report.notes.push(
+            "the checkpoints' Merkle tree roots were not checked: the log does not start at its first record \
+             (older files were deleted by retention)"
+                .into(),
+        );
+    }
     v.check_claims();
     v.check_anchor();
     v.check_files(&checkpoints, &sizes, &inputs.logs);
@@ -255,17 +399,20 @@ impl Verifier {
         self.report.problems.len() - 1
     }
 
+    /// Reads checkpoints: each with where it was kept elsewhere (`None` for the log's own), its name, its bytes.
     fn read_checkpoints(
         &mut self,
-        paths: &[PathBuf],
+        sources: Vec<(Option<String>, String, io::Result<Vec<u8>>)>,
         key: Option<&VerifyingKey>,
     ) -> Vec<(String, Checkpoint)> {
         let mut good = Vec::new();
         let mut keys = HashSet::new();
-        for path in paths {
-            let name = display_name(path);
+        for (outside, name, bytes) in sources {
             self.report.checkpoints += 1;
-            let cp = match std::fs::read(path)
+            if outside.is_some() {
+                self.report.outside += 1;
+            }
+            let cp = match bytes
                 .map_err(|e| e.to_string())
                 .and_then(|b| Checkpoint::parse(&b))
             {
@@ -275,11 +422,24 @@ impl Verifier {
                     continue;
                 }
             };
+            // A checkpoint kept elsewhere is named by its own name and where it was kept.
+            let name = match &outside {
+                Some(from) => format!("{} (kept in {from})", checkpoint::file_name(&cp.body)),
+                None => name,
+            };
             if let Err(e) = cp.check_signature(key) {
                 self.problem(&name, None, cp.body.seq, format!("checkpoint {e}"));
                 continue;
             }
             keys.insert(cp.body.key.clone());
+            if let (Some(seq), Some(size), Some(root)) =
+                (cp.body.seq, cp.body.tree_size, &cp.body.tree_root)
+            {
+                let claims = self.tree_claims.entry(seq).or_default();
+                if !claims.iter().any(|(by, ..)| by == &name) {
+                    claims.push((name.clone(), size, root.clone()));
+                }
+            }
             let mut claim = |seq: u64, hash: &str| {
                 let claims = self.claims.entry(seq).or_default();
                 if claims.iter().any(|c| c.by == name && c.hash == hash) {
@@ -293,6 +453,9 @@ impl Verifier {
             };
             if let Some(seq) = cp.body.seq {
                 claim(seq, &cp.body.hash);
+                if cp.body.reason == "stop" && cp.body.checkpoint >= 2 {
+                    self.stops.insert(seq, name.clone());
+                }
             }
             for f in &cp.body.files {
                 if let (Some(seq), Some(hash)) = (f.last_seq, &f.last_hash) {
@@ -398,6 +561,10 @@ impl Verifier {
             return;
         };
         self.report.records += 1;
+        if self.report.covered.is_none_or(|c| seq > c) {
+            self.report.unsigned += 1;
+        }
+        let repeated = !self.seen.insert(seq);
         self.report.seqs = Some(match self.report.seqs {
             Some((a, _)) => (a, seq),
             None => (seq, seq),
@@ -439,6 +606,10 @@ impl Verifier {
         match &self.prev {
             None => {
                 computed = chain::link(&chain::GENESIS, body);
+                // The tree starts at the log's first record: only a log that starts there can be checked.
+                if computed == stored {
+                    self.tree = Some(Default::default());
+                }
                 self.first = Some(First {
                     file: name.to_owned(),
                     seq,
@@ -449,7 +620,7 @@ impl Verifier {
             Some(prev) => {
                 computed = chain::link(&prev.stored, body);
                 if computed == stored {
-                    if seq <= prev.seq {
+                    if seq <= prev.seq && !repeated {
                         problem = Some(self.problem(
                             name,
                             Some(line_no),
@@ -480,6 +651,7 @@ impl Verifier {
                 {
                     // This record follows one a few lines back: the lines between do not belong here.
                     if !prev.reordered
+                        && !prev.repeated
                         && back == 0
                         && let Some(i) = prev.problem
                     {
@@ -494,10 +666,25 @@ impl Verifier {
                         problem: index,
                         seq,
                         prev_seq,
+                        repeated,
                     });
                 }
             }
         }
+        // Two records with one seq are one too many, however well each is chained (a fork: a record copied,
+        // changed and chained to the same predecessor), or an exact copy of a line.
+        if repeated && problem.is_none() {
+            problem = Some(self.problem(
+                name,
+                Some(line_no),
+                Some(seq),
+                format!(
+                    "a second record with seq {seq}: it was inserted (or copied), however well it is chained"
+                ),
+            ));
+        }
+        self.check_after_stop(name, line_no, seq, line, &stored);
+        self.check_tree(name, line_no, seq, line);
         self.after_damage = false;
         if self.window.len() == WINDOW {
             self.window.pop_front();
@@ -513,6 +700,7 @@ impl Verifier {
             computed: (computed != stored).then_some(computed),
             problem,
             reordered,
+            repeated,
         });
     }
 
@@ -555,8 +743,11 @@ impl Verifier {
     /// Names a broken link, now that the `seq` of the line after it (if any) is known.
     fn resolve_pending(&mut self, next_seq: Option<u64>) {
         let Some(p) = self.pending.take() else { return };
-        let message = if p.seq == p.prev_seq {
-            "a second record with this seq: it was inserted (or copied)".to_string()
+        let message = if p.repeated || p.seq == p.prev_seq {
+            format!(
+                "a second record with seq {}: it was inserted (or copied)",
+                p.seq
+            )
         } else if p.seq < p.prev_seq {
             format!(
                 "records out of order: this record comes after seq {} (moved or inserted)",
@@ -580,6 +771,113 @@ impl Verifier {
             )
         };
         self.report.problems[p.problem].message = message;
+    }
+
+    /// Records after a format-2 stop checkpoint must start with the daemon's start record: the daemon writes
+    /// nothing between its stop and its next start.
+    fn check_after_stop(&mut self, name: &str, line_no: u64, seq: u64, line: &[u8], stored: &Hash) {
+        if let Some(after) = &mut self.after_stop {
+            let started = memchr::memmem::find(line, b"\"type\":\"trail_started\"").is_some()
+                && crate::record::line::own_type(line).as_deref()
+                    == Some(crate::log::start::STARTED);
+            if started {
+                self.end_after_stop();
+            } else if after.problem.is_none() {
+                after.first_seq = seq;
+                after.last_seq = seq;
+                after.records = 1;
+                let index = self.problem(name, Some(line_no), Some(seq), String::new());
+                if let Some(after) = &mut self.after_stop {
+                    after.problem = Some(index);
+                }
+            } else {
+                after.last_seq = seq;
+                after.records += 1;
+            }
+        }
+        if let Some(checkpoint) = self.stops.get(&seq).cloned() {
+            let vouched = self.claims.get(&seq).is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c.by == checkpoint && c.hash == chain::hex(stored))
+            });
+            if vouched {
+                self.end_after_stop();
+                self.after_stop = Some(AfterStop {
+                    checkpoint,
+                    stop_seq: seq,
+                    problem: None,
+                    first_seq: 0,
+                    last_seq: 0,
+                    records: 0,
+                });
+            }
+        }
+    }
+
+    /// Adds the record to the Merkle tree and compares the tree with what checkpoints signed at this record.
+    fn check_tree(&mut self, name: &str, line_no: u64, seq: u64, line: &[u8]) {
+        let Some(tree) = &mut self.tree else { return };
+        tree.push(crate::log::tree::leaf_hash(line));
+        let Some(claims) = self.tree_claims.get(&seq) else {
+            return;
+        };
+        let (size, root) = (tree.size(), chain::hex(&tree.root().0));
+        let wrong: Vec<String> = claims
+            .iter()
+            .filter(|(_, s, r)| *s != size || *r != root)
+            .map(|(by, s, _)| format!("{by} (size {s})"))
+            .collect();
+        for by in wrong {
+            self.problem(
+                name,
+                Some(line_no),
+                Some(seq),
+                format!(
+                    "the Merkle tree of the log up to this record (size {size}, root {root}) is not the one checkpoint \
+                     {by} signed"
+                ),
+            );
+        }
+    }
+
+    /// Words the problem of a run of records after a stop, now that it has ended.
+    fn end_after_stop(&mut self) {
+        let Some(after) = self.after_stop.take() else {
+            return;
+        };
+        if let Some(i) = after.problem {
+            self.report.problems[i].message = format!(
+                "a record after the stop checkpoint {} (seq {}) and before the daemon's next trail_started record: \
+                 nothing follows a stop until the daemon starts again, so {} records (seq {}..{}) were added while \
+                 it was not running",
+                after.checkpoint, after.stop_seq, after.records, after.first_seq, after.last_seq
+            );
+        }
+    }
+
+    /// A closed file holds records that no checkpoint covers: a checkpoint is written at every rotation, so the
+    /// checkpoints that covered it are gone (or the log was sealed again after a change and they were removed).
+    fn unsigned_closed_file(
+        &mut self,
+        file: &LogFile,
+        records: u64,
+        before: Option<(u64, u64)>,
+        keyed: bool,
+    ) {
+        let name = display_name(&file.path);
+        let first = before
+            .map_or(file.first_seq, |(_, last)| last + 1)
+            .max(self.report.covered.map_or(0, |c| c + 1));
+        let last = self.report.seqs.map_or(first, |(_, l)| l);
+        let what = format!(
+            "{records} records of this closed file (seq {first}..{last}) are covered by no checkpoint, although one \
+             is written at every rotation: checkpoints were removed"
+        );
+        if keyed {
+            self.problem(&name, None, None, what);
+        } else {
+            self.report.notes.push(format!("{name}: {what}"));
+        }
     }
 
     fn check_claims(&mut self) {
@@ -675,6 +973,17 @@ impl Verifier {
         logs: &[LogFile],
     ) {
         let oldest = logs.first().map(|f| f.name.clone());
+        // Problems name the file as it is on disk (`.jsonl.zst` once compressed).
+        let on_disk: HashMap<&str, String> = logs
+            .iter()
+            .map(|f| (f.name.as_str(), display_name(&f.path)))
+            .collect();
+        let shown = |name: &String| {
+            on_disk
+                .get(name.as_str())
+                .cloned()
+                .unwrap_or_else(|| name.clone())
+        };
         let mut missing_reported = HashSet::new();
         let mut size_reported = HashSet::new();
         // Newest first, so a missing file is described as the latest checkpoint saw it.
@@ -687,7 +996,7 @@ impl Verifier {
                     Some(&bytes) if bytes < entry.bytes => {
                         size_reported.insert(entry.name.clone());
                         self.problem(
-                            &entry.name,
+                            &shown(&entry.name),
                             None,
                             None,
                             format!("the file is {bytes} bytes, but checkpoint {by} saw {}: it was truncated", entry.bytes),
@@ -696,10 +1005,10 @@ impl Verifier {
                     Some(&bytes) if !open && bytes != entry.bytes => {
                         size_reported.insert(entry.name.clone());
                         self.problem(
-                            &entry.name,
+                            &shown(&entry.name),
                             None,
                             None,
-                            format!("the file is {bytes} bytes, but it was closed at {} bytes (checkpoint {by}): it was changed", entry.bytes),
+                            format!("the file is {bytes} bytes (uncompressed), but it was closed at {} bytes (checkpoint {by}): it was changed", entry.bytes),
                         );
                     }
                     Some(_) => {}
@@ -733,7 +1042,7 @@ impl Verifier {
                         && !listed.contains(f.name.as_str())
                     {
                         self.problem(
-                            &f.name,
+                            &display_name(&f.path),
                             None,
                             None,
                             format!("extra file: checkpoint {by} lists the files around it but not this one"),
@@ -782,6 +1091,7 @@ mod tests {
         let inputs = Inputs {
             logs: vec![LogFile::parse(&kept).unwrap()],
             checkpoints: Vec::new(),
+            outside: Vec::new(),
         };
         let report = verify(&inputs, None).unwrap();
         report.problems.iter().map(|p| p.to_string()).collect()
@@ -830,5 +1140,81 @@ mod tests {
             r#","id":"d","type":"user_login","source":{"uid":1000,"gid":1000,"host":"h"}"#,
             &[unanchored],
         );
+    }
+
+    #[test]
+    fn seen_seqs_are_remembered_in_runs_and_out_of_order() {
+        let mut seen = Seen::default();
+        for (seq, new) in [
+            (1, true),
+            (2, true),
+            (2, false),
+            (5, true),
+            (6, true),
+            (3, true),
+            (3, false),
+            (1, false),
+            (6, false),
+            (4, true),
+            (7, true),
+            (4, false),
+        ] {
+            assert_eq!(seen.insert(seq), new, "{seq}");
+        }
+    }
+
+    /// Problems verify reports for a file of records 1..=5 after `edit` (on the lines, 0-based) changed it.
+    fn problems_after(edit: impl Fn(&mut Vec<String>, &[Hash])) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut text, mut prev, mut hashes) =
+            (String::new(), chain::GENESIS, vec![chain::GENESIS]);
+        for seq in 1..=5 {
+            push(
+                &mut text,
+                &mut prev,
+                seq,
+                &format!(r#","id":"{seq}","type":"user_login""#),
+            );
+            hashes.push(prev);
+        }
+        let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        edit(&mut lines, &hashes);
+        let path = dir
+            .path()
+            .join("trail-20260102T000000Z-00000000000000000001.jsonl");
+        std::fs::write(
+            &path,
+            lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+        )
+        .unwrap();
+        let inputs = Inputs {
+            logs: vec![LogFile::parse(&path).unwrap()],
+            checkpoints: Vec::new(),
+            outside: Vec::new(),
+        };
+        let report = verify(&inputs, None).unwrap();
+        report.problems.iter().map(|p| p.to_string()).collect()
+    }
+
+    #[test]
+    fn a_second_record_with_a_seq_is_reported_at_its_line_however_it_is_chained() {
+        let file = "trail-20260102T000000Z-00000000000000000001.jsonl";
+        let second = |line: u64| {
+            vec![format!(
+                "{file}:{line}: seq 3: a second record with seq 3: it was inserted (or copied), however well it is chained"
+            )]
+        };
+        // A fork of record 3, chained to record 2: before record 3, then after it.
+        let fork = |hashes: &[Hash]| {
+            let mut out = br#"{"seq":3,"id":"forged","type":"user_login""#.to_vec();
+            chain::seal(&hashes[2], &mut out, 0);
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(problems_after(|l, h| l.insert(2, fork(h))), second(4));
+        assert_eq!(problems_after(|l, h| l.insert(3, fork(h))), second(4));
+        // An exact copy, right after the line and further on.
+        assert_eq!(problems_after(|l, _| l.insert(3, l[2].clone())), second(4));
+        assert_eq!(problems_after(|l, _| l.insert(4, l[2].clone())), second(5));
+        assert_eq!(problems_after(|_, _| {}), Vec::<String>::new());
     }
 }

@@ -327,9 +327,18 @@ impl Daemon {
             .unwrap_or_else(|| panic!("traild did not exit:\n{}", self.stderr()))
     }
 
+    /// The raw lines of every log file, oldest first, but the daemon's `trail_started` records (one at every
+    /// start, before any other): the records the tests' clients and the daemon's other events made.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.all_log_lines()
+            .into_iter()
+            .filter(|l| !is_start_record(l))
+            .collect()
+    }
+
     /// The raw lines of every log file, oldest first. While the daemon runs, a group being written may be seen
     /// half-way: the newest file's unterminated tail is then left out; once it has stopped, there must be none.
-    pub fn log_lines(&self) -> Vec<String> {
+    pub fn all_log_lines(&self) -> Vec<String> {
         let running = self.child.is_some();
         let mut files: Vec<PathBuf> = fs::read_dir(&self.log_dir)
             .unwrap()
@@ -392,4 +401,9 @@ impl Drop for Daemon {
             let _ = child.wait();
         }
     }
+}
+
+/// Whether a stored line is one of the daemon's `trail_started` records.
+pub fn is_start_record(line: &str) -> bool {
+    line.contains(r#","type":"trail_started","#) && line.contains(r#""daemon":true"#)
 }

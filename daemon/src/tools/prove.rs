@@ -1,0 +1,314 @@
+//! `trail prove` and `trail verify-proof`: a proof that one record is in the signed log, or that a later
+//! checkpoint extends an earlier one, checked without the log.
+//!
+//! A bundle is one JSON object: `kind` (`inclusion` or `consistency`), the checkpoints it rests on (their JSON
+//! lines and C2SP notes, as written), and the proof's hashes (base64, RFC 9162 order). An inclusion bundle also
+//! holds the record's line, its `seq` and its leaf index. Proofs come from the tree cache ([`crate::log::tree`]),
+//! brought up to date from the log files; the cache is trusted for nothing: the tree's root at the checkpoint's size
+//! must be the signed one, and the leaf must be the hash of the record line read from the log.
+
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::VerifyingKey;
+use serde::{Deserialize, Serialize};
+
+use crate::log::checkpoint::{self, Checkpoint};
+use crate::log::files::{self, Chunk, Chunks};
+use crate::log::tree::{self, Cache, Hash};
+
+/// A checkpoint as it travels in a bundle.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sealed {
+    /// The checkpoint's JSON line.
+    pub checkpoint: String,
+    /// Its C2SP `tlog-checkpoint` note.
+    pub note: String,
+}
+
+/// A proof.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Bundle {
+    /// Record `seq` is leaf `index` of the tree the checkpoint signs.
+    Inclusion {
+        /// The record's seq.
+        seq: u64,
+        /// Its leaf index.
+        index: u64,
+        /// The tree size of the checkpoint.
+        tree_size: u64,
+        /// The record's line, without its newline.
+        line: String,
+        /// The inclusion proof, base64 hashes.
+        proof: Vec<String>,
+        /// The checkpoint.
+        checkpoint: Sealed,
+    },
+    /// The tree of `new` extends the tree of `old`.
+    Consistency {
+        /// The earlier tree size.
+        old_size: u64,
+        /// The later tree size.
+        new_size: u64,
+        /// The consistency proof, base64 hashes.
+        proof: Vec<String>,
+        /// The earlier checkpoint.
+        old: Sealed,
+        /// The later checkpoint.
+        new: Sealed,
+    },
+}
+
+/// Reads a checkpoint file and the note beside it.
+fn sealed(path: &Path) -> Result<(Sealed, Checkpoint), String> {
+    let line = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let cp = Checkpoint::parse(&line).map_err(|e| format!("{}: {e}", path.display()))?;
+    let note_path = path.with_extension("note");
+    let note = std::fs::read_to_string(&note_path).map_err(|e| {
+        format!(
+            "{}: {e} (checkpoints without a tree have no note)",
+            note_path.display()
+        )
+    })?;
+    let text = String::from_utf8(line).map_err(|_| "the checkpoint is not UTF-8".to_owned())?;
+    Ok((
+        Sealed {
+            checkpoint: text.trim_end().to_owned(),
+            note,
+        },
+        cp,
+    ))
+}
+
+/// The tree cache of `log_dir`, up to `seq`, whose root at `size` is `root`.
+fn cache(log_dir: &Path, seq: u64, size: u64, root: &str) -> Result<Cache, String> {
+    let fresh = |write| -> Result<Cache, String> {
+        let mut c = Cache::open(log_dir, write).map_err(|e| e.to_string())?;
+        c.catch_up(log_dir, Some(seq)).map_err(|e| e.to_string())?;
+        Ok(c)
+    };
+    let c = fresh(false)?;
+    if c.root(size)
+        .is_ok_and(|r| crate::log::chain::hex(&r.0) == root)
+    {
+        return Ok(c);
+    }
+    // The cache does not match the signed root: build the tree again from the files, in memory.
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let mut c = Cache::open(dir.path(), false).map_err(|e| e.to_string())?;
+    c.catch_up(log_dir, Some(seq)).map_err(|e| e.to_string())?;
+    match c.root(size) {
+        Ok(r) if crate::log::chain::hex(&r.0) == root => Ok(c),
+        _ => Err(format!(
+            "the log's records up to seq {seq} do not give the tree the checkpoint signs: the log was changed (run trail verify)"
+        )),
+    }
+}
+
+/// The line of record `seq`, read from the log file that holds it.
+fn find_line(log_dir: &Path, seq: u64) -> Result<Vec<u8>, String> {
+    let logs = files::list(log_dir).map_err(|e| format!("{}: {e}", log_dir.display()))?;
+    let file = logs
+        .iter()
+        .rev()
+        .find(|f| f.first_seq <= seq)
+        .ok_or_else(|| format!("no log file holds seq {seq}"))?;
+    let prefix = format!("{{\"seq\":{seq},");
+    let reader = file
+        .open()
+        .map_err(|e| format!("{}: {e}", file.path.display()))?;
+    let mut chunks = Chunks::new(reader, 4 << 20);
+    let finder = memchr::memmem::Finder::new(prefix.as_bytes());
+    while let Some(Chunk::Lines(_, lines)) = chunks
+        .next_chunk()
+        .map_err(|e| format!("{}: {e}", file.path.display()))?
+    {
+        for at in finder.find_iter(lines) {
+            if at == 0 || lines[at - 1] == b'\n' {
+                let end = memchr::memchr(b'\n', &lines[at..]).map_or(lines.len(), |e| at + e);
+                return Ok(lines[at..end].to_vec());
+            }
+        }
+    }
+    Err(format!("seq {seq} is not in {}", file.path.display()))
+}
+
+fn encode(proof: &[Hash]) -> Vec<String> {
+    proof.iter().map(|h| h.to_string()).collect()
+}
+
+fn decode(proof: &[String]) -> Result<Vec<Hash>, String> {
+    proof
+        .iter()
+        .map(|h| Hash::parse_hash(h).map_err(|_| format!("{h:?} is not a base64 hash")))
+        .collect()
+}
+
+/// The newest checkpoint of `log_dir` (by seq) that covers `seq` and has a note.
+fn newest_covering(log_dir: &Path, seq: u64) -> Result<PathBuf, String> {
+    checkpoint::list(log_dir)
+        .into_iter()
+        .filter_map(|p| {
+            let cp = Checkpoint::parse(&std::fs::read(&p).ok()?).ok()?;
+            let s = cp.body.seq?;
+            (s >= seq && cp.body.tree_size.is_some() && p.with_extension("note").exists())
+                .then_some((s, p))
+        })
+        .max()
+        .map(|(_, p)| p)
+        .ok_or_else(|| format!("no checkpoint with a Merkle tree covers seq {seq} yet"))
+}
+
+/// Proves that record `seq` is in the tree of `checkpoint` (default: the newest that covers it).
+pub fn prove(log_dir: &Path, seq: u64, checkpoint: Option<&Path>) -> Result<Bundle, String> {
+    let path = match checkpoint {
+        Some(p) => p.to_owned(),
+        None => newest_covering(log_dir, seq)?,
+    };
+    let (sealed, cp) = sealed(&path)?;
+    let (Some(cp_seq), Some(size), Some(root)) =
+        (cp.body.seq, cp.body.tree_size, cp.body.tree_root.as_deref())
+    else {
+        return Err(format!(
+            "{}: the checkpoint has no Merkle tree",
+            path.display()
+        ));
+    };
+    if seq > cp_seq {
+        return Err(format!(
+            "{} covers the log up to seq {cp_seq}, not seq {seq}",
+            path.display()
+        ));
+    }
+    let cache = cache(log_dir, cp_seq, size, root)?;
+    let index = cache
+        .index_of(seq)
+        .ok_or_else(|| format!("seq {seq} is not a record of the log"))?;
+    let line = find_line(log_dir, seq)?;
+    if cache.leaf(index).map_err(|e| e.to_string())? != tree::leaf_hash(&line) {
+        return Err(format!(
+            "the record seq {seq} in the log is not the leaf the tree holds: the log was changed (run trail verify)"
+        ));
+    }
+    let proof = cache.prove(size, index).map_err(|e| e.to_string())?;
+    Ok(Bundle::Inclusion {
+        seq,
+        index,
+        tree_size: size,
+        line: String::from_utf8(line).map_err(|_| "the record is not UTF-8".to_owned())?,
+        proof: encode(&proof),
+        checkpoint: sealed,
+    })
+}
+
+/// Proves that the tree of checkpoint `new` extends the tree of checkpoint `old`.
+pub fn prove_consistency(log_dir: &Path, old: &Path, new: &Path) -> Result<Bundle, String> {
+    let (old_sealed, old_cp) = sealed(old)?;
+    let (new_sealed, new_cp) = sealed(new)?;
+    let sizes =
+        |cp: &Checkpoint, p: &Path| match (cp.body.seq, cp.body.tree_size, &cp.body.tree_root) {
+            (Some(s), Some(n), Some(r)) => Ok((s, n, r.clone())),
+            _ => Err(format!(
+                "{}: the checkpoint has no Merkle tree",
+                p.display()
+            )),
+        };
+    let (_, old_size, _) = sizes(&old_cp, old)?;
+    let (new_seq, new_size, new_root) = sizes(&new_cp, new)?;
+    if old_size > new_size {
+        return Err("the old checkpoint's tree is larger than the new one's".into());
+    }
+    let cache = cache(log_dir, new_seq, new_size, &new_root)?;
+    let proof = cache
+        .prove_consistency(new_size, old_size)
+        .map_err(|e| e.to_string())?;
+    Ok(Bundle::Consistency {
+        old_size,
+        new_size,
+        proof: encode(&proof),
+        old: old_sealed,
+        new: new_sealed,
+    })
+}
+
+/// Checks a sealed checkpoint against `key`: both signatures, and that the JSON and the note agree.
+fn open(sealed: &Sealed, key: &VerifyingKey) -> Result<(Checkpoint, checkpoint::NoteBody), String> {
+    let note = checkpoint::open_note(sealed.note.as_bytes(), key)?;
+    let cp = Checkpoint::parse(sealed.checkpoint.as_bytes())?;
+    cp.check_signature(Some(key))
+        .map_err(|e| format!("checkpoint {e}"))?;
+    if cp.body.tree_size != Some(note.size)
+        || cp.body.tree_root.as_deref() != Some(crate::log::chain::hex(&note.root.0).as_str())
+    {
+        return Err("the checkpoint and its note sign different trees".into());
+    }
+    Ok((cp, note))
+}
+
+/// Checks a bundle against the daemon's public key; says what it proves.
+pub fn verify_proof(bundle: &Bundle, key: &VerifyingKey) -> Result<String, String> {
+    match bundle {
+        Bundle::Inclusion {
+            seq,
+            index,
+            tree_size,
+            line,
+            proof,
+            checkpoint: sealed,
+        } => {
+            let (cp, note) = open(sealed, key)?;
+            if *tree_size != note.size {
+                return Err(format!(
+                    "the bundle says tree size {tree_size}, the checkpoint signs {}",
+                    note.size
+                ));
+            }
+            if crate::record::line::seq(line.as_bytes()) != Some(*seq) {
+                return Err(format!("the record line is not seq {seq}"));
+            }
+            if cp.body.seq.is_none_or(|s| *seq > s) {
+                return Err(format!("the checkpoint does not cover seq {seq}"));
+            }
+            tlog_tiles::check_record(
+                &decode(proof)?,
+                note.size,
+                note.root,
+                *index,
+                tree::leaf_hash(line.as_bytes()),
+            )
+            .map_err(|e| format!("the inclusion proof does not hold: {e}"))?;
+            Ok(format!(
+                "record seq {seq} is leaf {index} of the tree of {} records signed by {} (checkpoint {})",
+                note.size,
+                note.origin,
+                checkpoint::file_name(&cp.body)
+            ))
+        }
+        Bundle::Consistency {
+            old_size,
+            new_size,
+            proof,
+            old,
+            new,
+        } => {
+            let (_, old_note) = open(old, key)?;
+            let (_, new_note) = open(new, key)?;
+            if (*old_size, *new_size) != (old_note.size, new_note.size) {
+                return Err("the bundle's sizes are not the checkpoints'".into());
+            }
+            tlog_tiles::check_tree(
+                &decode(proof)?,
+                new_note.size,
+                new_note.root,
+                old_note.size,
+                old_note.root,
+            )
+            .map_err(|e| format!("the consistency proof does not hold: {e}"))?;
+            Ok(format!(
+                "the tree of {} records extends the tree of {} records (both signed by {})",
+                new_note.size, old_note.size, new_note.origin
+            ))
+        }
+    }
+}
