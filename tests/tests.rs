@@ -14,4 +14,5 @@ mod service;
 mod sinks;
 mod socket_trust;
 mod submission;
+mod systemd;
 mod tidy;

@@ -27,6 +27,8 @@ pub struct Admin {
     pub started: Instant,
     /// The submission socket's connections.
     pub connections: Arc<crate::ingest::Connections>,
+    /// What the service manager is told (a reload is announced to it).
+    pub service: Arc<crate::systemd::Service>,
 }
 
 #[derive(Deserialize)]
@@ -100,8 +102,16 @@ fn handle(admin: &Admin, request: Request) -> Value {
             status
         }
         Request::Reload => match &admin.sinks {
-            Some(sinks) => json!({"ok": true, "reloaded": sinks.reload_all()}),
-            None => json!({"ok": true, "reloaded": [], "note": "no sinks are configured"}),
+            Some(sinks) => {
+                let reloaded = admin.service.reload("the plugins", || sinks.reload_all());
+                json!({"ok": true, "reloaded": reloaded})
+            }
+            None => {
+                admin
+                    .service
+                    .reload("nothing (no sinks are configured)", || ());
+                json!({"ok": true, "reloaded": [], "note": "no sinks are configured"})
+            }
         },
         Request::Replay { sink } => match admin.sinks.as_ref().map(|s| s.replay(&sink)) {
             Some(Ok(report)) => {

@@ -179,6 +179,14 @@ pub enum BindError {
         /// What is wrong.
         source: trust::Untrusted,
     },
+    /// A socket passed by the service manager is not the one the configuration names, or cannot be trusted.
+    #[error("socket {path}, passed by the service manager: {problem}")]
+    Inherited {
+        /// The configured socket path.
+        path: PathBuf,
+        /// What is wrong, and what to change.
+        problem: String,
+    },
     /// The operating system refused.
     #[error("socket {path}: {source}")]
     Io {
@@ -232,6 +240,86 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
     }
     let listener = std::os::unix::net::UnixListener::bind(path).map_err(io)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
+    listener.set_nonblocking(true).map_err(io)?;
+    UnixListener::from_std(listener).map_err(io)
+}
+
+/// Takes `listener`, a socket passed by the service manager (socket activation), in place of binding `path`.
+///
+/// The service manager bound it, so the checks are those [`bind`] makes, done on what it made: a listening Unix
+/// stream socket whose address is `path` (a socket unit and the configuration must name the same file); the
+/// directories above it trusted as for binding ([`crate::trust::check_dir`]); at `path` a socket, not a link,
+/// owned by root or the daemon's user, with no write permission (which connecting takes) beyond `mode` (the
+/// socket unit's `SocketMode=` must not let more users connect than the configuration does). The file is never removed: the socket unit owns it, and
+/// clients that connect while the daemon restarts wait in its backlog.
+pub fn adopt(
+    listener: std::os::unix::net::UnixListener,
+    path: &Path,
+    mode: u32,
+) -> Result<UnixListener, BindError> {
+    use nix::sys::socket::{SockType, getsockopt, sockopt};
+    use std::os::unix::fs::MetadataExt;
+    let problem = |problem: String| BindError::Inherited {
+        path: path.to_owned(),
+        problem,
+    };
+    let io = |source| BindError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let kind = getsockopt(&listener, sockopt::SockType).map_err(|e| io(e.into()))?;
+    let listening = getsockopt(&listener, sockopt::AcceptConn).map_err(|e| io(e.into()))?;
+    if kind != SockType::Stream || !listening {
+        return Err(problem(format!(
+            "it is not a listening stream socket ({kind:?}); use ListenStream= in the socket unit"
+        )));
+    }
+    let address = listener.local_addr().map_err(io)?;
+    let Some(bound) = address.as_pathname() else {
+        return Err(problem(
+            "it has no file name (an abstract or unnamed socket); ListenStream= must name the configured path"
+                .into(),
+        ));
+    };
+    let (Some(name), Some(bound_name)) = (path.file_name(), bound.file_name()) else {
+        return Err(BindError::NotASocket(path.to_owned()));
+    };
+    let untrusted = |source| BindError::Untrusted {
+        path: path.to_owned(),
+        source,
+    };
+    let dir = trust::check_dir(path.parent().unwrap_or(Path::new(".")), &Owners::me())
+        .map_err(untrusted)?;
+    let bound_dir = std::fs::canonicalize(bound.parent().unwrap_or(Path::new("."))).map_err(io)?;
+    if dir != bound_dir || name != bound_name {
+        return Err(problem(format!(
+            "it is bound to {}; make the socket unit's ListenStream= and the configuration name the same path",
+            bound.display()
+        )));
+    }
+    let file = dir.join(name);
+    let meta = std::fs::symlink_metadata(&file).map_err(io)?;
+    if meta.file_type().is_symlink() {
+        return Err(untrusted(trust::Untrusted::Symlink(file)));
+    }
+    if !meta.file_type().is_socket() {
+        return Err(BindError::NotASocket(file));
+    }
+    let me = Owners::me();
+    if !me.contains(meta.uid()) {
+        return Err(problem(format!(
+            "the file belongs to {}, not to {me}; set SocketUser= in the socket unit",
+            trust::user(meta.uid())
+        )));
+    }
+    // Connecting takes write permission; the other bits mean nothing on a socket.
+    let file_mode = meta.mode() & 0o7777;
+    if file_mode & 0o222 & !mode != 0 {
+        return Err(problem(format!(
+            "its file has mode {file_mode:04o}, which lets more users connect than the configured {mode:04o}; set \
+             SocketMode= in the socket unit to {mode:04o}"
+        )));
+    }
     listener.set_nonblocking(true).map_err(io)?;
     UnixListener::from_std(listener).map_err(io)
 }

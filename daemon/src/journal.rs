@@ -14,7 +14,7 @@
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -124,6 +124,7 @@ enum Message {
 #[derive(Clone)]
 pub struct Submitter {
     tx: mpsc::Sender<Message>,
+    progress: Arc<Progress>,
 }
 
 impl Submitter {
@@ -131,6 +132,7 @@ impl Submitter {
     /// durable (or could not be stored).
     pub async fn submit(&self, batch: Batch) -> Ack {
         let (done, ack) = oneshot::channel();
+        self.progress.waiting.store(true, Ordering::Relaxed);
         let submission = Submission {
             batch,
             done: Some(done),
@@ -148,6 +150,21 @@ impl Submitter {
 /// The running writer. Dropping every [`Submitter`] lets it drain, sync and stop; [`Journal::join`] waits for that.
 pub struct Journal {
     thread: JoinHandle<()>,
+}
+
+/// The writer's progress, for the service watchdog and status line (see `systemd::watchdog`): the writer is
+/// healthy while `heartbeat` advances or nothing waits for it.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Advanced after every group stored and every 100 ms of waiting for room in a full spool (waiting for sinks
+    /// is back-pressure, not a stuck writer). It stands still while the writer is stuck in a write or sync, or
+    /// fails to store what it is given.
+    pub heartbeat: AtomicU64,
+    /// Set by every submission; cleared by the writer once it stored everything it was given and its queue is
+    /// empty, or when a whole tick (1 s) passed without a submission (idle after failures).
+    pub waiting: AtomicBool,
+    /// Records stored since start.
+    pub records: AtomicU64,
 }
 
 /// What the writer needs besides the log directory.
@@ -168,6 +185,8 @@ pub struct Options {
     pub checkpoint_every: Duration,
     /// Told whenever a file was closed (maintenance may index, compress or expire it).
     pub rotated: Option<Arc<Notify>>,
+    /// Advanced as the writer makes progress.
+    pub progress: Arc<Progress>,
 }
 
 impl Journal {
@@ -180,6 +199,7 @@ impl Journal {
         }
         info!(file = %log.path.display(), next_seq = log.next_seq, chain = %chain::hex(&log.chain), "log open");
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let progress = options.progress.clone();
         let weak = tx.downgrade();
         std::thread::Builder::new()
             .name("trail-journal-tick".into())
@@ -195,7 +215,7 @@ impl Journal {
             .name("trail-journal".into())
             .spawn(move || writer(log, rx, options))
             .map_err(io_error(dir))?;
-        Ok((Journal { thread }, Submitter { tx }))
+        Ok((Journal { thread }, Submitter { tx, progress }))
     }
 
     /// Waits until the writer has drained its queue and synced the log.
@@ -221,14 +241,19 @@ fn writer(mut log: LogFile, mut rx: mpsc::Receiver<Message>, mut options: Option
         retry_rotation: None,
     };
     log.point_current();
+    let mut submitted_since_tick = false;
     while let Some(message) = rx.blocking_recv() {
         let first = match message {
             Message::Tick => {
+                if !std::mem::take(&mut submitted_since_tick) && rx.is_empty() {
+                    options.progress.waiting.store(false, Ordering::Relaxed);
+                }
                 housekeeping(&mut log, &mut options, &mut checkpoints);
                 continue;
             }
             Message::Submit(s) => s,
         };
+        submitted_since_tick = true;
         let mut ticked = false;
         let mut bytes = first.batch.buf.len();
         group.push(first);
@@ -245,6 +270,7 @@ fn writer(mut log: LogFile, mut rx: mpsc::Receiver<Message>, mut options: Option
         // Commit the group in parts when the spool cannot take all of it now: what fits is acknowledged
         // without waiting for room for the rest.
         let mut pending = &mut group[..];
+        let mut failed = false;
         while !pending.is_empty() {
             out.clear();
             streamed.clear();
@@ -312,9 +338,15 @@ fn writer(mut log: LogFile, mut rx: mpsc::Receiver<Message>, mut options: Option
                         }
                         seq += n;
                     }
+                    let progress = &options.progress;
+                    progress
+                        .records
+                        .fetch_add(seq - first_seq, Ordering::Relaxed);
+                    progress.heartbeat.fetch_add(1, Ordering::Relaxed);
                     debug!(records = seq - first_seq, bytes = out.len() as u64 + streamed.file_len(), elapsed = ?started.elapsed(), "group committed");
                 }
                 Err(reason) => {
+                    failed = true;
                     error!(file = %log.path.display(), error = %reason, records = seq - first_seq, "cannot store events; answering unavailable");
                     for s in part.iter_mut() {
                         if let Some(done) = s.done.take() {
@@ -325,6 +357,9 @@ fn writer(mut log: LogFile, mut rx: mpsc::Receiver<Message>, mut options: Option
             }
         }
         group.clear();
+        if !failed && rx.is_empty() {
+            options.progress.waiting.store(false, Ordering::Relaxed);
+        }
         if ticked {
             housekeeping(&mut log, &mut options, &mut checkpoints);
         }
@@ -454,9 +489,13 @@ fn store(
         }
     };
     if let Some(spool) = spool {
-        let stopping = options.stopping.clone();
+        let (stopping, progress) = (options.stopping.clone(), options.progress.clone());
+        let waiting = || {
+            progress.heartbeat.fetch_add(1, Ordering::Relaxed);
+            stopping.load(Ordering::Relaxed)
+        };
         spool
-            .reserve(streamed.file_len(), &|| stopping.load(Ordering::Relaxed))
+            .reserve(streamed.file_len(), &waiting)
             .map_err(|e| Unavailable(format!("{e}; retry later")))?;
         if !persisted.is_empty() {
             log.out.append(persisted, false).map_err(|e| {
