@@ -50,6 +50,8 @@ struct State {
     /// Reloads in progress (SIGHUP and `trail reload` may overlap): `RELOADING=1` on the first, `READY=1` after
     /// the last.
     reloads: u32,
+    /// What the first of them reloads.
+    reloading: String,
     /// Why the watchdog is not pinged, when it is not.
     stalled: Option<String>,
 }
@@ -76,6 +78,7 @@ impl Service {
             state: Mutex::new(State {
                 phase: Phase::Starting,
                 reloads: 0,
+                reloading: String::new(),
                 stalled: None,
             }),
             describe: OnceLock::new(),
@@ -94,7 +97,7 @@ impl Service {
     fn line(described: String, state: &State) -> String {
         let mut line = described;
         if state.reloads > 0 {
-            line = format!("reloading; {line}");
+            line = format!("reloading {}; {line}", state.reloading);
         }
         if let Some(stalled) = &state.stalled {
             line = format!("{line}; {stalled}");
@@ -129,9 +132,11 @@ impl Service {
             let described = self.describe();
             let mut state = self.lock();
             state.reloads += 1;
+            if state.reloads == 1 {
+                state.reloading = what.to_owned();
+            }
             if state.phase == Phase::Running && state.reloads == 1 {
-                let line = Service::line(described, &state);
-                let status = format!("{line}; reloading {what}");
+                let status = Service::line(described, &state);
                 let mut states = vec![NotifyState::Reloading, NotifyState::Status(&status)];
                 if let Ok(now) = NotifyState::monotonic_usec_now() {
                     states.insert(1, now);
