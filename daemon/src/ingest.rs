@@ -760,3 +760,74 @@ async fn flush(writer: &mut OwnedWriteHalf, out: &mut Vec<u8>, timeout: Duration
     out.shrink_to(4 << 10);
     ok
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listening socket at `dir/name` with file mode `mode`, as a service manager would pass it.
+    fn passed(dir: &Path, name: &str, mode: u32) -> std::os::unix::net::UnixListener {
+        let listener = std::os::unix::net::UnixListener::bind(dir.join(name)).unwrap();
+        std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(mode)).unwrap();
+        listener
+    }
+
+    #[tokio::test]
+    async fn passed_sockets_are_checked_like_bound_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let check =
+            |name: &str, file_mode: u32, configured: &str, mode: u32, expected: Option<&str>| {
+                let listener = passed(dir.path(), name, file_mode);
+                let got = adopt(listener, &dir.path().join(configured), mode);
+                match (expected, got) {
+                    (None, Ok(_)) => {}
+                    (Some(want), Err(e)) => assert!(e.to_string().contains(want), "{name}: {e}"),
+                    (want, got) => panic!("{name}: expected {want:?}, got {got:?}"),
+                }
+            };
+        check("a.sock", 0o660, "a.sock", 0o660, None);
+        // Read bits mean nothing on a socket; only write (connect) counts.
+        check("b.sock", 0o644, "b.sock", 0o600, None);
+        check("c.sock", 0o666, "c.sock", 0o660, Some("SocketMode="));
+        check(
+            "d.sock",
+            0o660,
+            "elsewhere.sock",
+            0o660,
+            Some("ListenStream="),
+        );
+
+        // Below a directory others can write, as for binding.
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let listener = passed(&open, "e.sock", 0o600);
+        let got = adopt(listener, &open.join("e.sock"), 0o600);
+        assert!(matches!(got, Err(BindError::Untrusted { .. })), "{got:?}");
+
+        // Bound, but not listening: not a socket to accept on.
+        let path = dir.path().join("f.sock");
+        let unbound = nix::sys::socket::socket(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::Stream,
+            nix::sys::socket::SockFlag::empty(),
+            None,
+        )
+        .unwrap();
+        nix::sys::socket::bind(
+            std::os::fd::AsRawFd::as_raw_fd(&unbound),
+            &nix::sys::socket::UnixAddr::new(&path).unwrap(),
+        )
+        .unwrap();
+        let got = adopt(
+            std::os::unix::net::UnixListener::from(unbound),
+            &path,
+            0o660,
+        );
+        assert!(
+            got.as_ref()
+                .is_err_and(|e| e.to_string().contains("not a listening stream socket")),
+            "{got:?}"
+        );
+    }
+}
