@@ -160,8 +160,9 @@ pub struct Progress {
     /// is back-pressure, not a stuck writer). It stands still while the writer is stuck in a write or sync, or
     /// fails to store what it is given.
     pub heartbeat: AtomicU64,
-    /// Set by every submission; cleared by the writer once it stored everything it was given and its queue is
-    /// empty, or when a whole tick (1 s) passed without a submission (idle after failures).
+    /// Set by every submission (and by the writer when it takes one); cleared by the writer once it stored
+    /// everything it was given and its queue is empty, or when a whole tick (1 s) passed without a submission
+    /// (idle after failures).
     pub waiting: AtomicBool,
     /// Records stored since start.
     pub records: AtomicU64,
@@ -254,6 +255,8 @@ fn writer(mut log: LogFile, mut rx: mpsc::Receiver<Message>, mut options: Option
             Message::Submit(s) => s,
         };
         submitted_since_tick = true;
+        // Also set here: a submitter may have set it just before the writer cleared it.
+        options.progress.waiting.store(true, Ordering::Relaxed);
         let mut ticked = false;
         let mut bytes = first.batch.buf.len();
         group.push(first);
