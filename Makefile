@@ -42,9 +42,11 @@ install:
 	install -m 0755 $(OUT)/traild $(OUT)/trail $(DESTDIR)$(BINDIR)/
 	for p in $(subst -,_,$(PLUGINS)); do install -m 0644 $(OUT)/lib$$p.so $(DESTDIR)$(PLUGINDIR)/; done
 	$(REWRITE) systemd/trail.service > $(DESTDIR)$(UNITDIR)/trail.service
+	for u in trail.socket trail-admin.socket; do $(REWRITE) systemd/$$u > $(DESTDIR)$(UNITDIR)/$$u; done
 	$(REWRITE) systemd/trail.sysusers > $(DESTDIR)$(SYSUSERSDIR)/trail.conf
 	$(REWRITE) systemd/trail.tmpfiles > $(DESTDIR)$(TMPFILESDIR)/trail.conf
-	chmod 0644 $(DESTDIR)$(UNITDIR)/trail.service $(DESTDIR)$(SYSUSERSDIR)/trail.conf $(DESTDIR)$(TMPFILESDIR)/trail.conf
+	chmod 0644 $(DESTDIR)$(UNITDIR)/trail.service $(DESTDIR)$(UNITDIR)/trail.socket \
+		$(DESTDIR)$(UNITDIR)/trail-admin.socket $(DESTDIR)$(SYSUSERSDIR)/trail.conf $(DESTDIR)$(TMPFILESDIR)/trail.conf
 	# The configuration is the administrator's: never overwritten once installed.
 	test -e $(DESTDIR)$(SYSCONFDIR)/trail/trail.yaml || \
 		{ $(REWRITE) systemd/trail.yaml > $(DESTDIR)$(SYSCONFDIR)/trail/trail.yaml && \
@@ -56,6 +58,7 @@ install:
 
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/traild $(DESTDIR)$(BINDIR)/trail $(DESTDIR)$(UNITDIR)/trail.service \
+		$(DESTDIR)$(UNITDIR)/trail.socket $(DESTDIR)$(UNITDIR)/trail-admin.socket \
 		$(DESTDIR)$(SYSUSERSDIR)/trail.conf $(DESTDIR)$(TMPFILESDIR)/trail.conf
 	rm -rf $(DESTDIR)$(PLUGINDIR) $(DESTDIR)$(DATADIR)/doc/trail
 

@@ -307,14 +307,22 @@ fn readiness_is_sent_to_the_service_manager_once_the_socket_accepts() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let mut buf = [0u8; 64];
-    let n = listener.recv(&mut buf).unwrap();
-    assert_eq!(&buf[..n], b"READY=1");
+    // Messages are newline-separated lines; STATUS= lines come and go around the ones this test waits for.
+    let mut buf = [0u8; 4096];
+    let mut wait_for = |line: &str| loop {
+        let n = listener.recv(&mut buf).unwrap();
+        if String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .any(|l| l == line)
+        {
+            break;
+        }
+    };
+    wait_for("READY=1");
     // READY=1 means the socket already accepts.
     assert!(std::os::unix::net::UnixStream::connect(dir.path().join("s.sock")).is_ok());
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let n = listener.recv(&mut buf).unwrap();
-    assert_eq!(&buf[..n], b"STOPPING=1");
+    wait_for("STOPPING=1");
     assert!(child.wait().unwrap().success());
 }
 

@@ -100,6 +100,64 @@ fn the_service_is_exposed_at_most_2_0() {
     assert!(level <= 2.0, "exposure {level} > 2.0:\n{text}");
 }
 
+/// The values of `key=` in a unit file, in order.
+fn unit_values(unit: &str, key: &str) -> Vec<String> {
+    let text = fs::read_to_string(systemd_dir().join(unit)).unwrap();
+    text.lines()
+        .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The socket units listen where the shipped configuration puts the sockets, no more open than it says, under the
+/// names the daemon looks for; the service takes both. (The daemon refuses a passed socket bound elsewhere.)
+#[test]
+fn the_socket_units_match_the_shipped_configuration_and_the_service() {
+    let config = trail::Config::load(&systemd_dir().join("trail.yaml")).unwrap();
+    for (unit, path, mode, name) in [
+        (
+            "trail.socket",
+            config.socket.path.clone(),
+            config.socket.mode,
+            trail::systemd::SUBMISSION,
+        ),
+        (
+            "trail-admin.socket",
+            config.admin_socket(),
+            0o600,
+            trail::systemd::ADMIN,
+        ),
+    ] {
+        assert_eq!(
+            unit_values(unit, "ListenStream"),
+            [path.display().to_string()],
+            "{unit}"
+        );
+        assert_eq!(
+            unit_values(unit, "SocketMode"),
+            [format!("{mode:04o}")],
+            "{unit}"
+        );
+        assert_eq!(unit_values(unit, "FileDescriptorName"), [name], "{unit}");
+        assert_eq!(unit_values(unit, "Service"), ["trail.service"], "{unit}");
+        assert_eq!(unit_values(unit, "SocketUser"), ["trail"], "{unit}");
+    }
+    let sockets = unit_values("trail.service", "Sockets").join(" ");
+    let required = unit_values("trail.service", "Requires").join(" ");
+    for unit in ["trail.socket", "trail-admin.socket"] {
+        assert!(sockets.split(' ').any(|s| s == unit), "Sockets={sockets}");
+        assert!(
+            required.split(' ').any(|s| s == unit),
+            "Requires={required}"
+        );
+    }
+    // The runtime directory holds the sockets' files: it must outlive a stop of the service.
+    assert_eq!(
+        unit_values("trail.service", "RuntimeDirectoryPreserve"),
+        ["yes"]
+    );
+}
+
 #[test]
 fn sysusers_and_tmpfiles_create_the_user_and_private_directories() {
     let root = tempfile::tempdir().unwrap();
@@ -181,6 +239,8 @@ fn make_install_lays_out_a_working_installation() {
         ("usr/lib/trail/plugins/libtrail_sink_syslog.so", 0o644),
         ("usr/lib/trail/plugins/libtrail_sink_postgres.so", 0o644),
         ("usr/lib/systemd/system/trail.service", 0o644),
+        ("usr/lib/systemd/system/trail.socket", 0o644),
+        ("usr/lib/systemd/system/trail-admin.socket", 0o644),
         ("usr/lib/sysusers.d/trail.conf", 0o644),
         ("usr/lib/tmpfiles.d/trail.conf", 0o644),
         ("etc/trail/trail.yaml", 0o640),

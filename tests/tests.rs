@@ -18,4 +18,5 @@ mod service;
 mod sinks;
 mod socket_trust;
 mod submission;
+mod systemd;
 mod tidy;

@@ -32,6 +32,8 @@ pub struct Admin {
     pub connections: Arc<crate::ingest::Connections>,
     /// The idempotency keys remembered.
     pub idempotency: Arc<crate::idempotency::Window>,
+    /// What the service manager is told (a reload is announced to it).
+    pub service: Arc<crate::systemd::Service>,
 }
 
 #[derive(Deserialize)]
@@ -149,13 +151,18 @@ fn handle(admin: &Admin, request: Request) -> Value {
         }),
         Request::Reload => match &admin.sinks {
             Some(sinks) => {
-                let reloaded = match sinks.reload_all() {
+                let reloaded = match admin.service.reload("the plugins", || sinks.reload_all()) {
                     Ok(all) => all.iter().map(|r| to_json(Reloaded::of(r))).collect(),
                     Err(e) => vec![json!({"error": e.to_string()})],
                 };
                 json!({"ok": true, "reloaded": reloaded})
             }
-            None => json!({"ok": true, "reloaded": [], "note": "no sinks are configured"}),
+            None => {
+                admin
+                    .service
+                    .reload("nothing (no sinks are configured)", || ());
+                json!({"ok": true, "reloaded": [], "note": "no sinks are configured"})
+            }
         },
         Request::Replay { sink } => match admin.sinks.as_ref().map(|s| s.replay(&sink)) {
             Some(Ok(report)) => {

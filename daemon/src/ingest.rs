@@ -203,6 +203,14 @@ pub enum BindError {
         /// What is wrong.
         source: trust::Untrusted,
     },
+    /// A socket passed by the service manager is not the one the configuration names, or cannot be trusted.
+    #[error("socket {path}, passed by the service manager: {problem}")]
+    Inherited {
+        /// The configured socket path.
+        path: PathBuf,
+        /// What is wrong, and what to change.
+        problem: String,
+    },
     /// The operating system refused.
     #[error("socket {path}: {source}")]
     Io {
@@ -256,6 +264,86 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
     }
     let listener = std::os::unix::net::UnixListener::bind(path).map_err(io)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
+    listener.set_nonblocking(true).map_err(io)?;
+    UnixListener::from_std(listener).map_err(io)
+}
+
+/// Takes `listener`, a socket passed by the service manager (socket activation), in place of binding `path`.
+///
+/// The service manager bound it, so the checks are those [`bind`] makes, done on what it made: a listening Unix
+/// stream socket whose address is `path` (a socket unit and the configuration must name the same file); the
+/// directories above it trusted as for binding ([`crate::trust::check_dir`]); at `path` a socket, not a link,
+/// owned by root or the daemon's user, with no write permission (which connecting takes) beyond `mode` (the
+/// socket unit's `SocketMode=` must not let more users connect than the configuration does). The file is never removed: the socket unit owns it, and
+/// clients that connect while the daemon restarts wait in its backlog.
+pub fn adopt(
+    listener: std::os::unix::net::UnixListener,
+    path: &Path,
+    mode: u32,
+) -> Result<UnixListener, BindError> {
+    use nix::sys::socket::{SockType, getsockopt, sockopt};
+    use std::os::unix::fs::MetadataExt;
+    let problem = |problem: String| BindError::Inherited {
+        path: path.to_owned(),
+        problem,
+    };
+    let io = |source| BindError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let kind = getsockopt(&listener, sockopt::SockType).map_err(|e| io(e.into()))?;
+    let listening = getsockopt(&listener, sockopt::AcceptConn).map_err(|e| io(e.into()))?;
+    if kind != SockType::Stream || !listening {
+        return Err(problem(format!(
+            "it is not a listening stream socket ({kind:?}); use ListenStream= in the socket unit"
+        )));
+    }
+    let address = listener.local_addr().map_err(io)?;
+    let Some(bound) = address.as_pathname() else {
+        return Err(problem(
+            "it has no file name (an abstract or unnamed socket); ListenStream= must name the configured path"
+                .into(),
+        ));
+    };
+    let (Some(name), Some(bound_name)) = (path.file_name(), bound.file_name()) else {
+        return Err(BindError::NotASocket(path.to_owned()));
+    };
+    let untrusted = |source| BindError::Untrusted {
+        path: path.to_owned(),
+        source,
+    };
+    let dir = trust::check_dir(path.parent().unwrap_or(Path::new(".")), &Owners::me())
+        .map_err(untrusted)?;
+    let bound_dir = std::fs::canonicalize(bound.parent().unwrap_or(Path::new("."))).map_err(io)?;
+    if dir != bound_dir || name != bound_name {
+        return Err(problem(format!(
+            "it is bound to {}; make the socket unit's ListenStream= and the configuration name the same path",
+            bound.display()
+        )));
+    }
+    let file = dir.join(name);
+    let meta = std::fs::symlink_metadata(&file).map_err(io)?;
+    if meta.file_type().is_symlink() {
+        return Err(untrusted(trust::Untrusted::Symlink(file)));
+    }
+    if !meta.file_type().is_socket() {
+        return Err(BindError::NotASocket(file));
+    }
+    let me = Owners::me();
+    if !me.contains(meta.uid()) {
+        return Err(problem(format!(
+            "the file belongs to {}, not to {me}; set SocketUser= in the socket unit",
+            trust::user(meta.uid())
+        )));
+    }
+    // Connecting takes write permission; the other bits mean nothing on a socket.
+    let file_mode = meta.mode() & 0o7777;
+    if file_mode & 0o222 & !mode != 0 {
+        return Err(problem(format!(
+            "its file has mode {file_mode:04o}, which lets more users connect than the configured {mode:04o}; set \
+             SocketMode= in the socket unit to {mode:04o}"
+        )));
+    }
     listener.set_nonblocking(true).map_err(io)?;
     UnixListener::from_std(listener).map_err(io)
 }
@@ -892,4 +980,75 @@ async fn flush(writer: &mut OwnedWriteHalf, out: &mut Vec<u8>, timeout: Duration
     out.clear();
     out.shrink_to(4 << 10);
     ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listening socket at `dir/name` with file mode `mode`, as a service manager would pass it.
+    fn passed(dir: &Path, name: &str, mode: u32) -> std::os::unix::net::UnixListener {
+        let listener = std::os::unix::net::UnixListener::bind(dir.join(name)).unwrap();
+        std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(mode)).unwrap();
+        listener
+    }
+
+    #[tokio::test]
+    async fn passed_sockets_are_checked_like_bound_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let check =
+            |name: &str, file_mode: u32, configured: &str, mode: u32, expected: Option<&str>| {
+                let listener = passed(dir.path(), name, file_mode);
+                let got = adopt(listener, &dir.path().join(configured), mode);
+                match (expected, got) {
+                    (None, Ok(_)) => {}
+                    (Some(want), Err(e)) => assert!(e.to_string().contains(want), "{name}: {e}"),
+                    (want, got) => panic!("{name}: expected {want:?}, got {got:?}"),
+                }
+            };
+        check("a.sock", 0o660, "a.sock", 0o660, None);
+        // Read bits mean nothing on a socket; only write (connect) counts.
+        check("b.sock", 0o644, "b.sock", 0o600, None);
+        check("c.sock", 0o666, "c.sock", 0o660, Some("SocketMode="));
+        check(
+            "d.sock",
+            0o660,
+            "elsewhere.sock",
+            0o660,
+            Some("ListenStream="),
+        );
+
+        // Below a directory others can write, as for binding.
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let listener = passed(&open, "e.sock", 0o600);
+        let got = adopt(listener, &open.join("e.sock"), 0o600);
+        assert!(matches!(got, Err(BindError::Untrusted { .. })), "{got:?}");
+
+        // Bound, but not listening: not a socket to accept on.
+        let path = dir.path().join("f.sock");
+        let unbound = nix::sys::socket::socket(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::Stream,
+            nix::sys::socket::SockFlag::empty(),
+            None,
+        )
+        .unwrap();
+        nix::sys::socket::bind(
+            std::os::fd::AsRawFd::as_raw_fd(&unbound),
+            &nix::sys::socket::UnixAddr::new(&path).unwrap(),
+        )
+        .unwrap();
+        let got = adopt(
+            std::os::unix::net::UnixListener::from(unbound),
+            &path,
+            0o660,
+        );
+        assert!(
+            got.as_ref()
+                .is_err_and(|e| e.to_string().contains("not a listening stream socket")),
+            "{got:?}"
+        );
+    }
 }

@@ -67,6 +67,17 @@ pub enum Error {
     /// The checkpoint signing key cannot be loaded or created.
     #[error(transparent)]
     Key(#[from] log::checkpoint::KeyError),
+    /// The sockets passed by the service manager are unusable.
+    #[error(transparent)]
+    Inherited(#[from] systemd::InheritError),
+    /// A signal handler cannot be installed.
+    #[error("cannot handle {signal}: {source}")]
+    Signal {
+        /// The signal.
+        signal: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 impl Error {
@@ -75,10 +86,16 @@ impl Error {
         match self {
             Error::Config(_) | Error::EventTypes(_) | Error::Sinks(_) => EXIT_CONFIG,
             Error::Socket(ingest::BindError::Untrusted { .. }) => EXIT_CONFIG,
+            // A socket unit and the configuration disagree.
+            Error::Socket(ingest::BindError::Inherited { .. }) | Error::Inherited(_) => EXIT_CONFIG,
             Error::Key(log::checkpoint::KeyError::Format { .. }) => EXIT_CONFIG,
             // Something else at `socket.path` (or `admin_socket`): the configuration names the wrong path.
             Error::Socket(ingest::BindError::NotASocket(_)) => EXIT_CONFIG,
-            Error::Log(_) | Error::Socket(_) | Error::Spool(_) | Error::Key(_) => 1,
+            Error::Log(_)
+            | Error::Socket(_)
+            | Error::Spool(_)
+            | Error::Key(_)
+            | Error::Signal { .. } => 1,
         }
     }
 }
@@ -104,9 +121,19 @@ pub fn validate(config: &Config) -> Result<Validated, Error> {
 
 /// Runs the daemon until `stop` is cancelled: everything is checked before the socket is bound; on stop, the
 /// socket stops accepting, connections answer what they read, sinks finish their current write and save their
-/// positions, and the log is synced.
+/// positions, and the log is synced. Sockets passed by the service manager (socket activation) are used instead of
+/// binding; the service manager is told when the daemon is ready, reloading and stopping (see [`systemd`]).
 pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
     let started = Instant::now();
+    let service = Arc::new(systemd::Service::new());
+    // SIGHUP is handled from the start, whatever the configuration: its default action would end the daemon.
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map_err(
+        |source| Error::Signal {
+            signal: "SIGHUP",
+            source,
+        },
+    )?;
+    let inherited = systemd::Inherited::take()?;
     modes::set_group(config.files.gid);
     let registry = event_types::Registry::load_dir(&config.event_types)?;
     info!(count = registry.len(), dir = %config.event_types.display(), "event types loaded");
@@ -144,6 +171,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
     );
     let found = log::start::inspect(&config.log.dir, &signer.verifying_key());
     let rotated = Arc::new(tokio::sync::Notify::new());
+    let progress = Arc::new(journal::Progress::default());
     let (journal, submitter) = journal::Journal::start(
         &config.log.dir,
         journal::Options {
@@ -163,6 +191,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
                     },
                 )
             }),
+            progress: progress.clone(),
         },
     )?;
     let idempotency = Arc::new(idempotency::Window::new(
@@ -175,9 +204,15 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         }
         Err(e) => warn!(error = %e, "idempotency window rebuilt in part"),
     }
-    let listener = ingest::bind(&config.socket.path, config.socket.mode)?;
-    let admin_path = config.admin_socket();
-    let admin_listener = ingest::bind(&admin_path, 0o600)?;
+    let (socket_path, admin_path) = (config.socket.path.clone(), config.admin_socket());
+    let (listener, bound_socket) = match inherited.submission {
+        Some(l) => (ingest::adopt(l, &socket_path, config.socket.mode)?, false),
+        None => (ingest::bind(&socket_path, config.socket.mode)?, true),
+    };
+    let (admin_listener, bound_admin) = match inherited.admin {
+        Some(l) => (ingest::adopt(l, &admin_path, 0o600)?, false),
+        None => (ingest::bind(&admin_path, 0o600)?, true),
+    };
     let event_type_count = registry.len();
     let connections = Arc::new(ingest::Connections::new(&config.limits));
     warn_if_few_descriptors(config.limits.max_connections);
@@ -221,14 +256,28 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         started,
         connections,
         idempotency: ctx.idempotency.clone(),
+        service: service.clone(),
     });
     tokio::spawn(admin::serve(admin_listener, admin, background.clone()));
+    // What `systemctl reload` sends after `traild validate` passed: the plugins are reloaded, between
+    // `RELOADING=1` and `READY=1`. Without sinks there is nothing to reload, and the signal is only acknowledged.
+    tokio::spawn(shutdown::reload_on_hangup(hup, background.clone(), {
+        let (sinks, service) = (sinks.clone(), service.clone());
+        move || match &sinks {
+            Some(s) => {
+                info!("SIGHUP: rescanning the plugin directory");
+                if let Err(e) = service.reload("the plugins", || s.reload_all()) {
+                    warn!(error = %e, "SIGHUP: the plugin directory cannot be rescanned");
+                }
+            }
+            None => {
+                info!("SIGHUP: no sinks are configured; nothing to reload");
+                service.reload("nothing (no sinks are configured)", || ());
+            }
+        }
+    }));
     let watcher = match &sinks {
         Some(s) => {
-            let for_hup = s.clone();
-            tokio::spawn(shutdown::reload_on_hangup(background.clone(), move || {
-                let _ = for_hup.reload_all();
-            }));
             tokio::spawn(sinks::watch::watch_stuck(s.clone(), background.clone()));
             if std::env::var_os(NO_WATCH_VAR).is_some() {
                 warn!(
@@ -248,11 +297,45 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         }
         None => None,
     };
-    info!(socket = %config.socket.path.display(), admin = %admin_path.display(), log = %config.log.dir.display(), fsync = ?config.log.fsync, sinks = config.sinks.len(), "accepting events");
-    systemd::notify("READY=1");
+    info!(socket = %socket_path.display(), admin = %admin_path.display(), log = %config.log.dir.display(), fsync = ?config.log.fsync, sinks = config.sinks.len(), socket_activated = !bound_socket, "accepting events");
+    let rate = Arc::new(std::sync::Mutex::new(0.0));
+    service.ready(describe(sinks.clone(), rate.clone()));
+    tokio::spawn(report_status(
+        service.clone(),
+        progress.clone(),
+        rate,
+        background.clone(),
+    ));
+    let watchdog = match systemd::watchdog_interval() {
+        Some(interval) => {
+            let (p, q) = (progress.clone(), progress.clone());
+            let writer = systemd::Writer {
+                heartbeat: Box::new(move || p.heartbeat.load(Ordering::Relaxed)),
+                waiting: Box::new(move || q.waiting.load(Ordering::Relaxed)),
+            };
+            match systemd::watchdog(service.clone(), interval, writer, background.clone()) {
+                Ok(thread) => Some(thread),
+                Err(e) => {
+                    error!(error = %e, "cannot start the watchdog thread; the service manager will restart the daemon");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    {
+        let (stop, service) = (stop.clone(), service.clone());
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            service.stopping();
+        });
+    }
     ingest::serve(listener, ctx, stop, config.shutdown_grace).await;
-    systemd::notify("STOPPING=1");
-    let _ = std::fs::remove_file(&config.socket.path);
+    service.stopping();
+    // A socket passed by the service manager stays: its socket unit owns it, and clients wait in its backlog.
+    if bound_socket {
+        let _ = std::fs::remove_file(&socket_path);
+    }
     stopping.store(true, Ordering::Relaxed);
     drop(watcher);
     if let Some(s) = &sinks {
@@ -266,7 +349,12 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
     background.cancel();
     let _ = audit_task.await;
     let _ = upkeep.await;
-    let _ = std::fs::remove_file(&admin_path);
+    if bound_admin {
+        let _ = std::fs::remove_file(&admin_path);
+    }
+    if let Some(thread) = watchdog {
+        let _ = thread.join();
+    }
     tokio::task::spawn_blocking(move || journal.join())
         .await
         .expect("joining the log writer");
@@ -322,6 +410,58 @@ async fn record_start(ctx: &ingest::Context, found: &log::start::Found) {
         if let Err(r) = ingest::record_own(ctx, &line, &source).await {
             error!(error = %r.message, event = %String::from_utf8_lossy(&line), "cannot record the daemon's own audit event");
         }
+    }
+}
+
+/// What the status line says while running: accepting, the rate of stored events, each sink's backlog.
+fn describe(
+    sinks: Option<Arc<sinks::Sinks>>,
+    rate: Arc<std::sync::Mutex<f64>>,
+) -> Box<dyn Fn() -> String + Send + Sync> {
+    Box::new(move || {
+        let rate = *rate.lock().unwrap_or_else(|e| e.into_inner());
+        let mut line = format!("accepting; {rate:.1} events/s");
+        match &sinks {
+            None => line.push_str("; no sinks"),
+            Some(s) => {
+                let each: Vec<String> = s
+                    .status()
+                    .sinks
+                    .iter()
+                    .map(|sink| {
+                        let stuck = if sink.stuck { " (stuck)" } else { "" };
+                        format!("{} backlog {} bytes{stuck}", sink.name, sink.backlog_bytes)
+                    })
+                    .collect();
+                line.push_str(&format!("; sinks: {}", each.join(", ")));
+            }
+        }
+        line
+    })
+}
+
+/// Refreshes the status line every [`systemd::STATUS_EVERY`], with the rate of stored events since the last one.
+async fn report_status(
+    service: Arc<systemd::Service>,
+    progress: Arc<journal::Progress>,
+    rate: Arc<std::sync::Mutex<f64>>,
+    done: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(systemd::STATUS_EVERY);
+    tick.tick().await;
+    let (mut last, mut last_records) = (Instant::now(), progress.records.load(Ordering::Relaxed));
+    loop {
+        tokio::select! {
+            _ = done.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let records = progress.records.load(Ordering::Relaxed);
+        let elapsed = last.elapsed().as_secs_f64().max(0.001);
+        *rate.lock().unwrap_or_else(|e| e.into_inner()) = (records - last_records) as f64 / elapsed;
+        (last, last_records) = (Instant::now(), records);
+        // The sinks' status may wait for a reload in progress: not on a runtime worker.
+        let service = service.clone();
+        let _ = tokio::task::spawn_blocking(move || service.refresh()).await;
     }
 }
 

@@ -4,9 +4,9 @@
 //! stopping means is up to each task (the socket stops accepting, connections answer what they read, the journal
 //! syncs). Each SIGHUP runs the reload it is given (the sinks rescan the plugin directory).
 
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 /// Cancels `token` on the first SIGTERM or SIGINT.
 pub fn on_signals(token: CancellationToken) -> std::io::Result<()> {
@@ -23,17 +23,17 @@ pub fn on_signals(token: CancellationToken) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Runs `reload` (on a blocking thread, one at a time) on every SIGHUP until `done`.
-pub async fn reload_on_hangup(done: CancellationToken, reload: impl Fn() + Clone + Send + 'static) {
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        warn!("cannot handle SIGHUP; use `trail reload`");
-        return;
-    };
+/// Runs `reload` (on a blocking thread, one at a time) on every SIGHUP `hup` receives until `done`. The handler
+/// is installed by the caller as early as it can be, since SIGHUP's default action would end the daemon.
+pub async fn reload_on_hangup(
+    mut hup: Signal,
+    done: CancellationToken,
+    reload: impl Fn() + Clone + Send + 'static,
+) {
     loop {
         tokio::select! {
             _ = done.cancelled() => return,
             _ = hup.recv() => {
-                info!("SIGHUP: rescanning the plugin directory");
                 let _ = tokio::task::spawn_blocking(reload.clone()).await;
             }
         }

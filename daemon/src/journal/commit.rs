@@ -29,9 +29,13 @@ pub(super) fn commit(
         }
     };
     if let Some(spool) = spool {
-        let stopping = options.stopping.clone();
+        let (stopping, progress) = (options.stopping.clone(), options.progress.clone());
+        let waiting = || {
+            progress.heartbeat.fetch_add(1, Ordering::Relaxed);
+            stopping.load(Ordering::Relaxed)
+        };
         spool
-            .reserve(streamed.file_len(), &|| stopping.load(Ordering::Relaxed))
+            .reserve(streamed.file_len(), &waiting)
             .map_err(|e| Unavailable(format!("{e}; retry later")))?;
         if !persisted.is_empty() {
             file.out.append(persisted, false).map_err(|e| {

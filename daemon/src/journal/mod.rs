@@ -26,7 +26,7 @@ mod writer;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -53,6 +53,22 @@ pub struct Journal {
     thread: JoinHandle<()>,
 }
 
+/// The writer's progress, for the service watchdog and status line (see `systemd::watchdog`): the writer is
+/// healthy while `heartbeat` advances or nothing waits for it.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Advanced after every group stored and every 100 ms of waiting for room in a full spool (waiting for sinks
+    /// is back-pressure, not a stuck writer). It stands still while the writer is stuck in a write or sync, or
+    /// fails to store what it is given.
+    pub heartbeat: AtomicU64,
+    /// Set by every submission (and by the writer when it takes one); cleared by the writer once it stored
+    /// everything it was given and its queue is empty, or when a whole tick (1 s) passed without a submission
+    /// (idle after failures).
+    pub waiting: AtomicBool,
+    /// Records stored since start.
+    pub records: AtomicU64,
+}
+
 /// Told of a checkpoint written: its path, its line and its C2SP note.
 pub type Checkpointed = Arc<dyn Fn(&Path, &[u8], Option<&[u8]>) + Send + Sync>;
 
@@ -76,6 +92,8 @@ pub struct Options {
     pub rotated: Option<Arc<Notify>>,
     /// Told of every checkpoint written but the one at stop (its path and line), to stream it to sinks.
     pub checkpointed: Option<Checkpointed>,
+    /// Advanced as the writer makes progress.
+    pub progress: Arc<Progress>,
 }
 
 impl Journal {
@@ -88,6 +106,7 @@ impl Journal {
         }
         info!(file = %file.path.display(), next_seq = file.next_seq, chain = %chain::hex(&file.chain), "log open");
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let progress = options.progress.clone();
         let weak = tx.downgrade();
         std::thread::Builder::new()
             .name("trail-journal-tick".into())
@@ -103,7 +122,7 @@ impl Journal {
             .name("trail-journal".into())
             .spawn(move || writer::run(file, rx, options))
             .map_err(io_error(dir))?;
-        Ok((Journal { thread }, Submitter::new(tx)))
+        Ok((Journal { thread }, Submitter::new(tx, progress)))
     }
 
     /// Waits until the writer has drained its queue and synced the log.

@@ -1,9 +1,14 @@
 //! The submission API: what a connection hands the writer (a [`Batch`] of record tails and their routes) and
 //! how it learns the outcome (an [`Ack`]).
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
 use tokio::sync::{mpsc, oneshot};
 
 use crate::log::chain;
+
+use super::Progress;
 
 /// Record tails for one submission, in one buffer (see [`crate::record`]), and where each record goes.
 #[derive(Debug, Default)]
@@ -107,17 +112,19 @@ pub(super) enum Message {
 #[derive(Clone)]
 pub struct Submitter {
     tx: mpsc::Sender<Message>,
+    progress: Arc<Progress>,
 }
 
 impl Submitter {
-    pub(super) fn new(tx: mpsc::Sender<Message>) -> Submitter {
-        Submitter { tx }
+    pub(super) fn new(tx: mpsc::Sender<Message>, progress: Arc<Progress>) -> Submitter {
+        Submitter { tx, progress }
     }
 
     /// Queues a batch, waiting while the writer's queue is full. The returned [`Ack`] resolves once the batch is
     /// durable (or could not be stored).
     pub async fn submit(&self, batch: Batch) -> Ack {
         let (done, ack) = oneshot::channel();
+        self.progress.waiting.store(true, Ordering::Relaxed);
         let submission = Submission {
             batch,
             done: Some(done),

@@ -2,6 +2,7 @@
 //! into a group, commit it in parts when the spool cannot take all of it now, answer every submission, and let
 //! the schedule rotate files and write checkpoints.
 
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use tokio::sync::mpsc;
@@ -24,14 +25,21 @@ pub(super) fn run(mut file: ActiveFile, mut rx: mpsc::Receiver<Message>, mut opt
     let sync = options.fsync == FsyncPolicy::Always;
     let mut schedule = Schedule::new(&file.dir);
     file.point_current();
+    let mut submitted_since_tick = false;
     while let Some(message) = rx.blocking_recv() {
         let first = match message {
             Message::Tick => {
+                if !std::mem::take(&mut submitted_since_tick) && rx.is_empty() {
+                    options.progress.waiting.store(false, Ordering::Relaxed);
+                }
                 schedule.tick(&mut file, &mut options);
                 continue;
             }
             Message::Submit(s) => s,
         };
+        submitted_since_tick = true;
+        // Also set here: a submitter may have set it just before the writer cleared it.
+        options.progress.waiting.store(true, Ordering::Relaxed);
         let mut ticked = false;
         let mut bytes = first.batch.bytes();
         queued.push(first);
@@ -48,6 +56,7 @@ pub(super) fn run(mut file: ActiveFile, mut rx: mpsc::Receiver<Message>, mut opt
         // Commit the group in parts when the spool cannot take all of it now: what fits is acknowledged
         // without waiting for room for the rest.
         let mut pending = &mut queued[..];
+        let mut failed = false;
         while !pending.is_empty() {
             group.begin(file.next_seq, file.chain);
             let spool = options.spool.as_ref();
@@ -71,9 +80,15 @@ pub(super) fn run(mut file: ActiveFile, mut rx: mpsc::Receiver<Message>, mut opt
                         s.answer(Ok(seq));
                         seq += s.batch.len() as u64;
                     }
+                    let progress = &options.progress;
+                    progress
+                        .records
+                        .fetch_add(group.records(), Ordering::Relaxed);
+                    progress.heartbeat.fetch_add(1, Ordering::Relaxed);
                     debug!(records = group.records(), bytes = group.log_bytes() + group.spool_bytes(), elapsed = ?started.elapsed(), "group committed");
                 }
                 Err(reason) => {
+                    failed = true;
                     error!(file = %file.path.display(), error = %reason, records = group.records(), "cannot store events; answering unavailable");
                     for s in part.iter_mut() {
                         s.answer(Err(reason.clone()));
@@ -82,6 +97,9 @@ pub(super) fn run(mut file: ActiveFile, mut rx: mpsc::Receiver<Message>, mut opt
             }
         }
         queued.clear();
+        if !failed && rx.is_empty() {
+            options.progress.waiting.store(false, Ordering::Relaxed);
+        }
         if ticked {
             schedule.tick(&mut file, &mut options);
         }
