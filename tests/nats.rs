@@ -13,22 +13,14 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use self::server::{Auth, Cluster, Options, Reader, Server, Stored, USER};
-use crate::util::{Daemon, Setup, login, plugins, trail, wait_until};
+use crate::util::{Daemon, Setup, login, one_sink_daemon, plugins, trail, wait_until};
 
 /// Generous: the machine may be busy building.
 const DEADLINE: Duration = Duration::from_secs(90);
 
 /// A daemon on host `host-a` whose sink `bus` sends the event types `types` to NATS with `config`.
 fn daemon(config: &Value, types: &str, setup: Setup) -> Daemon {
-    Daemon::with(Setup {
-        extra_config: format!(
-            "host_name: host-a\nplugins_dir: plugins\nsinks:\n  - name: bus\n    plugin: nats\n    \
-             events: {{types: {types}}}\n    config: {config}\n    batch: {{max_events: 500, max_wait: 10ms}}\n    \
-             retry: {{initial: 20ms, max: 300ms}}\n"
-        ),
-        plugins: vec![(plugins::library("trail-sink-nats"), "libnats.so".into())],
-        ..setup
-    })
+    one_sink_daemon(("bus", "nats", "trail-sink-nats"), config, types, setup)
 }
 
 /// The sink's configuration: `urls`, stream `AUDIT` created with `replicas`, short timeouts.

@@ -12,25 +12,19 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use self::server::{Options, Server};
-use crate::util::{Daemon, Setup, login, plugins, recorded, trail, wait_until};
+use crate::util::{Daemon, Setup, login, one_sink_daemon, plugins, recorded, trail, wait_until};
 
 /// Generous: the machine may be busy building.
 const DEADLINE: Duration = Duration::from_secs(90);
 
 /// A daemon whose sink `pg` sends the event types `types` to PostgreSQL with `config`.
 fn daemon(config: &Value, types: &str, setup: Setup) -> Daemon {
-    Daemon::with(Setup {
-        extra_config: format!(
-            "host_name: host-a\nplugins_dir: plugins\nsinks:\n  - name: pg\n    plugin: postgres\n    \
-             events: {{types: {types}}}\n    config: {config}\n    batch: {{max_events: 500, max_wait: 10ms}}\n    \
-             retry: {{initial: 20ms, max: 300ms}}\n"
-        ),
-        plugins: vec![(
-            plugins::library("trail-sink-postgres"),
-            "libpostgres.so".into(),
-        )],
-        ..setup
-    })
+    one_sink_daemon(
+        ("pg", "postgres", "trail-sink-postgres"),
+        config,
+        types,
+        setup,
+    )
 }
 
 /// The number of rows in `trail_events` (0 while the table does not exist).

@@ -99,9 +99,17 @@ fn each_error_code_is_its_own_variant_and_the_connection_stays_usable() {
 #[test]
 fn a_full_daemon_is_too_many_connections_and_a_missing_one_unreachable() {
     let daemon = daemon("limits: {max_connections: 1}\n");
-    // Acknowledged: the daemon has accepted and counted this connection (the harness's readiness probe is gone).
-    let mut holder = Client::connect(&daemon.socket).unwrap();
-    holder.submit(&Event::new("user_logout")).unwrap();
+    // Held once acknowledged: the daemon then counts this connection. The harness's readiness probe may still
+    // hold the only place for a moment, so the first tries may be turned away.
+    let mut holder = None;
+    assert!(crate::util::wait_until(Duration::from_secs(30), || {
+        let mut c = Client::connect(&daemon.socket).unwrap();
+        let acked = c.submit(&Event::new("user_logout")).is_ok();
+        if acked {
+            holder = Some(c);
+        }
+        acked
+    }));
     let err = Client::connect(&daemon.socket)
         .unwrap()
         .submit(&Event::new("user_logout"))

@@ -212,6 +212,7 @@ fn make_install_lays_out_a_working_installation() {
         "trail-sink-webhook",
         "trail-sink-syslog",
         "trail-sink-postgres",
+        "trail-sink-nats",
     ] {
         let library = crate::util::plugins::library(package);
         fs::copy(&library, staged.join(library.file_name().unwrap())).unwrap();
@@ -238,6 +239,7 @@ fn make_install_lays_out_a_working_installation() {
         ("usr/lib/trail/plugins/libtrail_sink_webhook.so", 0o644),
         ("usr/lib/trail/plugins/libtrail_sink_syslog.so", 0o644),
         ("usr/lib/trail/plugins/libtrail_sink_postgres.so", 0o644),
+        ("usr/lib/trail/plugins/libtrail_sink_nats.so", 0o644),
         ("usr/lib/systemd/system/trail.service", 0o644),
         ("usr/lib/systemd/system/trail.socket", 0o644),
         ("usr/lib/systemd/system/trail-admin.socket", 0o644),

@@ -247,3 +247,22 @@ pub fn limit_file_size(daemon: &Daemon, soft: u64) {
     let set = unsafe { libc::prlimit(pid, libc::RLIMIT_FSIZE, &l, std::ptr::null_mut()) };
     assert_eq!(set, 0);
 }
+
+/// A daemon on host `host-a` with one sink `name` of `plugin` (installed from the library of `package`) that gets
+/// the event types `types` with `config`: batches of up to 500 events or 10 ms, retries from 20 ms to 300 ms.
+pub fn one_sink_daemon(
+    (name, plugin, package): (&str, &str, &str),
+    config: &Value,
+    types: &str,
+    setup: Setup,
+) -> Daemon {
+    Daemon::with(Setup {
+        extra_config: format!(
+            "host_name: host-a\nplugins_dir: plugins\nsinks:\n  - name: {name}\n    plugin: {plugin}\n    \
+             events: {{types: {types}}}\n    config: {config}\n    batch: {{max_events: 500, max_wait: 10ms}}\n    \
+             retry: {{initial: 20ms, max: 300ms}}\n"
+        ),
+        plugins: vec![(plugins::library(package), format!("lib{plugin}.so"))],
+        ..setup
+    })
+}
