@@ -91,6 +91,22 @@ fn each_error_code_is_its_own_variant_and_the_connection_stays_usable() {
         assert!(!err.refusal().unwrap().message.is_empty(), "{code}");
         assert_eq!(err.is_retryable(), code == "unavailable", "{code}");
     }
+    // conflict: the same key for another event; the same event again is a duplicate of the first.
+    let keyed = |actor: &str| {
+        Event::new("user_logout")
+            .actor(actor)
+            .idempotency_key("conflict-1")
+    };
+    let first = client.submit(&keyed("a")).unwrap();
+    let err = client.submit(&keyed("b")).unwrap_err();
+    assert!(matches!(err, Error::Conflict(_)), "{err:?}");
+    assert_eq!(err.code(), Some("conflict"));
+    assert!(!err.is_retryable());
+    let again = client.submit(&keyed("a")).unwrap();
+    assert!(
+        again.duplicate && again.id == first.id && again.seq == first.seq,
+        "{again:?}"
+    );
     client
         .submit(&Event::new("user_logout").actor("u-42"))
         .unwrap();

@@ -359,15 +359,19 @@ fn socket_activation_serves_a_client_that_connected_before_the_daemon_ran() {
         .spawn()
         .unwrap();
     let socket = scratch.path("trail.sock");
+    // Connected and written before traild runs: systemd-socket-activate starts it on this connection. It binds
+    // before it listens: connecting is what says it is ready.
+    let mut connected = None;
     assert!(
-        wait_until(Duration::from_secs(20), || socket.exists()
-            && scratch.path("admin.sock").exists()),
+        wait_until(Duration::from_secs(20), || {
+            connected = UnixStream::connect(&socket).ok();
+            connected.is_some() && scratch.path("admin.sock").exists()
+        }),
         "systemd-socket-activate did not listen:\n{}",
         scratch.stderr()
     );
     let inode = fs::metadata(&socket).unwrap().ino();
-    // Connected and written before traild runs: systemd-socket-activate starts it on this connection.
-    let mut early = UnixStream::connect(&socket).unwrap();
+    let mut early = connected.unwrap();
     let mut line = serde_json::to_vec(&login("connected before the daemon ran")).unwrap();
     line.push(b'\n');
     early.write_all(&line).unwrap();
@@ -430,12 +434,16 @@ fn passed_sockets_that_do_not_match_the_configuration_are_refused() {
         let scratch = Scratch::new("");
         let mut activator = scratch.socket_activated(listen, names).spawn().unwrap();
         let first = scratch.path(listen[0]);
+        // The activator binds before it listens: connecting is what says it is ready.
+        let mut trigger = None;
         assert!(
-            wait_until(Duration::from_secs(20), || first.exists()),
+            wait_until(Duration::from_secs(20), || {
+                trigger = UnixStream::connect(&first).ok();
+                trigger.is_some()
+            }),
             "{}",
             scratch.stderr()
         );
-        let _trigger = UnixStream::connect(&first).unwrap();
         let status = wait_exit(&mut activator, Duration::from_secs(30));
         assert_eq!(
             status.and_then(|s| s.code()),

@@ -190,7 +190,7 @@ impl Nats {
             settings.subject.render(record, &mut subject);
             let mut message = PublishMessage::build()
                 .payload(Bytes::copy_from_slice(line.as_bytes()))
-                .message_id(record.id.as_str());
+                .message_id(message_id(record));
             if let Some(stream) = &settings.stream {
                 message = message.expected_stream(&stream.name);
             }
@@ -309,6 +309,40 @@ impl Nats {
 
 /// Creates the stream when it is missing (and the configuration says to), or checks the settings the
 /// configuration writes out against the existing one.
+/// The record's fields `Nats-Msg-Id` is made from when the event was submitted with an idempotency key.
+#[derive(serde::Deserialize)]
+struct Keyed<'a> {
+    #[serde(borrow)]
+    idempotency_key: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    source: KeyedSource<'a>,
+}
+
+#[derive(serde::Deserialize)]
+struct KeyedSource<'a> {
+    uid: u32,
+    #[serde(borrow)]
+    host: std::borrow::Cow<'a, str>,
+}
+
+/// `Nats-Msg-Id`: the event `id`; for an event submitted with an `idempotency_key`, `<host>/<uid>/<key>`, so
+/// that a repeat trail itself could not recognise (a stream-only event's key is forgotten at a restart, an old key
+/// by `idempotency.max_keys`) is still dropped by the stream's duplicate window. Keys are scoped by the submitting
+/// uid, as trail scopes them, and by host, since many hosts share a stream.
+fn message_id(record: &Record<'_>) -> String {
+    let line = record.line.as_str();
+    if !line.contains("\"idempotency_key\":") {
+        return record.id.as_str().to_owned();
+    }
+    match serde_json::from_str::<Keyed<'_>>(line) {
+        Ok(Keyed {
+            idempotency_key: Some(key),
+            source,
+        }) => format!("{}/{}/{key}", source.host, source.uid),
+        _ => record.id.as_str().to_owned(),
+    }
+}
+
 async fn ensure_stream(
     jetstream: &Context,
     wanted: &config::Stream,

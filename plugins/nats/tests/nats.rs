@@ -70,6 +70,37 @@ fn every_event_arrives_once_with_its_id_and_subject_and_again_is_a_duplicate() {
 }
 
 #[test]
+fn an_event_with_an_idempotency_key_is_deduplicated_by_host_uid_and_key() {
+    let server = Server::start(Options::default());
+    let plugin = plugin();
+    let host = TestHost::new("bus");
+    let mut sink = plugin
+        .new_sink(&config(vec![server.url()], json!({})), &host)
+        .unwrap();
+    // Three records with an `idempotency_key`, as trail stores it: the second repeats the
+    // first's key from the same uid (a repeat trail could not recognise: two ids), the third the key from another
+    // uid.
+    let mut batch = events(1..4);
+    for (e, uid) in batch.iter_mut().zip([1000, 1000, 1001]) {
+        let mut record: Value = serde_json::from_str(&e.line).unwrap();
+        record["source"]["uid"] = json!(uid);
+        record["idempotency_key"] = json!("order-17");
+        e.line = record.to_string();
+    }
+    write(&mut sink, &batch).unwrap();
+    sink.flush().into_result().unwrap();
+    sink.close().into_result().unwrap();
+    let stored = Reader::connect(&[server.url()], None).read_all("AUDIT");
+    let ids: Vec<_> = stored.iter().map(|s| s.msg_id.clone().unwrap()).collect();
+    assert_eq!(
+        ids,
+        ["app-1.example/1000/order-17", "app-1.example/1001/order-17"]
+    );
+    assert_eq!(stored[0].record["id"], json!(batch[0].id));
+    assert_eq!(stored[1].record["id"], json!(batch[2].id));
+}
+
+#[test]
 fn an_existing_stream_that_differs_is_an_error_that_names_the_setting() {
     let server = Server::start(Options::default());
     let reader = Reader::connect(&[server.url()], None);
