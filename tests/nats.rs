@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use self::server::{Auth, Cluster, Options, Reader, Server, Stored, USER};
-use crate::util::{Daemon, Setup, login, one_sink_daemon, plugins, trail, wait_until};
+use crate::util::{Daemon, Setup, login, one_sink_daemon, trail, wait_until};
 
 /// Generous: the machine may be busy building.
 const DEADLINE: Duration = Duration::from_secs(90);

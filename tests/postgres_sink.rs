@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use self::server::{Options, Server};
-use crate::util::{Daemon, Setup, login, one_sink_daemon, plugins, recorded, trail, wait_until};
+use crate::util::{Daemon, Setup, login, one_sink_daemon, recorded, trail, wait_until};
 
 /// Generous: the machine may be busy building.
 const DEADLINE: Duration = Duration::from_secs(90);
