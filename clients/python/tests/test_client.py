@@ -235,6 +235,31 @@ class AgainstTheDaemon(unittest.TestCase):
         self.assertIn("nobody-here.sock", str(caught.exception))
 
 
+class TooManyConnections(unittest.TestCase):
+    def test_a_full_daemon_turns_a_client_away_with_a_retryable_error(self):
+        daemon = Daemon("limits: {max_connections: 1}\n")
+        try:
+            holder = trail_client.Client(daemon.socket)
+            # Held once acknowledged: the daemon then counts it (the readiness probe may hold the place a moment).
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    holder.submit({"type": "user_logout"})
+                    break
+                except trail_client.TooManyConnections:
+                    holder.close()
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
+            with self.assertRaises(trail_client.TooManyConnections) as caught:
+                trail_client.Client(daemon.socket).submit({"type": "user_logout"})
+            self.assertTrue(caught.exception.retryable)
+            self.assertEqual(caught.exception.code, "too_many_connections")
+            holder.close()
+        finally:
+            daemon.stop()
+
+
 class Retries(unittest.TestCase):
     """Retries with one idempotency key per event: a retry never stores an event twice."""
 
