@@ -103,6 +103,9 @@ pub enum Error {
     Proof(String),
 }
 
+/// Stored hashes held in memory at most before an update writes them to the cache (2 MiB).
+const FLUSH_HASHES: usize = 1 << 16;
+
 /// The tree's cache: stored hashes and the `seq` of every leaf, kept beside the log.
 pub struct Cache {
     dir: PathBuf,
@@ -319,6 +322,11 @@ impl Cache {
                         continue;
                     }
                     self.append(seq, line)?;
+                    // Written out as they come (a cache opened for writing): a checkpoint after a million records
+                    // would otherwise hold some 64 MiB of stored hashes at once.
+                    if self.tail.len() >= FLUSH_HASHES {
+                        self.flush()?;
+                    }
                 }
                 self.resume = Some((file.name.clone(), offset + at + pos as u64));
             }
