@@ -292,21 +292,29 @@ pub struct Reader {
 }
 
 impl Reader {
-    /// Connects to `urls` (user and password when given).
+    /// Connects to `urls` (user and password when given). A server that was just started or reconfigured may
+    /// refuse for a moment (a reload is applied after the signal returns): refusals are retried for 30 s.
     pub fn connect(urls: &[String], credentials: Option<(&str, &str)>) -> Self {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
+        let addrs: Vec<async_nats::ServerAddr> = urls.iter().map(|u| u.parse().unwrap()).collect();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         let jetstream = runtime.block_on(async {
-            let mut options = async_nats::ConnectOptions::new();
-            if let Some((user, password)) = credentials {
-                options = options.user_and_password(user.into(), password.into());
+            loop {
+                let mut options = async_nats::ConnectOptions::new();
+                if let Some((user, password)) = credentials {
+                    options = options.user_and_password(user.into(), password.into());
+                }
+                match options.connect(addrs.clone()).await {
+                    Ok(client) => break async_nats::jetstream::new(client),
+                    Err(_) if std::time::Instant::now() < deadline => {
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                    Err(e) => panic!("cannot connect to {urls:?}: {e}"),
+                }
             }
-            let addrs: Vec<async_nats::ServerAddr> =
-                urls.iter().map(|u| u.parse().unwrap()).collect();
-            let client = options.connect(addrs).await.unwrap();
-            async_nats::jetstream::new(client)
         });
         Self { runtime, jetstream }
     }
