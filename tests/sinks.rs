@@ -571,7 +571,7 @@ fn stream_events(socket: &Path, stop: Arc<AtomicBool>) -> std::thread::JoinHandl
                     writer.write_all(&line).unwrap();
                     sent.fetch_add(1, Ordering::Relaxed);
                     i += 1;
-                    if i % 50 == 0 {
+                    if i.is_multiple_of(50) {
                         std::thread::sleep(Duration::from_millis(2));
                     }
                 }

@@ -561,10 +561,10 @@ impl Sink for Nats {
         if batch.is_empty() {
             return Ok(());
         }
-        if self.connection.is_none() {
-            if let Err(message) = self.connect() {
-                return Err(self.failed(batch, 0, SinkError::retryable(message)));
-            }
+        if self.connection.is_none()
+            && let Err(message) = self.connect()
+        {
+            return Err(self.failed(batch, 0, SinkError::retryable(message)));
         }
         let connection = self.connection.as_ref().expect("connected above");
         let runtime = self.runtime();

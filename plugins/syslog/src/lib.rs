@@ -76,14 +76,14 @@ impl Syslog {
 
     /// Opens the socket if it is not open, or if a TCP collector has closed the connection.
     fn connect(&mut self) -> Result<(), String> {
-        if let Some(Socket::Tcp(stream)) = &self.socket {
-            if !peer_still_there(stream) {
-                self.host.info(&format!(
-                    "{} closed the connection: reconnecting",
-                    self.destination
-                ));
-                self.socket = None;
-            }
+        if let Some(Socket::Tcp(stream)) = &self.socket
+            && !peer_still_there(stream)
+        {
+            self.host.info(&format!(
+                "{} closed the connection: reconnecting",
+                self.destination
+            ));
+            self.socket = None;
         }
         if self.socket.is_some() {
             return Ok(());

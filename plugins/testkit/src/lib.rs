@@ -419,7 +419,7 @@ fn event(seq: u64) -> Event {
         severity = severity,
         code = 1000 + seq % 4,
     );
-    if seq % 5 != 0 {
+    if !seq.is_multiple_of(5) {
         line.push_str(&format!(
             r#","actor":{{"id":"u-{n}","name":"alice-{n}","type":"user","ip":"10.0.{a}.{b}"}}"#,
             n = seq % 97,
@@ -427,7 +427,7 @@ fn event(seq: u64) -> Event {
             b = seq % 200 + 1,
         ));
     }
-    if seq % 3 != 0 {
+    if !seq.is_multiple_of(3) {
         line.push_str(&format!(
             r#","target":{{"type":"project","id":"p-{n}","name":"billing <{n}> & co"}}"#,
             n = seq % 13,
