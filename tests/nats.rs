@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use self::server::{Auth, Cluster, Options, Reader, Server, Stored, USER};
-use crate::util::{Daemon, Setup, login, one_sink_daemon, trail, wait_until};
+use crate::util::{Daemon, Setup, login, one_sink_daemon, search_types, wait_until};
 
 /// Generous: the machine may be busy building.
 const DEADLINE: Duration = Duration::from_secs(90);
@@ -170,27 +170,7 @@ fn a_consumer_of_the_stream_sees_what_trail_search_finds() {
     }
 
     // What trail search finds on the host, record for record.
-    let dir = daemon.log_dir.to_str().unwrap().to_owned();
-    let (code, out, err) = trail(
-        &[
-            "search",
-            "--dir",
-            &dir,
-            "--type",
-            "user_login",
-            "--type",
-            "role_granted",
-            "--oldest-first",
-            "--format",
-            "json",
-        ],
-        "",
-    );
-    assert_eq!(code, 0, "{err}");
-    let found: Vec<Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let found = search_types(&daemon, &["user_login", "role_granted"]);
     assert_eq!(found.len(), 30);
     let saved: Vec<Value> = stored
         .iter()

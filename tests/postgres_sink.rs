@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use self::server::{Options, Server};
-use crate::util::{Daemon, Setup, login, one_sink_daemon, recorded, trail, wait_until};
+use crate::util::{Daemon, Setup, login, one_sink_daemon, recorded, search_types, wait_until};
 
 /// Generous: the machine may be busy building.
 const DEADLINE: Duration = Duration::from_secs(90);
@@ -115,27 +115,7 @@ fn the_table_holds_what_trail_search_finds_and_the_watermark_the_last_seq() {
     );
 
     // What trail search finds on the host, and what the database holds, record for record.
-    let dir = daemon.log_dir.to_str().unwrap().to_owned();
-    let (code, out, err) = trail(
-        &[
-            "search",
-            "--dir",
-            &dir,
-            "--type",
-            "user_login",
-            "--type",
-            "role_granted",
-            "--oldest-first",
-            "--format",
-            "json",
-        ],
-        "",
-    );
-    assert_eq!(code, 0, "{err}");
-    let found: Vec<Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let found = search_types(&daemon, &["user_login", "role_granted"]);
     assert_eq!(found.len(), 40);
     let mut admin = server.admin();
     let saved: Vec<Value> = admin

@@ -266,3 +266,17 @@ pub fn one_sink_daemon(
         ..setup
     })
 }
+
+/// The records `trail search --oldest-first --format json` finds in `daemon`'s log for the event types `types`.
+pub fn search_types(daemon: &Daemon, types: &[&str]) -> Vec<Value> {
+    let mut args = vec!["search", "--dir", daemon.log_dir.to_str().unwrap()];
+    for t in types {
+        args.extend(["--type", t]);
+    }
+    args.extend(["--oldest-first", "--format", "json"]);
+    let (code, out, err) = trail(&args, "");
+    assert_eq!(code, 0, "{err}");
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
