@@ -206,7 +206,7 @@ impl Error {
                 socket: socket.clone(),
                 source: std::io::Error::new(source.kind(), source.to_string()),
             },
-            Error::Untrusted(e) => Error::Protocol(e.to_string()),
+            Error::Untrusted(e) => Error::Untrusted(e.clone()),
             Error::Owner(m) => Error::Owner(m.clone()),
             Error::Protocol(m) => Error::Protocol(m.clone()),
             Error::RateLimited {
@@ -410,5 +410,20 @@ mod tests {
             assert_eq!(e.code(), Some(code));
             assert_eq!(e.duplicate().code(), Some(code));
         }
+    }
+
+    #[test]
+    fn a_duplicated_untrusted_error_stays_untrusted() {
+        let e = Error::Untrusted(crate::trust::Untrusted::Io {
+            path: "/run/trail".into(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "gone"),
+        });
+        let copy = e.duplicate();
+        assert!(
+            matches!(&copy, Error::Untrusted(crate::trust::Untrusted::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound),
+            "{copy:?}"
+        );
+        assert_eq!(copy.to_string(), e.to_string());
     }
 }

@@ -159,6 +159,51 @@ pub enum Untrusted {
     },
 }
 
+/// A copy; an I/O cause is copied as its kind and message (`std::io::Error` itself cannot be cloned).
+impl Clone for Untrusted {
+    fn clone(&self) -> Untrusted {
+        match self {
+            Untrusted::Io { path, source } => Untrusted::Io {
+                path: path.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            Untrusted::DirOwner {
+                dir,
+                owner,
+                trusted,
+            } => Untrusted::DirOwner {
+                dir: dir.clone(),
+                owner: owner.clone(),
+                trusted: trusted.clone(),
+            },
+            Untrusted::Writable { dir, mode } => Untrusted::Writable {
+                dir: dir.clone(),
+                mode: *mode,
+            },
+            Untrusted::Symlink(p) => Untrusted::Symlink(p.clone()),
+            Untrusted::NotSocket(p) => Untrusted::NotSocket(p.clone()),
+            Untrusted::SocketOwner {
+                path,
+                owner,
+                trusted,
+            } => Untrusted::SocketOwner {
+                path: path.clone(),
+                owner: owner.clone(),
+                trusted: trusted.clone(),
+            },
+            Untrusted::Peer {
+                path,
+                peer,
+                trusted,
+            } => Untrusted::Peer {
+                path: path.clone(),
+                peer: peer.clone(),
+                trusted: trusted.clone(),
+            },
+        }
+    }
+}
+
 impl From<Untrusted> for std::io::Error {
     fn from(e: Untrusted) -> std::io::Error {
         let kind = match &e {
