@@ -4,7 +4,9 @@
 //! Start-up, the directory watcher, `SIGHUP` and `trail reload` go through one procedure ([`generation`]): build
 //! every instance of the new generation (start-up's old generation is empty), each on its sink's own thread, then
 //! swap; if anything fails, the old generation keeps running (at start-up, nothing starts) and the failure is
-//! logged and audited. Plugin code never runs on the async runtime's threads. What it reports (status, what a
+//! logged and audited. A configuration reload ([`Sinks::reconfigure`]) goes through the same procedure: it adds
+//! sinks, gives changed sinks an instance of their new configuration, and stops removed ones after the swap.
+//! Plugin code never runs on the async runtime's threads. What it reports (status, what a
 //! reload did, problems) are typed values; the admin socket turns them into its answers.
 
 pub mod dead_letter;
