@@ -724,6 +724,8 @@ impl Sinks {
             }
             return Err(problems);
         }
+        // Narrowed now: a record of a type a sink stops receiving that was checked under the old generation and
+        // is published after this is passed over by that sink (the log has it as accepted).
         for h in handles.iter_mut() {
             if let Some(w) = wanted.iter().find(|w| w.name == h.config.name) {
                 h.wants.set(types_of(&w.name));
