@@ -12,6 +12,7 @@ mod nats;
 mod plugin_safety;
 mod postgres_sink;
 mod python_client;
+mod reload;
 mod rust_client;
 mod sdk;
 mod service;

@@ -24,16 +24,16 @@ use crate::sinks::{self, ReloadError, Sinks};
 pub struct Admin {
     /// The sinks, when any are configured.
     pub sinks: Option<Arc<Sinks>>,
-    /// Number of event types loaded.
-    pub event_types: usize,
+    /// Reloads the configuration, the event types and the plugins (announced to the service manager).
+    pub reloader: Arc<crate::reload::Reloader>,
+    /// What connections share: the event types in force.
+    pub ctx: Arc<crate::ingest::Context>,
     /// When the daemon started.
     pub started: Instant,
     /// The submission socket's connections.
     pub connections: Arc<crate::ingest::Connections>,
     /// The idempotency keys remembered.
     pub idempotency: Arc<crate::idempotency::Window>,
-    /// What the service manager is told (a reload is announced to it).
-    pub service: Arc<crate::systemd::Service>,
 }
 
 #[derive(Deserialize)]
@@ -59,6 +59,11 @@ pub async fn serve(listener: UnixListener, admin: Arc<Admin>, stop: Cancellation
 }
 
 async fn connection(stream: UnixStream, admin: Arc<Admin>) {
+    // The socket is 0600: the peer is the daemon's user or root; its uid is recorded with a reload it asks for.
+    let Ok(uid) = stream.peer_cred().map(|c| c.uid()) else {
+        debug!("cannot read the admin peer's credentials; closing the connection");
+        return;
+    };
     let (reader, mut writer) = stream.into_split();
     let mut lines = BufReader::new(reader).lines();
     while let Ok(Some(line)) = lines.next_line().await {
@@ -68,7 +73,7 @@ async fn connection(stream: UnixStream, admin: Arc<Admin>) {
         let answer = match serde_json::from_str::<Request>(&line) {
             Ok(request) => {
                 let admin = admin.clone();
-                tokio::task::spawn_blocking(move || handle(&admin, request))
+                tokio::task::spawn_blocking(move || handle(&admin, request, uid))
                     .await
                     .unwrap_or_else(
                         |e| json!({"ok": false, "error": format!("the command failed: {e}")}),
@@ -95,6 +100,7 @@ struct Status {
     pid: u32,
     uptime_seconds: u64,
     event_types: usize,
+    configuration: crate::reload::Status,
     connections: ConnectionsReport,
     idempotency: crate::idempotency::Status,
     /// `sinks`, `plugins`, `libraries_mapped`, `spool`, when sinks are configured.
@@ -137,33 +143,29 @@ fn to_json(answer: impl Serialize) -> Value {
     serde_json::to_value(answer).expect("admin answers are serializable")
 }
 
-fn handle(admin: &Admin, request: Request) -> Value {
+fn handle(admin: &Admin, request: Request, uid: u32) -> Value {
     match request {
         Request::Status => to_json(Status {
             ok: true,
             version: env!("CARGO_PKG_VERSION"),
             pid: std::process::id(),
             uptime_seconds: admin.started.elapsed().as_secs(),
-            event_types: admin.event_types,
+            event_types: admin.ctx.rules().registry.len(),
+            configuration: admin.reloader.status(),
             connections: admin.connections.status(),
             idempotency: admin.idempotency.status(crate::clock::now()),
             sinks: admin.sinks.as_ref().map(|s| s.status()),
         }),
-        Request::Reload => match &admin.sinks {
-            Some(sinks) => {
-                let reloaded = match admin.service.reload("the plugins", || sinks.reload_all()) {
-                    Ok(all) => all.iter().map(|r| to_json(Reloaded::of(r))).collect(),
-                    Err(e) => vec![json!({"error": e.to_string()})],
-                };
-                json!({"ok": true, "reloaded": reloaded})
-            }
-            None => {
-                admin
-                    .service
-                    .reload("nothing (no sinks are configured)", || ());
-                json!({"ok": true, "reloaded": [], "note": "no sinks are configured"})
-            }
-        },
+        Request::Reload => {
+            let done = admin.reloader.reload_all(crate::reload::Who::Admin { uid });
+            let plugins: Vec<Value> = match &done.plugins {
+                Some(Ok(all)) => all.iter().map(|r| to_json(Reloaded::of(r))).collect(),
+                Some(Err(e)) => vec![json!({"ok": false, "error": e.to_string()})],
+                None => Vec::new(),
+            };
+            // `ok` is false when anything was refused: the configuration, or a changed plugin library.
+            json!({"ok": done.ok(), "config": to_json(&done.config), "reloaded": plugins})
+        }
         Request::Replay { sink } => match admin.sinks.as_ref().map(|s| s.replay(&sink)) {
             Some(Ok(report)) => {
                 json!({"ok": true, "sink": sink, "delivered": report.delivered, "failed": report.failed})

@@ -61,6 +61,13 @@ impl Auditor {
         }
     }
 
+    /// A reload of the configuration and event types was applied (`ok`) or refused; `payload` follows
+    /// `event-types/trail_config_reloaded.yml`.
+    pub fn config_reloaded(&self, message: String, ok: bool, payload: Value) {
+        let outcome = if ok { "success" } else { "failure" };
+        self.send("trail_config_reloaded", message, outcome, payload);
+    }
+
     /// A plugin build was loaded at start (`generation` 1) or swapped in by a reload.
     pub fn plugin_loaded(&self, plugin: Build<'_>, generation: u64, sinks: &[String]) {
         let payload = json!({

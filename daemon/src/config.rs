@@ -48,6 +48,10 @@ pub struct Config {
     /// How long, and for how many keys, repeated submissions with the same `idempotency_key` are recognised.
     #[serde(default)]
     pub idempotency: IdempotencyConfig,
+    /// The file this configuration was read from ([`Config::load`]); a reload reads it again. `None` for the
+    /// embedded development configuration and for text given to [`Config::parse`].
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
 }
 
 /// The window of idempotency keys (see [`crate::idempotency`]).
@@ -446,7 +450,9 @@ impl Config {
             source,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Config::parse(&text, path, base)
+        let mut config = Config::parse(&text, path, base)?;
+        config.file = Some(path.to_owned());
+        Ok(config)
     }
 
     /// Parses configuration text; `origin` names it in errors and `base` anchors relative paths.
@@ -495,6 +501,7 @@ impl Config {
             admin_socket: None,
             files: FilesConfig::default(),
             idempotency: IdempotencyConfig::default(),
+            file: None,
         };
         let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
         config.resolve(&cwd);

@@ -53,6 +53,10 @@ pub const BUILTIN: &[(&str, &str)] = &[
         "trail_checkpoint.yml",
         include_str!("../../event-types/trail_checkpoint.yml"),
     ),
+    (
+        "trail_config_reloaded.yml",
+        include_str!("../../event-types/trail_config_reloaded.yml"),
+    ),
 ];
 
 /// Event types whose names start with this are the daemon's own: only the daemon records them (with the marker
@@ -118,6 +122,8 @@ pub struct EventType {
     pub version: u32,
     /// Where the definition came from.
     pub file: PathBuf,
+    /// SHA-256 of the definition's text: a reload tells a changed definition by it.
+    pub digest: [u8; 32],
     payload: Option<jsonschema::Validator>,
 }
 
@@ -417,6 +423,10 @@ fn parse_definition(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Opt
         severity: def.severity,
         version: def.version,
         file: file.to_owned(),
+        digest: {
+            use sha2::Digest;
+            sha2::Sha256::digest(text.as_bytes()).into()
+        },
         payload,
     })
 }

@@ -43,22 +43,49 @@ pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// number left out since the last one.
 pub(crate) const WARN_EVERY: Duration = Duration::from_secs(10);
 
-/// What every connection shares.
-pub struct Context {
+/// What an event is checked against: one generation of the configuration (see `reload`). A reload builds a
+/// new one completely and swaps it in ([`Context::swap_rules`]); every request line is checked against the one
+/// generation its read took ([`Context::rules`]), never against a mix.
+#[derive(Debug)]
+pub struct Rules {
+    /// The configuration generation these rules belong to (1 at start).
+    pub generation: u64,
     /// Event types.
     pub registry: Arc<Registry>,
+    /// Event types at least one sink receives.
+    pub streamed_types: HashSet<String>,
+    /// Longest accepted request line (for connections opened under these rules).
+    pub max_line_bytes: usize,
+}
+
+/// What every connection shares.
+pub struct Context {
+    /// The generation in force: read once per read of a connection, replaced whole by a reload.
+    pub rules: std::sync::RwLock<Arc<Rules>>,
     /// The journal's input.
     pub submitter: Submitter,
     /// `source.host`.
     pub host: String,
-    /// Longest accepted request line.
-    pub max_line_bytes: usize,
-    /// Event types at least one sink receives.
-    pub streamed_types: HashSet<String>,
     /// The limits across connections and their counters.
     pub connections: Arc<Connections>,
     /// Idempotency keys of recent submissions.
     pub idempotency: Arc<Window>,
+}
+
+impl Context {
+    /// The rules in force now.
+    pub fn rules(&self) -> Arc<Rules> {
+        self.rules.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Puts `rules` in force: reads that start after this check against them; a read already being checked
+    /// finishes under the rules it took. Returns the rules replaced.
+    pub fn swap_rules(&self, rules: Arc<Rules>) -> Arc<Rules> {
+        std::mem::replace(
+            &mut *self.rules.write().unwrap_or_else(|e| e.into_inner()),
+            rules,
+        )
+    }
 }
 
 /// The bounds across connections (`limits:`) and what they counted, shown by `trail status`.
@@ -71,7 +98,8 @@ pub struct Context {
 pub struct Connections {
     max: usize,
     permits: Arc<Semaphore>,
-    idle_timeout: Duration,
+    /// Milliseconds; read when a connection opens, changed by a reload.
+    idle_timeout_ms: AtomicU64,
     slot_count: usize,
     slots: Arc<Semaphore>,
     refused: AtomicU64,
@@ -108,7 +136,7 @@ impl Connections {
         Connections {
             max: limits.max_connections,
             permits: Arc::new(Semaphore::new(limits.max_connections)),
-            idle_timeout: limits.idle_timeout,
+            idle_timeout_ms: AtomicU64::new(limits.idle_timeout.as_millis() as u64),
             slot_count,
             slots: Arc::new(Semaphore::new(slot_count)),
             refused: AtomicU64::new(0),
@@ -116,6 +144,17 @@ impl Connections {
             buffered: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
         }
+    }
+
+    /// `limits.idle_timeout` for connections opened from now on.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms.load(Ordering::Relaxed))
+    }
+
+    /// Sets `limits.idle_timeout` for connections opened from now on (a reload).
+    pub fn set_idle_timeout(&self, timeout: Duration) {
+        self.idle_timeout_ms
+            .store(timeout.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Connections open now.
@@ -431,6 +470,8 @@ fn refuse(stream: UnixStream, connections: &Connections) {
 /// decided yet: it and every line after it in the read are kept in `deferred`, and checked again once that
 /// submission is settled, so that the connection's lines are still stored and answered in order.
 struct Chunk {
+    /// The generation every line of the chunk is checked against.
+    rules: Arc<Rules>,
     slots: Vec<Slot>,
     batch: Batch,
     claims: Claims,
@@ -440,6 +481,7 @@ struct Chunk {
 impl Chunk {
     fn new(ctx: &Context) -> Chunk {
         Chunk {
+            rules: ctx.rules(),
             slots: Vec::new(),
             batch: Batch::default(),
             claims: Claims {
@@ -489,6 +531,8 @@ impl Drop for Claims {
 struct Peer {
     fragment: Vec<u8>,
     uid: Option<u32>,
+    /// The connection's longest line (the rules in force when it opened).
+    max_line_bytes: usize,
 }
 
 /// A chunk whose records are on their way to the journal.
@@ -521,12 +565,14 @@ async fn connection(
     let peer = Peer {
         fragment: source.fragment(),
         uid: Some(source.uid),
+        max_line_bytes: ctx.rules().max_line_bytes,
     };
     let limits = &ctx.connections;
+    let idle_timeout = limits.idle_timeout();
     let (reader, writer) = stream.into_split();
     let (pending_tx, pending_rx) = mpsc::channel(PENDING_DEPTH);
-    let responder = tokio::spawn(respond(writer, pending_rx, limits.idle_timeout));
-    let mut framer = Framer::new(ctx.max_line_bytes);
+    let responder = tokio::spawn(respond(writer, pending_rx, idle_timeout));
+    let mut framer = Framer::new(peer.max_line_bytes);
     let mut buffered = Buffered::new(limits);
     let mut slot: Option<OwnedSemaphorePermit> = None;
     let mut eof = false;
@@ -534,12 +580,12 @@ async fn connection(
         let ready = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
-            ready = tokio::time::timeout(limits.idle_timeout, reader.readable()) => ready,
+            ready = tokio::time::timeout(idle_timeout, reader.readable()) => ready,
         };
         match ready {
             Err(_) => {
                 limits.idle_closed.fetch_add(1, Ordering::Relaxed);
-                debug!(uid = source.uid, pid = ?source.pid, timeout = ?limits.idle_timeout, "connection idle; closing it");
+                debug!(uid = source.uid, pid = ?source.pid, timeout = ?idle_timeout, "connection idle; closing it");
                 break;
             }
             Ok(Err(e)) => {
@@ -721,7 +767,7 @@ fn handle(frame: Frame<'_>, ctx: &Context, peer: &Peer, chunk: &mut Chunk) {
                 ErrorCode::TooLarge,
                 format!(
                     "line is longer than {} bytes; it was skipped",
-                    ctx.max_line_bytes
+                    peer.max_line_bytes
                 ),
             )));
             return;
@@ -730,7 +776,8 @@ fn handle(frame: Frame<'_>, ctx: &Context, peer: &Peer, chunk: &mut Chunk) {
         Frame::Line(line) if line.iter().all(u8::is_ascii_whitespace) => return,
         Frame::Line(line) => line,
     };
-    let slot = match check(line, ctx, own) {
+    let rules = chunk.rules.clone();
+    let slot = match check(line, &rules, own) {
         Ok((event, ty, route)) => {
             let now = crate::clock::now();
             let id = record::new_id(now);
@@ -803,7 +850,7 @@ fn conflict(key: &str, uid: u32, id: uuid::Uuid, seq: u64) -> Rejection {
 /// Checks a request line completely: envelope, type (the daemon's own types only when `own`), payload, destination.
 fn check<'c>(
     line: &[u8],
-    ctx: &'c Context,
+    rules: &'c Rules,
     own: bool,
 ) -> Result<(protocol::Checked, &'c EventType, Route), Rejection> {
     let event = protocol::parse(line)?;
@@ -816,7 +863,7 @@ fn check<'c>(
             ),
         ));
     }
-    let Some(ty) = ctx.registry.get(name) else {
+    let Some(ty) = rules.registry.get(name) else {
         return Err(Rejection::new(
             ErrorCode::UnknownType,
             format!("event type {name:?} is not defined"),
@@ -840,7 +887,7 @@ fn check<'c>(
     }
     let route = Route {
         persist: ty.saved_to_database,
-        stream: ty.streamed && ctx.streamed_types.contains(name),
+        stream: ty.streamed && rules.streamed_types.contains(name),
     };
     if !route.persist && !route.stream {
         return Err(Rejection::new(
@@ -861,6 +908,7 @@ pub async fn record_own(ctx: &Context, line: &[u8], source: &[u8]) -> Result<u64
     let peer = Peer {
         fragment: source.to_vec(),
         uid: None,
+        max_line_bytes: usize::MAX,
     };
     handle(Frame::Line(line), ctx, &peer, &mut chunk);
     if let Some(Slot::Rejected(r)) = chunk.slots.pop() {

@@ -20,6 +20,7 @@ pub mod log;
 pub mod modes;
 pub mod protocol;
 pub mod record;
+pub mod reload;
 pub mod retention;
 pub mod shutdown;
 pub mod sinks;
@@ -107,8 +108,8 @@ pub struct Validated {
     pub registry: event_types::Registry,
 }
 
-/// Set (to anything) in the environment, the daemon does not watch the plugin directory, as on hosts where
-/// inotify is unreliable: a testing aid for reloads by SIGHUP and `trail reload`.
+/// Set (to anything) in the environment, the daemon watches neither the plugin directory nor the event-type
+/// directory, as on hosts where inotify is unreliable: a testing aid for reloads by SIGHUP and `trail reload`.
 pub const NO_WATCH_VAR: &str = "TRAIL_TEST_NO_WATCH";
 
 /// Checks a configuration's event types and sinks (loading the plugin of every sink and building every sink once,
@@ -213,15 +214,17 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         Some(l) => (ingest::adopt(l, &admin_path, 0o600)?, false),
         None => (ingest::bind(&admin_path, 0o600)?, true),
     };
-    let event_type_count = registry.len();
     let connections = Arc::new(ingest::Connections::new(&config.limits));
     warn_if_few_descriptors(config.limits.max_connections);
     let ctx = Arc::new(ingest::Context {
-        registry: Arc::new(registry),
+        rules: std::sync::RwLock::new(Arc::new(ingest::Rules {
+            generation: 1,
+            registry: Arc::new(registry),
+            streamed_types,
+            max_line_bytes: config.limits.max_line_bytes,
+        })),
         submitter,
         host: config.host_name.clone().unwrap_or_else(host_name),
-        max_line_bytes: config.limits.max_line_bytes,
-        streamed_types,
         connections: connections.clone(),
         idempotency,
     });
@@ -232,13 +235,14 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         audit_rx,
         background.clone(),
     ));
+    let policy = Arc::new(std::sync::Mutex::new(retention::Policy::of(&config.log)));
     let upkeep = {
         let (ctx, source) = (ctx.clone(), ingest::own_source(&ctx));
         tokio::spawn(retention::run(
             config.log.dir.clone(),
-            retention::Policy::of(&config.log),
+            policy.clone(),
             spool,
-            rotated,
+            rotated.clone(),
             background.clone(),
             move |line| {
                 let (ctx, source) = (ctx.clone(), source.clone());
@@ -250,32 +254,50 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
             },
         ))
     };
+    let (log_dir, shutdown_grace) = (config.log.dir.clone(), config.shutdown_grace);
+    let (fsync, sink_count) = (config.log.fsync, config.sinks.len());
+    let reloader = Arc::new(reload::Reloader::new(
+        config,
+        ctx.clone(),
+        sinks.clone(),
+        policy,
+        rotated,
+        auditor.clone(),
+        service.clone(),
+    ));
     let admin = Arc::new(admin::Admin {
         sinks: sinks.clone(),
-        event_types: event_type_count,
+        reloader: reloader.clone(),
+        ctx: ctx.clone(),
         started,
         connections,
         idempotency: ctx.idempotency.clone(),
-        service: service.clone(),
     });
     tokio::spawn(admin::serve(admin_listener, admin, background.clone()));
-    // What `systemctl reload` sends after `traild validate` passed: the plugins are reloaded, between
-    // `RELOADING=1` and `READY=1`. Without sinks there is nothing to reload, and the signal is only acknowledged.
+    // What `systemctl reload` sends after `traild validate` passed: the configuration, the event types and the
+    // plugins are reloaded, between `RELOADING=1` and `READY=1`, whatever the configuration.
     tokio::spawn(shutdown::reload_on_hangup(hup, background.clone(), {
-        let (sinks, service) = (sinks.clone(), service.clone());
-        move || match &sinks {
-            Some(s) => {
-                info!("SIGHUP: rescanning the plugin directory");
-                if let Err(e) = service.reload("the plugins", || s.reload_all()) {
-                    warn!(error = %e, "SIGHUP: the plugin directory cannot be rescanned");
-                }
-            }
-            None => {
-                info!("SIGHUP: no sinks are configured; nothing to reload");
-                service.reload("nothing (no sinks are configured)", || ());
-            }
+        let reloader = reloader.clone();
+        move || {
+            info!("SIGHUP: reloading the configuration, the event types and the plugins");
+            reloader.reload_all(reload::Who::Signal);
         }
     }));
+    let types_watcher = if std::env::var_os(NO_WATCH_VAR).is_some() {
+        warn!(
+            variable = NO_WATCH_VAR,
+            "the event-type directory is not watched (a testing aid); reload with SIGHUP or `trail reload`"
+        );
+        None
+    } else {
+        match reload::watch(reloader.clone()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                warn!(error = %e, "cannot watch the event-type directory; reload with SIGHUP or `trail reload`");
+                None
+            }
+        }
+    };
     let watcher = match &sinks {
         Some(s) => {
             tokio::spawn(sinks::watch::watch_stuck(s.clone(), background.clone()));
@@ -297,7 +319,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         }
         None => None,
     };
-    info!(socket = %socket_path.display(), admin = %admin_path.display(), log = %config.log.dir.display(), fsync = ?config.log.fsync, sinks = config.sinks.len(), socket_activated = !bound_socket, "accepting events");
+    info!(socket = %socket_path.display(), admin = %admin_path.display(), log = %log_dir.display(), ?fsync, sinks = sink_count, socket_activated = !bound_socket, "accepting events");
     let rate = Arc::new(std::sync::Mutex::new(0.0));
     service.ready(describe(sinks.clone(), rate.clone()));
     tokio::spawn(report_status(
@@ -330,7 +352,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
             service.stopping();
         });
     }
-    ingest::serve(listener, ctx, stop, config.shutdown_grace).await;
+    ingest::serve(listener, ctx, stop, shutdown_grace).await;
     service.stopping();
     // A socket passed by the service manager stays: its socket unit owns it, and clients wait in its backlog.
     if bound_socket {
@@ -338,6 +360,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
     }
     stopping.store(true, Ordering::Relaxed);
     drop(watcher);
+    drop(types_watcher);
     if let Some(s) = &sinks {
         let s = s.clone();
         tokio::task::spawn_blocking(move || s.stop())
@@ -345,6 +368,8 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
             .expect("stopping sinks");
     }
     drop(sinks);
+    // The reloader holds the connections' context, whose submitter keeps the log writer running.
+    drop(reloader);
     drop(auditor);
     background.cancel();
     let _ = audit_task.await;

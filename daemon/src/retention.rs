@@ -279,7 +279,7 @@ async fn in_background<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'sta
 /// resolves once the record is durable (or failed).
 pub async fn run<R, F>(
     dir: std::path::PathBuf,
-    policy: Policy,
+    policy: Arc<std::sync::Mutex<Policy>>,
     spool: Option<crate::spool::Spool>,
     rotated: Arc<Notify>,
     stop: CancellationToken,
@@ -293,7 +293,9 @@ pub async fn run<R, F>(
         let _ = tokio::task::spawn_blocking(move || clean_up(&dir)).await;
     }
     loop {
-        let (d, p, s) = (dir.clone(), policy.clone(), spool.clone());
+        // Read at every round: a reload may have changed it (and wakes this task through `rotated`).
+        let p = policy.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let (d, s) = (dir.clone(), spool.clone());
         let upkeep = move || {
             let unconfirmed = match &s {
                 Some(spool) => spool.oldest_unconfirmed()?,

@@ -24,10 +24,12 @@ enum Command {
     /// acknowledged, 65 when one was refused as invalid (no retry helps), 75 when the daemon answered
     /// unavailable, rate_limited or too_many_connections (retry later), 69 when it cannot be reached.
     Emit(Box<Emit>),
-    /// Show the running daemon's state: sinks (delivered, dead letters, backlog, stuck), plugins and their
-    /// generations, the spool.
+    /// Show the running daemon's state: the configuration's generation and last reload, sinks (delivered, dead
+    /// letters, backlog, stuck), plugins and their generations, the spool.
     Status(AdminArgs),
-    /// Make the running daemon rescan its plugin directory and swap in changed plugin libraries (as SIGHUP does).
+    /// Make the running daemon reload its configuration file and event types and rescan its plugin directory
+    /// (as SIGHUP does). Prints the answer (JSON) and, on standard error, what was refused and what needs a
+    /// restart; exits 1 when anything was refused (the old configuration or plugin build keeps serving).
     Reload(AdminArgs),
     /// Send a sink's dead letters again; those refused again go back to its dead-letter file.
     Replay {
@@ -601,6 +603,9 @@ fn admin(args: AdminArgs, request: Value) -> ExitCode {
                 "{}",
                 serde_json::to_string_pretty(&answer).unwrap_or_default()
             );
+            if request["command"] == "reload" {
+                summarize_reload(&answer);
+            }
             if answer["ok"] == json!(true) {
                 ExitCode::SUCCESS
             } else {
@@ -613,6 +618,48 @@ fn admin(args: AdminArgs, request: Value) -> ExitCode {
                 socket.display()
             );
             ExitCode::from(2)
+        }
+    }
+}
+
+/// Says on standard error what a reload refused and what needs a restart.
+fn summarize_reload(answer: &Value) {
+    let config = &answer["config"];
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    match config["result"].as_str() {
+        Some("applied") => eprintln!(
+            "trail: configuration reloaded: generation {}",
+            config["generation"]
+        ),
+        Some(_) => {
+            eprintln!(
+                "trail: configuration refused; generation {} keeps serving:",
+                config["generation"]
+            );
+            for e in strings(&config["errors"]) {
+                eprintln!("  {e}");
+            }
+        }
+        None => {}
+    }
+    for r in strings(&config["restart_needed"]) {
+        eprintln!("trail: needs a restart: {r}");
+    }
+    for p in answer["reloaded"].as_array().into_iter().flatten() {
+        if p["ok"] == json!(false) {
+            eprintln!(
+                "trail: plugin {} refused: {}",
+                p["plugin"].as_str().unwrap_or("?"),
+                p["error"].as_str().unwrap_or("?")
+            );
         }
     }
 }

@@ -40,6 +40,18 @@ use crate::log::recovery::{Error, io_error};
 
 pub use submit::{Ack, Batch, Route, Submitter, Unavailable};
 
+/// The writer's settings that a reload may change ([`Submitter::change`]); the writer applies them between two
+/// groups, so a group is written under one set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// When a new file is started.
+    pub rotate: Rotate,
+    /// Size at which a file is closed.
+    pub max_file_bytes: u64,
+    /// How often a checkpoint is written while records arrive.
+    pub checkpoint_every: Duration,
+}
+
 use active::ActiveFile;
 use submit::Message;
 

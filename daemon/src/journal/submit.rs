@@ -106,6 +106,7 @@ impl Submission {
 pub(super) enum Message {
     Submit(Submission),
     Tick,
+    Settings(super::Settings),
 }
 
 /// A handle that submits batches to the writer; cheap to clone, one per connection.
@@ -135,5 +136,11 @@ impl Submitter {
             s.answer(Err(Unavailable("the log writer has stopped".into())));
         }
         ack
+    }
+
+    /// Hands the writer new settings, applied before its next group; false when the writer has stopped. Waits
+    /// while the writer's queue is full: call it from a blocking thread, never on the runtime.
+    pub fn change(&self, settings: super::Settings) -> bool {
+        self.tx.blocking_send(Message::Settings(settings)).is_ok()
     }
 }

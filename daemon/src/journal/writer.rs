@@ -35,12 +35,17 @@ pub(super) fn run(mut file: ActiveFile, mut rx: mpsc::Receiver<Message>, mut opt
                 schedule.tick(&mut file, &mut options);
                 continue;
             }
+            Message::Settings(new) => {
+                apply(&mut options, new);
+                continue;
+            }
             Message::Submit(s) => s,
         };
         submitted_since_tick = true;
         // Also set here: a submitter may have set it just before the writer cleared it.
         options.progress.waiting.store(true, Ordering::Relaxed);
         let mut ticked = false;
+        let mut settings = None;
         let mut bytes = first.batch.bytes();
         queued.push(first);
         while bytes < GROUP_BYTES {
@@ -50,6 +55,11 @@ pub(super) fn run(mut file: ActiveFile, mut rx: mpsc::Receiver<Message>, mut opt
                     queued.push(s);
                 }
                 Ok(Message::Tick) => ticked = true,
+                // Applied after this group: what was submitted before it is written under the old settings.
+                Ok(Message::Settings(new)) => {
+                    settings = Some(new);
+                    break;
+                }
                 Err(_) => break,
             }
         }
@@ -97,6 +107,9 @@ pub(super) fn run(mut file: ActiveFile, mut rx: mpsc::Receiver<Message>, mut opt
             }
         }
         queued.clear();
+        if let Some(new) = settings {
+            apply(&mut options, new);
+        }
         if !failed && rx.is_empty() {
             options.progress.waiting.store(false, Ordering::Relaxed);
         }
@@ -112,4 +125,12 @@ pub(super) fn run(mut file: ActiveFile, mut rx: mpsc::Receiver<Message>, mut opt
         spool.close();
     }
     info!(next_seq = file.next_seq, "log closed");
+}
+
+/// Puts a reload's settings in force.
+fn apply(options: &mut Options, new: super::Settings) {
+    info!(rotate = ?new.rotate, max_file_bytes = new.max_file_bytes, checkpoint_every = ?new.checkpoint_every, "log writer settings changed");
+    options.rotate = new.rotate;
+    options.max_file_bytes = new.max_file_bytes;
+    options.checkpoint_every = new.checkpoint_every;
 }

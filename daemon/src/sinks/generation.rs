@@ -7,9 +7,10 @@
 //! to swap (phase two: each flushes and closes its old instance, if any, and goes on from its cursor with its
 //! batch settings); otherwise they discard what they built and the old generation keeps running.
 //!
-//! A plan is made from the old generation and what the new one should be; a configuration reload would add steps
-//! that add a sink (a new worker, then its first instance) and remove one (stopped after the swap), and keep the
-//! instance of every sink whose configuration did not change.
+//! A plan is made from the old generation and what the new one should be. A configuration reload
+//! ([`super::Sinks::reconfigure`]) adds the workers of new sinks before it plans (their first instance is a step
+//! like any other), gives every sink whose configuration changed an instance built from the new configuration,
+//! keeps the instance of every other sink, and stops removed sinks after the swap.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use trail_plugin_api::SinkError;
 use super::Handle;
 use super::loader::Plugin;
 use super::worker::Control;
+use crate::config::SinkConfig;
 
 /// How long a reload waits for a sink's worker to build its new instance.
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -29,8 +31,8 @@ const PREPARE_TIMEOUT: Duration = Duration::from_secs(30);
 pub(super) enum Step {
     /// The sink keeps its instance.
     Keep,
-    /// The sink gets a new instance of this build.
-    Build(Arc<Plugin>),
+    /// The sink gets a new instance of this build, with its new configuration when it changed.
+    Build(Arc<Plugin>, Option<Box<SinkConfig>>),
 }
 
 /// What the new generation does with each running sink (in the order of the sinks), and how long a worker may
@@ -47,9 +49,17 @@ impl Plan {
         Plan {
             steps: handles
                 .iter()
-                .map(|h| Step::Build(plugins[&h.config.plugin].clone()))
+                .map(|h| Step::Build(plugins[&h.config.plugin].clone(), None))
                 .collect(),
             wait: None,
+        }
+    }
+
+    /// A reload's plan: one step per sink, in the order of the sinks.
+    pub(super) fn of(steps: Vec<Step>) -> Plan {
+        Plan {
+            steps,
+            wait: Some(PREPARE_TIMEOUT),
         }
     }
 
@@ -59,7 +69,7 @@ impl Plan {
             steps: handles
                 .iter()
                 .map(|h| match h.config.plugin == plugin.name {
-                    true => Step::Build(plugin.clone()),
+                    true => Step::Build(plugin.clone(), None),
                     false => Step::Keep,
                 })
                 .collect(),
@@ -100,16 +110,27 @@ pub(super) fn build_and_swap(
     handles: &[Handle],
     plan: &Plan,
 ) -> Result<Vec<String>, Vec<InstanceProblem>> {
+    build_and_swap_with(handles, plan, || ())
+}
+
+/// As [`build_and_swap`], running `before_swap` once every instance is built, just before the swap (and not at
+/// all when some instance could not be built).
+pub(super) fn build_and_swap_with(
+    handles: &[Handle],
+    plan: &Plan,
+    before_swap: impl FnOnce(),
+) -> Result<Vec<String>, Vec<InstanceProblem>> {
     // Phase one: every sink builds its new instance on its own thread, all at once.
     let asked: Vec<_> = handles
         .iter()
         .zip(&plan.steps)
         .filter_map(|(h, step)| match step {
             Step::Keep => None,
-            Step::Build(plugin) => {
+            Step::Build(plugin, config) => {
                 let (reply, answer) = mpsc::channel();
                 let sent = h.control.send(Control::Prepare {
                     plugin: plugin.clone(),
+                    config: config.clone(),
                     reply,
                 });
                 Some((h, plugin, sent.is_ok().then_some(answer)))
@@ -141,6 +162,7 @@ pub(super) fn build_and_swap(
         return Err(problems);
     }
     // Phase two: swap.
+    before_swap();
     for (h, _, _) in &asked {
         let _ = h.control.send(Control::Commit);
     }

@@ -4,7 +4,9 @@
 //! Start-up, the directory watcher, `SIGHUP` and `trail reload` go through one procedure ([`generation`]): build
 //! every instance of the new generation (start-up's old generation is empty), each on its sink's own thread, then
 //! swap; if anything fails, the old generation keeps running (at start-up, nothing starts) and the failure is
-//! logged and audited. Plugin code never runs on the async runtime's threads. What it reports (status, what a
+//! logged and audited. A configuration reload ([`Sinks::reconfigure`]) goes through the same procedure: it adds
+//! sinks, gives changed sinks an instance of their new configuration, and stops removed ones after the swap.
+//! Plugin code never runs on the async runtime's threads. What it reports (status, what a
 //! reload did, problems) are typed values; the admin socket turns them into its answers.
 
 pub mod dead_letter;
@@ -19,7 +21,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -30,9 +32,9 @@ use crate::audit::Auditor;
 use crate::config::{Config, SinkConfig};
 use crate::event_types::Registry;
 use crate::filter::Filter;
-use crate::spool::Spool;
+use crate::spool::{Spool, Wants};
 use dead_letter::DeadLetters;
-use generation::{InstanceError, InstanceProblem, Plan};
+use generation::{InstanceError, InstanceProblem, Plan, Step};
 use loader::{FileStamp, LoadError, Loader, Plugin};
 use worker::{Control, ReplayReport, Status, Worker};
 
@@ -268,6 +270,8 @@ struct Table {
 /// A running sink: its worker's thread and what it shares with it.
 struct Handle {
     config: SinkConfig,
+    /// The event types its reader delivers (a reload changes them).
+    wants: Arc<Wants>,
     control: mpsc::Sender<Control>,
     status: Arc<Status>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -279,9 +283,71 @@ pub struct Sinks {
     dir: PathBuf,
     loader: Loader,
     table: Mutex<Table>,
-    handles: Vec<Handle>,
+    /// In the configuration's order; a reload adds and removes sinks (locked after `table`).
+    handles: RwLock<Vec<Handle>>,
     spool: Spool,
+    spool_dir: PathBuf,
     audit: Auditor,
+}
+
+/// What a configuration reload did to the sinks ([`Sinks::reconfigure`]).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Reconfigured {
+    /// Sinks started (they receive events from the swap on).
+    pub added: Vec<String>,
+    /// Sinks whose configuration or filter changed: a new instance from the new configuration, same cursor.
+    pub changed: Vec<String>,
+    /// Sinks stopped, their cursors released.
+    pub removed: Vec<String>,
+}
+
+/// Starts the worker of `sink` (reading the spool from its cursor, delivering `wants`), waiting for its first
+/// instance.
+fn spawn_worker(
+    sink: &SinkConfig,
+    wants: Arc<Wants>,
+    plugin: Arc<Plugin>,
+    spool: &Spool,
+    spool_dir: &Path,
+    audit: &Auditor,
+) -> Result<Handle, Problem> {
+    let (control, control_rx) = mpsc::channel();
+    let status = Arc::new(Status::default());
+    let worker = Worker {
+        config: sink.clone(),
+        reader: spool.reader(&sink.name).wanting_shared(wants.clone()),
+        plugin,
+        control: control_rx,
+        status: status.clone(),
+        audit: audit.clone(),
+        dead: DeadLetters::new(spool_dir.join("dead"), &sink.name),
+    };
+    let thread = std::thread::Builder::new()
+        .name(format!("sink-{}", sink.name))
+        .spawn(move || worker.run())
+        .map_err(|source| Problem::Thread {
+            sink: sink.name.clone(),
+            source,
+        })?;
+    Ok(Handle {
+        config: sink.clone(),
+        wants,
+        control,
+        status,
+        thread: Mutex::new(Some(thread)),
+        stuck: AtomicBool::new(false),
+    })
+}
+
+/// Tells a worker to stop and waits for its thread.
+fn stop_worker(h: &Handle) {
+    let _ = h.control.send(Control::Stop);
+    let thread = h.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(t) = thread
+        && t.join().is_err()
+    {
+        error!(sink = %h.config.name, "the sink's thread panicked");
+    }
 }
 
 /// Picks, without loading anything, the library of every plugin in `wanted`: the one file in `dir` known by the
@@ -384,33 +450,14 @@ impl Sinks {
         }
         let mut handles = Vec::new();
         for (sink, types) in config.sinks.iter().zip(types) {
-            let (control, control_rx) = mpsc::channel();
-            let status = Arc::new(Status::default());
-            let worker = Worker {
-                config: sink.clone(),
-                reader: spool.reader(&sink.name).wanting(types),
-                plugin: plugins[&sink.plugin].clone(),
-                control: control_rx,
-                status: status.clone(),
-                audit: audit.clone(),
-                dead: DeadLetters::new(spool_dir.join("dead"), &sink.name),
-            };
-            let thread = std::thread::Builder::new()
-                .name(format!("sink-{}", sink.name))
-                .spawn(move || worker.run())
-                .map_err(|source| {
-                    Error(vec![Problem::Thread {
-                        sink: sink.name.clone(),
-                        source,
-                    }])
-                })?;
-            handles.push(Handle {
-                config: sink.clone(),
-                control,
-                status,
-                thread: Mutex::new(Some(thread)),
-                stuck: AtomicBool::new(false),
-            });
+            let plugin = plugins[&sink.plugin].clone();
+            match spawn_worker(sink, Wants::new(types), plugin, &spool, &spool_dir, &audit) {
+                Ok(h) => handles.push(h),
+                Err(problem) => {
+                    handles.iter().for_each(stop_worker);
+                    return Err(Error(vec![problem]));
+                }
+            }
         }
         let first = generation::build_and_swap(&handles, &Plan::first(&handles, &plugins));
         let mut table = Table::default();
@@ -428,8 +475,9 @@ impl Sinks {
             dir,
             loader,
             table: Mutex::new(table),
-            handles,
+            handles: RwLock::new(handles),
             spool,
+            spool_dir,
             audit,
         };
         if let Err(problems) = first {
@@ -448,13 +496,17 @@ impl Sinks {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn handles(&self) -> RwLockReadGuard<'_, Vec<Handle>> {
+        self.handles.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The directory watched for plugin libraries.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
     fn users(&self, plugin: &str) -> Vec<String> {
-        self.handles
+        self.handles()
             .iter()
             .filter(|h| h.config.plugin == plugin)
             .map(|h| h.config.name.clone())
@@ -501,7 +553,8 @@ impl Sinks {
         }
         table.seen.insert(file.to_owned(), stamp);
         let name = loader::identify(file).name;
-        if !self.handles.iter().any(|h| h.config.plugin == name) {
+        let handles = self.handles();
+        if !handles.iter().any(|h| h.config.plugin == name) {
             info!(file = %file.display(), plugin = %name, "plugin library changed, but no sink uses its plugin: not loaded");
             return None;
         }
@@ -531,10 +584,8 @@ impl Sinks {
             .plugins
             .get(&plugin.name)
             .map_or(1, |l| l.generation + 1);
-        let sinks = match generation::build_and_swap(
-            &self.handles,
-            &Plan::new_build(&self.handles, &plugin),
-        ) {
+        let sinks = match generation::build_and_swap(&handles, &Plan::new_build(&handles, &plugin))
+        {
             Ok(sinks) => sinks,
             Err(problems) => {
                 let error = ReloadError::Rejected(problems);
@@ -564,10 +615,157 @@ impl Sinks {
         })
     }
 
+    /// Makes the running sinks those of `wanted`, each receiving the event types at the same index of `types`
+    /// (see [`routes`]): one new generation ([`generation`]). New sinks get a worker (their cursor starts at the
+    /// spool's head) and a first instance; a sink whose configuration changed gets an instance built from the
+    /// new configuration and keeps its cursor; the others keep their instance, cursor and batch. Once every new
+    /// instance is built, `swap` runs (the caller puts the new event types in force there), then the instances
+    /// are swapped in and removed sinks are stopped and their cursors released. If a plugin cannot be loaded or
+    /// an instance built, nothing changes and `swap` does not run: every problem is returned.
+    pub fn reconfigure(
+        &self,
+        wanted: &[SinkConfig],
+        types: Vec<HashSet<String>>,
+        swap: impl FnOnce(),
+    ) -> Result<Reconfigured, Vec<String>> {
+        let mut table = self.lock();
+        let mut handles = self.handles.write().unwrap_or_else(|p| p.into_inner());
+        let mut done = Reconfigured::default();
+        for w in wanted {
+            match handles.iter().find(|h| h.config.name == w.name) {
+                None => done.added.push(w.name.clone()),
+                Some(h) if format!("{:?}", h.config) != format!("{w:?}") => {
+                    done.changed.push(w.name.clone())
+                }
+                Some(_) => {}
+            }
+        }
+        done.removed = handles
+            .iter()
+            .map(|h| h.config.name.clone())
+            .filter(|n| !wanted.iter().any(|w| &w.name == n))
+            .collect();
+        let building = |name: &str| done.added.iter().chain(&done.changed).any(|n| n == name);
+        let needed: HashSet<&str> = wanted
+            .iter()
+            .filter(|w| building(&w.name) && !table.plugins.contains_key(&w.plugin))
+            .map(|w| w.plugin.as_str())
+            .collect();
+        let (fresh, problems) = load_all(&self.loader, &self.dir, &needed, &self.audit);
+        if !problems.is_empty() {
+            return Err(problems.iter().map(ToString::to_string).collect());
+        }
+        let build_of = |plugin: &str| {
+            table
+                .plugins
+                .get(plugin)
+                .map(|l| l.plugin.clone())
+                .or_else(|| fresh.get(plugin).cloned())
+                .expect("loaded above")
+        };
+        let types_of = |name: &str| {
+            wanted
+                .iter()
+                .position(|w| w.name == name)
+                .map(|i| types[i].clone())
+                .unwrap_or_default()
+        };
+        let kept = handles.len();
+        let mut problems = Vec::new();
+        for w in wanted.iter().filter(|w| done.added.contains(&w.name)) {
+            let started = self
+                .spool
+                .add_sink(&w.name)
+                .map_err(|e| format!("sink {:?}: cannot register it with the spool: {e}", w.name));
+            let wants = Wants::new(types_of(&w.name));
+            let spawned = started.and_then(|()| {
+                let plugin = build_of(&w.plugin);
+                spawn_worker(w, wants, plugin, &self.spool, &self.spool_dir, &self.audit)
+                    .map_err(|p| p.to_string())
+            });
+            match spawned {
+                Ok(h) => handles.push(h),
+                Err(e) => problems.push(e),
+            }
+        }
+        let steps = handles
+            .iter()
+            .map(|h| {
+                let name = h.config.name.as_str();
+                let new = wanted.iter().find(|w| w.name == name);
+                match new {
+                    Some(w) if done.added.contains(&w.name) => {
+                        Step::Build(build_of(&w.plugin), None)
+                    }
+                    Some(w) if done.changed.contains(&w.name) => {
+                        Step::Build(build_of(&w.plugin), Some(Box::new(w.clone())))
+                    }
+                    _ => Step::Keep,
+                }
+            })
+            .collect();
+        let swapped = match problems.is_empty() {
+            false => Err(problems),
+            true => generation::build_and_swap_with(&handles, &Plan::of(steps), || {
+                // Widen first: a record of a type a sink now receives may be spooled as soon as `swap` returns.
+                for h in handles.iter() {
+                    let mut both = (*h.wants.get()).clone();
+                    both.extend(types_of(&h.config.name));
+                    h.wants.set(both);
+                }
+                swap();
+            })
+            .map_err(|problems| problems.iter().map(ToString::to_string).collect()),
+        };
+        if let Err(problems) = swapped {
+            for h in handles.drain(kept..) {
+                stop_worker(&h);
+                let _ = self.spool.remove_sink(&h.config.name);
+            }
+            return Err(problems);
+        }
+        // Narrowed now: a record of a type a sink stops receiving that was checked under the old generation and
+        // is published after this is passed over by that sink (the log has it as accepted).
+        for h in handles.iter_mut() {
+            if let Some(w) = wanted.iter().find(|w| w.name == h.config.name) {
+                h.wants.set(types_of(&w.name));
+                h.config = w.clone();
+            }
+        }
+        for name in &done.removed {
+            if let Some(i) = handles.iter().position(|h| &h.config.name == name) {
+                let h = handles.remove(i);
+                stop_worker(&h);
+                if let Err(e) = self.spool.remove_sink(name) {
+                    warn!(sink = %name, error = %e, "cannot delete a removed sink's cursor file");
+                }
+                info!(sink = %name, "sink removed");
+            }
+        }
+        handles.sort_by_key(|h| wanted.iter().position(|w| w.name == h.config.name));
+        for (name, plugin) in fresh {
+            table.seen.insert(plugin.file.clone(), plugin.stamp);
+            let users: Vec<String> = handles
+                .iter()
+                .filter(|h| h.config.plugin == name)
+                .map(|h| h.config.name.clone())
+                .collect();
+            self.audit.plugin_loaded(plugin.build(), 1, &users);
+            table.plugins.insert(
+                name,
+                Loaded {
+                    plugin,
+                    generation: 1,
+                },
+            );
+        }
+        Ok(done)
+    }
+
     /// Sends a sink's dead letters again.
     pub fn replay(&self, sink: &str) -> Result<ReplayReport, ReplayError> {
-        let handle = self
-            .handles
+        let handles = self.handles();
+        let handle = handles
             .iter()
             .find(|h| h.config.name == sink)
             .ok_or_else(|| ReplayError::NoSuchSink(sink.to_owned()))?;
@@ -583,7 +781,7 @@ impl Sinks {
     /// Logs sinks that became stuck (undelivered events, no progress for `stuck_after`) or recovered.
     pub fn watch_stuck(&self) {
         let (head, cursors) = self.spool.positions();
-        for h in &self.handles {
+        for h in self.handles().iter() {
             let stuck = self.is_stuck(h, head, &cursors);
             if stuck != h.stuck.swap(stuck, Ordering::Relaxed) {
                 if stuck {
@@ -607,7 +805,7 @@ impl Sinks {
         let (head, cursors) = self.spool.positions();
         let table = self.lock();
         let sinks = self
-            .handles
+            .handles()
             .iter()
             .map(|h| {
                 let s = &h.status;
@@ -656,17 +854,11 @@ impl Sinks {
 
     /// Stops every worker (each finishes its current write, flushes, closes and saves its position) and waits.
     pub fn stop(&self) {
-        for h in &self.handles {
+        let handles = self.handles();
+        for h in handles.iter() {
             let _ = h.control.send(Control::Stop);
         }
-        for h in &self.handles {
-            let thread = h.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
-            if let Some(t) = thread
-                && t.join().is_err()
-            {
-                error!(sink = %h.config.name, "the sink's thread panicked");
-            }
-        }
+        handles.iter().for_each(stop_worker);
     }
 }
 

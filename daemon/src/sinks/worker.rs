@@ -36,6 +36,8 @@ pub enum Control {
     Prepare {
         /// The new build.
         plugin: Arc<Plugin>,
+        /// The sink's new configuration (a reload changed it), applied with the instance; `None` keeps it.
+        config: Option<Box<SinkConfig>>,
         /// Where to answer: the plugin's error when it refused to build an instance.
         reply: Sender<Result<(), SinkError>>,
     },
@@ -140,6 +142,8 @@ struct State {
     w: Worker,
     instance: Option<SinkBox>,
     prepared: Option<(Arc<Plugin>, SinkBox)>,
+    /// The configuration that comes with the prepared instance, when a reload changed it.
+    prepared_config: Option<Box<SinkConfig>>,
     /// Whether a generation was committed: before that, nothing is delivered and a stop touches nothing.
     serving: bool,
     attempt: u32,
@@ -155,6 +159,7 @@ impl Worker {
             w: self,
             instance: None,
             prepared: None,
+            prepared_config: None,
             serving: false,
             attempt: 0,
             cursor_saved: Instant::now(),
@@ -415,10 +420,16 @@ impl State {
             };
             match message {
                 Control::Stop => return Flow::Stop,
-                Control::Prepare { plugin, reply } => {
+                Control::Prepare {
+                    plugin,
+                    config,
+                    reply,
+                } => {
+                    let json = config_json(config.as_deref().unwrap_or(&self.w.config));
                     let result = plugin
-                        .instantiate(&self.w.config.name, &config_json(&self.w.config))
+                        .instantiate(&self.w.config.name, &json)
                         .map(|instance| self.prepared = Some((plugin, instance)));
+                    self.prepared_config = config.filter(|_| result.is_ok());
                     let _ = reply.send(result);
                 }
                 Control::Commit => {
@@ -430,6 +441,7 @@ impl State {
                     }
                 }
                 Control::Abort => {
+                    self.prepared_config = None;
                     if let Some((_, mut instance)) = self.prepared.take() {
                         let _ = instance.close();
                     }
@@ -459,6 +471,11 @@ impl State {
         }
         self.instance = Some(instance);
         self.attempt = 0;
+        if let Some(config) = self.prepared_config.take() {
+            // Batch and retry settings too: the batch being gathered was delivered under the old ones.
+            info!(sink = %self.name(), "the sink's configuration changed");
+            self.w.config = *config;
+        }
         {
             let mut d = self
                 .w

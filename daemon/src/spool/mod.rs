@@ -43,7 +43,7 @@ use crate::log::append::AppendFile;
 
 use log_source::LogSource;
 use memory::Block;
-pub use reader::{Read, Reader};
+pub use reader::{Read, Reader, Wants};
 pub use record::{Entry, Group, Mark};
 use record::{IN_LOG, record_seq};
 use writer::start_syncer;
@@ -372,6 +372,33 @@ impl Spool {
             file: None,
             log: LogSource::new(self.shared.log_dir.clone()),
             wants: None,
+        }
+    }
+
+    /// Registers a sink added by a reload: it receives what is published from now on (its cursor starts at the
+    /// head and is written to its cursor file). A sink already registered keeps its position.
+    pub fn add_sink(&self, sink: &str) -> std::io::Result<()> {
+        let pos = {
+            let mut state = self.shared.lock();
+            let head = state.head;
+            *state.cursors.entry(sink.to_owned()).or_insert(head)
+        };
+        info!(sink, pos, "new sink: it receives events from now on");
+        write_cursor(&self.shared, sink, pos)
+    }
+
+    /// Forgets a sink removed by a reload (its worker has ended): its cursor no longer holds back segment
+    /// deletion, the `max_bytes` bound or the log's retention, and its cursor file is deleted.
+    pub fn remove_sink(&self, sink: &str) -> std::io::Result<()> {
+        {
+            let mut state = self.shared.lock();
+            state.cursors.remove(sink);
+            // A writer waiting for room may have it now.
+            self.shared.changed.notify_all();
+        }
+        match std::fs::remove_file(self.shared.cursor_path(sink)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
         }
     }
 

@@ -66,6 +66,28 @@ impl<'a> Taker<'a> {
     }
 }
 
+/// The event types a reader delivers, shared with whoever may change them while it reads (a reload).
+#[derive(Debug, Default)]
+pub struct Wants(std::sync::RwLock<Arc<HashSet<String>>>);
+
+impl Wants {
+    /// Wanting `types`.
+    pub fn new(types: HashSet<String>) -> Arc<Wants> {
+        Arc::new(Wants(std::sync::RwLock::new(Arc::new(types))))
+    }
+
+    /// The types wanted now.
+    pub fn get(&self) -> Arc<HashSet<String>> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Wants `types` from the next read on. A read takes the set after it waited for records, so a record
+    /// published after this call is judged by `types`.
+    pub fn set(&self, types: HashSet<String>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(types);
+    }
+}
+
 /// A sink's view of the spool: reads from its confirmed position onwards.
 pub struct Reader {
     pub(super) shared: Arc<Shared>,
@@ -76,7 +98,7 @@ pub struct Reader {
     /// Where records that the spool holds only a reference to are read.
     pub(super) log: LogSource,
     /// The event types the sink receives; `None` for all.
-    pub(super) wants: Option<HashSet<String>>,
+    pub(super) wants: Option<Arc<Wants>>,
 }
 
 impl Reader {
@@ -124,13 +146,15 @@ impl Reader {
                 in_memory(&state.recent, self.pos, max_events, max_bytes),
             )
         };
+        // Taken after the wait, under which records were published: see `Wants::set`.
+        let wants = self.wants.as_ref().map(|w| w.get());
         let mut taken = Taker {
             read: Read {
                 end: self.pos,
                 ..Read::default()
             },
             floor,
-            wants: self.wants.as_ref(),
+            wants: wants.as_deref(),
             max_events,
             max_bytes,
             bytes: 0,
@@ -190,7 +214,7 @@ impl Reader {
         let mut taken = Taker {
             read,
             floor,
-            wants: self.wants.as_ref(),
+            wants: wants.as_deref(),
             max_events,
             max_bytes,
             bytes: 0,
@@ -240,8 +264,13 @@ impl Reader {
 
     /// Delivers only records of `types` (the others are passed over); records in the log are then read from it
     /// only when wanted.
-    pub fn wanting(mut self, types: HashSet<String>) -> Reader {
-        self.wants = Some(types);
+    pub fn wanting(self, types: HashSet<String>) -> Reader {
+        self.wanting_shared(Wants::new(types))
+    }
+
+    /// As [`wanting`](Self::wanting), with a set that can be changed while the reader runs.
+    pub fn wanting_shared(mut self, wants: Arc<Wants>) -> Reader {
+        self.wants = Some(wants);
         self
     }
 
