@@ -60,6 +60,28 @@ fn build_outside(
         "trail-plugin-api = ",
         &format!("trail-plugin-api = {{ path = \"{}\" }}", sdk_api.display()),
     );
+    // A plugin whose tests use the plugin test kit gets the kit beside the API copy, as in the installed SDK.
+    if fs::read_to_string(&manifest)
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("trail-plugin-testkit = "))
+    {
+        let sdk_kit = dir.path().join("sdk/testkit");
+        copy_dir(&workspace().join("plugins/testkit"), &sdk_kit);
+        edit_line(
+            &sdk_kit.join("Cargo.toml"),
+            "trail-plugin-api = ",
+            "trail-plugin-api = { path = \"../plugin-api\" }",
+        );
+        edit_line(
+            &manifest,
+            "trail-plugin-testkit = ",
+            &format!(
+                "trail-plugin-testkit = {{ path = \"{}\" }}",
+                sdk_kit.display()
+            ),
+        );
+    }
 
     // A target directory of its own under the workspace's, kept between runs so that dependencies stay built.
     let target = workspace().join("target").join("sdk-tests");
