@@ -28,7 +28,7 @@ enum Command {
     /// unavailable, rate_limited or too_many_connections (retry later), 69 when it cannot be reached.
     Emit(Box<Emit>),
     /// Show the running daemon's state: sinks (delivered, dead letters, backlog, stuck), plugins and their
-    /// generations, the spool.
+    /// generations (with each plugin's last failed load, until that file loads), the spool.
     Status(AdminArgs),
     /// Make the running daemon rescan its plugin directory and swap in changed plugin libraries (as SIGHUP does).
     Reload(AdminArgs),
