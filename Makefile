@@ -2,6 +2,7 @@
 #   make                      release build of the daemon, the command-line tool and the first-party plugins
 #   make install              install under PREFIX (default /usr/local), into DESTDIR when packaging
 #   make deb                  the Debian package, with cargo-deb, in target/debian/
+#   make install-sdk          only the plugin SDK, under DATADIR/trail/sdk (install does this too)
 # The installed unit, configuration and snippets name the installed paths (PREFIX, SYSCONFDIR, LOCALSTATEDIR).
 
 PREFIX        ?= /usr/local
@@ -15,6 +16,8 @@ UNITDIR       ?= $(LIBDIR)/systemd/system
 SYSUSERSDIR   ?= $(LIBDIR)/sysusers.d
 TMPFILESDIR   ?= $(LIBDIR)/tmpfiles.d
 PLUGINDIR     ?= $(LIBDIR)/trail/plugins
+# The plugin SDK: the API crate's source, the plugin test kit and the sink template (what `trail plugin new` uses).
+SDKDIR        ?= $(DATADIR)/trail/sdk
 DESTDIR       ?=
 CARGO         ?= cargo
 # release, or debug to install what `cargo build` made (the test suite does this)
@@ -29,14 +32,33 @@ REWRITE := sed -e 's|/usr/bin/|$(BINDIR)/|g' -e 's|/usr/lib/trail/plugins|$(PLUG
 	-e 's|/etc/trail|$(SYSCONFDIR)/trail|g' -e 's|/var/lib/trail|$(LOCALSTATEDIR)/lib/trail|g' \
 	-e 's|/run/trail|$(RUNSTATEDIR)/trail|g'
 
-.PHONY: all build install uninstall deb
+# The SDK's manifests name each other by relative paths inside the repository; inside the SDK the crates lie side
+# by side (plugin-api/, testkit/, sink-template/).
+SDK_REWRITE := sed -e 's|path = "\.\./\.\./plugin-api"|path = "../plugin-api"|' \
+	-e 's|path = "\.\./\.\./plugins/testkit"|path = "../testkit"|' -e 's|path = "\.\./plugins/testkit"|path = "../testkit"|'
+# install_sdk DIR: lays the SDK out in DIR.
+define install_sdk
+	install -d $(1)/plugin-api/src $(1)/testkit/src $(1)/sink-template/src $(1)/sink-template/tests
+	$(SDK_REWRITE) plugin-api/Cargo.toml > $(1)/plugin-api/Cargo.toml
+	install -m 0644 plugin-api/README.md plugin-api/GUIDE.md $(1)/plugin-api/
+	install -m 0644 plugin-api/src/*.rs $(1)/plugin-api/src/
+	$(SDK_REWRITE) plugins/testkit/Cargo.toml > $(1)/testkit/Cargo.toml
+	install -m 0644 plugins/testkit/src/*.rs $(1)/testkit/src/
+	$(SDK_REWRITE) examples/sink-template/Cargo.toml > $(1)/sink-template/Cargo.toml
+	install -m 0644 examples/sink-template/README.md $(1)/sink-template/
+	install -m 0644 examples/sink-template/src/*.rs $(1)/sink-template/src/
+	install -m 0644 examples/sink-template/tests/*.rs $(1)/sink-template/tests/
+	chmod 0644 $(1)/plugin-api/Cargo.toml $(1)/testkit/Cargo.toml $(1)/sink-template/Cargo.toml
+endef
+
+.PHONY: all build install install-sdk sdk uninstall deb
 
 all: build
 
 build:
 	$(CARGO) build $(PROFILE_FLAG) -p trail $(addprefix -p ,$(PLUGINS))
 
-install:
+install: install-sdk
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(PLUGINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) \
 		$(DESTDIR)$(TMPFILESDIR) $(DESTDIR)$(SYSCONFDIR)/trail/event-types $(DESTDIR)$(DATADIR)/doc/trail
 	install -m 0755 $(OUT)/traild $(OUT)/trail $(DESTDIR)$(BINDIR)/
@@ -56,12 +78,20 @@ install:
 		esac; done
 	install -m 0644 README.md ARCHITECTURE.md $(DESTDIR)$(DATADIR)/doc/trail/
 
+install-sdk:
+	$(call install_sdk,$(DESTDIR)$(SDKDIR))
+
+# The SDK staged for the Debian package (its assets name target/sdk/).
+sdk:
+	rm -rf $(TARGET_DIR)/sdk
+	$(call install_sdk,$(TARGET_DIR)/sdk)
+
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/traild $(DESTDIR)$(BINDIR)/trail $(DESTDIR)$(UNITDIR)/trail.service \
 		$(DESTDIR)$(UNITDIR)/trail.socket $(DESTDIR)$(UNITDIR)/trail-admin.socket \
 		$(DESTDIR)$(SYSUSERSDIR)/trail.conf $(DESTDIR)$(TMPFILESDIR)/trail.conf
-	rm -rf $(DESTDIR)$(PLUGINDIR) $(DESTDIR)$(DATADIR)/doc/trail
+	rm -rf $(DESTDIR)$(PLUGINDIR) $(DESTDIR)$(DATADIR)/doc/trail $(DESTDIR)$(SDKDIR)
 
-deb:
+deb: sdk
 	$(CARGO) build --release -p trail $(addprefix -p ,$(PLUGINS))
 	$(CARGO) deb --no-build --strip -p trail

@@ -60,6 +60,28 @@ fn build_outside(
         "trail-plugin-api = ",
         &format!("trail-plugin-api = {{ path = \"{}\" }}", sdk_api.display()),
     );
+    // A plugin whose tests use the plugin test kit gets the kit beside the API copy, as in the installed SDK.
+    if fs::read_to_string(&manifest)
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("trail-plugin-testkit = "))
+    {
+        let sdk_kit = dir.path().join("sdk/testkit");
+        copy_dir(&workspace().join("plugins/testkit"), &sdk_kit);
+        edit_line(
+            &sdk_kit.join("Cargo.toml"),
+            "trail-plugin-api = ",
+            "trail-plugin-api = { path = \"../plugin-api\" }",
+        );
+        edit_line(
+            &manifest,
+            "trail-plugin-testkit = ",
+            &format!(
+                "trail-plugin-testkit = {{ path = \"{}\" }}",
+                sdk_kit.display()
+            ),
+        );
+    }
 
     // A target directory of its own under the workspace's, kept between runs so that dependencies stay built.
     let target = workspace().join("target").join("sdk-tests");
@@ -309,4 +331,264 @@ fn a_plugin_for_another_major_is_refused_in_one_line() {
         // abi_stable's own message spreads the versions over several lines.
         assert!(!text.contains("version mismatch"), "{text}");
     }
+    // `trail plugin check` says the same, in one line.
+    let (code, out, err) = plugin_check(&built.library);
+    assert_eq!(code, 1, "{out}{err}");
+    let refused: Vec<&str> = out.lines().filter(|l| l.starts_with("result:")).collect();
+    assert_eq!(refused.len(), 1, "{out}");
+    assert!(
+        refused[0].contains(&expected),
+        "{expected:?} missing from:
+{out}"
+    );
+    assert!(
+        !out.contains("version mismatch") && !out.contains("result: ok"),
+        "{out}"
+    );
+}
+
+/// `trail plugin check FILE`: (exit code, standard output, standard error).
+fn plugin_check(file: &Path) -> (i32, String, String) {
+    crate::util::trail(&["plugin", "check", file.to_str().unwrap()], "")
+}
+
+#[test]
+fn plugin_check_says_whether_the_daemon_would_load_a_library() {
+    let dir = tempfile::tempdir().unwrap();
+    // In a directory only its owner can change, as the daemon requires.
+    let good = dir.path().join("libtrail_sink_template.so");
+    fs::copy(crate::util::plugins::library("trail-sink-template"), &good).unwrap();
+    let (code, out, err) = plugin_check(&good);
+    assert_eq!(code, 0, "{out}{err}");
+    let api = trail_plugin_api::API_VERSION;
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            format!("file: {}", good.display()),
+            "plugin: line-file".to_owned(),
+            "version: 0.1.0".to_owned(),
+            format!(
+                "api: trail-plugin-api {}.{} (this trail speaks {api})",
+                api.major, api.minor
+            ),
+            "result: ok: the daemon would load it".to_owned(),
+        ],
+        "{err}"
+    );
+
+    let text = dir.path().join("libnotes.so");
+    fs::write(&text, "just some notes\n").unwrap();
+    let (code, out, err) = plugin_check(&text);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("plugin: notes (by its file name"), "{out}");
+    assert!(
+        out.contains("result: refused: plugin ")
+            && out.contains("not a shared library (no ELF header)"),
+        "{out}"
+    );
+
+    let bytes = fs::read(&good).unwrap();
+    let cut = dir.path().join("libcut.so");
+    fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let (code, out, err) = plugin_check(&cut);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("incomplete (truncated ELF file"), "{out}");
+    assert!(!out.contains("result: ok"), "{out}");
+
+    let (code, _, err) = plugin_check(&dir.path().join("missing.so"));
+    assert_eq!(code, 1, "{err}");
+}
+
+/// The SDK as `make install DESTDIR=<root> PREFIX=/usr` lays it out (the install's SDK step alone).
+fn installed_sdk(root: &Path) -> PathBuf {
+    let out = Command::new("make")
+        .arg("-C")
+        .arg(workspace())
+        .args(["--no-print-directory", "install-sdk", "PREFIX=/usr"])
+        .arg(format!("DESTDIR={}", root.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "make install-sdk:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sdk = root.join("usr/share/trail/sdk");
+    for file in [
+        "plugin-api/Cargo.toml",
+        "plugin-api/GUIDE.md",
+        "plugin-api/src/lib.rs",
+        "testkit/Cargo.toml",
+        "testkit/src/lib.rs",
+        "sink-template/Cargo.toml",
+        "sink-template/README.md",
+        "sink-template/src/lib.rs",
+        "sink-template/tests/sink.rs",
+    ] {
+        assert!(sdk.join(file).is_file(), "the SDK lacks {file}");
+    }
+    // Inside the SDK the crates name each other where they lie now.
+    let kit = fs::read_to_string(sdk.join("testkit/Cargo.toml")).unwrap();
+    assert!(
+        kit.contains(r#"trail-plugin-api = { path = "../plugin-api" }"#),
+        "{kit}"
+    );
+    sdk
+}
+
+/// Runs cargo with `args` in `dir`, offline, in the SDK tests' target directory; returns its output, panicking
+/// when it fails.
+fn cargo_offline(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO"))
+        .current_dir(dir)
+        .env(
+            "CARGO_TARGET_DIR",
+            workspace().join("target").join("sdk-tests"),
+        )
+        // Nested cargo runs (the plugin test kit's builds) are offline too.
+        .env("CARGO_NET_OFFLINE", "true")
+        .args(args)
+        .arg("--offline")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "cargo {args:?} in {}:\n{text}",
+        dir.display()
+    );
+    text
+}
+
+#[test]
+fn a_scaffold_from_plugin_new_builds_tests_and_hot_swaps_under_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    assert!(!tmp.path().starts_with(workspace()));
+    let sdk = installed_sdk(&tmp.path().join("root"));
+    let crate_dir = tmp.path().join("acme-lines");
+    let new = |args: &[&str]| {
+        let mut all = vec!["plugin", "new"];
+        all.extend(args);
+        crate::util::trail(&all, "")
+    };
+    let sdk_arg = format!("--sdk={}", sdk.display());
+    let (code, out, err) = new(&["acme-lines", crate_dir.to_str().unwrap(), &sdk_arg]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("target/release/libacme_lines.so"), "{out}");
+    let readme = fs::read_to_string(crate_dir.join("README.md")).unwrap();
+    assert!(
+        readme.contains("target/release/libacme_lines.so"),
+        "{readme}"
+    );
+    assert!(
+        readme.contains("mv ") && readme.contains("hot swap"),
+        "{readme}"
+    );
+
+    // Refused: an invalid crate name, and a directory that is not empty.
+    let (code, _, err) = new(&[
+        "Acme Lines",
+        tmp.path().join("x").to_str().unwrap(),
+        &sdk_arg,
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("\"Acme Lines\" cannot be a plugin crate's name"),
+        "{err}"
+    );
+    let (code, _, err) = new(&["acme-lines", crate_dir.to_str().unwrap(), &sdk_arg]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("exists and is not empty"), "{err}");
+    let (code, _, err) = new(&[
+        "acme-other",
+        tmp.path().join("y").to_str().unwrap(),
+        "--sdk=/nonexistent/sdk",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no trail SDK at /nonexistent/sdk"), "{err}");
+
+    // Its own tests pass and it builds, offline, outside any checkout.
+    let tested = cargo_offline(&crate_dir, &["test", "--quiet"]);
+    assert!(
+        tested.contains("test result: ok. 3 passed"),
+        "the scaffold's tests did not run:\n{tested}"
+    );
+    cargo_offline(&crate_dir, &["build", "--quiet"]);
+    let built = workspace().join("target/sdk-tests/debug/libacme_lines.so");
+    let first = tmp.path().join("libacme_lines-0.1.0.so");
+    fs::copy(&built, &first).unwrap();
+    let (code, out, err) = plugin_check(&first);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("plugin: acme-lines\nversion: 0.1.0\n"),
+        "{out}"
+    );
+
+    // A second build, 0.2.0.
+    edit_line(
+        &crate_dir.join("Cargo.toml"),
+        "version = ",
+        "version = \"0.2.0\"",
+    );
+    cargo_offline(&crate_dir, &["build", "--quiet"]);
+    let second = tmp.path().join("libacme_lines-0.2.0.so");
+    fs::copy(&built, &second).unwrap();
+
+    // The first build serves a daemon under load; the second is installed by rename, as the README says.
+    let out_file = tmp.path().join("acme.txt");
+    let daemon = daemon_with(
+        &first,
+        "libacme_lines.so",
+        &[sink(
+            "acme",
+            "acme-lines",
+            "['user_login']",
+            &format!("{{path: '{}'}}", out_file.display()),
+        )],
+    );
+    let lines = || -> Vec<u64> {
+        let text = fs::read_to_string(&out_file).unwrap_or_default();
+        let complete = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
+        complete
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["seq"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = crate::sinks::stream_events(&daemon.socket, stop.clone());
+    assert!(wait_until(Duration::from_secs(60), || lines().len() > 200));
+    daemon.install_plugin(&second, "libacme_lines.so");
+    let version = |daemon: &Daemon| {
+        daemon.admin(json!({"command": "status"}))["plugins"][0]["version"].clone()
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || version(&daemon)
+            == json!("0.2.0")),
+        "0.2.0 never served:\n{}",
+        daemon.stderr()
+    );
+    let swapped_at = lines().len();
+    assert!(wait_until(Duration::from_secs(60), || lines().len() > swapped_at + 200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = client.join().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || lines().len() >= acked.len()),
+        "{} of {} delivered",
+        lines().len(),
+        acked.len()
+    );
+    // Nothing lost, nothing repeated, in order, across the swap.
+    assert_eq!(lines(), acked);
+    let status = daemon.admin(json!({"command": "status"}));
+    assert_eq!(status["plugins"][0]["generation"], json!(2), "{status}");
+    assert_eq!(status["sinks"][0]["swaps"], json!(1), "{status}");
 }

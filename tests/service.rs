@@ -248,6 +248,11 @@ fn make_install_lays_out_a_working_installation() {
         ("etc/trail/trail.yaml", 0o640),
         ("etc/trail/event-types/user_login.yml", 0o644),
         ("usr/share/doc/trail/README.md", 0o644),
+        ("usr/share/trail/sdk/plugin-api/Cargo.toml", 0o644),
+        ("usr/share/trail/sdk/plugin-api/src/lib.rs", 0o644),
+        ("usr/share/trail/sdk/testkit/Cargo.toml", 0o644),
+        ("usr/share/trail/sdk/sink-template/tests/sink.rs", 0o644),
+        ("usr/share/trail/sdk/sink-template", 0o755),
     ] {
         assert_eq!(mode(path), want, "{path}");
     }

@@ -555,7 +555,10 @@ fn bad_plugins_at_start_are_refused_with_the_file_and_the_reason() {
 }
 
 /// Streams events on one connection until told to stop; returns the acknowledged seqs.
-fn stream_events(socket: &Path, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<u64>> {
+pub(crate) fn stream_events(
+    socket: &Path,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Vec<u64>> {
     let socket = socket.to_owned();
     std::thread::spawn(move || {
         let stream = UnixStream::connect(&socket).unwrap();

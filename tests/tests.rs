@@ -9,6 +9,7 @@ mod evidence;
 mod idempotency;
 mod modes;
 mod nats;
+mod plugin_reload;
 mod plugin_safety;
 mod postgres_sink;
 mod python_client;

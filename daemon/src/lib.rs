@@ -106,6 +106,24 @@ impl Error {
 pub struct Validated {
     /// The loaded event types.
     pub registry: event_types::Registry,
+    /// The sinks built and the plugin libraries loaded.
+    pub sinks: sinks::validate::Checked,
+}
+
+impl Validated {
+    /// The event types defined in the configuration's directory (not the daemon's own).
+    pub fn own_event_types(&self) -> usize {
+        self.registry.len() - self.builtin_event_types()
+    }
+
+    /// The daemon's own event types (`trail_*`), built in.
+    pub fn builtin_event_types(&self) -> usize {
+        self.registry
+            .types()
+            .iter()
+            .filter(|t| event_types::is_daemon_type(&t.name))
+            .count()
+    }
 }
 
 /// Set (to anything) in the environment, the daemon watches neither the plugin directory nor the event-type
@@ -116,8 +134,8 @@ pub const NO_WATCH_VAR: &str = "TRAIL_TEST_NO_WATCH";
 /// each library in a child process: see [`sinks::validate`]) without starting anything.
 pub fn validate(config: &Config) -> Result<Validated, Error> {
     let registry = event_types::Registry::load_dir(&config.event_types)?;
-    sinks::validate::check(config)?;
-    Ok(Validated { registry })
+    let sinks = sinks::validate::check(config)?;
+    Ok(Validated { registry, sinks })
 }
 
 /// Runs the daemon until `stop` is cancelled: everything is checked before the socket is bound; on stop, the
@@ -145,16 +163,17 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
     let (spool_writer, spool, sinks) = if config.sinks.is_empty() {
         (None, None, None)
     } else {
+        // Every plugin is loaded and every sink's first instance built before the spool is opened: a configuration
+        // refused there leaves no cursor and no segment behind.
+        let (config_for_sinks, auditor) = (config.clone(), auditor.clone());
+        let prepared =
+            tokio::task::spawn_blocking(move || sinks::Sinks::prepare(&config_for_sinks, auditor))
+                .await
+                .expect("starting sinks")?;
         let names: Vec<String> = config.sinks.iter().map(|s| s.name.clone()).collect();
         let (mut writer, spool) = spool::open(&config.spool(), &names)?;
         writer.repair(&streamed_types)?;
-        let (config_for_sinks, auditor, for_sinks) =
-            (config.clone(), auditor.clone(), spool.clone());
-        let sinks = tokio::task::spawn_blocking(move || {
-            sinks::Sinks::start(&config_for_sinks, sink_types, for_sinks, auditor)
-        })
-        .await
-        .expect("starting sinks")?;
+        let sinks = prepared.start(sink_types, spool.clone());
         (Some(writer), Some(spool), Some(Arc::new(sinks)))
     };
     if clock::is_shifted() {

@@ -19,6 +19,12 @@
 //! `/usr/share/trail/sdk/plugin-api/GUIDE.md`) walks through writing, testing, installing and
 //! hot-swapping a first sink.
 //!
+//! The quickest start is `trail plugin new NAME`: it writes a crate called `NAME` (its plugin
+//! called `NAME` too) from the sink template, with this dependency and the plugin test kit
+//! (`trail-plugin-testkit`, `/usr/share/trail/sdk/testkit`, for `cargo test`) pointing at the
+//! installed SDK (`--sdk PATH` or `TRAIL_SDK` names another). `trail plugin check FILE` loads a
+//! built library the way the daemon would and says whether it would load.
+//!
 //! `Cargo.toml`:
 //!
 //! ```toml

@@ -1,5 +1,8 @@
 //! `trail`: submit events to the daemon and check configurations.
 
+#[path = "trail/plugin.rs"]
+mod plugin;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,7 +28,8 @@ enum Command {
     /// unavailable, rate_limited or too_many_connections (retry later), 69 when it cannot be reached.
     Emit(Box<Emit>),
     /// Show the running daemon's state: the configuration's generation and last reload, sinks (delivered, dead
-    /// letters, backlog, stuck), plugins and their generations, the spool.
+    /// letters, backlog, stuck), plugins and their generations (with each plugin's last failed load, until that
+    /// file loads), the spool.
     Status(AdminArgs),
     /// Make the running daemon reload its configuration file and event types and rescan its plugin directory
     /// (as SIGHUP does). Prints the answer (JSON) and, on standard error, what was refused and what needs a
@@ -92,6 +96,10 @@ enum Command {
     /// JSON lines when the output is not a terminal, a table when it is. Exit 0 when any record matched, 1 when
     /// none did, 2 on an error.
     Search(Box<Search>),
+    /// Sink plugins of your own: make a new plugin crate against the installed SDK, or check a library the way
+    /// the daemon loads it.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
     /// (Internal, used by `validate`) check one plugin library in this process: a JSON request on standard
     /// input, a JSON answer on standard output.
     #[command(name = "__check-plugin", hide = true)]
@@ -104,6 +112,33 @@ enum Command {
         /// Check this event-type directory instead of the configuration's.
         #[arg(long)]
         event_types: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Make a sink plugin crate NAME in DIR (default ./NAME) from the template built into trail: the crate and
+    /// its plugin are called NAME, and its dependencies (trail-plugin-api, and trail-plugin-testkit for its tests)
+    /// point at the installed SDK. It builds and passes its tests as it is (`cargo test`, `cargo build
+    /// --release`); its README says which file the build produces and how to install it. Exit 0 when made, 2
+    /// for a name, directory or SDK that cannot be used.
+    New {
+        /// The crate's name (lower-case letters, digits, - and _), also the plugin's name in trail.yaml.
+        name: String,
+        /// Where to make it; must not exist or be empty [default: ./NAME]
+        dir: Option<PathBuf>,
+        /// The SDK's directory [default: $TRAIL_SDK, else share/trail/sdk beside the directory of this binary if
+        /// it exists, else /usr/share/trail/sdk]
+        #[arg(long, env = plugin::SDK_VAR, value_name = "PATH")]
+        sdk: Option<PathBuf>,
+    },
+    /// Load a plugin library the way the daemon would (picked by the name in its symbol table, owner and mode,
+    /// a private copy, ELF check, API version and layout checks) without building a sink or starting anything;
+    /// print its name, version, API version and the result. Owner and mode are judged as if the daemon ran as
+    /// you. Exit 0 only when the daemon would load it, 1 when not, 2 when it could not be checked.
+    Check {
+        /// The library (a .so file).
+        file: PathBuf,
     },
 }
 
@@ -272,6 +307,8 @@ fn main() -> ExitCode {
             config,
         } => prove(seq, checkpoint, consistency, dir, config),
         Command::VerifyProof { bundle, key } => verify_proof(&bundle, &key),
+        Command::Plugin(PluginCommand::New { name, dir, sdk }) => plugin::new(&name, dir, sdk),
+        Command::Plugin(PluginCommand::Check { file }) => plugin::check(&file),
         Command::CheckPlugin => ExitCode::from(trail::sinks::validate::child_main() as u8),
     }
 }
@@ -1014,10 +1051,19 @@ fn validate(config: Option<PathBuf>, event_types: Option<PathBuf>) -> ExitCode {
     match trail::validate(&config) {
         Ok(v) => {
             println!(
-                "ok: {} event types in {}",
-                v.registry.len(),
-                config.event_types.display()
+                "ok: {} event types of yours in {} and {} built in; {} sinks built; {} plugins loaded",
+                v.own_event_types(),
+                config.event_types.display(),
+                v.builtin_event_types(),
+                v.sinks.sinks.len(),
+                v.sinks.plugins.len()
             );
+            for sink in &v.sinks.sinks {
+                println!("sink built: {sink}");
+            }
+            for (plugin, file) in &v.sinks.plugins {
+                println!("plugin loaded: {plugin} from {}", file.display());
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -57,7 +57,14 @@ fn main() -> ExitCode {
     if let Some(Command::Validate) = args.command {
         return match trail::validate(&config) {
             Ok(v) => {
-                tracing::info!(event_types = v.registry.len(), "configuration is valid");
+                let plugins: Vec<&str> = v.sinks.plugins.iter().map(|(p, _)| p.as_str()).collect();
+                tracing::info!(
+                    event_types = v.own_event_types(),
+                    builtin_event_types = v.builtin_event_types(),
+                    sinks_built = v.sinks.sinks.len(),
+                    plugins_loaded = ?plugins,
+                    "configuration is valid"
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -3,9 +3,11 @@
 //! This is the one procedure of start-up (whose old generation is empty: every sink's worker waits for its first
 //! instance) and of every reload. A [`Plan`] says, for every running sink, what the new generation does with it:
 //! keep its instance, or build one from a given plugin build. [`build_and_swap`] asks the worker of every sink
-//! that gets a new instance to build it on its own thread (phase one); only when all of them did does it tell them
-//! to swap (phase two: each flushes and closes its old instance, if any, and goes on from its cursor with its
-//! batch settings); otherwise they discard what they built and the old generation keeps running.
+//! that gets a new instance to build it on its own thread (phase one, [`build`]); only when all of them did does it
+//! tell them to swap (phase two: each flushes and closes its old instance, if any, and goes on from its cursor with
+//! its batch settings); otherwise they discard what they built and the old generation keeps running. The first
+//! generation's phase two is the start of delivery: each worker is handed its reader of the spool then, which is
+//! opened only once phase one succeeded (see `Sinks::prepare`).
 //!
 //! A plan is made from the old generation and what the new one should be. A configuration reload
 //! ([`super::Sinks::reconfigure`]) adds the workers of new sinks before it plans (their first instance is a step
@@ -120,7 +122,22 @@ pub(super) fn build_and_swap_with(
     plan: &Plan,
     before_swap: impl FnOnce(),
 ) -> Result<Vec<String>, Vec<InstanceProblem>> {
-    // Phase one: every sink builds its new instance on its own thread, all at once.
+    let built = build(handles, plan)?;
+    // Phase two: swap.
+    before_swap();
+    for h in &built {
+        let _ = h.control.send(Control::Commit);
+    }
+    Ok(built.iter().map(|h| h.config.name.clone()).collect())
+}
+
+/// Phase one of the generation that `plan` describes: every sink that gets a new instance builds it on its own
+/// thread, all at once. Returns those sinks, each holding its new instance for the swap; or, when some could not
+/// build one, every such sink, and then the others have discarded theirs.
+pub(super) fn build<'h>(
+    handles: &'h [Handle],
+    plan: &Plan,
+) -> Result<Vec<&'h Handle>, Vec<InstanceProblem>> {
     let asked: Vec<_> = handles
         .iter()
         .zip(&plan.steps)
@@ -161,13 +178,5 @@ pub(super) fn build_and_swap_with(
         }
         return Err(problems);
     }
-    // Phase two: swap.
-    before_swap();
-    for (h, _, _) in &asked {
-        let _ = h.control.send(Control::Commit);
-    }
-    Ok(asked
-        .iter()
-        .map(|(h, _, _)| h.config.name.clone())
-        .collect())
+    Ok(asked.into_iter().map(|(h, _, _)| h).collect())
 }

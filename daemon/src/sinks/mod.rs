@@ -8,6 +8,11 @@
 //! sinks, gives changed sinks an instance of their new configuration, and stops removed ones after the swap.
 //! Plugin code never runs on the async runtime's threads. What it reports (status, what a
 //! reload did, problems) are typed values; the admin socket turns them into its answers.
+//!
+//! Start-up is in two steps so that a refused configuration leaves nothing behind: [`Sinks::prepare`] loads the
+//! plugins and builds every sink's first instance before the spool is opened (no cursor, no segment exists yet),
+//! and [`Prepared::start`] hands each worker its reader of the opened spool. A failed load or reload of an
+//! installed file is kept per plugin ([`LoadFailure`], in the status) until a later load of that file succeeds.
 
 pub mod dead_letter;
 pub mod generation;
@@ -227,6 +232,32 @@ pub struct PluginReport {
     pub file: PathBuf,
     /// Its generation (1 at start, one more with each reload).
     pub generation: u64,
+    /// The last failed load of one of its files, until a later load of that file succeeds.
+    pub last_failure: Option<LoadFailure>,
+}
+
+/// A load of an installed library that failed (or a new build whose instances could not be built); the running
+/// build kept serving.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadFailure {
+    /// The installed library.
+    pub file: PathBuf,
+    /// Why it was not swapped in.
+    pub reason: String,
+    /// When (RFC 3339, UTC).
+    pub at: String,
+}
+
+impl LoadFailure {
+    fn now(file: &Path, reason: String) -> LoadFailure {
+        let at = chrono::DateTime::<chrono::Utc>::from(crate::clock::now())
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        LoadFailure {
+            file: file.to_owned(),
+            reason,
+            at,
+        }
+    }
 }
 
 /// The spool in [`Report`].
@@ -265,6 +296,8 @@ struct Table {
     plugins: HashMap<String, Loaded>,
     /// The stamp of each installed file when it was last looked at, loaded or not.
     seen: HashMap<PathBuf, FileStamp>,
+    /// The last failed load of each installed file, with the plugin it was for, until a load of it succeeds.
+    failures: HashMap<PathBuf, (String, LoadFailure)>,
 }
 
 /// A running sink: its worker's thread and what it shares with it.
@@ -301,13 +334,12 @@ pub struct Reconfigured {
     pub removed: Vec<String>,
 }
 
-/// Starts the worker of `sink` (reading the spool from its cursor, delivering `wants`), waiting for its first
-/// instance.
+/// Starts the worker of `sink`, which waits for its first instance and then for its reader of the spool
+/// ([`start_reading`]); `wants` are the event types it will deliver.
 fn spawn_worker(
     sink: &SinkConfig,
     wants: Arc<Wants>,
     plugin: Arc<Plugin>,
-    spool: &Spool,
     spool_dir: &Path,
     audit: &Auditor,
 ) -> Result<Handle, Problem> {
@@ -315,7 +347,6 @@ fn spawn_worker(
     let status = Arc::new(Status::default());
     let worker = Worker {
         config: sink.clone(),
-        reader: spool.reader(&sink.name).wanting_shared(wants.clone()),
         plugin,
         control: control_rx,
         status: status.clone(),
@@ -341,13 +372,14 @@ fn spawn_worker(
 
 /// Tells a worker to stop and waits for its thread.
 fn stop_worker(h: &Handle) {
-    let _ = h.control.send(Control::Stop);
-    let thread = h.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
-    if let Some(t) = thread
-        && t.join().is_err()
-    {
-        error!(sink = %h.config.name, "the sink's thread panicked");
-    }
+    stop_workers(std::slice::from_ref(h));
+}
+
+/// The first generation's swap for a worker whose first instance is built: its reader of `spool` (from its
+/// cursor, delivering what its `wants` say), and delivery starts.
+fn start_reading(h: &Handle, spool: &Spool) {
+    let reader = Box::new(spool.reader(&h.config.name).wanting_shared(h.wants.clone()));
+    let _ = h.control.send(Control::Start { reader });
 }
 
 /// Picks, without loading anything, the library of every plugin in `wanted`: the one file in `dir` known by the
@@ -421,47 +453,33 @@ fn load_all(
     (plugins, problems)
 }
 
-impl Sinks {
-    /// Loads the plugins, starts a worker for every sink, builds the first generation (an instance for every
-    /// sink, each on the sink's own thread) and swaps it in: delivery starts once every instance is built.
-    /// `types` are the event types each sink receives (see [`routes`]), in the order of `config.sinks`.
-    pub fn start(
-        config: &Config,
-        types: Vec<HashSet<String>>,
-        spool: Spool,
-        audit: Auditor,
-    ) -> Result<Sinks, Error> {
-        let dir = config
-            .plugins_dir
-            .clone()
-            .expect("checked with the configuration");
-        let spool_dir = config.spool().dir;
-        let copies = spool_dir.join("plugin-copies");
-        let loader = Loader::new(&copies).map_err(|source| {
-            Error(vec![Problem::Copies {
-                dir: copies.clone(),
-                source,
-            }])
-        })?;
-        let wanted: HashSet<&str> = config.sinks.iter().map(|s| s.plugin.as_str()).collect();
-        let (plugins, problems) = load_all(&loader, &dir, &wanted, &audit);
-        if !problems.is_empty() {
-            return Err(Error(problems));
+/// Sinks whose plugins are loaded and whose first instances are built, waiting for the spool: see
+/// [`Sinks::prepare`]. Dropped without [`start`](Prepared::start), it stops the workers (each closes the instance
+/// it built) and removes the directories it made.
+pub struct Prepared {
+    dir: PathBuf,
+    loader: Option<Loader>,
+    plugins: HashMap<String, Arc<Plugin>>,
+    handles: Vec<Handle>,
+    audit: Auditor,
+    spool_dir: PathBuf,
+    /// The spool's directory and those above it that did not exist before, deepest last.
+    created: Vec<PathBuf>,
+    started: bool,
+}
+
+impl Prepared {
+    /// Swaps the first generation in: every worker starts delivering from its cursor in `spool`, getting the
+    /// event types in `types` (see [`routes`]; in the order of the configuration's sinks).
+    pub fn start(mut self, types: Vec<HashSet<String>>, spool: Spool) -> Sinks {
+        self.started = true;
+        let handles = std::mem::take(&mut self.handles);
+        for (h, types) in handles.iter().zip(types) {
+            h.wants.set(types);
+            start_reading(h, &spool);
         }
-        let mut handles = Vec::new();
-        for (sink, types) in config.sinks.iter().zip(types) {
-            let plugin = plugins[&sink.plugin].clone();
-            match spawn_worker(sink, Wants::new(types), plugin, &spool, &spool_dir, &audit) {
-                Ok(h) => handles.push(h),
-                Err(problem) => {
-                    handles.iter().for_each(stop_worker);
-                    return Err(Error(vec![problem]));
-                }
-            }
-        }
-        let first = generation::build_and_swap(&handles, &Plan::first(&handles, &plugins));
         let mut table = Table::default();
-        for (name, plugin) in plugins {
+        for (name, plugin) in std::mem::take(&mut self.plugins) {
             table.seen.insert(plugin.file.clone(), plugin.stamp);
             table.plugins.insert(
                 name,
@@ -472,24 +490,126 @@ impl Sinks {
             );
         }
         let sinks = Sinks {
-            dir,
-            loader,
+            dir: std::mem::take(&mut self.dir),
+            loader: self.loader.take().expect("made by prepare"),
             table: Mutex::new(table),
             handles: RwLock::new(handles),
             spool,
-            spool_dir,
-            audit,
+            spool_dir: std::mem::take(&mut self.spool_dir),
+            audit: self.audit.clone(),
         };
-        if let Err(problems) = first {
-            sinks.stop();
-            return Err(Error(problems.into_iter().map(Problem::Instance).collect()));
-        }
         for loaded in sinks.lock().plugins.values() {
             sinks
                 .audit
                 .plugin_loaded(loaded.plugin.build(), 1, &sinks.users(&loaded.plugin.name));
         }
-        Ok(sinks)
+        sinks
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        if self.started {
+            return;
+        }
+        stop_workers(&self.handles);
+        // The loader's directory of copies first (the mappings outlive the files), then what was made for it.
+        drop(self.loader.take());
+        let _ = std::fs::remove_dir_all(self.spool_dir.join("plugin-copies"));
+        for dir in self.created.iter().rev() {
+            // Only if empty: whatever else is there is not ours to remove.
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// `dir` and those of its ancestors that do not exist, outermost first.
+fn missing_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mut missing: Vec<PathBuf> = dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && std::fs::symlink_metadata(d).is_err())
+        .map(Path::to_owned)
+        .collect();
+    missing.reverse();
+    missing
+}
+
+/// Tells every worker to stop (each finishes its current write, flushes, closes and saves its position) and waits.
+fn stop_workers(handles: &[Handle]) {
+    for h in handles {
+        let _ = h.control.send(Control::Stop);
+    }
+    for h in handles {
+        let thread = h.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = thread
+            && t.join().is_err()
+        {
+            error!(sink = %h.config.name, "the sink's thread panicked");
+        }
+    }
+}
+
+impl Sinks {
+    /// [`prepare`](Self::prepare) and [`start`](Prepared::start) in one: for callers whose spool is open already.
+    pub fn start(
+        config: &Config,
+        types: Vec<HashSet<String>>,
+        spool: Spool,
+        audit: Auditor,
+    ) -> Result<Sinks, Error> {
+        Ok(Sinks::prepare(config, audit)?.start(types, spool))
+    }
+
+    /// Loads the plugins, starts a worker for every sink and builds the first generation (an instance for every
+    /// sink, each on the sink's own thread), without touching the spool: nothing is delivered until
+    /// [`Prepared::start`]. When anything fails, the workers are stopped and the directories made for the
+    /// libraries' private copies (in the spool's directory) are removed again.
+    pub fn prepare(config: &Config, audit: Auditor) -> Result<Prepared, Error> {
+        let dir = config
+            .plugins_dir
+            .clone()
+            .expect("checked with the configuration");
+        let spool_dir = config.spool().dir;
+        let copies = spool_dir.join("plugin-copies");
+        let copies_problem = |source| {
+            Error(vec![Problem::Copies {
+                dir: copies.clone(),
+                source,
+            }])
+        };
+        let created = missing_dirs(&spool_dir);
+        crate::modes::create_dir_all(&spool_dir).map_err(copies_problem)?;
+        let mut prepared = Prepared {
+            dir,
+            loader: None,
+            plugins: HashMap::new(),
+            handles: Vec::new(),
+            audit,
+            spool_dir,
+            created,
+            started: false,
+        };
+        prepared.loader = Some(Loader::new(&copies).map_err(copies_problem)?);
+        let wanted: HashSet<&str> = config.sinks.iter().map(|s| s.plugin.as_str()).collect();
+        let loader = prepared.loader.as_ref().expect("made above");
+        let (plugins, problems) = load_all(loader, &prepared.dir, &wanted, &prepared.audit);
+        prepared.plugins = plugins;
+        if !problems.is_empty() {
+            return Err(Error(problems));
+        }
+        for sink in &config.sinks {
+            let plugin = prepared.plugins[&sink.plugin].clone();
+            // What it delivers is given with the spool, in `Prepared::start`.
+            let wants = Wants::new(HashSet::new());
+            let handle = spawn_worker(sink, wants, plugin, &prepared.spool_dir, &prepared.audit)
+                .map_err(|problem| Error(vec![problem]))?;
+            prepared.handles.push(handle);
+        }
+        let plan = Plan::first(&prepared.handles, &prepared.plugins);
+        if let Err(problems) = generation::build(&prepared.handles, &plan) {
+            return Err(Error(problems.into_iter().map(Problem::Instance).collect()));
+        }
+        Ok(prepared)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
@@ -530,12 +650,12 @@ impl Sinks {
 
     /// Loads the library at `file` if it changed since it was last seen, and swaps it in for every sink that uses
     /// its plugin (a new generation of those sinks; see [`generation`]). With `settle`, first waits until the file
-    /// stops changing (it may still be being written). Returns what happened, or `None` when the file is unchanged
-    /// or gone.
+    /// stops changing (it may still be being written); that wait holds no lock, so files settle side by side and
+    /// only loading and swapping go one at a time. Returns what happened, or `None` when the file is unchanged or
+    /// gone. A failure is kept for the status until a later load of the same file succeeds.
     pub fn reload_file(&self, file: &Path, settle: bool) -> Option<Reload> {
-        let mut table = self.lock();
         let mut stamp = FileStamp::of(file).ok()?;
-        if table.seen.get(file) == Some(&stamp) {
+        if self.lock().seen.get(file) == Some(&stamp) {
             return None;
         }
         let started = Instant::now();
@@ -547,9 +667,10 @@ impl Sinks {
                     return None;
                 }
             };
-            if table.seen.get(file) == Some(&stamp) {
-                return None;
-            }
+        }
+        let mut table = self.lock();
+        if table.seen.get(file) == Some(&stamp) {
+            return None;
         }
         table.seen.insert(file.to_owned(), stamp);
         let name = loader::identify(file).name;
@@ -558,7 +679,11 @@ impl Sinks {
             info!(file = %file.display(), plugin = %name, "plugin library changed, but no sink uses its plugin: not loaded");
             return None;
         }
-        let kept = |plugin: String, error| {
+        let kept = |table: &mut Table, plugin: String, error: ReloadError| {
+            let failure = LoadFailure::now(file, error.to_string());
+            table
+                .failures
+                .insert(file.to_owned(), (plugin.clone(), failure));
             Some(Reload {
                 file: file.to_owned(),
                 plugin,
@@ -572,12 +697,12 @@ impl Sinks {
                 self.audit.plugin_refused(file, Some(&name), &e.reason());
                 // Looked at again on the next change or rescan, e.g. once a directory's mode is fixed.
                 table.seen.remove(file);
-                return kept(name, ReloadError::Load(e));
+                return kept(&mut table, name, ReloadError::Load(e));
             }
             Err(e) => {
                 error!("{e}; the running builds are kept");
                 self.audit.plugin_failed(file, Some(&name), &e.reason());
-                return kept(name, ReloadError::Load(e));
+                return kept(&mut table, name, ReloadError::Load(e));
             }
         };
         let generation = table
@@ -592,11 +717,12 @@ impl Sinks {
                 error!(plugin = %plugin.describe(), file = %file.display(), "new build rejected, the running one is kept: {error}");
                 self.audit
                     .plugin_failed(file, Some(&plugin.name), &error.to_string());
-                return kept(plugin.name.clone(), error);
+                return kept(&mut table, plugin.name.clone(), error);
             }
         };
         info!(plugin = %plugin.describe(), generation, sinks = ?sinks, elapsed = ?started.elapsed(), "plugin reloaded");
         self.audit.plugin_loaded(plugin.build(), generation, &sinks);
+        table.failures.remove(file);
         table.plugins.insert(
             plugin.name.clone(),
             Loaded {
@@ -680,7 +806,7 @@ impl Sinks {
             let wants = Wants::new(types_of(&w.name));
             let spawned = started.and_then(|()| {
                 let plugin = build_of(&w.plugin);
-                spawn_worker(w, wants, plugin, &self.spool, &self.spool_dir, &self.audit)
+                spawn_worker(w, wants, plugin, &self.spool_dir, &self.audit)
                     .map_err(|p| p.to_string())
             });
             match spawned {
@@ -723,6 +849,11 @@ impl Sinks {
                 let _ = self.spool.remove_sink(&h.config.name);
             }
             return Err(problems);
+        }
+        // The new sinks' first generation: delivery starts from their cursors (the spool's head when they were
+        // added).
+        for h in &handles[kept..] {
+            start_reading(h, &self.spool);
         }
         // Narrowed now: a record of a type a sink stops receiving that was checked under the old generation and
         // is published after this is passed over by that sink (the log has it as accepted).
@@ -838,6 +969,13 @@ impl Sinks {
                 api_version: l.plugin.api_version.clone(),
                 file: l.plugin.file.clone(),
                 generation: l.generation,
+                last_failure: table
+                    .failures
+                    .values()
+                    .filter(|(plugin, _)| *plugin == l.plugin.name)
+                    .map(|(_, failure)| failure)
+                    .max_by(|a, b| a.at.cmp(&b.at))
+                    .cloned(),
             })
             .collect();
         plugins.sort_by(|a, b| a.name.cmp(&b.name));
@@ -854,11 +992,7 @@ impl Sinks {
 
     /// Stops every worker (each finishes its current write, flushes, closes and saves its position) and waits.
     pub fn stop(&self) {
-        let handles = self.handles();
-        for h in handles.iter() {
-            let _ = h.control.send(Control::Stop);
-        }
-        handles.iter().for_each(stop_worker);
+        stop_workers(&self.handles());
     }
 }
 

@@ -5,34 +5,46 @@
 //! The child is the running binary itself (`/proc/self/exe`, so `traild validate` and `trail validate` behave
 //! the same) started with the hidden subcommand [`SUBCOMMAND`]. It reads one JSON request on standard input,
 //! `{"file": …, "plugin": …, "sinks": [{"name": …, "config": "<the sink's config as JSON>"}]}`, and answers with
-//! one line on standard output, `{"plugin": "<name version (api X.Y)>" or null, "problems": ["…"]}`. Libraries
-//! no sink uses are never loaded, here or in the daemon. Nothing here records audit events.
+//! one line on standard output, `{"plugin": "<name version (api X.Y)>" or null, "build": {"name": …, "version": …,
+//! "api_version": …} or null, "problems": ["…"]}`. Libraries no sink uses are never loaded, here or in the daemon.
+//! `trail plugin check FILE` ([`check_library`]) makes the same request with no sinks. Nothing here records audit
+//! events.
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use serde::{Deserialize, Serialize};
 use trail_plugin_api::SinkError;
 
 use super::generation::{InstanceError, InstanceProblem};
-use super::loader::Loader;
+use super::loader::{self, Loader};
 use super::{Error, Problem, pick, worker};
 use crate::config::Config;
 
 /// The hidden subcommand of `traild` and `trail` that runs [`child_main`].
 pub const SUBCOMMAND: &str = "__check-plugin";
 
+/// What [`check`] checked, when everything passed.
+#[derive(Debug, Default)]
+pub struct Checked {
+    /// The sinks whose instance was built (and closed), in the configuration's order.
+    pub sinks: Vec<String>,
+    /// Every library loaded: `name version (api X.Y)` and its file, by plugin name.
+    pub plugins: Vec<(String, PathBuf)>,
+}
+
 /// Checks the sinks of a configuration without starting them: picks the library of every plugin a sink uses
 /// and checks each in a child process.
-pub fn check(config: &Config) -> Result<(), Error> {
+pub fn check(config: &Config) -> Result<Checked, Error> {
+    let mut checked = Checked::default();
     let Some(dir) = &config.plugins_dir else {
-        return Ok(());
+        return Ok(checked);
     };
     if config.sinks.is_empty() {
-        return Ok(());
+        return Ok(checked);
     }
     let wanted: HashSet<&str> = config.sinks.iter().map(|s| s.plugin.as_str()).collect();
     let (picked, mut problems) = pick(dir, &wanted);
@@ -54,7 +66,12 @@ pub fn check(config: &Config) -> Result<(), Error> {
             sinks,
         };
         match in_child(&request) {
-            Ok(reported) => problems.extend(reported.into_iter().map(Problem::Reported)),
+            Ok(answer) => {
+                if let Some(described) = answer.plugin {
+                    checked.plugins.push((described, request.file));
+                }
+                problems.extend(answer.problems.into_iter().map(Problem::Reported));
+            }
             Err(kind) => problems.push(Problem::Check(CheckError {
                 file: request.file,
                 kind,
@@ -62,10 +79,54 @@ pub fn check(config: &Config) -> Result<(), Error> {
         }
     }
     if problems.is_empty() {
-        Ok(())
+        checked.sinks = config.sinks.iter().map(|s| s.name.clone()).collect();
+        Ok(checked)
     } else {
         Err(Error(problems))
     }
+}
+
+/// What [`check_library`] found out about a library.
+#[derive(Debug)]
+pub struct LibraryCheck {
+    /// The plugin the daemon would take it for, read from its symbol table without loading it.
+    pub identity: loader::Identity,
+    /// What it declared when it was loaded, if it loaded.
+    pub build: Option<BuildInfo>,
+    /// Why the daemon would not load it; empty when it would.
+    pub problems: Vec<String>,
+}
+
+/// A loaded build, as [`check_library`] reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BuildInfo {
+    /// The plugin name it declares.
+    pub name: String,
+    /// The plugin's own version.
+    pub version: String,
+    /// The plugin API version it was built against.
+    pub api_version: String,
+}
+
+/// Loads the library at `file` the way the daemon would (picked by the name in its symbol table, the owner and
+/// mode checks, a private copy, the ELF check, abi_stable's version and layout checks), in a child process, without
+/// building a sink or starting anything: `trail plugin check`.
+pub fn check_library(file: &Path) -> Result<LibraryCheck, CheckError> {
+    let identity = loader::identify(file);
+    let request = Request {
+        file: file.to_owned(),
+        plugin: identity.name.clone(),
+        sinks: Vec::new(),
+    };
+    let answer = in_child(&request).map_err(|kind| CheckError {
+        file: file.to_owned(),
+        kind,
+    })?;
+    Ok(LibraryCheck {
+        identity,
+        build: answer.build,
+        problems: answer.problems,
+    })
 }
 
 /// A library that `validate` could not check in a child process.
@@ -103,8 +164,8 @@ pub enum CheckErrorKind {
     NoAnswer(std::process::ExitStatus),
 }
 
-/// Runs the check of one library in a child process; returns the problems it reported.
-fn in_child(request: &Request) -> Result<Vec<String>, CheckErrorKind> {
+/// Runs the check of one library in a child process; returns its answer.
+fn in_child(request: &Request) -> Result<Answer, CheckErrorKind> {
     let mut child = Command::new("/proc/self/exe")
         .arg(SUBCOMMAND)
         .stdin(Stdio::piped())
@@ -129,7 +190,7 @@ fn in_child(request: &Request) -> Result<Vec<String>, CheckErrorKind> {
         .rev()
         .find_map(|l| serde_json::from_str::<Answer>(l).ok());
     match answer {
-        Some(a) if out.status.success() => Ok(a.problems),
+        Some(a) if out.status.success() => Ok(a),
         _ => Err(CheckErrorKind::NoAnswer(out.status)),
     }
 }
@@ -161,10 +222,13 @@ struct SinkRequest {
     config: String,
 }
 
-/// What the checking process answers: the build it loaded (`name version (api X.Y)`), and its problems.
+/// What the checking process answers: the build it loaded (`name version (api X.Y)`, and each part), and its
+/// problems.
 #[derive(Serialize, Deserialize)]
 struct Answer {
     plugin: Option<String>,
+    #[serde(default)]
+    build: Option<BuildInfo>,
     problems: Vec<String>,
 }
 
@@ -186,6 +250,7 @@ pub fn child_main() -> i32 {
     };
     let mut problems = Vec::new();
     let mut described = None;
+    let mut build = None;
     match Loader::temporary() {
         Err(e) => problems.push(format!(
             "cannot make a private directory for plugin copies: {e}"
@@ -194,6 +259,11 @@ pub fn child_main() -> i32 {
             Err(e) => problems.push(Problem::Load(e).to_string()),
             Ok(plugin) => {
                 described = Some(plugin.describe());
+                build = Some(BuildInfo {
+                    name: plugin.name.clone(),
+                    version: plugin.version.clone(),
+                    api_version: plugin.api_version.clone(),
+                });
                 for sink in &request.sinks {
                     match plugin.instantiate(&sink.name, &sink.config) {
                         Ok(mut instance) => {
@@ -207,6 +277,7 @@ pub fn child_main() -> i32 {
     }
     let answer = Answer {
         plugin: described,
+        build,
         problems,
     };
     println!("{}", serde_json::to_string(&answer).expect("serializable"));

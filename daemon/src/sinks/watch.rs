@@ -1,14 +1,17 @@
 //! Watching the plugin directory for new and replaced libraries.
 //!
 //! Owns the `notify` watcher. It watches the directory, not the files (a watch on a file is lost when the file is
-//! replaced by a rename), debounces events, and hands changed library paths to a reload thread, which waits for
-//! each file to be complete before loading it. `SIGHUP` and `trail reload` do the same work by rescanning, for
-//! hosts where inotify is unreliable.
+//! replaced by a rename), debounces events, and hands each changed library path to a thread of its own, which
+//! waits for that file to be complete before loading it: a file still being written, or a stray file that never
+//! becomes a library, is waited for without holding up the others (only loading and swapping go one at a time,
+//! in [`Sinks::reload_file`]). A change to a file whose thread is still at work is left to that thread, which
+//! looks at the file again when it is done. `SIGHUP` and `trail reload` do the same work by rescanning, for hosts
+//! where inotify is unreliable.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use notify::{EventKind, RecursiveMode};
@@ -59,16 +62,12 @@ pub fn start(sinks: Arc<Sinks>) -> notify::Result<Watcher> {
     std::thread::Builder::new()
         .name("trail-reload".into())
         .spawn(move || {
-            while let Ok(mut paths) = rx.recv() {
-                // Coalesce what arrived meanwhile.
-                while let Ok(more) = rx.try_recv() {
-                    paths.extend(more);
-                }
-                paths.sort();
-                paths.dedup();
+            // The files whose thread is at work, each with whether it changed again meanwhile.
+            let busy: Arc<Mutex<HashMap<PathBuf, bool>>> = Arc::default();
+            while let Ok(paths) = rx.recv() {
                 for path in paths {
                     debug!(file = %path.display(), "plugin file changed");
-                    sinks.reload_file(&path, true);
+                    reload_on_its_own(&sinks, &busy, path);
                 }
             }
         })
@@ -76,6 +75,37 @@ pub fn start(sinks: Arc<Sinks>) -> notify::Result<Watcher> {
     Ok(Watcher {
         _debouncer: debouncer,
     })
+}
+
+/// Reloads `path` on a thread of its own, unless one is at work on it already (which then looks again).
+fn reload_on_its_own(sinks: &Arc<Sinks>, busy: &Arc<Mutex<HashMap<PathBuf, bool>>>, path: PathBuf) {
+    let lock = || busy.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(again) = lock().get_mut(&path) {
+        *again = true;
+        return;
+    }
+    lock().insert(path.clone(), false);
+    let (sinks, busy_here, file) = (sinks.clone(), busy.clone(), path.clone());
+    let spawned = std::thread::Builder::new()
+        .name("trail-reload-file".into())
+        .spawn(move || {
+            let lock = || busy_here.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                sinks.reload_file(&file, true);
+                let mut busy = lock();
+                match busy.get_mut(&file) {
+                    Some(again) if *again => *again = false,
+                    _ => {
+                        busy.remove(&file);
+                        return;
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        error!(file = %path.display(), error = %e, "cannot start a thread to reload a plugin file; reload with SIGHUP or `trail reload`");
+        lock().remove(&path);
+    }
 }
 
 /// Looks for stuck sinks ([`Sinks::watch_stuck`]) once a second until `done`.

@@ -6,7 +6,9 @@
 //! one record to the dead-letter file and delivery goes on; a panic drops the instance and builds a fresh one.
 //! Every generation, the first included, is two-phase (see [`super::generation`]): `Prepare` builds the new
 //! instance here, `Commit` flushes and closes the old one (if any) and continues from the same position with the
-//! new one, `Abort` discards it. A worker delivers nothing before its first `Commit`.
+//! new one, `Abort` discards it. The first generation's swap is `Start`, which brings the worker its reader of the
+//! spool (opened only once every sink's first instance was built): a worker delivers nothing, and touches no
+//! spool file, before it.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,6 +45,11 @@ pub enum Control {
     },
     /// Switch to the prepared instance.
     Commit,
+    /// Start delivering with the prepared instance, reading the spool with `reader`: the first generation's swap.
+    Start {
+        /// The sink's reader of the spool (boxed: it is large, and sent once).
+        reader: Box<spool::Reader>,
+    },
     /// Discard the prepared instance.
     Abort,
     /// Deliver the dead letters again.
@@ -119,8 +126,6 @@ pub(crate) fn now_ms() -> u64 {
 pub struct Worker {
     /// The sink's configuration.
     pub config: SinkConfig,
-    /// The sink's reader of the spool.
-    pub reader: spool::Reader,
     /// The serving build.
     pub plugin: Arc<Plugin>,
     /// Control messages.
@@ -140,6 +145,7 @@ enum Flow {
 
 struct State {
     w: Worker,
+    reader: spool::Reader,
     instance: Option<SinkBox>,
     prepared: Option<(Arc<Plugin>, SinkBox)>,
     /// The configuration that comes with the prepared instance, when a reload changed it.
@@ -152,28 +158,24 @@ struct State {
 }
 
 impl Worker {
-    /// Runs until [`Control::Stop`]: waits for its first generation (`Prepare`, then `Commit`), then delivers.
-    pub fn run(self) {
+    /// Runs until [`Control::Stop`]: waits for its first generation (`Prepare`, then `Start`), then delivers.
+    pub fn run(mut self) {
         let name = self.config.name.clone();
+        let Some((reader, prepared)) = self.first_generation() else {
+            return;
+        };
         let mut s = State {
             w: self,
+            reader,
             instance: None,
-            prepared: None,
+            prepared: Some(prepared),
             prepared_config: None,
             serving: false,
             attempt: 0,
             cursor_saved: Instant::now(),
             stopping: false,
         };
-        while !s.serving {
-            if let Flow::Stop = s.handle_controls(POLL) {
-                // Never served: nothing to flush, close or save.
-                if let Some((_, mut instance)) = s.prepared.take() {
-                    let _ = instance.close();
-                }
-                return;
-            }
-        }
+        s.swap();
         s.w.status.progress();
         info!(sink = %name, plugin = %s.w.plugin.describe(), "sink started");
         while !s.stopping {
@@ -204,6 +206,59 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// Before the first generation: builds instances when asked (`Prepare`), discards them (`Abort`), until
+    /// `Start` (the reader, and the instance built last) or `Stop` (`None`: never served, so nothing to flush or
+    /// save).
+    fn first_generation(&mut self) -> Option<(spool::Reader, (Arc<Plugin>, SinkBox))> {
+        let mut prepared: Option<(Arc<Plugin>, SinkBox)> = None;
+        let close = |prepared: &mut Option<(Arc<Plugin>, SinkBox)>| {
+            if let Some((_, mut instance)) = prepared.take() {
+                let _ = instance.close();
+            }
+        };
+        loop {
+            match self.control.recv() {
+                Err(_) | Ok(Control::Stop) => {
+                    close(&mut prepared);
+                    return None;
+                }
+                Ok(Control::Prepare {
+                    plugin,
+                    config,
+                    reply,
+                }) => {
+                    close(&mut prepared);
+                    let result = plugin
+                        .instantiate(
+                            &self.config.name,
+                            &config_json(config.as_deref().unwrap_or(&self.config)),
+                        )
+                        .map(|instance| prepared = Some((plugin, instance)));
+                    if let (Ok(()), Some(config)) = (&result, config) {
+                        // Not serving yet: the new configuration is the sink's from now on.
+                        self.config = *config;
+                    }
+                    let _ = reply.send(result);
+                }
+                Ok(Control::Abort) => close(&mut prepared),
+                Ok(Control::Start { reader }) => match prepared.take() {
+                    Some(p) => return Some((*reader, p)),
+                    None => {
+                        error!(sink = %self.config.name, "told to start without a built instance");
+                        return None;
+                    }
+                },
+                // Nothing serves yet: nothing to swap or replay.
+                Ok(Control::Commit) => {}
+                Ok(Control::Replay { reply }) => {
+                    let _ = reply.send(ReplayReport::default());
+                }
+            }
+        }
+    }
+}
+
 impl State {
     fn name(&self) -> &str {
         &self.w.config.name
@@ -217,7 +272,7 @@ impl State {
         let mut bytes = 0usize;
         let mut end = None;
         let mut first_at: Option<Instant> = None;
-        let start = self.w.reader.position();
+        let start = self.reader.position();
         loop {
             let wait = match first_at {
                 None => POLL,
@@ -234,10 +289,7 @@ impl State {
                     (room_events as u64 * (spooled / n as u64).max(1)).min(room_bytes as u64)
                 }
             };
-            let read = self
-                .w
-                .reader
-                .next(room_events, room_bytes, min_bytes, wait)?;
+            let read = self.reader.next(room_events, room_bytes, min_bytes, wait)?;
             if read.dropped > 0 {
                 self.dropped(read.dropped);
             }
@@ -277,7 +329,7 @@ impl State {
             }
             if confirm {
                 // The spool filled up while this batch was failing (`drop_oldest`): skip what is now dropped.
-                let floor = self.w.reader.floor();
+                let floor = self.reader.floor();
                 let skip = entries[i..].iter().take_while(|e| e.end <= floor).count();
                 if skip > 0 {
                     i += skip;
@@ -398,7 +450,7 @@ impl State {
     fn confirm(&mut self, end: Option<u64>, force: bool) {
         let Some(end) = end else { return };
         let due = force || self.cursor_saved.elapsed() >= CURSOR_EVERY;
-        if let Err(e) = self.w.reader.confirm(end, due) {
+        if let Err(e) = self.reader.confirm(end, due) {
             error!(sink = %self.name(), error = %e, "cannot save the sink's position");
         } else if due {
             self.cursor_saved = Instant::now();
@@ -432,14 +484,9 @@ impl State {
                     self.prepared_config = config.filter(|_| result.is_ok());
                     let _ = reply.send(result);
                 }
-                Control::Commit => {
-                    let first = !self.serving;
-                    self.swap();
-                    if first {
-                        // The first generation: start delivering now.
-                        return Flow::Continue;
-                    }
-                }
+                Control::Commit => self.swap(),
+                // Only the first generation starts, before this loop runs.
+                Control::Start { .. } => {}
                 Control::Abort => {
                     self.prepared_config = None;
                     if let Some((_, mut instance)) = self.prepared.take() {
@@ -550,7 +597,7 @@ impl State {
         if let Some((_, mut instance)) = self.prepared.take() {
             let _ = instance.close();
         }
-        let confirmed = self.w.reader.confirmed();
+        let confirmed = self.reader.confirmed();
         self.confirm(Some(confirmed), true);
     }
 }

@@ -11,12 +11,17 @@
 //! - lend instances batches of realistic records ([`events`], [`write`]) and deliver them by the
 //!   host's rule for each error kind ([`deliver`], which applies
 //!   [`ErrorKind::host_action`], the function trail's sink worker applies);
-//! - make test certificate authorities ([`tls`]).
+//! - make test certificate authorities (`tls`, with the feature `tls`).
+//!
+//! It is installed with trail as part of the SDK (`/usr/share/trail/sdk/testkit`, beside the API crate in
+//! `/usr/share/trail/sdk/plugin-api`): a plugin crate made by `trail plugin new` has it as a dev-dependency, and
+//! its `tests/` build the plugin with [`Build`], load it with [`Plugin::load`] and drive it with [`deliver`].
 //!
 //! It owns no knowledge of any particular plugin and must not grow any: what a peer received is
 //! each test's business. It never starts the daemon and does not depend on it; trail's own
 //! integration tests start the daemon with a separate, daemon-side kit.
 
+#[cfg(feature = "tls")]
 pub mod tls;
 
 use std::{
@@ -41,16 +46,31 @@ use trail_plugin_api::{
     },
 };
 
-/// The root of the workspace this crate is in (trail's): where [`built_plugin`] builds.
+/// The root of the workspace this crate is in (trail's): where [`built_plugin`] builds. Only
+/// meaningful inside trail's repository; a plugin of its own builds with [`Build::new`].
 pub fn workspace() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
 }
 
-/// The target directory of nested builds in [`workspace`]: `target/plugin-tests`. A separate
-/// one: the `cargo test` or `cargo bench` that runs the caller may still hold the lock of the
-/// default one, and a nested build there would wait for it forever.
+/// The target directory of nested builds: `plugin-tests` in the target directory of the running
+/// test or benchmark (found from its path, `<target>/<profile>/deps/<binary>`), or
+/// `target/plugin-tests` in [`workspace`] when that cannot be told. A separate one: the `cargo
+/// test` or `cargo bench` that runs the caller holds the lock of its own, and a nested build there
+/// would wait for it forever.
 pub fn target_dir() -> PathBuf {
-    workspace().join("target").join("plugin-tests")
+    outer_target()
+        .unwrap_or_else(|| workspace().join("target"))
+        .join("plugin-tests")
+}
+
+/// The target directory of the running test binary, from its path.
+fn outer_target() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let deps = exe.parent()?;
+    if deps.file_name()? != "deps" {
+        return None;
+    }
+    Some(deps.parent()?.parent()?.to_owned())
 }
 
 /// How a plugin is compiled.
@@ -82,7 +102,7 @@ impl Profile {
 /// let libraries = Build::new(env!("CARGO_MANIFEST_DIR"), &["acme-sink"])
 ///     .profile(Profile::Release)
 ///     .run();
-/// // libraries[0] is `<dir>/target/plugin-tests/staged/default/libacme_sink.so`
+/// // libraries[0] is `target/plugin-tests/staged/default/libacme_sink.so`
 /// ```
 ///
 /// One build runs at a time in a process; the staged copies are written aside and renamed into
@@ -99,11 +119,12 @@ pub struct Build {
 
 impl Build {
     /// Builds `packages` of the package or workspace in `dir`, with the debug profile, in
-    /// `<dir>/target/plugin-tests`, staging the libraries in `<target>/staged/default/`.
+    /// [`target_dir`] (`<the caller's target directory>/plugin-tests`), staging the libraries in
+    /// `<target>/staged/default/`.
     pub fn new(dir: impl Into<PathBuf>, packages: &[&str]) -> Self {
         let dir = dir.into();
         Self {
-            target_dir: dir.join("target").join("plugin-tests"),
+            target_dir: target_dir(),
             dir,
             packages: packages.iter().map(|p| p.to_string()).collect(),
             profile: Profile::Debug,
