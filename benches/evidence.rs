@@ -7,7 +7,9 @@
 //! - search for one hour out of the month (first run in a fresh process, then warm), in-process and through the
 //!   `trail` binary;
 //! - a full scan for a rare actor id (MB/s of records);
-//! - `verify` over everything (MB/s);
+//! - `verify` over everything (MB/s), the chain and the Merkle tree;
+//! - `trail prove` of one record against a checkpoint over all of them (the tree cache is built once, with the
+//!   daemon's code, beside the generated log);
 //! - the cost of sealing a record into the chain, and the ingest rate of the real daemon (release `traild`,
 //!   `fsync: always`, 4 pipelining clients), giving the share of ingest time spent hashing.
 //!
@@ -18,8 +20,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use trail::log::{chain, files, index};
-use trail::tools::{search, verify};
+use trail::log::{chain, checkpoint, files, index, tree};
+use trail::tools::{prove, search, verify};
 use trail_test_kit::load::{self, Plan};
 use trail_test_kit::{Daemon, Setup};
 
@@ -42,6 +44,15 @@ fn main() {
         let t = Instant::now();
         generate(&dir, events);
         println!("generated {events} records in {:.1?}", t.elapsed());
+    }
+    // The tree cache and a checkpoint over every record, as the daemon's checkpoint at stop leaves them.
+    if !dir.join("done-tree").exists() {
+        let t = Instant::now();
+        seal_tree(&dir);
+        println!(
+            "tree cache and a checkpoint over {events} records in {:.1?}",
+            t.elapsed()
+        );
     }
     let total: u64 = files::list(&dir)
         .unwrap()
@@ -140,7 +151,71 @@ fn main() {
         report.bytes as f64 / 1e6 / secs
     );
 
+    // trail prove: one record's inclusion proof against the checkpoint over all of them (in-process, then the
+    // command with its process start, output to a file).
+    for seq in [1, events / 2 + 1, events] {
+        let t = Instant::now();
+        let bundle = prove::prove(&dir, seq, None).unwrap();
+        let took = t.elapsed();
+        let prove::Bundle::Inclusion { proof, .. } = &bundle else {
+            panic!("an inclusion bundle")
+        };
+        println!(
+            "prove seq {seq} (in-process): {:.1?}, {} hashes",
+            took,
+            proof.len()
+        );
+    }
+    for seq in [events / 3, events] {
+        let t = Instant::now();
+        let out = std::process::Command::new(trail_bin)
+            .args(["prove", &seq.to_string(), "--dir", dir.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let took = t.elapsed();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!(
+            "prove seq {seq} (CLI: trail prove {seq} --dir … > file): {:.1?}, {} bytes",
+            took,
+            out.stdout.len()
+        );
+    }
+
     hashing_overhead();
+}
+
+/// Builds the tree cache of the log in `dir` with the daemon's own code and writes one checkpoint (with its tree
+/// and note) over every record, signed by a key kept beside the log directory.
+fn seal_tree(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir.join(tree::DIR));
+    let _ = std::fs::remove_dir_all(dir.join(checkpoint::DIR));
+    let key = dir.with_extension("pem");
+    let signer = checkpoint::Signer::load_or_generate(&key).unwrap();
+    let entries: Vec<checkpoint::FileEntry> = files::list(dir)
+        .unwrap()
+        .iter()
+        .map(|f| index::summary(f).unwrap())
+        .collect();
+    let last = entries.last().unwrap().clone();
+    let body = checkpoint::Body {
+        checkpoint: 2,
+        created_at: "2026-12-01T00:00:00.000000000Z".into(),
+        reason: "stop".into(),
+        seq: last.last_seq,
+        hash: last.last_hash.unwrap(),
+        files: entries,
+        tree_size: None,
+        tree_root: None,
+        key: signer.public_hex(),
+    };
+    let cache = std::sync::Mutex::new(tree::Cache::open(dir, true).unwrap());
+    let (_, failed) = checkpoint::write_with_tree(dir, &signer, Some(&cache), body).unwrap();
+    assert!(failed.is_none(), "{failed:?}");
+    std::fs::write(dir.join("done-tree"), b"").unwrap();
 }
 
 /// Writes `events` records over [`DAYS`] days into daily files, sealed into one chain, with indexes.

@@ -332,6 +332,69 @@ fn an_untouched_log_verifies_after_restarts_rotations_compression_and_retention(
     );
     let (code, out) = verify(&daemon.log_dir, &public_key(&daemon));
     assert_eq!(code, 0, "{out}");
+    // The deletion records keep the Merkle tree at the deleted file's end, and verify checks the roots of the
+    // checkpoints that remain from it.
+    let frontier = deletion["payload"]["tree_frontier"].as_array().unwrap();
+    let size = deletion["payload"]["tree_size"].as_u64().unwrap();
+    assert_eq!(frontier.len() as u32, size.count_ones(), "{deletion}");
+    assert!(
+        out.contains("roots were checked from the tree that the deletion record of"),
+        "{out}"
+    );
+    assert!(!out.contains("roots were not checked"), "{out}");
+    // So a checkpoint signed (with the key) over another tree is caught after retention too.
+    let forged = tempfile::tempdir().unwrap();
+    copy_dir(&daemon.log_dir, forged.path());
+    let newest = trail::log::checkpoint::list(forged.path()).pop().unwrap();
+    let mut cp = trail::log::checkpoint::Checkpoint::parse(&std::fs::read(&newest).unwrap())
+        .unwrap()
+        .body;
+    assert!(cp.tree_root.is_some(), "{cp:?}");
+    std::fs::remove_file(&newest).unwrap();
+    cp.tree_root = Some(trail::log::chain::hex(&[9; 32]));
+    let signer = trail::log::checkpoint::Signer::load_or_generate(
+        &daemon.path("keys/checkpoint-ed25519.pem"),
+    )
+    .unwrap();
+    trail::log::checkpoint::write(forged.path(), &signer, &cp).unwrap();
+    let (code, out) = verify(forged.path(), &public_key(&daemon));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("is not the one checkpoint"), "{out}");
+    // What remains can still be proved: the first record left (in a compressed file), the last one, and that the
+    // newest checkpoint extends the oldest left; checked by trail verify-proof and by the RFC 9162 checker.
+    let remaining = all_records(&daemon.log_dir);
+    let log = daemon.log_dir.to_str().unwrap().to_owned();
+    let scratch = tempfile::tempdir().unwrap();
+    for line in [&remaining[0], remaining.last().unwrap()] {
+        let seq = seq_of(line).to_string();
+        let (code, bundle, err) = trail(&["prove", &seq, "--dir", &log], "");
+        assert_eq!(code, 0, "seq {seq}: {err}");
+        let b: Value = serde_json::from_str(&bundle).unwrap();
+        assert_eq!(b["line"], json!(line));
+        assert_eq!(
+            check_bundle(scratch.path(), &public_key(&daemon), &bundle),
+            (0, true),
+            "seq {seq}: {bundle}"
+        );
+    }
+    let cps = trail::log::checkpoint::list(&daemon.log_dir);
+    let (code, bundle, err) = trail(
+        &[
+            "prove",
+            "--dir",
+            &log,
+            "--consistency",
+            cps[0].to_str().unwrap(),
+            cps.last().unwrap().to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        check_bundle(scratch.path(), &public_key(&daemon), &bundle),
+        (0, true),
+        "{bundle}"
+    );
     // Without the key, signatures are still checked for consistency and the report says so.
     let (code, out, _) = trail(&["verify", daemon.log_dir.to_str().unwrap()], "");
     assert_eq!(code, 0, "{out}");
@@ -1401,22 +1464,7 @@ fn checkpoints_sign_the_rfc_9162_tree_of_the_record_lines_also_as_a_c2sp_note() 
     // checker written from RFC 9162 in Python.
     let key_file = public_key(&daemon);
     let log = daemon.log_dir.to_str().unwrap().to_owned();
-    let check = |bundle: &str| -> (i32, bool) {
-        let path = dir.path().join("bundle.json");
-        std::fs::write(&path, bundle).unwrap();
-        let (code, out, err) = trail(
-            &["verify-proof", path.to_str().unwrap(), "--key", &key_file],
-            "",
-        );
-        assert!(code != 2, "{out}{err}");
-        let python = std::process::Command::new("python3")
-            .arg("-c")
-            .arg(RFC9162_PY)
-            .arg(&path)
-            .output()
-            .unwrap();
-        (code, python.status.success())
-    };
+    let check = |bundle: &str| check_bundle(dir.path(), &key_file, bundle);
     let zst_seq = log_files(&daemon.log_dir)
         .iter()
         .find(|f| name(f).ends_with(".zst"))
@@ -1468,6 +1516,25 @@ fn checkpoints_sign_the_rfc_9162_tree_of_the_record_lines_also_as_a_c2sp_note() 
         b["proof"][0] = json!(trail::log::tree::leaf_hash(b"other").to_string());
         assert_eq!(check(&b.to_string()), (1, false));
     }
+}
+
+/// Checks a bundle of `trail prove` with `trail verify-proof --key KEY` and with the RFC 9162 checker in Python
+/// (written to `dir`): (verify-proof's exit code, whether the Python checker accepted it).
+fn check_bundle(dir: &Path, key_file: &str, bundle: &str) -> (i32, bool) {
+    let path = dir.join("bundle.json");
+    std::fs::write(&path, bundle).unwrap();
+    let (code, out, err) = trail(
+        &["verify-proof", path.to_str().unwrap(), "--key", key_file],
+        "",
+    );
+    assert!(code != 2, "{out}{err}");
+    let python = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(RFC9162_PY)
+        .arg(&path)
+        .output()
+        .unwrap();
+    (code, python.status.success())
 }
 
 /// RFC 9162's inclusion (2.1.3.2) and consistency (2.1.4.2) verification, written from the RFC: checks a bundle of

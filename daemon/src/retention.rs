@@ -7,7 +7,9 @@
 //! Deletion keeps the chain verifiable: before a file is deleted, a `trail_log_file_deleted` record naming it,
 //! its `seq` range and the hash of its last record is written to the log (through the journal, like any of the
 //! daemon's own events); the file is deleted only once that record is durable, and only ever the oldest files,
-//! so the log never has holes. The spool refers to records that are in the log instead of holding them twice, so
+//! so the log never has holes. The record also keeps the Merkle tree as it stood at the file's last record (size,
+//! root and the compact range, `tree_frontier`), so that `trail verify` can check the roots of the checkpoints
+//! that follow from the records that remain; a file waits until the tree cache covers it. The spool refers to records that are in the log instead of holding them twice, so
 //! a file is never deleted while it holds a record some sink has not confirmed: retention waits for the sinks.
 //!
 //! Compression is crash-safe: `X.jsonl.zst` is written aside, synced and renamed into place before `X.jsonl` is
@@ -30,6 +32,7 @@ use crate::config::LogConfig;
 use crate::log::checkpoint::{self, FileEntry};
 use crate::log::files::{self, LogFile};
 use crate::log::index::{self, Index};
+use crate::log::{chain, tree};
 
 /// zstd level for closed files: fast, and about 8x on audit records.
 const LEVEL: i32 = 3;
@@ -70,6 +73,8 @@ pub struct Expired {
     pub records: u64,
     /// `age` or `size`.
     pub reason: &'static str,
+    /// The Merkle tree at its last record (none when the log has no tree: no checkpoint computed one).
+    pub tree: Option<tree::At>,
 }
 
 /// Indexes and (per policy) compresses every closed file of `dir`, then returns the files retention expires at
@@ -144,12 +149,31 @@ pub fn tidy(
             );
             break;
         }
+        // The deletion record keeps the tree at the file's last record, so that the roots of the checkpoints
+        // after it can still be checked from the records that remain. The rotation's checkpoint brings the tree
+        // cache up to the file's end; until it has, the file waits.
+        let tree = match entry.last_seq.map(|s| tree::at(dir, s)) {
+            None => None,
+            Some(Ok(t)) => t,
+            Some(Err(e @ tree::Error::Behind { .. })) => {
+                info!(file = %f.path.display(), reason, error = %e, "an expired log file is kept until the tree cache covers it");
+                break;
+            }
+            Some(Err(e)) => {
+                warn!(
+                    file = %f.path.display(), error = %e,
+                    "the deletion record cannot keep the Merkle tree: trail verify will not check the roots after it"
+                );
+                None
+            }
+        };
         total -= ix.size;
         expired.push(Expired {
             file: f.clone(),
             entry,
             records: ix.records,
             reason,
+            tree,
         });
     }
     Ok(expired)
@@ -354,6 +378,16 @@ pub fn deletion_request(e: &Expired) -> Vec<u8> {
     if let (Some(seq), Some(hash)) = (e.entry.last_seq, &e.entry.last_hash) {
         payload["last_seq"] = json!(seq);
         payload["last_hash"] = json!(hash);
+    }
+    if let Some(t) = &e.tree {
+        payload["tree_size"] = json!(t.size);
+        payload["tree_root"] = json!(chain::hex(&t.root.0));
+        payload["tree_frontier"] = json!(
+            t.frontier
+                .iter()
+                .map(|h| chain::hex(&h.0))
+                .collect::<Vec<_>>()
+        );
     }
     let request = json!({
         "type": "trail_log_file_deleted",

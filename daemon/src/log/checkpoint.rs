@@ -361,7 +361,10 @@ pub fn write_with_tree(
     if let Some(tree) = tree {
         let mut cache = tree.lock().unwrap_or_else(|p| p.into_inner());
         let computed = cache.catch_up(log_dir, body.seq).and_then(|()| {
-            let size = body.seq.map_or(0, |s| cache.size_at(s));
+            let size = match body.seq {
+                Some(s) => cache.size_at(s)?,
+                None => 0,
+            };
             Ok((size, cache.root(size)?))
         });
         match computed {

@@ -12,9 +12,11 @@
 //! `seq`. Hashing, proofs and the stored-hash layout are `tlog_tiles`' (the port of Go's `sumdb/tlog`).
 //!
 //! The cache (`log.dir/tree/`: `hashes`, every stored hash in `tlog` order, 32 bytes each; `seqs`, the `seq` of
-//! every leaf, 8 bytes big-endian) makes roots and proofs fast. It is rebuildable from the log files (while they
-//! are all present) and never evidence: a proof is checked against a signed root, and `trail prove` checks each
-//! leaf it uses against the record line it reads from the log.
+//! every leaf, 8 bytes big-endian) makes roots and proofs fast; both stay on disk and are read as needed, so the
+//! daemon's memory does not grow with the log. It is rebuildable from the log files (while they are all present)
+//! and never evidence: a proof is checked against a signed root, and `trail prove` checks each leaf it uses against
+//! the record line it reads from the log. When retention deletes a file, its deletion record keeps the tree at the
+//! file's last record ([`at`]: size, root, frontier), from which `trail verify` grows the tree of what remains.
 
 use std::fs::File;
 use std::io;
@@ -58,6 +60,24 @@ impl Compact {
         self.size += 1;
     }
 
+    /// The tree of `size` leaves whose [`Cache::frontier`] is `frontier`, to grow on from there; `None` when the
+    /// number of hashes is not the number of ones in `size`.
+    pub fn from_frontier(size: u64, frontier: &[Hash]) -> Option<Compact> {
+        let heights = (0..64u32).rev().filter(|h| size & (1 << h) != 0);
+        if frontier.len() != size.count_ones() as usize {
+            return None;
+        }
+        Some(Compact {
+            stack: frontier.iter().copied().zip(heights).collect(),
+            size,
+        })
+    }
+
+    /// The roots of its perfect subtrees, largest first (see [`Cache::frontier`]).
+    pub fn frontier(&self) -> Vec<Hash> {
+        self.stack.iter().map(|&(h, _)| h).collect()
+    }
+
     /// Leaves added.
     pub fn size(&self) -> u64 {
         self.size
@@ -98,31 +118,104 @@ pub enum Error {
         /// The cache.
         dir: PathBuf,
     },
+    /// The cache does not hold the record yet (the checkpoint that brings it up to date is still being written).
+    #[error("the tree cache {} holds the records up to seq {last}, not yet seq {seq}", dir.display())]
+    Behind {
+        /// The record asked for.
+        seq: u64,
+        /// The last one the cache holds.
+        last: u64,
+        /// The cache.
+        dir: PathBuf,
+    },
     /// A proof could not be computed.
     #[error("{0}")]
     Proof(String),
+}
+
+/// The tree as it stood at one record: what a deletion record keeps of the leaves it removes, so that the tree
+/// can be checked and grown on from the records that remain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct At {
+    /// Leaves up to and including the record.
+    pub size: u64,
+    /// The root of that tree.
+    pub root: Hash,
+    /// Its compact range ([`Cache::frontier`]).
+    pub frontier: Vec<Hash>,
+}
+
+/// The tree at record `seq` of the log in `log_dir`, read from its cache: `None` when the cache holds nothing (no
+/// checkpoint has computed a tree), [`Error::Behind`] when it does not reach `seq` yet.
+pub fn at(log_dir: &Path, seq: u64) -> Result<Option<At>, Error> {
+    let cache = Cache::open(log_dir, false)?;
+    let Some(last) = cache.last_seq() else {
+        return Ok(None);
+    };
+    if last < seq {
+        return Err(Error::Behind {
+            seq,
+            last,
+            dir: cache.dir,
+        });
+    }
+    let size = cache.size_at(seq)?;
+    let frontier = cache.frontier(size)?;
+    let root = Compact::from_frontier(size, &frontier)
+        .expect("one hash per one in size")
+        .root();
+    Ok(Some(At {
+        size,
+        root,
+        frontier,
+    }))
 }
 
 /// Stored hashes held in memory at most before an update writes them to the cache (2 MiB).
 const FLUSH_HASHES: usize = 1 << 16;
 
 /// The tree's cache: stored hashes and the `seq` of every leaf, kept beside the log.
+///
+/// Memory does not grow with the log: both lists stay on disk and are read with `pread` (a leaf's `seq` by binary
+/// search, about 22 reads for 3 million records); only what an update appended and has not written out yet is
+/// held, at most [`FLUSH_HASHES`] hashes and their leaves' `seq`s. A cache opened without `write` and without files
+/// (a tool building a tree nobody keeps) holds everything in memory; tools that build a whole tree give it a
+/// directory instead.
 pub struct Cache {
     dir: PathBuf,
     hashes: Option<File>,
     seqs: Option<File>,
-    /// Leaves held (on disk and in `tail`).
+    /// Opened for writing: `flush` writes out what was appended.
+    write: bool,
+    /// Leaves held (on disk and in `seq_tail`).
     n: u64,
     /// Stored hashes on disk.
     on_disk: u64,
-    /// `seq` of every leaf (the whole list is small: 8 bytes a record).
-    leaf_seqs: Vec<u64>,
     /// Leaf seqs on disk.
-    seqs_on_disk: usize,
+    seqs_on_disk: u64,
+    /// The `seq` of the leaves appended and not yet written.
+    seq_tail: Vec<u64>,
+    /// The last leaf's `seq`.
+    last: Option<u64>,
     /// Stored hashes not yet written.
     tail: Vec<Hash>,
     /// Where reading the log continues: a file name and the offset after the last leaf read from it.
     resume: Option<(String, u64)>,
+}
+
+/// The largest number of leaves whose stored hashes fit in `stored` hashes.
+fn leaves_in(stored: u64) -> u64 {
+    // stored_hash_count(n) is 2n minus the number of ones in n: increasing, and at least n.
+    let (mut lo, mut hi) = (0u64, stored);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if stored_hash_count(mid) <= stored {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    lo
 }
 
 impl Cache {
@@ -160,38 +253,35 @@ impl Cache {
             (_, Err(e)) if write => return Err(io(&seqs_path)(e)),
             _ => (None, None),
         };
-        let mut leaf_seqs = Vec::new();
-        let mut stored = 0;
+        let mut n = 0;
         if let (Some(h), Some(s)) = (&hashes, &seqs) {
-            let mut bytes = Vec::new();
-            io::Read::read_to_end(&mut &*s, &mut bytes).map_err(io(&seqs_path))?;
-            leaf_seqs = bytes
-                .chunks_exact(8)
-                .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
-                .collect();
-            stored = h.metadata().map_err(io(&hashes_path))?.len() / 32;
+            let stored = h.metadata().map_err(io(&hashes_path))?.len() / 32;
+            let seq_count = s.metadata().map_err(io(&seqs_path))?.len() / 8;
             // A crash may leave one file ahead of the other: keep what both hold.
-            while !leaf_seqs.is_empty() && stored_hash_count(leaf_seqs.len() as u64) > stored {
-                leaf_seqs.pop();
-            }
-            stored = stored_hash_count(leaf_seqs.len() as u64);
+            n = seq_count.min(leaves_in(stored));
             if write {
-                h.set_len(stored * 32).map_err(io(&hashes_path))?;
-                s.set_len(leaf_seqs.len() as u64 * 8)
-                    .map_err(io(&seqs_path))?;
+                h.set_len(stored_hash_count(n) * 32)
+                    .map_err(io(&hashes_path))?;
+                s.set_len(n * 8).map_err(io(&seqs_path))?;
             }
         }
-        Ok(Cache {
+        let mut cache = Cache {
             dir,
-            n: leaf_seqs.len() as u64,
-            on_disk: stored,
-            seqs_on_disk: leaf_seqs.len(),
-            leaf_seqs,
-            hashes: hashes.filter(|_| write || stored > 0),
+            n,
+            on_disk: stored_hash_count(n),
+            seqs_on_disk: n,
+            seq_tail: Vec::new(),
+            last: None,
+            hashes: hashes.filter(|_| write || n > 0),
             seqs,
+            write,
             tail: Vec::new(),
             resume: None,
-        })
+        };
+        if n > 0 {
+            cache.last = Some(cache.seq_at(n - 1)?);
+        }
+        Ok(cache)
     }
 
     /// Leaves held.
@@ -206,24 +296,81 @@ impl Cache {
 
     /// The last `seq` held.
     pub fn last_seq(&self) -> Option<u64> {
-        self.leaf_seqs.last().copied()
+        self.last
+    }
+
+    /// Bytes held in memory for leaves not yet written out (bounded for a cache opened for writing).
+    pub fn held_bytes(&self) -> usize {
+        self.tail.capacity() * std::mem::size_of::<Hash>()
+            + self.seq_tail.capacity() * std::mem::size_of::<u64>()
+    }
+
+    /// The `seq` of leaf `index` (below [`Cache::len`]).
+    fn seq_at(&self, index: u64) -> Result<u64, Error> {
+        if index >= self.seqs_on_disk {
+            return Ok(self.seq_tail[(index - self.seqs_on_disk) as usize]);
+        }
+        let path = || self.dir.join("seqs");
+        let file = self.seqs.as_ref().ok_or_else(|| Error::Io {
+            path: path(),
+            source: io::Error::from(io::ErrorKind::NotFound),
+        })?;
+        let mut b = [0u8; 8];
+        file.read_exact_at(&mut b, index * 8)
+            .map_err(|source| Error::Io {
+                path: path(),
+                source,
+            })?;
+        Ok(u64::from_be_bytes(b))
     }
 
     /// The tree size at `seq`: the number of leaves whose `seq` is at most `seq`.
-    pub fn size_at(&self, seq: u64) -> u64 {
-        self.leaf_seqs.partition_point(|&s| s <= seq) as u64
+    pub fn size_at(&self, seq: u64) -> Result<u64, Error> {
+        if self.last.is_some_and(|l| l <= seq) {
+            return Ok(self.n);
+        }
+        let (mut lo, mut hi) = (0, self.n);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if self.seq_at(mid)? <= seq {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        Ok(lo)
     }
 
     /// The leaf index of the record `seq`, when the cache holds it.
-    pub fn index_of(&self, seq: u64) -> Option<u64> {
-        self.leaf_seqs.binary_search(&seq).ok().map(|i| i as u64)
+    pub fn index_of(&self, seq: u64) -> Result<Option<u64>, Error> {
+        let size = self.size_at(seq)?;
+        Ok(match size.checked_sub(1) {
+            Some(i) if self.seq_at(i)? == seq => Some(i),
+            _ => None,
+        })
+    }
+
+    /// The roots of the perfect subtrees that make up the tree of the first `size` leaves, largest first (its
+    /// compact range, RFC 9162's tree split at the ones of `size`): with `size`, all a tree needs to grow on
+    /// without the leaves before.
+    pub fn frontier(&self, size: u64) -> Result<Vec<Hash>, Error> {
+        let mut indexes = Vec::new();
+        let mut start = 0u64;
+        for level in (0..64u8).rev() {
+            if size & (1 << level) != 0 {
+                indexes.push(tlog_tiles::stored_hash_index(level, start >> level));
+                start += 1 << level;
+            }
+        }
+        self.read_hashes(&indexes).map_err(|e| self.proof(e))
     }
 
     /// Adds the leaf `line` (record `seq`).
     pub fn append(&mut self, seq: u64, line: &[u8]) -> Result<(), Error> {
         let hashes = tlog_tiles::stored_hashes(self.n, line, &*self).map_err(|e| self.proof(e))?;
         self.tail.extend(hashes);
-        self.leaf_seqs.push(seq);
+        self.seq_tail.push(seq);
+        self.last = Some(seq);
         self.n += 1;
         Ok(())
     }
@@ -233,7 +380,7 @@ impl Cache {
         let (Some(h), Some(s)) = (&self.hashes, &self.seqs) else {
             return Ok(());
         };
-        if self.tail.is_empty() {
+        if !self.write || self.tail.is_empty() {
             return Ok(());
         }
         let mut bytes = Vec::with_capacity(self.tail.len() * 32);
@@ -243,15 +390,14 @@ impl Cache {
         let io = |path: PathBuf| move |source| Error::Io { path, source };
         h.write_all_at(&bytes, self.on_disk * 32)
             .map_err(io(self.dir.join("hashes")))?;
-        let seqs: Vec<u8> = self.leaf_seqs[self.seqs_on_disk..]
-            .iter()
-            .flat_map(|s| s.to_be_bytes())
-            .collect();
-        s.write_all_at(&seqs, self.seqs_on_disk as u64 * 8)
+        let seqs: Vec<u8> = self.seq_tail.iter().flat_map(|s| s.to_be_bytes()).collect();
+        s.write_all_at(&seqs, self.seqs_on_disk * 8)
             .map_err(io(self.dir.join("seqs")))?;
         self.on_disk += self.tail.len() as u64;
-        self.seqs_on_disk = self.leaf_seqs.len();
-        self.tail.clear();
+        self.seqs_on_disk += self.seq_tail.len() as u64;
+        // Written out: nothing of it stays in memory.
+        self.tail = Vec::new();
+        self.seq_tail = Vec::new();
         Ok(())
     }
 
@@ -316,7 +462,7 @@ impl Cache {
                         ));
                         break 'files;
                     }
-                    if self.leaf_seqs.last().is_some_and(|&l| seq <= l) {
+                    if self.last.is_some_and(|l| seq <= l) {
                         // Out of order in the files: not a log the daemon wrote; the tree follows file order only
                         // through increasing seqs.
                         continue;
@@ -324,7 +470,7 @@ impl Cache {
                     self.append(seq, line)?;
                     // Written out as they come (a cache opened for writing): a checkpoint after a million records
                     // would otherwise hold some 64 MiB of stored hashes at once.
-                    if self.tail.len() >= FLUSH_HASHES {
+                    if self.write && self.tail.len() >= FLUSH_HASHES {
                         self.flush()?;
                     }
                 }
@@ -443,8 +589,23 @@ mod tests {
                 tlog_tiles::check_record(&proof, size, mth(&refs), index, leaf).unwrap();
             }
         }
-        assert_eq!(again.size_at(10), 10);
-        assert_eq!(again.index_of(10), Some(9));
+        assert_eq!(again.size_at(10).unwrap(), 10);
+        assert_eq!(again.size_at(100).unwrap(), 37);
+        assert_eq!(again.size_at(0).unwrap(), 0);
+        assert_eq!(again.index_of(10).unwrap(), Some(9));
+        assert_eq!(again.index_of(38).unwrap(), None);
+        assert_eq!(again.last_seq(), Some(37));
+        // The frontier at every size grows on to the trees after it.
+        for size in 0..=37u64 {
+            let frontier = again.frontier(size).unwrap();
+            let mut grown = Compact::from_frontier(size, &frontier).unwrap();
+            assert_eq!(grown.frontier(), frontier);
+            for line in &lines[size as usize..] {
+                grown.push(leaf_hash(line));
+            }
+            assert_eq!(grown.root(), again.root(37).unwrap(), "from size {size}");
+        }
+        assert!(Compact::from_frontier(3, &[leaf_hash(b"x")]).is_none());
         // A crash that left the hashes behind the seqs: the cache keeps what both hold.
         let h = std::fs::OpenOptions::new()
             .write(true)
@@ -453,5 +614,40 @@ mod tests {
         h.set_len(h.metadata().unwrap().len() - 32).unwrap();
         let cut = Cache::open(dir.path(), true).unwrap();
         assert_eq!(cut.len(), 36);
+    }
+
+    /// The daemon's cache holds no list of its leaves: after an update, what it keeps in memory does not depend on
+    /// how many leaves it has, and a leaf's seq is found on disk.
+    #[test]
+    fn the_cache_keeps_no_per_record_state_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path();
+        let name = crate::log::files::file_name(std::time::UNIX_EPOCH, 1);
+        let mut text = Vec::new();
+        let n = 200_000u64;
+        // Every third seq is missing (stream-only records leave gaps).
+        let seqs: Vec<u64> = (1..).filter(|s| s % 3 != 0).take(n as usize).collect();
+        for s in &seqs {
+            text.extend_from_slice(format!("{{\"seq\":{s},\"x\":1}}\n").as_bytes());
+        }
+        std::fs::write(log.join(&name), &text).unwrap();
+        let mut cache = Cache::open(log, true).unwrap();
+        cache.catch_up(log, None).unwrap();
+        assert_eq!(cache.len(), n);
+        assert_eq!(
+            cache.held_bytes(),
+            0,
+            "after an update nothing stays in memory"
+        );
+        let again = Cache::open(log, true).unwrap();
+        assert_eq!(again.held_bytes(), 0, "opening reads no list of leaves");
+        assert_eq!(again.len(), n);
+        assert_eq!(again.last_seq(), seqs.last().copied());
+        for (i, &s) in seqs.iter().enumerate().step_by(997) {
+            assert_eq!(again.index_of(s).unwrap(), Some(i as u64));
+            assert_eq!(again.size_at(s).unwrap(), i as u64 + 1);
+        }
+        assert_eq!(again.index_of(3).unwrap(), None);
+        assert_eq!(again.size_at(3).unwrap(), 2);
     }
 }

@@ -94,9 +94,10 @@ fn cache(log_dir: &Path, seq: u64, size: u64, root: &str) -> Result<Cache, Strin
     {
         return Ok(c);
     }
-    // The cache does not match the signed root: build the tree again from the files, in memory.
+    // The cache does not match the signed root: build the tree again from the files, into a temporary cache (on
+    // disk, so that memory does not grow with the log).
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let mut c = Cache::open(dir.path(), false).map_err(|e| e.to_string())?;
+    let mut c = Cache::open(dir.path(), true).map_err(|e| e.to_string())?;
     c.catch_up(log_dir, Some(seq)).map_err(|e| e.to_string())?;
     match c.root(size) {
         Ok(r) if crate::log::chain::hex(&r.0) == root => Ok(c),
@@ -184,6 +185,7 @@ pub fn prove(log_dir: &Path, seq: u64, checkpoint: Option<&Path>) -> Result<Bund
     let cache = cache(log_dir, cp_seq, size, root)?;
     let index = cache
         .index_of(seq)
+        .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("seq {seq} is not a record of the log"))?;
     let line = find_line(log_dir, seq)?;
     if cache.leaf(index).map_err(|e| e.to_string())? != tree::leaf_hash(&line) {

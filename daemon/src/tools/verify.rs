@@ -196,6 +196,74 @@ struct Deletion {
     file: String,
     last_seq: Option<u64>,
     last_hash: Option<String>,
+    /// The Merkle tree at `last_seq`: size, root and compact range (hex).
+    #[serde(default)]
+    tree_size: Option<u64>,
+    #[serde(default)]
+    tree_root: Option<String>,
+    #[serde(default)]
+    tree_frontier: Option<Vec<String>>,
+}
+
+impl Deletion {
+    /// The tree the deletion record kept, when it kept one whose frontier gives its root.
+    fn tree(&self) -> Option<crate::log::tree::Compact> {
+        let frontier: Vec<crate::log::tree::Hash> = self
+            .tree_frontier
+            .as_ref()?
+            .iter()
+            .map(|h| chain::parse_hex(h.as_bytes()).map(crate::log::tree::Hash))
+            .collect::<Option<_>>()?;
+        let tree = crate::log::tree::Compact::from_frontier(self.tree_size?, &frontier)?;
+        (Some(chain::hex(&tree.root().0)) == self.tree_root).then_some(tree)
+    }
+}
+
+/// The leaf hash of every line of `lines` (split at each newline, as [`Verifier::line`] gets them).
+fn leaf_hashes(lines: &[u8]) -> Vec<crate::log::tree::Hash> {
+    lines
+        .split(|&b| b == b'\n')
+        .map(crate::log::tree::leaf_hash)
+        .collect()
+}
+
+/// The deletion records of the daemon in `logs` that kept the Merkle tree, read before the log is verified in
+/// order: the tree of the records that remain grows on from the last one's, and a deletion record comes after the
+/// files it follows. Indexes only spare reading files that hold none (a file without an index, or whose index does
+/// not match it, is read); a record missed so is still checked in order, and the roots are then not checked.
+fn deletions_with_trees(logs: &[LogFile]) -> Vec<Deletion> {
+    const TYPE: &[u8] = b"\"type\":\"trail_log_file_deleted\"";
+    let finder = memchr::memmem::Finder::new(TYPE);
+    let mut found = Vec::new();
+    for file in logs {
+        if crate::log::index::load(file)
+            .is_some_and(|ix| !ix.types.contains_key("trail_log_file_deleted"))
+        {
+            continue;
+        }
+        let Ok(reader) = file.open() else { continue };
+        let mut chunks = Chunks::new(reader, 4 << 20);
+        while let Ok(Some(Chunk::Lines(_, lines))) = chunks.next_chunk() {
+            for at in finder.find_iter(lines) {
+                let start = memchr::memrchr(b'\n', &lines[..at]).map_or(0, |i| i + 1);
+                let end = memchr::memchr(b'\n', &lines[at..]).map_or(lines.len(), |i| at + i);
+                let Ok(record) = serde_json::from_slice::<OwnRecord>(&lines[start..end]) else {
+                    continue;
+                };
+                if record.kind != "trail_log_file_deleted" || !record.source.daemon {
+                    continue;
+                }
+                if let Some(d) = record
+                    .payload
+                    .and_then(|p| serde_json::from_value::<Deletion>(p).ok())
+                    .filter(|d| d.tree().is_some())
+                {
+                    found.push(d);
+                }
+            }
+        }
+    }
+    found
 }
 
 /// What verify reads of a record that may be one of the daemon's own.
@@ -303,7 +371,7 @@ struct AfterStop {
 
 struct Verifier {
     report: Report,
-    claims: HashMap<u64, Vec<Claim>>,
+    claims: SeqMap<Vec<Claim>>,
     deletions: Vec<Deletion>,
     prev: Option<Prev>,
     /// Stored hashes of the last few lines (for telling inserted or moved lines from damaged ones).
@@ -314,22 +382,57 @@ struct Verifier {
     after_damage: bool,
     seen: Seen,
     /// Format-2 stop checkpoints by the `seq` they end at: only the daemon's start record may follow.
-    stops: HashMap<u64, String>,
+    stops: SeqMap<String>,
     after_stop: Option<AfterStop>,
     /// The Merkle tree of the records read, while the log starts at its first record.
     tree: Option<crate::log::tree::Compact>,
     /// Tree sizes and roots checkpoints sign, by the `seq` they are at: (checkpoint, size, root hex).
-    tree_claims: HashMap<u64, Vec<(String, u64, String)>>,
+    tree_claims: SeqMap<Vec<(String, u64, String)>>,
+    /// Deletion records that kept the tree, found before the log is read in order.
+    tree_bases: Vec<Deletion>,
+    /// The deletion record the tree grew on from (its file), once the first record follows it.
+    tree_base: Option<String>,
+    /// Records of the chunk being read to add to the tree once their leaves are hashed: (index of the line in
+    /// the chunk, line number, seq).
+    tree_pending: Vec<(usize, u64, u64)>,
+    /// Index in its chunk of the line being checked.
+    chunk_line: usize,
 }
 
 const WINDOW: usize = 4;
+
+/// Finds the daemon's own types in a line (built once: a search built per line costs more than the search).
+static OWN_TYPE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b",\"type\":\"trail_"));
+
+/// Hashes a `seq` for the maps looked up at every record (claims, stops): one multiplication instead of SipHash.
+/// The keys come from checkpoints whose signatures were checked, so flooding is not a concern.
+#[derive(Default)]
+struct SeqHasher(u64);
+
+impl std::hash::Hasher for SeqHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// A map by `seq`.
+type SeqMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<SeqHasher>>;
 
 /// Verifies `inputs`; signatures are checked against `key` when given, else against the key each checkpoint names
 /// (which proves only that the checkpoints agree with one another).
 pub fn verify(inputs: &Inputs, key: Option<&VerifyingKey>) -> io::Result<Report> {
     let mut v = Verifier {
         report: Report::default(),
-        claims: HashMap::new(),
+        claims: SeqMap::default(),
         deletions: Vec::new(),
         prev: None,
         window: VecDeque::new(),
@@ -337,10 +440,14 @@ pub fn verify(inputs: &Inputs, key: Option<&VerifyingKey>) -> io::Result<Report>
         pending: None,
         after_damage: false,
         seen: Seen::default(),
-        stops: HashMap::new(),
+        stops: SeqMap::default(),
         after_stop: None,
         tree: None,
-        tree_claims: HashMap::new(),
+        tree_claims: SeqMap::default(),
+        tree_bases: Vec::new(),
+        tree_base: None,
+        tree_pending: Vec::new(),
+        chunk_line: 0,
     };
     let mut sources: Vec<(Option<String>, String, io::Result<Vec<u8>>)> = inputs
         .checkpoints
@@ -354,6 +461,10 @@ pub fn verify(inputs: &Inputs, key: Option<&VerifyingKey>) -> io::Result<Report>
             .map(|(from, line)| (Some(from.clone()), from.clone(), Ok(line.clone()))),
     );
     let checkpoints = v.read_checkpoints(sources, key);
+    // Retention removed the log's first files: the tree grows on from what their deletion records kept of it.
+    if inputs.logs.first().is_some_and(|f| f.first_seq > 1) && !v.tree_claims.is_empty() {
+        v.tree_bases = deletions_with_trees(&inputs.logs);
+    }
     v.report.covered = v.claims.keys().max().copied();
     let mut sizes: BTreeMap<String, u64> = BTreeMap::new();
     for (i, file) in inputs.logs.iter().enumerate() {
@@ -372,9 +483,16 @@ pub fn verify(inputs: &Inputs, key: Option<&VerifyingKey>) -> io::Result<Report>
     if v.tree.is_none() && !v.tree_claims.is_empty() && v.report.records > 0 {
         v.report.notes.push(
             "the checkpoints' Merkle tree roots were not checked: the log does not start at its first record \
-             (older files were deleted by retention)"
+             (older files were deleted by retention) and no deletion record kept the tree"
                 .into(),
         );
+    }
+    if let Some(file) = &v.tree_base
+        && v.tree.is_some()
+    {
+        v.report.notes.push(format!(
+            "the checkpoints' Merkle tree roots were checked from the tree that the deletion record of {file} kept"
+        ));
     }
     v.check_claims();
     v.check_anchor();
@@ -519,14 +637,38 @@ impl Verifier {
             match chunk {
                 Chunk::Lines(_, lines) => {
                     total += lines.len() as u64;
-                    for line in lines.split(|&b| b == b'\n') {
-                        if line.is_empty() && line.as_ptr() == lines[lines.len()..].as_ptr() {
-                            break;
+                    std::thread::scope(|scope| {
+                        // The Merkle tree's leaves (a second SHA-256 of every line) are hashed on a thread beside
+                        // the chain's checks, and added to the tree once the chunk's lines are checked.
+                        let wanted = self.tree.is_some() || self.prev.is_none();
+                        let helper = wanted
+                            .then(|| {
+                                std::thread::Builder::new()
+                                    .name("trail-verify-leaves".into())
+                                    .spawn_scoped(scope, || leaf_hashes(lines))
+                                    .ok()
+                            })
+                            .flatten();
+                        for (i, line) in lines.split(|&b| b == b'\n').enumerate() {
+                            if line.is_empty() && line.as_ptr() == lines[lines.len()..].as_ptr() {
+                                break;
+                            }
+                            line_no += 1;
+                            self.chunk_line = i;
+                            self.line(&name, file, line_no, line, first_in_file);
+                            first_in_file = false;
                         }
-                        line_no += 1;
-                        self.line(&name, file, line_no, line, first_in_file);
-                        first_in_file = false;
-                    }
+                        if self.tree_pending.is_empty() {
+                            return;
+                        }
+                        let leaves = match helper.map(|h| h.join()) {
+                            Some(Ok(leaves)) => leaves,
+                            _ => leaf_hashes(lines),
+                        };
+                        for (i, line_no, seq) in std::mem::take(&mut self.tree_pending) {
+                            self.check_tree(&name, line_no, seq, leaves[i]);
+                        }
+                    });
                 }
                 Chunk::Torn(offset, rest) => {
                     total += rest.len() as u64;
@@ -598,7 +740,7 @@ impl Verifier {
                 );
             }
         }
-        if memchr::memmem::find(line, b",\"type\":\"trail_").is_some() {
+        if OWN_TYPE.find(line).is_some() {
             self.own_record(name, line_no, seq, line);
         }
         let computed;
@@ -606,9 +748,22 @@ impl Verifier {
         match &self.prev {
             None => {
                 computed = chain::link(&chain::GENESIS, body);
-                // The tree starts at the log's first record: only a log that starts there can be checked.
+                // The tree starts at the log's first record, or grows on from the tree that the deletion record
+                // of the file before this record kept (its last hash must be the one this record follows).
                 if computed == stored {
                     self.tree = Some(Default::default());
+                } else if let Some(d) = self
+                    .tree_bases
+                    .iter()
+                    .filter(|d| d.last_seq.is_some_and(|s| s < seq))
+                    .max_by_key(|d| d.last_seq)
+                    && d.last_hash
+                        .as_deref()
+                        .and_then(|h| chain::parse_hex(h.as_bytes()))
+                        .is_some_and(|h| chain::link(&h, body) == stored)
+                {
+                    self.tree = d.tree();
+                    self.tree_base = Some(d.file.clone());
                 }
                 self.first = Some(First {
                     file: name.to_owned(),
@@ -684,7 +839,9 @@ impl Verifier {
             ));
         }
         self.check_after_stop(name, line_no, seq, line, &stored);
-        self.check_tree(name, line_no, seq, line);
+        if self.tree.is_some() {
+            self.tree_pending.push((self.chunk_line, line_no, seq));
+        }
         self.after_damage = false;
         if self.window.len() == WINDOW {
             self.window.pop_front();
@@ -815,9 +972,9 @@ impl Verifier {
     }
 
     /// Adds the record to the Merkle tree and compares the tree with what checkpoints signed at this record.
-    fn check_tree(&mut self, name: &str, line_no: u64, seq: u64, line: &[u8]) {
+    fn check_tree(&mut self, name: &str, line_no: u64, seq: u64, leaf: crate::log::tree::Hash) {
         let Some(tree) = &mut self.tree else { return };
-        tree.push(crate::log::tree::leaf_hash(line));
+        tree.push(leaf);
         let Some(claims) = self.tree_claims.get(&seq) else {
             return;
         };
