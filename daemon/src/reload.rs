@@ -443,61 +443,35 @@ fn merge(running: &Config, new: &Config, sinks: bool, outcome: &mut Outcome) -> 
             keep(&mut next);
         }
     };
-    restart(
-        "socket.path",
-        running.socket.path != new.socket.path,
-        &mut |c: &mut Config| c.socket.path = running.socket.path.clone(),
-    );
-    restart(
-        "socket.mode",
-        running.socket.mode != new.socket.mode,
-        &mut |c: &mut Config| c.socket.mode = running.socket.mode,
-    );
+    // A setting that needs a restart: the running value is kept when it differs.
+    macro_rules! needs_restart {
+        ($name:literal, $($field:ident).+) => {
+            restart(
+                $name,
+                running.$($field).+ != new.$($field).+,
+                &mut |c: &mut Config| c.$($field).+ = running.$($field).+.clone(),
+            )
+        };
+    }
+    needs_restart!("socket.path", socket.path);
+    needs_restart!("socket.mode", socket.mode);
     restart(
         "admin_socket",
         running.admin_socket() != new.admin_socket(),
         &mut |c: &mut Config| c.admin_socket = running.admin_socket.clone(),
     );
-    restart(
-        "event_types (the directory)",
-        running.event_types != new.event_types,
-        &mut |c: &mut Config| c.event_types = running.event_types.clone(),
-    );
-    restart(
-        "log.dir",
-        running.log.dir != new.log.dir,
-        &mut |c: &mut Config| c.log.dir = running.log.dir.clone(),
-    );
-    restart(
-        "log.fsync",
-        running.log.fsync != new.log.fsync,
-        &mut |c: &mut Config| c.log.fsync = running.log.fsync,
-    );
+    needs_restart!("event_types (the directory)", event_types);
+    needs_restart!("log.dir", log.dir);
+    needs_restart!("log.fsync", log.fsync);
     restart(
         "log.signing_key",
         running.log.signing_key() != new.log.signing_key(),
         &mut |c: &mut Config| c.log.signing_key = running.log.signing_key.clone(),
     );
-    restart(
-        "limits.max_connections",
-        running.limits.max_connections != new.limits.max_connections,
-        &mut |c: &mut Config| c.limits.max_connections = running.limits.max_connections,
-    );
-    restart(
-        "limits.max_buffered_bytes",
-        running.limits.max_buffered_bytes != new.limits.max_buffered_bytes,
-        &mut |c: &mut Config| c.limits.max_buffered_bytes = running.limits.max_buffered_bytes,
-    );
-    restart(
-        "shutdown_grace",
-        running.shutdown_grace != new.shutdown_grace,
-        &mut |c: &mut Config| c.shutdown_grace = running.shutdown_grace,
-    );
-    restart(
-        "host_name",
-        running.host_name != new.host_name,
-        &mut |c: &mut Config| c.host_name = running.host_name.clone(),
-    );
+    needs_restart!("limits.max_connections", limits.max_connections);
+    needs_restart!("limits.max_buffered_bytes", limits.max_buffered_bytes);
+    needs_restart!("shutdown_grace", shutdown_grace);
+    needs_restart!("host_name", host_name);
     restart(
         "files.group",
         running.files.gid != new.files.gid,
@@ -527,38 +501,23 @@ fn merge(running: &Config, new: &Config, sinks: bool, outcome: &mut Outcome) -> 
             c.plugins_dir = running.plugins_dir.clone();
         },
     );
-    let mut changed = |name: &str, differ: bool| {
-        if differ {
-            outcome.settings_changed.push(name.to_owned());
-        }
-    };
-    changed(
-        "limits.max_line_bytes",
-        running.limits.max_line_bytes != next.limits.max_line_bytes,
-    );
-    changed(
-        "limits.idle_timeout",
-        running.limits.idle_timeout != next.limits.idle_timeout,
-    );
-    changed("log.rotate", running.log.rotate != next.log.rotate);
-    changed(
-        "log.max_file_bytes",
-        running.log.max_file_bytes != next.log.max_file_bytes,
-    );
-    changed(
-        "log.checkpoint_every",
-        running.log.checkpoint_every != next.log.checkpoint_every,
-    );
-    changed("log.retention", running.log.retention != next.log.retention);
-    changed(
-        "log.retention_bytes",
-        running.log.retention_bytes != next.log.retention_bytes,
-    );
-    changed(
-        "log.retention_by_type",
-        running.log.retention_by_type != next.log.retention_by_type,
-    );
-    changed("log.compress", running.log.compress != next.log.compress);
+    // Settings that take effect on reload: named in the outcome when they differ.
+    macro_rules! changed {
+        ($name:literal, $($field:ident).+) => {
+            if running.$($field).+ != next.$($field).+ {
+                outcome.settings_changed.push($name.to_owned());
+            }
+        };
+    }
+    changed!("limits.max_line_bytes", limits.max_line_bytes);
+    changed!("limits.idle_timeout", limits.idle_timeout);
+    changed!("log.rotate", log.rotate);
+    changed!("log.max_file_bytes", log.max_file_bytes);
+    changed!("log.checkpoint_every", log.checkpoint_every);
+    changed!("log.retention", log.retention);
+    changed!("log.retention_bytes", log.retention_bytes);
+    changed!("log.retention_by_type", log.retention_by_type);
+    changed!("log.compress", log.compress);
     let journal = journal_settings(&next);
     (next, Settings { journal })
 }
