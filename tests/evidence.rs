@@ -377,19 +377,7 @@ fn an_untouched_log_verifies_after_restarts_rotations_compression_and_retention(
             "seq {seq}: {bundle}"
         );
     }
-    let cps = trail::log::checkpoint::list(&daemon.log_dir);
-    let (code, bundle, err) = trail(
-        &[
-            "prove",
-            "--dir",
-            &log,
-            "--consistency",
-            cps[0].to_str().unwrap(),
-            cps.last().unwrap().to_str().unwrap(),
-        ],
-        "",
-    );
-    assert_eq!(code, 0, "{err}");
+    let bundle = prove_consistency(&daemon, &log);
     assert_eq!(
         check_bundle(scratch.path(), &public_key(&daemon), &bundle),
         (0, true),
@@ -1497,12 +1485,23 @@ fn checkpoints_sign_the_rfc_9162_tree_of_the_record_lines_also_as_a_c2sp_note() 
         assert_eq!(check(&b.to_string()).0, 1, "checkpoint");
     }
     // A later checkpoint's tree extends an earlier one's.
+    let bundle = prove_consistency(&daemon, &log);
+    assert_eq!(check(&bundle), (0, true), "{bundle}");
+    let mut b: Value = serde_json::from_str(&bundle).unwrap();
+    if !b["proof"].as_array().unwrap().is_empty() {
+        b["proof"][0] = json!(trail::log::tree::leaf_hash(b"other").to_string());
+        assert_eq!(check(&b.to_string()), (1, false));
+    }
+}
+
+/// `trail prove --consistency` from the daemon's first checkpoint to its last: the bundle.
+fn prove_consistency(daemon: &Daemon, log: &str) -> String {
     let cps = trail::log::checkpoint::list(&daemon.log_dir);
     let (code, bundle, err) = trail(
         &[
             "prove",
             "--dir",
-            &log,
+            log,
             "--consistency",
             cps[0].to_str().unwrap(),
             cps.last().unwrap().to_str().unwrap(),
@@ -1510,12 +1509,7 @@ fn checkpoints_sign_the_rfc_9162_tree_of_the_record_lines_also_as_a_c2sp_note() 
         "",
     );
     assert_eq!(code, 0, "{err}");
-    assert_eq!(check(&bundle), (0, true), "{bundle}");
-    let mut b: Value = serde_json::from_str(&bundle).unwrap();
-    if !b["proof"].as_array().unwrap().is_empty() {
-        b["proof"][0] = json!(trail::log::tree::leaf_hash(b"other").to_string());
-        assert_eq!(check(&b.to_string()), (1, false));
-    }
+    bundle
 }
 
 /// Checks a bundle of `trail prove` with `trail verify-proof --key KEY` and with the RFC 9162 checker in Python
