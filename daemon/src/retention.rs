@@ -286,11 +286,7 @@ async fn in_background<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'sta
     let spawned = std::thread::Builder::new()
         .name("trail-upkeep".into())
         .spawn(move || {
-            // SAFETY: plain system calls on this thread's own id; a failure only leaves the priority as it was.
-            unsafe {
-                let tid = libc::gettid();
-                libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
-            }
+            crate::journal::lowest_priority();
             let _ = tx.send(work());
         });
     if spawned.is_err() {

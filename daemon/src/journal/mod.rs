@@ -147,3 +147,13 @@ impl Journal {
 
 /// How often the writer looks at the clock when no records arrive.
 const TICK: Duration = Duration::from_secs(1);
+
+/// Puts the calling thread at the lowest CPU priority (nice 19): for work beside the writer (checkpoints and the
+/// Merkle tree, indexing and compressing closed files) that must never delay acknowledgements on a busy machine.
+pub(crate) fn lowest_priority() {
+    // SAFETY: plain system calls on this thread's own id; a failure only leaves the priority as it was.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
+    }
+}

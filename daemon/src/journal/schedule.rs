@@ -119,6 +119,9 @@ impl Schedule {
         let spawned = std::thread::Builder::new()
             .name("trail-checkpoint".into())
             .spawn(move || {
+                // The tree's catch-up hashes every record once more: work that must not take CPU from the writer
+                // and the connections on a busy machine (it delays only this checkpoint).
+                super::lowest_priority();
                 let seq = body.seq;
                 match checkpoint::write_with_tree(&dir, &signer, tree.as_deref(), body) {
                     Ok((written, failed)) => {

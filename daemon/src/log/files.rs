@@ -76,6 +76,20 @@ impl LogFile {
         }
     }
 
+    /// The file's bytes as records from uncompressed offset `at` on: a plain file is read from there, a
+    /// compressed one decompressed and the bytes before `at` passed over.
+    pub fn open_at(&self, at: u64) -> io::Result<Box<dyn Read + Send>> {
+        if self.compressed {
+            let mut reader = self.open()?;
+            io::copy(&mut (&mut reader).take(at), &mut io::sink())?;
+            Ok(reader)
+        } else {
+            let mut file = File::open(&self.path)?;
+            io::Seek::seek(&mut file, io::SeekFrom::Start(at))?;
+            Ok(Box::new(file))
+        }
+    }
+
     /// The sidecar index's path.
     pub fn index_path(&self) -> PathBuf {
         let mut p = self.path.clone().into_os_string();
@@ -92,6 +106,34 @@ pub fn list(dir: &Path) -> io::Result<Vec<LogFile>> {
     files.sort_by(|a, b| a.name.cmp(&b.name).then(a.compressed.cmp(&b.compressed)));
     files.dedup_by(|later, earlier| later.name == earlier.name);
     Ok(files)
+}
+
+/// The pieces of `text` between newlines, as `text.split(|&b| b == b'\n')` yields them (the piece after the last
+/// newline included, empty when `text` ends with one), found with `memchr`: a split that compares byte by byte
+/// costs more than hashing the line on long records.
+pub fn split_lines(text: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut start = 0;
+    memchr::memchr_iter(b'\n', text)
+        .chain(std::iter::once(text.len()))
+        .map(move |end| {
+            let line = &text[start..end];
+            start = end + 1;
+            line
+        })
+}
+
+/// The lines of `text`, each with its newline, as `text.split_inclusive(|&b| b == b'\n')` yields them (a last
+/// piece without a newline included), found with `memchr`.
+pub fn split_lines_inclusive(text: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut start = 0;
+    memchr::memchr_iter(b'\n', text)
+        .map(|i| i + 1)
+        .chain(std::iter::once(text.len()))
+        .filter_map(move |end| {
+            let line = &text[start..end];
+            start = end;
+            (!line.is_empty()).then_some(line)
+        })
 }
 
 /// Reads whole lines in large chunks.
@@ -173,6 +215,33 @@ pub fn stamp(t: std::time::SystemTime) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn line_splits_match_the_slice_methods() {
+        for text in [
+            &b""[..],
+            b"\n",
+            b"a",
+            b"a\n",
+            b"a\nb",
+            b"a\n\nb\n",
+            b"\n\n",
+            b"{\"seq\":1}\n{\"seq\":2}",
+        ] {
+            let split: Vec<&[u8]> = text.split(|&b| b == b'\n').collect();
+            assert_eq!(
+                super::split_lines(text).collect::<Vec<_>>(),
+                split,
+                "{text:?}"
+            );
+            let inclusive: Vec<&[u8]> = text.split_inclusive(|&b| b == b'\n').collect();
+            assert_eq!(
+                super::split_lines_inclusive(text).collect::<Vec<_>>(),
+                inclusive,
+                "{text:?}"
+            );
+        }
+    }
+
     use super::*;
     use std::time::Duration;
 

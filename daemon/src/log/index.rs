@@ -130,7 +130,7 @@ impl Builder {
 
     /// Adds complete lines (with newlines) that start at uncompressed offset `off`.
     pub fn lines(&mut self, mut off: u64, lines: &[u8]) {
-        for line in lines.split_inclusive(|&b| b == b'\n') {
+        for line in super::files::split_lines_inclusive(lines) {
             let record = line.strip_suffix(b"\n").unwrap_or(line);
             let block = self.block.get_or_insert_with(|| Block {
                 off,

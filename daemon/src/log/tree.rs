@@ -171,8 +171,10 @@ pub fn at(log_dir: &Path, seq: u64) -> Result<Option<At>, Error> {
     }))
 }
 
-/// Stored hashes held in memory at most before an update writes them to the cache (2 MiB).
-const FLUSH_HASHES: usize = 1 << 16;
+/// Stored hashes held in memory at most before an update writes them to the cache (256 KiB).
+const FLUSH_HASHES: usize = 1 << 13;
+/// Bytes of log read at a time by [`Cache::catch_up`].
+const READ_CHUNK: usize = 1 << 20;
 
 /// The tree's cache: stored hashes and the `seq` of every leaf, kept beside the log.
 ///
@@ -433,20 +435,18 @@ impl Cache {
             }
         };
         'files: for file in logs.iter().filter(|f| f.name >= start) {
-            let mut reader = file.open().map_err(io(&file.path))?;
-            let mut offset = 0;
-            if let Some((name, at)) = &self.resume
-                && name == &file.name
-            {
-                io::copy(&mut io::Read::take(&mut reader, *at), &mut io::sink())
-                    .map_err(io(&file.path))?;
-                offset = *at;
-            }
-            let mut chunks = Chunks::new(reader, 4 << 20);
+            let offset = match &self.resume {
+                Some((name, at)) if name == &file.name => *at,
+                _ => 0,
+            };
+            // Where the last call stopped, not read again: the file being appended to is read from there at every
+            // checkpoint.
+            let reader = file.open_at(offset).map_err(io(&file.path))?;
+            let mut chunks = Chunks::new(reader, READ_CHUNK);
             // A torn tail (a group being written) ends the file for now.
             while let Some(Chunk::Lines(at, lines)) = chunks.next_chunk().map_err(io(&file.path))? {
                 let mut pos = 0usize;
-                for line in lines.split_inclusive(|&b| b == b'\n') {
+                for line in files::split_lines_inclusive(lines) {
                     pos += line.len();
                     let line = &line[..line.len() - 1];
                     let Some(seq) = crate::record::line::seq(line) else {

@@ -196,7 +196,7 @@ impl Matcher {
     /// Every matching line of `lines` (whole lines with newlines), in order.
     fn scan<'a>(&self, lines: &'a [u8], found: &mut Vec<&'a [u8]>) {
         let Some(needle) = &self.needle else {
-            for line in lines.split(|&b| b == b'\n') {
+            for line in crate::log::files::split_lines(lines) {
                 if !line.is_empty() && self.accepts(line) {
                     found.push(line);
                 }

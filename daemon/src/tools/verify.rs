@@ -221,8 +221,7 @@ impl Deletion {
 
 /// The leaf hash of every line of `lines` (split at each newline, as [`Verifier::line`] gets them).
 fn leaf_hashes(lines: &[u8]) -> Vec<crate::log::tree::Hash> {
-    lines
-        .split(|&b| b == b'\n')
+    crate::log::files::split_lines(lines)
         .map(crate::log::tree::leaf_hash)
         .collect()
 }
@@ -649,7 +648,7 @@ impl Verifier {
                                     .ok()
                             })
                             .flatten();
-                        for (i, line) in lines.split(|&b| b == b'\n').enumerate() {
+                        for (i, line) in files::split_lines(lines).enumerate() {
                             if line.is_empty() && line.as_ptr() == lines[lines.len()..].as_ptr() {
                                 break;
                             }
