@@ -243,8 +243,8 @@ impl Inputs {
             bytes,
             free_bytes: fs
                 .as_ref()
-                .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64),
-            filesystem_bytes: fs.map(|s| s.blocks() as u64 * s.fragment_size() as u64),
+                .map(|s| s.blocks_available().saturating_mul(s.fragment_size())),
+            filesystem_bytes: fs.map(|s| s.blocks().saturating_mul(s.fragment_size())),
         }
     }
 }
