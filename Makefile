@@ -60,7 +60,8 @@ build:
 
 install: install-sdk
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(PLUGINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) \
-		$(DESTDIR)$(TMPFILESDIR) $(DESTDIR)$(SYSCONFDIR)/trail/event-types $(DESTDIR)$(DATADIR)/doc/trail
+		$(DESTDIR)$(TMPFILESDIR) $(DESTDIR)$(SYSCONFDIR)/trail/event-types $(DESTDIR)$(DATADIR)/doc/trail \
+		$(DESTDIR)$(DATADIR)/trail
 	install -m 0755 $(OUT)/traild $(OUT)/trail $(DESTDIR)$(BINDIR)/
 	for p in $(subst -,_,$(PLUGINS)); do install -m 0644 $(OUT)/lib$$p.so $(DESTDIR)$(PLUGINDIR)/; done
 	$(REWRITE) systemd/trail.service > $(DESTDIR)$(UNITDIR)/trail.service
@@ -77,6 +78,7 @@ install: install-sdk
 		test -e $(DESTDIR)$(SYSCONFDIR)/trail/$$f || install -m 0644 $$f $(DESTDIR)$(SYSCONFDIR)/trail/event-types/;; \
 		esac; done
 	install -m 0644 README.md ARCHITECTURE.md $(DESTDIR)$(DATADIR)/doc/trail/
+	install -m 0644 systemd/trail.rules.yml $(DESTDIR)$(DATADIR)/trail/
 
 install-sdk:
 	$(call install_sdk,$(DESTDIR)$(SDKDIR))
@@ -89,7 +91,7 @@ sdk:
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/traild $(DESTDIR)$(BINDIR)/trail $(DESTDIR)$(UNITDIR)/trail.service \
 		$(DESTDIR)$(UNITDIR)/trail.socket $(DESTDIR)$(UNITDIR)/trail-admin.socket \
-		$(DESTDIR)$(SYSUSERSDIR)/trail.conf $(DESTDIR)$(TMPFILESDIR)/trail.conf
+		$(DESTDIR)$(SYSUSERSDIR)/trail.conf $(DESTDIR)$(TMPFILESDIR)/trail.conf $(DESTDIR)$(DATADIR)/trail/trail.rules.yml
 	rm -rf $(DESTDIR)$(PLUGINDIR) $(DESTDIR)$(DATADIR)/doc/trail $(DESTDIR)$(SDKDIR)
 
 deb: sdk

@@ -253,6 +253,7 @@ fn make_install_lays_out_a_working_installation() {
         ("usr/share/trail/sdk/testkit/Cargo.toml", 0o644),
         ("usr/share/trail/sdk/sink-template/tests/sink.rs", 0o644),
         ("usr/share/trail/sdk/sink-template", 0o755),
+        ("usr/share/trail/trail.rules.yml", 0o644),
     ] {
         assert_eq!(mode(path), want, "{path}");
     }

@@ -7,6 +7,7 @@ mod connection_limits;
 mod durability;
 mod evidence;
 mod idempotency;
+mod metrics;
 mod modes;
 mod nats;
 mod plugin_reload;

@@ -1,7 +1,9 @@
-//! The admin socket: `trail status`, `trail reload` and `trail replay` talk to the running daemon here.
+//! The admin socket: `trail status`, `trail reload`, `trail replay` and `trail metrics` talk to the running daemon
+//! here.
 //!
 //! Owns the admin protocol: newline-delimited JSON, one request object per line (`{"command": "status"}`,
-//! `{"command": "reload"}`, `{"command": "replay", "sink": "..."}`), one answer object per line. Only this module
+//! `{"command": "reload"}`, `{"command": "replay", "sink": "..."}`, `{"command": "metrics"}` with an optional
+//! `"openmetrics": true`), one answer object per line. Only this module
 //! builds the answers: the sinks and the connections report typed values, which it puts into JSON. The socket is
 //! created with mode 0600: only the daemon's user (and root) may use it. Commands that run plugin code or wait
 //! for sink threads run on blocking threads, never on the runtime's workers.
@@ -34,6 +36,8 @@ pub struct Admin {
     pub connections: Arc<crate::ingest::Connections>,
     /// The idempotency keys remembered.
     pub idempotency: Arc<crate::idempotency::Window>,
+    /// The metrics (and what `status` shows of the writer and the log directory).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 #[derive(Deserialize)]
@@ -41,7 +45,13 @@ pub struct Admin {
 enum Request {
     Status,
     Reload,
-    Replay { sink: String },
+    Replay {
+        sink: String,
+    },
+    Metrics {
+        #[serde(default)]
+        openmetrics: bool,
+    },
 }
 
 /// Serves the admin socket until `stop` is cancelled.
@@ -80,7 +90,7 @@ async fn connection(stream: UnixStream, admin: Arc<Admin>) {
                     )
             }
             Err(e) => json!({"ok": false, "error": format!(
-                "not an admin request ({e}); send {{\"command\": \"status\" | \"reload\" | \"replay\", ...}}"
+                "not an admin request ({e}); send {{\"command\": \"status\" | \"reload\" | \"replay\" | \"metrics\", ...}}"
             )}),
         };
         let mut out = serde_json::to_vec(&answer).expect("serializable");
@@ -98,11 +108,18 @@ struct Status {
     ok: bool,
     version: &'static str,
     pid: u32,
+    started_at: String,
     uptime_seconds: u64,
+    /// All event types in force: `event_types_own` + `event_types_builtin`.
     event_types: usize,
+    event_types_own: usize,
+    event_types_builtin: usize,
     configuration: crate::reload::Status,
     connections: ConnectionsReport,
     idempotency: crate::idempotency::Status,
+    fsync: crate::metrics::FsyncReport,
+    log: crate::metrics::LogReport,
+    last_checkpoint: Option<crate::journal::LastCheckpoint>,
     /// `sinks`, `plugins`, `libraries_mapped`, `spool`, when sinks are configured.
     #[serde(flatten)]
     sinks: Option<sinks::Report>,
@@ -145,17 +162,39 @@ fn to_json(answer: impl Serialize) -> Value {
 
 fn handle(admin: &Admin, request: Request, uid: u32) -> Value {
     match request {
-        Request::Status => to_json(Status {
-            ok: true,
-            version: env!("CARGO_PKG_VERSION"),
-            pid: std::process::id(),
-            uptime_seconds: admin.started.elapsed().as_secs(),
-            event_types: admin.ctx.rules().registry.len(),
-            configuration: admin.reloader.status(),
-            connections: admin.connections.status(),
-            idempotency: admin.idempotency.status(crate::clock::now()),
-            sinks: admin.sinks.as_ref().map(|s| s.status()),
-        }),
+        Request::Status => {
+            let registry = admin.ctx.rules().registry.clone();
+            let builtin = registry
+                .types()
+                .iter()
+                .filter(|t| crate::event_types::is_daemon_type(&t.name))
+                .count();
+            to_json(Status {
+                ok: true,
+                version: env!("CARGO_PKG_VERSION"),
+                pid: std::process::id(),
+                started_at: admin.metrics.started_at(),
+                uptime_seconds: admin.started.elapsed().as_secs(),
+                event_types: registry.len(),
+                event_types_own: registry.len() - builtin,
+                event_types_builtin: builtin,
+                configuration: admin.reloader.status(),
+                connections: admin.connections.status(),
+                idempotency: admin.idempotency.status(crate::clock::now()),
+                fsync: admin.metrics.fsync_recent(),
+                log: admin.metrics.log(),
+                last_checkpoint: admin.metrics.last_checkpoint(),
+                sinks: admin.sinks.as_ref().map(|s| s.status()),
+            })
+        }
+        Request::Metrics { openmetrics } => {
+            let format = if openmetrics {
+                crate::metrics::Format::OpenMetrics
+            } else {
+                crate::metrics::Format::Prometheus
+            };
+            json!({"ok": true, "content_type": format.content_type(), "text": admin.metrics.render(format)})
+        }
         Request::Reload => {
             let done = admin.reloader.reload_all(crate::reload::Who::Admin { uid });
             let plugins: Vec<Value> = match &done.plugins {

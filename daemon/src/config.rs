@@ -48,6 +48,9 @@ pub struct Config {
     /// How long, and for how many keys, repeated submissions with the same `idempotency_key` are recognised.
     #[serde(default)]
     pub idempotency: IdempotencyConfig,
+    /// Metrics over HTTP (they are always served on the admin socket too).
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// The file this configuration was read from ([`Config::load`]); a reload reads it again. `None` for the
     /// embedded development configuration and for text given to [`Config::parse`].
     #[serde(skip)]
@@ -72,6 +75,16 @@ impl Default for IdempotencyConfig {
             max_keys: 250_000,
         }
     }
+}
+
+/// The metrics' HTTP listener (`GET /metrics`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// A loopback address and port (`127.0.0.1:9464`, `[::1]:9464`) to serve `GET /metrics` on; none by default.
+    /// Other addresses are refused: the listener has neither authentication nor TLS.
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// How the daemon's files are shared: files 0640, directories 0750 (the signing key 0600), in one group.
@@ -501,6 +514,7 @@ impl Config {
             admin_socket: None,
             files: FilesConfig::default(),
             idempotency: IdempotencyConfig::default(),
+            metrics: MetricsConfig::default(),
             file: None,
         };
         let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
@@ -592,6 +606,15 @@ impl Config {
                 "log.retention and log.retention_bytes must be above zero; leave them out to keep everything"
                     .into(),
             ));
+        }
+        if let Some(addr) = self.metrics.listen
+            && !addr.ip().is_loopback()
+        {
+            return Err(invalid(format!(
+                "metrics.listen: {addr} is not a loopback address; the metrics listener has neither \
+                 authentication nor TLS, so give 127.0.0.1:PORT or [::1]:PORT and let Prometheus reach it through \
+                 a proxy or a tunnel if it runs on another host"
+            )));
         }
         if matches!(&self.host_name, Some(h) if h.trim().is_empty()) {
             return Err(invalid("host_name: must not be empty".into()));
@@ -839,6 +862,21 @@ mod tests {
         check("idempotency: {window: 0s}\n", "must be above zero");
         check("idempotency: {window: soon}\n", "idempotency.window");
         check("idempotency: {keys: 1}\n", "keys");
+        check(
+            "metrics: {listen: \"0.0.0.0:9464\"}\n",
+            "metrics.listen: 0.0.0.0:9464 is not a loopback address",
+        );
+        check(
+            "metrics: {listen: \"192.0.2.1:9464\"}\n",
+            "is not a loopback address",
+        );
+        check("metrics: {listen: \"localhost\"}\n", "metrics.listen");
+        check("metrics: {port: 9464}\n", "port");
+        for ok in ["127.0.0.1:9464", "[::1]:9464", "127.0.0.2:1"] {
+            let c = parse(&format!("{MINIMAL}metrics: {{listen: \"{ok}\"}}\n")).unwrap();
+            assert_eq!(c.metrics.listen, Some(ok.parse().unwrap()));
+        }
+        assert_eq!(parse(MINIMAL).unwrap().metrics.listen, None);
         let err = parse("socket: {path: /x, mode: \"99\"}\nevent_types: t\nlog: {dir: l}\n")
             .unwrap_err()
             .to_string();

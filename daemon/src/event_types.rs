@@ -4,10 +4,11 @@
 //! with its file and JSON path; a registry exists only when the whole set is valid, so the daemon never runs on
 //! half a set.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -124,7 +125,36 @@ pub struct EventType {
     pub file: PathBuf,
     /// SHA-256 of the definition's text: a reload tells a changed definition by it.
     pub digest: [u8; 32],
+    /// Events of this type stored since the daemon started (counted by `ingest` once their group is durable).
+    /// Shared by every definition of the same name this process loads, so it keeps counting across reloads;
+    /// [`accepted_counts`] reads them all.
+    pub accepted: Arc<AtomicU64>,
     payload: Option<jsonschema::Validator>,
+}
+
+/// The counter of stored events of every type name this process has loaded, created with the first definition
+/// of each name. Bounded by the definitions loaded, never by what clients send.
+static ACCEPTED: Mutex<BTreeMap<String, Arc<AtomicU64>>> = Mutex::new(BTreeMap::new());
+
+/// The counter of stored events of type `name` (see [`EventType::accepted`]).
+fn accepted_counter(name: &str) -> Arc<AtomicU64> {
+    ACCEPTED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(name.to_owned())
+        .or_default()
+        .clone()
+}
+
+/// Events stored since start, per event type name, for every type loaded since start (also types a reload
+/// removed since), by name.
+pub fn accepted_counts() -> Vec<(String, u64)> {
+    ACCEPTED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(name, n)| (name.clone(), n.load(Ordering::Relaxed)))
+        .collect()
 }
 
 impl EventType {
@@ -413,6 +443,7 @@ fn parse_definition(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Opt
         return None;
     }
     Some(EventType {
+        accepted: accepted_counter(&def.name),
         name: def.name,
         description: def.description,
         saved_to_database: def.saved_to_database,

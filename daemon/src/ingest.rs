@@ -26,6 +26,7 @@ use crate::config::{Limits, SMALL_LINE_BYTES};
 use crate::event_types::{EventType, Registry};
 
 use crate::framing::{Frame, Framer};
+use crate::histogram::Histogram;
 use crate::idempotency::{self, Claim, EventDigest, Window};
 use crate::journal::{Ack, Batch, Route, Submitter, Unavailable};
 use crate::protocol::{self, ErrorCode, Rejection};
@@ -106,6 +107,8 @@ pub struct Connections {
     idle_closed: AtomicU64,
     buffered: AtomicUsize,
     waiting: AtomicUsize,
+    /// From the read that completed a request line to its `ok` answer written, per event stored.
+    ack_latency: Histogram,
 }
 
 /// The `connections` object of `trail status`: the bounds and what they counted (see README.md).
@@ -143,7 +146,14 @@ impl Connections {
             idle_closed: AtomicU64::new(0),
             buffered: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
+            ack_latency: Histogram::latency(),
         }
+    }
+
+    /// Acknowledgement latency: from the read that completed a request line to the write of its `ok` answer
+    /// (after its group was durable), in nanoseconds, one count per event stored.
+    pub fn ack_latency(&self) -> &Histogram {
+        &self.ack_latency
     }
 
     /// `limits.idle_timeout` for connections opened from now on.
@@ -472,6 +482,8 @@ fn refuse(stream: UnixStream, connections: &Connections) {
 struct Chunk {
     /// The generation every line of the chunk is checked against.
     rules: Arc<Rules>,
+    /// When its bytes were read (the start of its answers' latency).
+    read_at: Instant,
     slots: Vec<Slot>,
     batch: Batch,
     claims: Claims,
@@ -482,6 +494,7 @@ impl Chunk {
     fn new(ctx: &Context) -> Chunk {
         Chunk {
             rules: ctx.rules(),
+            read_at: Instant::now(),
             slots: Vec::new(),
             batch: Batch::default(),
             claims: Claims {
@@ -539,6 +552,8 @@ struct Peer {
 struct Pending {
     slots: Vec<Slot>,
     ack: Option<Ack>,
+    /// When the chunk was read.
+    read_at: Instant,
 }
 
 async fn connection(
@@ -571,7 +586,12 @@ async fn connection(
     let idle_timeout = limits.idle_timeout();
     let (reader, writer) = stream.into_split();
     let (pending_tx, pending_rx) = mpsc::channel(PENDING_DEPTH);
-    let responder = tokio::spawn(respond(writer, pending_rx, idle_timeout));
+    let responder = tokio::spawn(respond(
+        writer,
+        pending_rx,
+        idle_timeout,
+        ctx.connections.clone(),
+    ));
     let mut framer = Framer::new(peer.max_line_bytes);
     let mut buffered = Buffered::new(limits);
     let mut slot: Option<OwnedSemaphorePermit> = None;
@@ -704,7 +724,16 @@ async fn send(
                 Some(settle(std::mem::take(&mut chunk.claims.list), ctx, ack))
             };
             let slots = std::mem::take(&mut chunk.slots);
-            if pending.send(Pending { slots, ack }).await.is_err() {
+            let read_at = chunk.read_at;
+            if pending
+                .send(Pending {
+                    slots,
+                    ack,
+                    read_at,
+                })
+                .await
+                .is_err()
+            {
                 return false;
             }
         }
@@ -712,7 +741,10 @@ async fn send(
             return true;
         };
         ctx.idempotency.wait(deferred.key).await;
+        let read_at = chunk.read_at;
         chunk = Chunk::new(ctx);
+        // Their latency counts from the read that brought them.
+        chunk.read_at = read_at;
         for frame in &deferred.frames {
             let frame = frame.as_deref().map_or(Frame::TooLarge, Frame::Line);
             handle(frame, ctx, peer, &mut chunk);
@@ -805,6 +837,7 @@ fn handle(frame: Frame<'_>, ctx: &Context, peer: &Peer, chunk: &mut Chunk) {
                         chunk.claims.list.push((chunk.batch.len(), k, id));
                     }
                     chunk.batch.end_record(route);
+                    chunk.batch.count(&ty.accepted);
                     Slot::Accepted { id: text }
                 }
                 Some((k, other, key, uid)) => {
@@ -961,8 +994,19 @@ async fn respond(
     mut writer: OwnedWriteHalf,
     mut pending: mpsc::Receiver<Pending>,
     idle_timeout: Duration,
+    connections: Arc<Connections>,
 ) {
     let mut out = Vec::new();
+    // The `ok` answers in `out`: when their chunk was read and how many; recorded once they are written.
+    let mut answered: Vec<(Instant, u64)> = Vec::new();
+    let latency = |answered: &mut Vec<(Instant, u64)>| {
+        let now = Instant::now();
+        for (read_at, n) in answered.drain(..) {
+            connections
+                .ack_latency
+                .observe_duration(now.duration_since(read_at), n);
+        }
+    };
     let stopped = || {
         Err(Unavailable(
             "the log writer stopped before storing the event".into(),
@@ -978,12 +1022,14 @@ async fn respond(
                     if !flush(&mut writer, &mut out, idle_timeout).await {
                         return;
                     }
+                    latency(&mut answered);
                     ack.await.unwrap_or_else(|_| stopped())
                 }
             },
             None => Ok(0),
         };
         let mut seq = stored.as_ref().copied().unwrap_or(0);
+        let first = seq;
         for slot in &p.slots {
             match (slot, &stored) {
                 (Slot::Accepted { id }, Ok(_)) => {
@@ -1005,13 +1051,19 @@ async fn respond(
                 (Slot::Rejected(r), _) => r.encode(&mut out),
             }
         }
-        if (out.len() >= READ_BYTES || pending.is_empty())
-            && !flush(&mut writer, &mut out, idle_timeout).await
-        {
-            return;
+        if seq > first {
+            answered.push((p.read_at, seq - first));
+        }
+        if out.len() >= READ_BYTES || pending.is_empty() {
+            if !flush(&mut writer, &mut out, idle_timeout).await {
+                return;
+            }
+            latency(&mut answered);
         }
     }
-    flush(&mut writer, &mut out, idle_timeout).await;
+    if flush(&mut writer, &mut out, idle_timeout).await {
+        latency(&mut answered);
+    }
     let _ = writer.shutdown().await;
 }
 

@@ -13,10 +13,12 @@ pub mod config;
 pub mod event_types;
 pub mod filter;
 pub mod framing;
+pub mod histogram;
 pub mod idempotency;
 pub mod ingest;
 pub mod journal;
 pub mod log;
+pub mod metrics;
 pub mod modes;
 pub mod protocol;
 pub mod record;
@@ -71,6 +73,16 @@ pub enum Error {
     /// The sockets passed by the service manager are unusable.
     #[error(transparent)]
     Inherited(#[from] systemd::InheritError),
+    /// The metrics' HTTP listener cannot be bound.
+    #[error(
+        "metrics.listen: cannot listen on {addr}: {source}; choose another port or stop what listens there"
+    )]
+    MetricsListen {
+        /// The configured address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A signal handler cannot be installed.
     #[error("cannot handle {signal}: {source}")]
     Signal {
@@ -96,6 +108,7 @@ impl Error {
             | Error::Socket(_)
             | Error::Spool(_)
             | Error::Key(_)
+            | Error::MetricsListen { .. }
             | Error::Signal { .. } => 1,
         }
     }
@@ -192,6 +205,13 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
     let found = log::start::inspect(&config.log.dir, &signer.verifying_key());
     let rotated = Arc::new(tokio::sync::Notify::new());
     let progress = Arc::new(journal::Progress::default());
+    if let Some(c) = found
+        .checkpoint
+        .as_ref()
+        .and_then(|last| journal::LastCheckpoint::from_line(&last.name, &last.line))
+    {
+        progress.set_checkpoint(c);
+    }
     let (journal, submitter) = journal::Journal::start(
         &config.log.dir,
         journal::Options {
@@ -232,6 +252,14 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
     let (admin_listener, bound_admin) = match inherited.admin {
         Some(l) => (ingest::adopt(l, &admin_path, 0o600)?, false),
         None => (ingest::bind(&admin_path, 0o600)?, true),
+    };
+    let metrics_listener = match config.metrics.listen {
+        Some(addr) => Some(
+            metrics::http::bind(addr)
+                .await
+                .map_err(|source| Error::MetricsListen { addr, source })?,
+        ),
+        None => None,
     };
     let connections = Arc::new(ingest::Connections::new(&config.limits));
     warn_if_few_descriptors(config.limits.max_connections);
@@ -284,6 +312,25 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         auditor.clone(),
         service.clone(),
     ));
+    let metrics = Arc::new(metrics::Metrics::new(
+        ctx.clone(),
+        progress.clone(),
+        sinks.clone(),
+        reloader.clone(),
+        log_dir.clone(),
+        started,
+    ));
+    tokio::spawn(metrics.clone().sample(background.clone()));
+    if let Some(listener) = metrics_listener {
+        if let Ok(addr) = listener.local_addr() {
+            info!(address = %addr, "serving metrics over HTTP at /metrics");
+        }
+        tokio::spawn(metrics::http::serve(
+            listener,
+            metrics.clone(),
+            background.clone(),
+        ));
+    }
     let admin = Arc::new(admin::Admin {
         sinks: sinks.clone(),
         reloader: reloader.clone(),
@@ -291,6 +338,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         started,
         connections,
         idempotency: ctx.idempotency.clone(),
+        metrics,
     });
     tokio::spawn(admin::serve(admin_listener, admin, background.clone()));
     // What `systemctl reload` sends after `traild validate` passed: the configuration, the event types and the

@@ -110,6 +110,10 @@ pub struct Status {
     pub file: Option<PathBuf>,
     /// The last reload, applied or refused, with its errors.
     pub last_reload: Option<Outcome>,
+    /// Reloads applied since start.
+    pub reloads_applied: u64,
+    /// Reloads refused since start (nothing changed).
+    pub reloads_refused: u64,
 }
 
 struct Current {
@@ -118,6 +122,9 @@ struct Current {
     generation: u64,
     loaded_at: String,
     last: Option<Outcome>,
+    /// Reloads applied and refused since start.
+    applied: u64,
+    refused: u64,
 }
 
 /// Reloads the configuration and the event types; one reload at a time.
@@ -170,6 +177,8 @@ impl Reloader {
                 generation: 1,
                 loaded_at: now(),
                 last: None,
+                applied: 0,
+                refused: 0,
             }),
             ctx,
             sinks,
@@ -212,6 +221,8 @@ impl Reloader {
             loaded_at: current.loaded_at.clone(),
             file: current.config.file.clone(),
             last_reload: current.last.clone(),
+            reloads_applied: current.applied,
+            reloads_refused: current.refused,
         }
     }
 
@@ -337,6 +348,11 @@ impl Reloader {
             }
         }
         self.audit.config_reloaded(message, ok, payload);
+        if ok {
+            current.applied += 1;
+        } else {
+            current.refused += 1;
+        }
         current.last = Some(outcome.clone());
         outcome
     }
@@ -472,6 +488,7 @@ fn merge(running: &Config, new: &Config, sinks: bool, outcome: &mut Outcome) -> 
     needs_restart!("limits.max_buffered_bytes", limits.max_buffered_bytes);
     needs_restart!("shutdown_grace", shutdown_grace);
     needs_restart!("host_name", host_name);
+    needs_restart!("metrics.listen", metrics.listen);
     restart(
         "files.group",
         running.files.gid != new.files.gid,

@@ -2,8 +2,10 @@
 
 #[path = "trail/plugin.rs"]
 mod plugin;
+#[path = "trail/status.rs"]
+mod status;
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -27,10 +29,27 @@ enum Command {
     /// acknowledged, 65 when one was refused as invalid (no retry helps), 75 when the daemon answered
     /// unavailable, rate_limited or too_many_connections (retry later), 69 when it cannot be reached.
     Emit(Box<Emit>),
-    /// Show the running daemon's state: the configuration's generation and last reload, sinks (delivered, dead
-    /// letters, backlog, stuck), plugins and their generations (with each plugin's last failed load, until that
-    /// file loads), the spool.
-    Status(AdminArgs),
+    /// Show the running daemon's state: uptime, the configuration's generation and last reload (with its errors),
+    /// event types, connections, fsync latency of the last minute, the log directory's size and free space, the
+    /// last checkpoint, sinks (state, delivered, dead letters, backlog, oldest undelivered), plugins and their
+    /// generations (with each plugin's last failed load, until that file loads), the spool. A table on a terminal,
+    /// JSON otherwise or with --json.
+    Status {
+        /// Print the JSON answer even on a terminal.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Print the running daemon's metrics in the Prometheus text format (the same as its HTTP listener serves,
+    /// `metrics.listen`); exit 2 when the daemon cannot be reached.
+    Metrics {
+        /// OpenMetrics text (ending in `# EOF`) instead of the classic format 0.0.4.
+        #[arg(long)]
+        openmetrics: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Make the running daemon reload its configuration file and event types and rescan its plugin directory
     /// (as SIGHUP does). Prints the answer (JSON) and, on standard error, what was refused and what needs a
     /// restart; exits 1 when anything was refused (the old configuration or plugin build keeps serving).
@@ -285,7 +304,30 @@ struct Emit {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Emit(e) => emit(*e),
-        Command::Status(a) => admin(a, json!({"command": "status"})),
+        Command::Status { json, admin: a } => {
+            let table = !json && std::io::stdout().is_terminal();
+            match ask(a, json!({"command": "status"})) {
+                Ok(answer) if table => {
+                    print!("{}", status::table(&answer));
+                    exit_of(&answer)
+                }
+                Ok(answer) => print_answer(&answer),
+                Err(code) => code,
+            }
+        }
+        Command::Metrics {
+            openmetrics,
+            admin: a,
+        } => match ask(a, json!({"command": "metrics", "openmetrics": openmetrics})) {
+            Ok(answer) => match answer["text"].as_str() {
+                Some(text) if answer["ok"] == json!(true) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                _ => print_answer(&answer),
+            },
+            Err(code) => code,
+        },
         Command::Reload(a) => admin(a, json!({"command": "reload"})),
         Command::Replay { sink, admin: a } => admin(a, json!({"command": "replay", "sink": sink})),
         Command::Validate {
@@ -406,7 +448,6 @@ fn time_arg(flag: &str, text: &str) -> Result<std::time::SystemTime, String> {
 }
 
 fn search(args: Search) -> ExitCode {
-    use std::io::IsTerminal;
     use trail::log::files;
     use trail::tools::search;
     let dir = match args.dir {
@@ -624,38 +665,53 @@ fn verify(
 
 /// Sends one admin request and prints the answer, pretty; exits 0 when it says ok.
 fn admin(args: AdminArgs, request: Value) -> ExitCode {
-    let owners = match args.owner.owners() {
-        Ok(o) => o,
-        Err(code) => return code,
-    };
+    let reload = request["command"] == "reload";
+    match ask(args, request) {
+        Ok(answer) => {
+            let code = print_answer(&answer);
+            if reload {
+                summarize_reload(&answer);
+            }
+            code
+        }
+        Err(code) => code,
+    }
+}
+
+/// Sends one admin request and reads its answer; says why on standard error (exit code 2) when the daemon
+/// cannot be reached.
+fn ask(args: AdminArgs, request: Value) -> Result<Value, ExitCode> {
+    let owners = args.owner.owners()?;
     let socket = args
         .admin_socket
         .unwrap_or_else(client::default_admin_socket);
-    match Client::connect_trusting(&socket, &owners)
+    Client::connect_trusting(&socket, &owners)
         .map_err(std::io::Error::from)
         .and_then(|mut c| c.emit(&request))
-    {
-        Ok(answer) => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&answer).unwrap_or_default()
-            );
-            if request["command"] == "reload" {
-                summarize_reload(&answer);
-            }
-            if answer["ok"] == json!(true) {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
-        Err(e) => {
+        .map_err(|e| {
             eprintln!(
                 "trail: cannot talk to the daemon's admin socket {}: {e}",
                 socket.display()
             );
             ExitCode::from(2)
-        }
+        })
+}
+
+/// Prints an admin answer as indented JSON; exit 0 when it says `ok`, 1 otherwise.
+fn print_answer(answer: &Value) -> ExitCode {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(answer).unwrap_or_default()
+    );
+    exit_of(answer)
+}
+
+/// Exit 0 when an admin answer says `ok`, 1 otherwise.
+fn exit_of(answer: &Value) -> ExitCode {
+    if answer["ok"] == json!(true) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

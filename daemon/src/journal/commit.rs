@@ -2,6 +2,7 @@
 //! publish the spool's part to sinks; on any failure, nothing of the group remains in either file.
 
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use crate::spool;
 
@@ -54,6 +55,7 @@ pub(super) fn commit(
         if sync {
             // Both files are synced at once: the group waits for the slower of the two, not for their sum. The
             // spool only when it holds something the log does not (see `spool::Writer::append`).
+            let started = Instant::now();
             let spool_synced = spool_sync.then(|| spool.start_sync());
             let log_synced = if persisted.is_empty() {
                 Ok(())
@@ -68,6 +70,10 @@ pub(super) fn commit(
                     "the log or the spool cannot be synced ({e}); retry later"
                 )));
             }
+            options
+                .progress
+                .fsync
+                .observe_duration(started.elapsed(), 1);
         }
         spool.publish(streamed);
         return Ok(());
@@ -76,6 +82,12 @@ pub(super) fn commit(
         file.out
             .append(persisted, sync)
             .map_err(|e| Unavailable(format!("the log cannot be written ({e}); retry later")))?;
+        if sync {
+            options
+                .progress
+                .fsync
+                .observe_duration(file.out.last_sync(), 1);
+        }
     }
     Ok(())
 }

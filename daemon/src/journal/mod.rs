@@ -25,15 +25,17 @@ mod submit;
 mod writer;
 
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use serde::Serialize;
 use tokio::sync::{Notify, mpsc};
 use tracing::{error, info};
 
 use crate::config::{FsyncPolicy, Rotate};
+use crate::histogram::Histogram;
 use crate::log::chain;
 use crate::log::checkpoint::Signer;
 use crate::log::recovery::{Error, io_error};
@@ -66,8 +68,9 @@ pub struct Journal {
 }
 
 /// The writer's progress, for the service watchdog and status line (see `systemd::watchdog`): the writer is
-/// healthy while `heartbeat` advances or nothing waits for it.
-#[derive(Debug, Default)]
+/// healthy while `heartbeat` advances or nothing waits for it. Also what metrics and `trail status` read of the
+/// writer: its histograms (recorded once per group, never per record) and the last checkpoint.
+#[derive(Debug)]
 pub struct Progress {
     /// Advanced after every group stored and every 100 ms of waiting for room in a full spool (waiting for sinks
     /// is back-pressure, not a stuck writer). It stands still while the writer is stuck in a write or sync, or
@@ -79,6 +82,77 @@ pub struct Progress {
     pub waiting: AtomicBool,
     /// Records stored since start.
     pub records: AtomicU64,
+    /// Records per group committed (a group committed in parts counts each part).
+    pub group_records: Histogram,
+    /// How long each group's sync took (`fdatasync` of the log, and of the spool beside it), nanoseconds; only
+    /// with `fsync: always`. The write before it is not included.
+    pub fsync: Histogram,
+    /// The newest checkpoint written (or, until one is, the last one found at start).
+    pub checkpoint: Mutex<Option<LastCheckpoint>>,
+}
+
+impl Default for Progress {
+    fn default() -> Progress {
+        Progress {
+            heartbeat: AtomicU64::new(0),
+            waiting: AtomicBool::new(false),
+            records: AtomicU64::new(0),
+            group_records: Histogram::new(crate::histogram::GROUP_EVENTS, 1.0),
+            fsync: Histogram::latency(),
+            checkpoint: Mutex::new(None),
+        }
+    }
+}
+
+impl Progress {
+    /// The newest checkpoint known.
+    pub fn last_checkpoint(&self) -> Option<LastCheckpoint> {
+        self.checkpoint
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Remembers `checkpoint` as the newest one.
+    pub fn set_checkpoint(&self, checkpoint: LastCheckpoint) {
+        *self.checkpoint.lock().unwrap_or_else(|e| e.into_inner()) = Some(checkpoint);
+    }
+}
+
+/// A checkpoint, as `trail status` and the metrics show the newest one.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LastCheckpoint {
+    /// Its file name in `checkpoints/`.
+    pub file: String,
+    /// When it was written (its `created_at`, RFC 3339, the daemon's clock).
+    pub at: String,
+    /// The same time in Unix seconds.
+    pub unix_secs: i64,
+    /// The `seq` of the last record it covers.
+    pub seq: Option<u64>,
+    /// Why it was written: `rotation`, `interval` or `stop`.
+    pub reason: String,
+}
+
+impl LastCheckpoint {
+    /// A checkpoint read back from its line (the last one found at start); `None` if the line does not parse.
+    pub fn from_line(file: &str, line: &[u8]) -> Option<LastCheckpoint> {
+        let body = crate::log::checkpoint::Checkpoint::parse(line).ok()?.body;
+        Some(LastCheckpoint {
+            file: file.to_owned(),
+            unix_secs: rfc3339_secs(&body.created_at)?,
+            at: body.created_at,
+            seq: body.seq,
+            reason: body.reason,
+        })
+    }
+}
+
+/// Unix seconds of an RFC 3339 time.
+pub(crate) fn rfc3339_secs(text: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.timestamp())
 }
 
 /// Told of a checkpoint written: its path, its line and its C2SP note.

@@ -116,6 +116,8 @@ impl Schedule {
         let (dir, signer, reason) = (file.dir.clone(), signer.clone(), reason.to_owned());
         let told = options.checkpointed.clone().filter(|_| !reason_is_stop);
         let tree = self.tree.clone();
+        let progress = options.progress.clone();
+        let created_at = body.created_at.clone();
         let spawned = std::thread::Builder::new()
             .name("trail-checkpoint".into())
             .spawn(move || {
@@ -129,6 +131,18 @@ impl Schedule {
                             error!(error = %e, "cannot compute the Merkle tree; the checkpoint was written without it");
                         }
                         debug!(file = %written.path.display(), seq = ?seq, reason, "checkpoint written");
+                        if let (Some(name), Some(unix_secs)) = (
+                            written.path.file_name().and_then(|n| n.to_str()),
+                            super::rfc3339_secs(&created_at),
+                        ) {
+                            progress.set_checkpoint(super::LastCheckpoint {
+                                file: name.to_owned(),
+                                at: created_at,
+                                unix_secs,
+                                seq,
+                                reason: reason.clone(),
+                            });
+                        }
                         if let Some(tell) = told {
                             tell(&written.path, &written.line, written.note.as_deref());
                         }

@@ -2,7 +2,7 @@
 //! how it learns the outcome (an [`Ack`]).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -19,6 +19,9 @@ pub struct Batch {
     /// The chain's inner digest of every persisted record (zeros for the others), computed by the submitter so
     /// that the single writer only chains 72 bytes per record.
     digests: Vec<chain::Hash>,
+    /// Counters the writer adds to once the batch is durable, each with how much (consecutive records counted
+    /// by the same counter share one entry).
+    counters: Vec<(Arc<AtomicU64>, u64)>,
 }
 
 /// Where a record is written: the log, the spool (for sinks), or both.
@@ -47,6 +50,23 @@ impl Batch {
         self.ends.push(self.buf.len());
         self.routes.push(route);
         self.digests.push(digest);
+    }
+
+    /// Counts the record just ended with `counter`, which is added to only when the batch is stored (a failed
+    /// group adds nothing). The submitter's counters (events per type) thus count exactly what is durable, and
+    /// records of one counter in a row cost the writer one atomic add.
+    pub fn count(&mut self, counter: &Arc<AtomicU64>) {
+        match self.counters.last_mut() {
+            Some((last, n)) if Arc::ptr_eq(last, counter) => *n += 1,
+            _ => self.counters.push((counter.clone(), 1)),
+        }
+    }
+
+    /// Adds to the counters of [`Batch::count`]: the batch was stored.
+    pub(super) fn stored(&self) {
+        for (counter, n) in &self.counters {
+            counter.fetch_add(*n, Ordering::Relaxed);
+        }
     }
 
     /// Number of records.

@@ -87,6 +87,7 @@ pub(super) fn run(mut file: ActiveFile, mut rx: mpsc::Receiver<Message>, mut opt
                     }
                     let mut seq = group.first_seq();
                     for s in part.iter_mut() {
+                        s.batch.stored();
                         s.answer(Ok(seq));
                         seq += s.batch.len() as u64;
                     }
@@ -94,6 +95,7 @@ pub(super) fn run(mut file: ActiveFile, mut rx: mpsc::Receiver<Message>, mut opt
                     progress
                         .records
                         .fetch_add(group.records(), Ordering::Relaxed);
+                    progress.group_records.observe(group.records());
                     progress.heartbeat.fetch_add(1, Ordering::Relaxed);
                     debug!(records = group.records(), bytes = group.log_bytes() + group.spool_bytes(), elapsed = ?started.elapsed(), "group committed");
                 }

@@ -33,6 +33,8 @@ pub struct AppendFile {
     unstarted: u64,
     /// Writeback is started every this many bytes appended without sync.
     writeback_every: u64,
+    /// How long the last append's sync took (its write not included).
+    last_sync: std::time::Duration,
 }
 
 /// Without syncs, writeback of appended bytes is started every this many bytes, so that dirty pages never pile
@@ -48,7 +50,13 @@ impl AppendFile {
             dirty: false,
             unstarted: len,
             writeback_every: WRITEBACK_EVERY,
+            last_sync: std::time::Duration::ZERO,
         }
+    }
+
+    /// How long the sync of the last append with `sync` took, without its write (for the fsync histogram).
+    pub fn last_sync(&self) -> std::time::Duration {
+        self.last_sync
     }
 
     /// Never starts writeback itself: the owner does (see [`start_writeback`]).
@@ -78,10 +86,15 @@ impl AppendFile {
             self.file.set_len(self.len)?;
             self.dirty = false;
         }
-        let written = self
-            .file
-            .write_all(bytes)
-            .and_then(|()| if sync { self.file.sync_data() } else { Ok(()) });
+        let written = self.file.write_all(bytes).and_then(|()| {
+            if !sync {
+                return Ok(());
+            }
+            let started = std::time::Instant::now();
+            let synced = self.file.sync_data();
+            self.last_sync = started.elapsed();
+            synced
+        });
         match written {
             Ok(()) => {
                 self.len += bytes.len() as u64;

@@ -213,10 +213,33 @@ pub struct SinkReport {
     pub swaps: u64,
     /// Spool bytes after the sink's cursor.
     pub backlog_bytes: u64,
+    /// Spool records after the sink's cursor (of every streamed type, also those its filter passes over).
+    pub backlog_events: u64,
+    /// Seconds since the first of them was received; `None` when there is none.
+    pub oldest_undelivered_age_secs: Option<f64>,
+    /// One of [`SINK_STATES`]: `stuck` (see `stuck`), else `retrying` (the last write failed: `last_error`), else
+    /// `delivering` (records after its position), else `idle`.
+    pub state: &'static str,
     /// Events are waiting and none was delivered for `stuck_after`.
     pub stuck: bool,
     /// The last error, if the sink has not delivered since.
     pub last_error: Option<String>,
+}
+
+/// The states of [`SinkReport::state`].
+pub const SINK_STATES: &[&str] = &["idle", "delivering", "retrying", "stuck"];
+
+/// A sink's state from its report's other fields (see [`SinkReport::state`]).
+fn state(stuck: bool, last_error: Option<&String>, backlog_events: u64) -> &'static str {
+    if stuck {
+        "stuck"
+    } else if last_error.is_some() {
+        "retrying"
+    } else if backlog_events > 0 {
+        "delivering"
+    } else {
+        "idle"
+    }
 }
 
 /// One plugin in [`Report`].
@@ -934,11 +957,26 @@ impl Sinks {
     /// Everything `trail status` shows about sinks and plugins.
     pub fn status(&self) -> Report {
         let (head, cursors) = self.spool.positions();
+        // Counted before any lock of the sinks is taken: this may read spool files.
+        let now_ms = crate::clock::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let undelivered: HashMap<&String, crate::spool::Undelivered> = cursors
+            .iter()
+            .map(|(sink, &pos)| {
+                let counted = self.spool.undelivered(pos).unwrap_or_else(|e| {
+                    warn!(sink = %sink, error = %e, "cannot count the sink's backlog");
+                    crate::spool::Undelivered::default()
+                });
+                (sink, counted)
+            })
+            .collect();
         let table = self.lock();
         let sinks = self
             .handles()
             .iter()
             .map(|h| {
+                let undelivered = undelivered.get(&h.config.name).copied().unwrap_or_default();
                 let s = &h.status;
                 let detail = s.detail.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 let pos = cursors.get(&h.config.name).copied().unwrap_or(head);
@@ -955,9 +993,18 @@ impl Sinks {
                     panics: s.panics.load(Ordering::Relaxed),
                     swaps: s.swaps.load(Ordering::Relaxed),
                     backlog_bytes: head.saturating_sub(pos),
+                    backlog_events: undelivered.records,
+                    oldest_undelivered_age_secs: undelivered
+                        .oldest_received_ms
+                        .map(|ms| now_ms.saturating_sub(ms) as f64 / 1000.0),
                     stuck: self.is_stuck(h, head, &cursors),
+                    state: "",
                     last_error: detail.last_error,
                 }
+            })
+            .map(|mut sink: SinkReport| {
+                sink.state = state(sink.stuck, sink.last_error.as_ref(), sink.backlog_events);
+                sink
             })
             .collect();
         let mut plugins: Vec<PluginReport> = table

@@ -24,6 +24,7 @@
 //! journal's end and the sync thread; `reader`: a sink's reads; `memory`: the in-memory blocks; `log_source`:
 //! reading the log by `seq`.
 
+mod backlog;
 mod log_source;
 mod memory;
 mod reader;
@@ -41,6 +42,7 @@ use tracing::{info, warn};
 use crate::config::{SpoolConfig, WhenFull};
 use crate::log::append::AppendFile;
 
+pub use backlog::Undelivered;
 use log_source::LogSource;
 use memory::Block;
 pub use reader::{Read, Reader, Wants};
@@ -105,6 +107,8 @@ struct Shared {
     memory_bytes: u64,
     /// The log directory, where records the spool refers to are.
     log_dir: PathBuf,
+    /// Lines counted in segment files for [`Spool::undelivered`].
+    counts: backlog::Counts,
 }
 
 impl Shared {
@@ -231,6 +235,7 @@ pub fn open(config: &SpoolConfig, sinks: &[String]) -> Result<(Writer, Spool), E
         when_full: config.when_full,
         memory_bytes: config.memory_bytes,
         log_dir: config.log_dir.clone(),
+        counts: backlog::Counts::default(),
     });
     for (sink, pos) in shared.lock().cursors.clone() {
         write_cursor(&shared, &sink, pos).map_err(io_error(&shared.cursor_path(&sink)))?;
@@ -439,6 +444,13 @@ impl Spool {
     pub fn backlog(&self) -> u64 {
         let state = self.shared.lock();
         state.head - state.min_cursor().min(state.head)
+    }
+
+    /// The records after `pos` (a sink's confirmed position from [`Spool::positions`]) and when the first of them
+    /// was received: what that sink has not confirmed. Reads the files for the part older than the spool's memory
+    /// (and only what changed since the last question about a range): for status and metrics, not hot paths.
+    pub fn undelivered(&self, pos: u64) -> std::io::Result<Undelivered> {
+        self.shared.undelivered(pos)
     }
 
     /// The confirmed position of every sink and the head.
