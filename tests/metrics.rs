@@ -262,6 +262,26 @@ fn counters_equal_the_workload_over_http_and_the_admin_socket() {
         }
     }
     assert!(others >= 5, "{m:#?}");
+    // Rejections by code: the three refused lines above, each under its code; every other code is listed at 0.
+    for (code, n) in [
+        ("unknown_type", 1.0),
+        ("invalid_event", 1.0),
+        ("invalid_json", 1.0),
+        ("forbidden", 0.0),
+        ("rate_limited", 0.0),
+        ("too_large", 0.0),
+    ] {
+        assert_eq!(
+            v(
+                &m,
+                &format!("trail_events_rejected_total{{code=\"{code}\"}}")
+            ),
+            n,
+            "{code}: {m:#?}"
+        );
+    }
+    // None of those is a refusal of the uid.
+    assert_eq!(v(&m, "trail_refused_uids"), 0.0);
     assert_eq!(
         v(&m, r#"trail_sink_delivered_total{sink="dl"}"#),
         (USER_LOGINS - 1) as f64
@@ -567,8 +587,7 @@ fn the_shipped_alerting_rules_pass_promtool() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    // Every metric the rules read is one the daemon exposes (or, for trail_refused_uids, one that access control
-    // exposes).
+    // Every metric the rules read is one the daemon exposes.
     let text = std::fs::read_to_string(&rules).unwrap();
     for name in [
         "trail_sink_state",

@@ -142,6 +142,12 @@ fn the_socket_units_match_the_shipped_configuration_and_the_service() {
         assert_eq!(unit_values(unit, "Service"), ["trail.service"], "{unit}");
         assert_eq!(unit_values(unit, "SocketUser"), ["trail"], "{unit}");
     }
+    let group = config
+        .socket
+        .group
+        .clone()
+        .unwrap_or_else(|| trail::config::DEFAULT_SOCKET_GROUP.to_owned());
+    assert_eq!(unit_values("trail.socket", "SocketGroup"), [group]);
     let sockets = unit_values("trail.service", "Sockets").join(" ");
     let required = unit_values("trail.service", "Requires").join(" ");
     for unit in ["trail.socket", "trail-admin.socket"] {

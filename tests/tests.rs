@@ -2,6 +2,7 @@
 
 mod util;
 
+mod access;
 mod cli;
 mod connection_limits;
 mod durability;

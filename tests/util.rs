@@ -216,6 +216,39 @@ pub fn test_user(name: &str) -> Option<TestUser> {
     })
 }
 
+/// The group `name` (created when missing) with `members` (test users) added to it as a supplementary group;
+/// its gid. Only as root (the caller has a [`TestUser`]).
+pub fn test_group(name: &str, members: &[&TestUser]) -> u32 {
+    static CREATING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = CREATING.lock().unwrap_or_else(|e| e.into_inner());
+    let status = Command::new("groupadd")
+        .args(["--force", "--system", name])
+        .status()
+        .unwrap();
+    assert!(status.success(), "groupadd {name}: {status}");
+    for member in members {
+        let status = Command::new("usermod")
+            .args(["--append", "--groups", name, &member.name])
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "usermod -aG {name} {}: {status}",
+            member.name
+        );
+    }
+    let out = Command::new("getent")
+        .args(["group", name])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split(':')
+        .nth(2)
+        .and_then(|g| g.parse().ok())
+        .expect("gid of the test group")
+}
+
 /// The usual second user, `trail-test-other`.
 pub fn other_user() -> Option<TestUser> {
     test_user("trail-test-other")

@@ -24,6 +24,8 @@ use crate::sinks::{self, ReloadError, Sinks};
 
 /// What the admin commands act on.
 pub struct Admin {
+    /// Access control's counters (refusals by code and per uid).
+    pub access: Arc<crate::access::Access>,
     /// The sinks, when any are configured.
     pub sinks: Option<Arc<Sinks>>,
     /// Reloads the configuration, the event types and the plugins (announced to the service manager).
@@ -120,6 +122,7 @@ struct Status {
     fsync: crate::metrics::FsyncReport,
     log: crate::metrics::LogReport,
     last_checkpoint: Option<crate::journal::LastCheckpoint>,
+    refusals: crate::access::RefusalsReport,
     /// `sinks`, `plugins`, `libraries_mapped`, `spool`, when sinks are configured.
     #[serde(flatten)]
     sinks: Option<sinks::Report>,
@@ -184,6 +187,7 @@ fn handle(admin: &Admin, request: Request, uid: u32) -> Value {
                 fsync: admin.metrics.fsync_recent(),
                 log: admin.metrics.log(),
                 last_checkpoint: admin.metrics.last_checkpoint(),
+                refusals: admin.access.refusals.report(),
                 sinks: admin.sinks.as_ref().map(|s| s.status()),
             })
         }

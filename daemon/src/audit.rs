@@ -123,6 +123,42 @@ impl Auditor {
         self.send("trail_checkpoint", message, "success", payload);
     }
 
+    /// Submissions were refused by the access rules or the rate limit: one record for the refusals of one uid,
+    /// type and code (see [`crate::access::Denials`]); never a payload.
+    pub fn submission_denied(&self, d: &crate::access::Denied) {
+        let who = match &d.user {
+            Some(name) => format!("uid {} ({name})", d.uid),
+            None => format!("uid {}", d.uid),
+        };
+        let times = if d.count == 1 {
+            "1 submission".to_owned()
+        } else {
+            format!("{} submissions", d.count)
+        };
+        let mut payload = json!({
+            "event_type": d.event_type, "uid": d.uid, "gid": d.gid, "code": d.code.as_str(), "count": d.count,
+            "first_at": d.first_at, "last_at": d.last_at, "interval_secs": d.interval_secs, "reason": d.reason,
+        });
+        if let Some(user) = &d.user {
+            payload["user"] = json!(user);
+        }
+        if let Some(pid) = d.pid {
+            payload["pid"] = json!(pid);
+        }
+        self.send(
+            "trail_submission_denied",
+            format!(
+                "{who} was refused {times} of event type {:?} ({}) from {} to {}",
+                d.event_type,
+                d.code.as_str(),
+                d.first_at,
+                d.last_at
+            ),
+            "denied",
+            payload,
+        );
+    }
+
     /// A sink skipped `dropped` events because the spool was full.
     pub fn sink_events_dropped(&self, sink: &str, dropped: u64) {
         self.send(

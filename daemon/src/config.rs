@@ -51,6 +51,9 @@ pub struct Config {
     /// Metrics over HTTP (they are always served on the admin socket too).
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Who may submit which event types (see [`crate::access`]).
+    #[serde(default)]
+    pub access: AccessConfig,
     /// The file this configuration was read from ([`Config::load`]); a reload reads it again. `None` for the
     /// embedded development configuration and for text given to [`Config::parse`].
     #[serde(skip)]
@@ -99,29 +102,48 @@ pub struct FilesConfig {
     pub gid: Option<u32>,
 }
 
-/// The id of group `name` (a name, or a number), checking that this process may give files to it.
-fn group_id(name: &str) -> Result<u32, String> {
+/// Why a group cannot be given files (or the socket) by this process.
+enum GroupProblem {
+    /// No such group on this host.
+    Missing(String),
+    /// It exists, but this process is neither root nor a member.
+    NotMember(String),
+    /// The lookup failed.
+    Lookup(String),
+}
+
+/// The id of group `name` (a name, or a number), checking that this process may give files to it; `key` names
+/// the setting in messages, `what` what is given to the group.
+fn group_id(key: &str, name: &str, what: &str) -> Result<u32, GroupProblem> {
     let found = nix::unistd::Group::from_name(name)
-        .map_err(|e| format!("files.group: cannot look up group {name:?}: {e}"))?;
+        .map_err(|e| GroupProblem::Lookup(format!("{key}: cannot look up group {name:?}: {e}")))?;
     let gid = match (found, name.parse::<u32>()) {
         (Some(g), _) => g.gid.as_raw(),
         (None, Ok(n)) => n,
         (None, Err(_)) => {
-            return Err(format!(
-                "files.group: there is no group {name:?} on this host; give a group name or number"
-            ));
+            return Err(GroupProblem::Missing(format!(
+                "{key}: there is no group {name:?} on this host; give a group name or number"
+            )));
         }
     };
     let member = unsafe { libc::geteuid() } == 0
         || unsafe { libc::getegid() } == gid
         || nix::unistd::getgroups().is_ok_and(|g| g.iter().any(|g| g.as_raw() == gid));
     if !member {
-        return Err(format!(
-            "files.group: this user is not a member of group {name:?} ({gid}), so the daemon cannot give its \
-             files to it; add the daemon's user to the group"
-        ));
+        return Err(GroupProblem::NotMember(format!(
+            "{key}: this user is not a member of group {name:?} ({gid}), so the daemon cannot give {what} to \
+             it; add the daemon's user to the group"
+        )));
     }
     Ok(gid)
+}
+
+impl GroupProblem {
+    fn message(self) -> String {
+        match self {
+            GroupProblem::Missing(m) | GroupProblem::NotMember(m) | GroupProblem::Lookup(m) => m,
+        }
+    }
 }
 
 /// The spool as written in the configuration file.
@@ -264,6 +286,62 @@ pub struct SocketConfig {
     /// Permission bits of the socket file, as an octal string such as `"0660"`.
     #[serde(default = "default_mode", deserialize_with = "de_mode")]
     pub mode: u32,
+    /// Group (name or number) of the socket file; not set means [`DEFAULT_SOCKET_GROUP`], or the daemon's own
+    /// group when that does not exist (see [`SocketConfig::gid`]).
+    #[serde(default)]
+    pub group: Option<String>,
+    /// The socket file's group as an id, resolved when the configuration is checked: `group`'s, or
+    /// [`DEFAULT_SOCKET_GROUP`]'s when `group` is not set and that group exists and this process may use it;
+    /// `None`: the daemon's own effective group (then [`SocketConfig::group_warning`] says why).
+    #[serde(skip)]
+    pub gid: Option<u32>,
+    /// Why the socket keeps the daemon's own group although `group` was left at its default (logged at start).
+    #[serde(skip)]
+    pub group_warning: Option<String>,
+}
+
+/// The socket's group when `socket.group` is not set: the group the package creates (`systemd/trail.sysusers`),
+/// whose members may submit.
+pub const DEFAULT_SOCKET_GROUP: &str = "trail";
+
+impl SocketConfig {
+    /// A socket at `path` with permission bits `mode` and the daemon's own group.
+    pub fn at(path: PathBuf, mode: u32) -> SocketConfig {
+        SocketConfig {
+            path,
+            mode,
+            group: None,
+            gid: None,
+            group_warning: None,
+        }
+    }
+
+    /// Resolves `group` to [`SocketConfig::gid`]: a group that was set must exist and be one this process may give
+    /// the socket to; the default one may be missing (then the daemon's own group, with a warning).
+    fn resolve_group(&mut self) -> Result<(), String> {
+        match &self.group {
+            Some(name) => {
+                self.gid = Some(
+                    group_id("socket.group", name, "the socket").map_err(GroupProblem::message)?,
+                );
+            }
+            None => match group_id("socket.group", DEFAULT_SOCKET_GROUP, "the socket") {
+                Ok(gid) => self.gid = Some(gid),
+                Err(GroupProblem::Missing(_)) => {
+                    self.group_warning = Some(format!(
+                        "socket.group is not set and there is no group {DEFAULT_SOCKET_GROUP:?} on this host: the \
+                         socket keeps the daemon's own group; set socket.group to the group whose members may submit"
+                    ));
+                }
+                Err(GroupProblem::NotMember(m) | GroupProblem::Lookup(m)) => {
+                    self.group_warning = Some(format!(
+                        "{m}; the socket keeps the daemon's own group (socket.group is not set)"
+                    ));
+                }
+            },
+        }
+        Ok(())
+    }
 }
 
 /// The durable log.
@@ -391,6 +469,11 @@ pub struct Limits {
     /// waits (the daemon stops reading from it) until some is free.
     #[serde(deserialize_with = "de_size_usize")]
     pub max_buffered_bytes: usize,
+    /// Events per second each uid may submit (a token bucket per uid); none when absent.
+    pub rate_per_uid: Option<f64>,
+    /// How many events a uid may submit at once above its rate (the bucket's size); default: one second's worth
+    /// of `rate_per_uid`, at least 1.
+    pub rate_burst: Option<u32>,
 }
 
 impl Default for Limits {
@@ -400,7 +483,98 @@ impl Default for Limits {
             max_connections: 1024,
             idle_timeout: Duration::from_secs(300),
             max_buffered_bytes: 64 << 20,
+            rate_per_uid: None,
+            rate_burst: None,
         }
+    }
+}
+
+/// The `access:` section: which peers may submit which event types, and how their refusals are recorded.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessConfig {
+    /// Rules in order; for an event type, the first rule whose `types` match it decides.
+    pub rules: Vec<AccessRule>,
+    /// At most one `trail_submission_denied` record per (uid, type, code) per this interval.
+    #[serde(deserialize_with = "de_duration")]
+    pub denied_record_interval: Duration,
+}
+
+impl Default for AccessConfig {
+    fn default() -> Self {
+        AccessConfig {
+            rules: Vec::new(),
+            denied_record_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// One access rule: the event types it covers (globs, as a sink's `events.types`) and who may submit them.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AccessRule {
+    /// Glob patterns on type names (`*`, `?`, `noun:verb`); a leading `!` excludes.
+    pub types: Vec<String>,
+    /// Peers with these uids may submit.
+    #[serde(default)]
+    pub uids: Vec<u32>,
+    /// Peers running as these users may submit (resolved to uids when the configuration is read).
+    #[serde(default)]
+    pub users: Vec<String>,
+    /// Peers whose primary group (`SO_PEERCRED`) or whose user's groups include one of these gids may submit.
+    #[serde(default)]
+    pub gids: Vec<u32>,
+    /// As `gids`, by group name (resolved to gids when the configuration is read).
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// `users`, resolved.
+    #[serde(skip)]
+    pub user_ids: Vec<u32>,
+    /// `groups`, resolved.
+    #[serde(skip)]
+    pub group_ids: Vec<u32>,
+}
+
+impl AccessConfig {
+    /// Resolves user and group names to ids; an unknown name is an error naming the rule.
+    fn resolve(&mut self) -> Result<(), String> {
+        for (i, rule) in self.rules.iter_mut().enumerate() {
+            rule.user_ids.clear();
+            for name in &rule.users {
+                match nix::unistd::User::from_name(name) {
+                    Ok(Some(u)) => rule.user_ids.push(u.uid.as_raw()),
+                    Ok(None) => {
+                        return Err(format!(
+                            "access.rules[{i}].users: there is no user {name:?} on this host; give an existing \
+                             user name, or the uid under uids"
+                        ));
+                    }
+                    Err(e) => {
+                        return Err(format!(
+                            "access.rules[{i}].users: cannot look up user {name:?}: {e}"
+                        ));
+                    }
+                }
+            }
+            rule.group_ids.clear();
+            for name in &rule.groups {
+                match nix::unistd::Group::from_name(name) {
+                    Ok(Some(g)) => rule.group_ids.push(g.gid.as_raw()),
+                    Ok(None) => {
+                        return Err(format!(
+                            "access.rules[{i}].groups: there is no group {name:?} on this host; give an existing \
+                             group name, or the gid under gids"
+                        ));
+                    }
+                    Err(e) => {
+                        return Err(format!(
+                            "access.rules[{i}].groups: cannot look up group {name:?}: {e}"
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -485,12 +659,16 @@ impl Config {
         })?;
         config.resolve(base);
         config.check(origin)?;
+        let invalid = |message: String| Error::Invalid {
+            path: origin.to_owned(),
+            message,
+        };
         if let Some(name) = &config.files.group {
-            config.files.gid = Some(group_id(name).map_err(|message| Error::Invalid {
-                path: origin.to_owned(),
-                message,
-            })?);
+            config.files.gid =
+                Some(group_id("files.group", name, "its files").map_err(|p| invalid(p.message()))?);
         }
+        config.socket.resolve_group().map_err(invalid)?;
+        config.access.resolve().map_err(invalid)?;
         Ok(config)
     }
 
@@ -499,10 +677,8 @@ impl Config {
     pub fn development() -> Config {
         let socket = trail_client::development_socket();
         let mut config = Config {
-            socket: SocketConfig {
-                path: socket,
-                mode: 0o600,
-            },
+            // Only the daemon's own user may connect: the group does not matter.
+            socket: SocketConfig::at(socket, 0o600),
             event_types: PathBuf::from("event-types"),
             log: LogConfig::in_dir(PathBuf::from("data").join("log")),
             limits: Limits::default(),
@@ -515,6 +691,7 @@ impl Config {
             files: FilesConfig::default(),
             idempotency: IdempotencyConfig::default(),
             metrics: MetricsConfig::default(),
+            access: AccessConfig::default(),
             file: None,
         };
         let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
@@ -578,6 +755,39 @@ impl Config {
                  hold a whole line; use at least {least}, or lower limits.max_connections or limits.max_line_bytes",
                 limits.max_buffered_bytes, limits.max_connections, limits.max_line_bytes
             )));
+        }
+        if let Some(rate) = limits.rate_per_uid
+            && !(rate.is_finite() && rate > 0.0)
+        {
+            return Err(invalid(format!(
+                "limits.rate_per_uid: {rate} must be a number of events per second above zero; leave it out for \
+                 no limit"
+            )));
+        }
+        if let Some(burst) = limits.rate_burst {
+            if limits.rate_per_uid.is_none() {
+                return Err(invalid(
+                    "limits.rate_burst is set but limits.rate_per_uid is not: set the rate too, or leave both out"
+                        .into(),
+                ));
+            }
+            if burst == 0 {
+                return Err(invalid("limits.rate_burst: must be at least 1".into()));
+            }
+        }
+        if self.access.denied_record_interval < Duration::from_secs(1) {
+            return Err(invalid(
+                "access.denied_record_interval: use at least 1s".into(),
+            ));
+        }
+        for (i, rule) in self.access.rules.iter().enumerate() {
+            let types = crate::filter::FilterConfig {
+                types: rule.types.clone(),
+                ..Default::default()
+            };
+            if let Err(e) = crate::filter::Filter::new(&types) {
+                return Err(invalid(format!("access.rules[{i}].{e}")));
+            }
         }
         if self.socket.mode > 0o777 {
             return Err(invalid(format!(
@@ -877,10 +1087,48 @@ mod tests {
             assert_eq!(c.metrics.listen, Some(ok.parse().unwrap()));
         }
         assert_eq!(parse(MINIMAL).unwrap().metrics.listen, None);
+        check(
+            "limits: {rate_per_uid: 0}\n",
+            "limits.rate_per_uid: 0 must be",
+        );
+        check("limits: {rate_per_uid: -1.5}\n", "above zero");
+        check("limits: {rate_burst: 5}\n", "limits.rate_per_uid is not");
+        check("limits: {rate_per_uid: 10, rate_burst: 0}\n", "at least 1");
+        check(
+            "access: {rules: [{types: ['user login']}]}\n",
+            "access.rules[0].types: \"user login\" contains ' '",
+        );
+        check(
+            "access: {rules: [{types: ['*'], users: [trail-no-such-user-here]}]}\n",
+            "access.rules[0].users: there is no user \"trail-no-such-user-here\" on this host",
+        );
+        check(
+            "access: {rules: [{types: ['*'], uids: [0]}, {types: ['*'], groups: [trail-no-such-group-here]}]}\n",
+            "access.rules[1].groups: there is no group \"trail-no-such-group-here\"",
+        );
+        check("access: {rules: [{uids: [0]}]}\n", "types");
+        check("access: {denied_record_interval: 10ms}\n", "at least 1s");
+        check("access: {rules: [{types: ['*'], who: [a]}]}\n", "who");
         let err = parse("socket: {path: /x, mode: \"99\"}\nevent_types: t\nlog: {dir: l}\n")
             .unwrap_err()
             .to_string();
         assert!(err.contains("octal"), "{err}");
+        let err = parse(
+            "socket: {path: /x, group: trail-no-such-group-here}\nevent_types: t\nlog: {dir: l}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(
+                "socket.group: there is no group \"trail-no-such-group-here\" on this host"
+            ),
+            "{err}"
+        );
+        let c = parse(&format!("{MINIMAL}limits: {{rate_per_uid: 2.5}}\n")).unwrap();
+        assert_eq!(
+            (c.limits.rate_per_uid, c.limits.rate_burst),
+            (Some(2.5), None)
+        );
         let err = parse("socket: {path: /x}\nlog: {dir: l}\n")
             .unwrap_err()
             .to_string();

@@ -58,6 +58,10 @@ pub const BUILTIN: &[(&str, &str)] = &[
         "trail_config_reloaded.yml",
         include_str!("../../event-types/trail_config_reloaded.yml"),
     ),
+    (
+        "trail_submission_denied.yml",
+        include_str!("../../event-types/trail_submission_denied.yml"),
+    ),
 ];
 
 /// Event types whose names start with this are the daemon's own: only the daemon records them (with the marker
@@ -129,6 +133,11 @@ pub struct EventType {
     /// Shared by every definition of the same name this process loads, so it keeps counting across reloads;
     /// [`accepted_counts`] reads them all.
     pub accepted: Arc<AtomicU64>,
+    /// An event of this type without `actor.id` is refused (`invalid_event`, naming `/actor/id`).
+    pub require_actor: bool,
+    /// The peer's user name is stamped as `actor.id`; an event bringing another `actor.id` is refused
+    /// (`forbidden`). See [`crate::access`].
+    pub actor_from_peer: bool,
     payload: Option<jsonschema::Validator>,
 }
 
@@ -328,6 +337,10 @@ struct Definition {
     version: u32,
     #[serde(default)]
     payload: Option<Value>,
+    #[serde(default)]
+    require_actor: bool,
+    #[serde(default)]
+    actor_from_peer: bool,
 }
 
 fn one() -> u32 {
@@ -458,6 +471,8 @@ fn parse_definition(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Opt
             use sha2::Digest;
             sha2::Sha256::digest(text.as_bytes()).into()
         },
+        require_actor: def.require_actor,
+        actor_from_peer: def.actor_from_peer,
         payload,
     })
 }

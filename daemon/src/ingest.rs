@@ -9,8 +9,8 @@
 use std::collections::HashSet;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -22,6 +22,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::access::{self, Access, Credentials};
 use crate::config::{Limits, SMALL_LINE_BYTES};
 use crate::event_types::{EventType, Registry};
 
@@ -57,6 +58,8 @@ pub struct Rules {
     pub streamed_types: HashSet<String>,
     /// Longest accepted request line (for connections opened under these rules).
     pub max_line_bytes: usize,
+    /// Who may submit which types, and how fast ([`access::Policy::build`]).
+    pub access: access::Policy,
 }
 
 /// What every connection shares.
@@ -71,6 +74,8 @@ pub struct Context {
     pub connections: Arc<Connections>,
     /// Idempotency keys of recent submissions.
     pub idempotency: Arc<Window>,
+    /// What access control keeps across generations: rate buckets, refusal counters, refusals to record.
+    pub access: Arc<Access>,
 }
 
 impl Context {
@@ -270,12 +275,13 @@ pub enum BindError {
     },
 }
 
-/// Binds the socket at `path` with permission bits `mode`, replacing a stale socket file left by a crash.
+/// Binds the socket at `path` with permission bits `mode` and group `group` (`None`: the daemon's own),
+/// replacing a stale socket file left by a crash.
 ///
 /// Refuses a directory that anyone but root or the daemon's own user could write, or one below such a directory
 /// (see [`crate::trust`]): they could replace the socket with their own and take the clients' events. Missing
 /// directories are created with mode 0755. A symbolic link at `path` is refused, never followed.
-pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
+pub fn bind(path: &Path, mode: u32, group: Option<u32>) -> Result<UnixListener, BindError> {
     let io = |source| BindError::Io {
         path: path.to_owned(),
         source,
@@ -312,6 +318,9 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
         std::fs::remove_file(path).map_err(io)?;
     }
     let listener = std::os::unix::net::UnixListener::bind(path).map_err(io)?;
+    if group.is_some() {
+        std::os::unix::fs::chown(path, None, group).map_err(io)?;
+    }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
     listener.set_nonblocking(true).map_err(io)?;
     UnixListener::from_std(listener).map_err(io)
@@ -323,12 +332,14 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
 /// stream socket whose address is `path` (a socket unit and the configuration must name the same file); the
 /// directories above it trusted as for binding ([`crate::trust::check_dir`]); at `path` a socket, not a link,
 /// owned by root or the daemon's user, with no write permission (which connecting takes) beyond `mode` (the
-/// socket unit's `SocketMode=` must not let more users connect than the configuration does). The file is never removed: the socket unit owns it, and
-/// clients that connect while the daemon restarts wait in its backlog.
+/// socket unit's `SocketMode=` must not let more users connect than the configuration does), and, when it lets
+/// its group connect, in the configured `group` (`SocketGroup=`). The file is never removed: the socket unit owns
+/// it, and clients that connect while the daemon restarts wait in its backlog.
 pub fn adopt(
     listener: std::os::unix::net::UnixListener,
     path: &Path,
     mode: u32,
+    group: Option<u32>,
 ) -> Result<UnixListener, BindError> {
     use nix::sys::socket::{SockType, getsockopt, sockopt};
     use std::os::unix::fs::MetadataExt;
@@ -393,8 +404,31 @@ pub fn adopt(
              SocketMode= in the socket unit to {mode:04o}"
         )));
     }
+    if let Some(gid) = group
+        && file_mode & 0o020 != 0
+        && meta.gid() != gid
+    {
+        return Err(problem(format!(
+            "its file belongs to group {}, whose members may connect, not to the configured socket.group {}; set \
+             SocketGroup= in the socket unit to {}",
+            group_name(meta.gid()),
+            group_name(gid),
+            nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
+                .ok()
+                .flatten()
+                .map_or_else(|| gid.to_string(), |g| g.name)
+        )));
+    }
     listener.set_nonblocking(true).map_err(io)?;
     UnixListener::from_std(listener).map_err(io)
+}
+
+/// `gid 998 (trail)`, or `gid 998` when it has no name.
+fn group_name(gid: u32) -> String {
+    match nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid)) {
+        Ok(Some(g)) => format!("gid {gid} ({})", g.name),
+        _ => format!("gid {gid}"),
+    }
 }
 
 /// Accepts connections until `stop` is cancelled, then lets every connection answer what it has read.
@@ -416,7 +450,7 @@ pub async fn serve(
                         connections.spawn(connection(stream, ctx.clone(), stop.clone(), permit));
                     }
                     Err(_) => {
-                        refuse(stream, &ctx.connections);
+                        refuse(stream, &ctx);
                         if let Some(suppressed) = refusals.hit() {
                             warn!(
                                 open = ctx.connections.open(),
@@ -455,9 +489,13 @@ pub async fn serve(
 
 /// Answers a client beyond `limits.max_connections` with one error line and closes its connection. The line is
 /// written with one non-blocking `write(2)`, never waited for: a fresh connection's send buffer has room for it.
-fn refuse(stream: UnixStream, connections: &Connections) {
+fn refuse(stream: UnixStream, ctx: &Context) {
     use std::io::Write;
+    let connections = &ctx.connections;
     connections.refused.fetch_add(1, Ordering::Relaxed);
+    ctx.access
+        .refusals
+        .count(ErrorCode::TooManyConnections, None);
     let mut line = Vec::new();
     Rejection::new(
         ErrorCode::TooManyConnections,
@@ -544,6 +582,10 @@ impl Drop for Claims {
 struct Peer {
     fragment: Vec<u8>,
     uid: Option<u32>,
+    /// The client's credentials (`None` for the daemon's own events, which access control does not look at).
+    credentials: Option<Credentials>,
+    /// The rate bucket of the client's uid, fetched at its first event while a rate is configured.
+    bucket: OnceLock<Arc<access::Bucket>>,
     /// The connection's longest line (the rules in force when it opened).
     max_line_bytes: usize,
 }
@@ -580,6 +622,12 @@ async fn connection(
     let peer = Peer {
         fragment: source.fragment(),
         uid: Some(source.uid),
+        credentials: Some(Credentials {
+            uid: source.uid,
+            gid: source.gid,
+            pid: source.pid,
+        }),
+        bucket: OnceLock::new(),
         max_line_bytes: ctx.rules().max_line_bytes,
     };
     let limits = &ctx.connections;
@@ -591,6 +639,7 @@ async fn connection(
         pending_rx,
         idle_timeout,
         ctx.connections.clone(),
+        (ctx.access.clone(), source.uid),
     ));
     let mut framer = Framer::new(peer.max_line_bytes);
     let mut buffered = Buffered::new(limits);
@@ -792,9 +841,9 @@ fn handle(frame: Frame<'_>, ctx: &Context, peer: &Peer, chunk: &mut Chunk) {
         }
         return;
     }
-    let own = peer.uid.is_none();
     let line = match frame {
         Frame::TooLarge => {
+            ctx.access.refusals.count(ErrorCode::TooLarge, peer.uid);
             chunk.slots.push(Slot::Rejected(Rejection::new(
                 ErrorCode::TooLarge,
                 format!(
@@ -809,7 +858,7 @@ fn handle(frame: Frame<'_>, ctx: &Context, peer: &Peer, chunk: &mut Chunk) {
         Frame::Line(line) => line,
     };
     let rules = chunk.rules.clone();
-    let slot = match check(line, &rules, own) {
+    let slot = match check(line, &rules, peer, &ctx.access) {
         Ok((event, ty, route)) => {
             let now = crate::clock::now();
             let id = record::new_id(now);
@@ -850,6 +899,10 @@ fn handle(frame: Frame<'_>, ctx: &Context, peer: &Peer, chunk: &mut Chunk) {
                         }
                         Claim::Conflict { id, seq } => Slot::Rejected(conflict(key, uid, id, seq)),
                         Claim::New | Claim::Wait => {
+                            // Checked again once the key is settled: the token it took goes back.
+                            if let Some(rate) = rules.access.rate() {
+                                ctx.access.give_back(rate, &peer.bucket);
+                            }
                             chunk.deferred = Some(Deferred {
                                 key: k,
                                 frames: vec![Some(line.to_vec())],
@@ -862,6 +915,9 @@ fn handle(frame: Frame<'_>, ctx: &Context, peer: &Peer, chunk: &mut Chunk) {
         }
         Err(rejection) => Slot::Rejected(rejection),
     };
+    if let (Slot::Rejected(r), Some(_)) = (&slot, peer.uid) {
+        ctx.access.refusals.count(r.code, peer.uid);
+    }
     chunk.slots.push(slot);
 }
 
@@ -870,23 +926,26 @@ fn conflict(key: &str, uid: u32, id: uuid::Uuid, seq: u64) -> Rejection {
         "idempotency_key {key:?} was used by uid {uid} for a different event (stored as seq {seq}, id {id}); \
          nothing was stored: use a new key for a new event"
     );
-    Rejection {
-        code: ErrorCode::Conflict,
-        details: vec![crate::protocol::Violation {
+    Rejection::with_details(
+        ErrorCode::Conflict,
+        message.clone(),
+        vec![crate::protocol::Violation {
             path: "/idempotency_key".into(),
-            message: message.clone(),
+            message,
         }],
-        message,
-    }
+    )
 }
 
-/// Checks a request line completely: envelope, type (the daemon's own types only when `own`), payload, destination.
+/// Checks a request line completely: envelope, type (the daemon's own types only from the daemon itself), access
+/// (rules, actor; see [`access`]), payload, destination, then the peer's rate.
 fn check<'c>(
     line: &[u8],
     rules: &'c Rules,
-    own: bool,
+    peer: &Peer,
+    access: &Access,
 ) -> Result<(protocol::Checked, &'c EventType, Route), Rejection> {
-    let event = protocol::parse(line)?;
+    let mut event = protocol::parse(line)?;
+    let own = peer.credentials.is_none();
     let name = &event.request.event_type;
     if !own && crate::event_types::is_daemon_type(name) {
         return Err(Rejection::new(
@@ -902,6 +961,10 @@ fn check<'c>(
             format!("event type {name:?} is not defined"),
         ));
     };
+    if let Some(who) = peer.credentials {
+        access.admit(&rules.access, ty, &mut event, who)?;
+    }
+    let name = &event.request.event_type;
     if let Some(payload) = &event.request.payload
         && let Err(details) = ty.check_payload(payload)
     {
@@ -912,11 +975,11 @@ fn check<'c>(
             ),
             many => format!("invalid payload for {name:?}: {} problems", many.len()),
         };
-        return Err(Rejection {
-            code: ErrorCode::InvalidPayload,
+        return Err(Rejection::with_details(
+            ErrorCode::InvalidPayload,
             message,
             details,
-        });
+        ));
     }
     let route = Route {
         persist: ty.saved_to_database,
@@ -931,6 +994,9 @@ fn check<'c>(
             ),
         ));
     }
+    if let (Some(rate), Some(who)) = (rules.access.rate(), peer.credentials) {
+        access.take(&rules.access, rate, ty, who, &peer.bucket)?;
+    }
     Ok((event, ty, route))
 }
 
@@ -941,6 +1007,8 @@ pub async fn record_own(ctx: &Context, line: &[u8], source: &[u8]) -> Result<u64
     let peer = Peer {
         fragment: source.to_vec(),
         uid: None,
+        credentials: None,
+        bucket: OnceLock::new(),
         max_line_bytes: usize::MAX,
     };
     handle(Frame::Line(line), ctx, &peer, &mut chunk);
@@ -995,6 +1063,7 @@ async fn respond(
     mut pending: mpsc::Receiver<Pending>,
     idle_timeout: Duration,
     connections: Arc<Connections>,
+    (access, uid): (Arc<Access>, u32),
 ) {
     let mut out = Vec::new();
     // The `ok` answers in `out`: when their chunk was read and how many; recorded once they are written.
@@ -1041,6 +1110,7 @@ async fn respond(
                     seq += 1;
                 }
                 (Slot::Accepted { .. }, Err(e)) => {
+                    access.refusals.count(ErrorCode::Unavailable, Some(uid));
                     Rejection::new(ErrorCode::Unavailable, e.0.clone()).encode(&mut out)
                 }
                 (Slot::Duplicate { id, seq }, _) => protocol::encode_duplicate(
@@ -1099,7 +1169,7 @@ mod tests {
         let check =
             |name: &str, file_mode: u32, configured: &str, mode: u32, expected: Option<&str>| {
                 let listener = passed(dir.path(), name, file_mode);
-                let got = adopt(listener, &dir.path().join(configured), mode);
+                let got = adopt(listener, &dir.path().join(configured), mode, None);
                 match (expected, got) {
                     (None, Ok(_)) => {}
                     (Some(want), Err(e)) => assert!(e.to_string().contains(want), "{name}: {e}"),
@@ -1117,13 +1187,33 @@ mod tests {
             0o660,
             Some("ListenStream="),
         );
+        // A socket its group may connect to must be in the configured group (SocketGroup=); one it may not
+        // connect to may be in any.
+        let own = unsafe { libc::getegid() };
+        let other = own.wrapping_add(54_321);
+        let grouped = |name: &str, file_mode: u32, group: u32| {
+            adopt(
+                passed(dir.path(), name, file_mode),
+                &dir.path().join(name),
+                0o660,
+                Some(group),
+            )
+        };
+        assert!(grouped("g.sock", 0o660, own).is_ok());
+        let got = grouped("h.sock", 0o660, other);
+        assert!(
+            got.as_ref()
+                .is_err_and(|e| e.to_string().contains("SocketGroup=")),
+            "{got:?}"
+        );
+        assert!(grouped("i.sock", 0o600, other).is_ok());
 
         // Below a directory others can write, as for binding.
         let open = dir.path().join("open");
         std::fs::create_dir(&open).unwrap();
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
         let listener = passed(&open, "e.sock", 0o600);
-        let got = adopt(listener, &open.join("e.sock"), 0o600);
+        let got = adopt(listener, &open.join("e.sock"), 0o600, None);
         assert!(matches!(got, Err(BindError::Untrusted { .. })), "{got:?}");
 
         // Bound, but not listening: not a socket to accept on.
@@ -1144,6 +1234,7 @@ mod tests {
             std::os::unix::net::UnixListener::from(unbound),
             &path,
             0o660,
+            None,
         );
         assert!(
             got.as_ref()

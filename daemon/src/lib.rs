@@ -5,6 +5,7 @@
 //! ([`journal`]) before it is acknowledged; a repeated `idempotency_key` is answered from [`idempotency`] instead
 //! of stored twice. See ARCHITECTURE.md for the map.
 
+pub mod access;
 pub mod admin;
 pub mod audit;
 pub mod client;
@@ -245,13 +246,23 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         Err(e) => warn!(error = %e, "idempotency window rebuilt in part"),
     }
     let (socket_path, admin_path) = (config.socket.path.clone(), config.admin_socket());
+    if let Some(warning) = &config.socket.group_warning {
+        warn!(socket = %socket_path.display(), "{warning}");
+    }
+    let socket_group = config.socket.gid;
     let (listener, bound_socket) = match inherited.submission {
-        Some(l) => (ingest::adopt(l, &socket_path, config.socket.mode)?, false),
-        None => (ingest::bind(&socket_path, config.socket.mode)?, true),
+        Some(l) => (
+            ingest::adopt(l, &socket_path, config.socket.mode, socket_group)?,
+            false,
+        ),
+        None => (
+            ingest::bind(&socket_path, config.socket.mode, socket_group)?,
+            true,
+        ),
     };
     let (admin_listener, bound_admin) = match inherited.admin {
-        Some(l) => (ingest::adopt(l, &admin_path, 0o600)?, false),
-        None => (ingest::bind(&admin_path, 0o600)?, true),
+        Some(l) => (ingest::adopt(l, &admin_path, 0o600, None)?, false),
+        None => (ingest::bind(&admin_path, 0o600, None)?, true),
     };
     let metrics_listener = match config.metrics.listen {
         Some(addr) => Some(
@@ -263,9 +274,11 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
     };
     let connections = Arc::new(ingest::Connections::new(&config.limits));
     warn_if_few_descriptors(config.limits.max_connections);
+    let access = Arc::new(access::Access::new());
     let ctx = Arc::new(ingest::Context {
         rules: std::sync::RwLock::new(Arc::new(ingest::Rules {
             generation: 1,
+            access: access::Policy::build(&config, &registry),
             registry: Arc::new(registry),
             streamed_types,
             max_line_bytes: config.limits.max_line_bytes,
@@ -274,12 +287,18 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         host: config.host_name.clone().unwrap_or_else(host_name),
         connections: connections.clone(),
         idempotency,
+        access: access.clone(),
     });
     record_start(&ctx, &found).await;
     let background = CancellationToken::new();
     let audit_task = tokio::spawn(ingest::record_own_events(
         ctx.clone(),
         audit_rx,
+        background.clone(),
+    ));
+    tokio::spawn(record_denials(
+        access.clone(),
+        auditor.clone(),
         background.clone(),
     ));
     let policy = Arc::new(std::sync::Mutex::new(retention::Policy::of(&config.log)));
@@ -332,6 +351,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         ));
     }
     let admin = Arc::new(admin::Admin {
+        access: access.clone(),
         sinks: sinks.clone(),
         reloader: reloader.clone(),
         ctx: ctx.clone(),
@@ -421,6 +441,10 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
     }
     ingest::serve(listener, ctx, stop, shutdown_grace).await;
     service.stopping();
+    // No client sends any more: the refusals still counted but not recorded are recorded now.
+    for denied in access.denials.drain() {
+        auditor.submission_denied(&denied);
+    }
     // A socket passed by the service manager stays: its socket unit owns it, and clients wait in its backlog.
     if bound_socket {
         let _ = std::fs::remove_file(&socket_path);
@@ -452,6 +476,36 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         .expect("joining the log writer");
     info!("stopped");
     Ok(())
+}
+
+/// Hands the refusals that [`access::Denials`] aggregated to the auditor as `trail_submission_denied` records, as
+/// each key's interval ends, until `done` (the stop drains what is left).
+async fn record_denials(
+    access: Arc<access::Access>,
+    auditor: audit::Auditor,
+    done: CancellationToken,
+) {
+    let noted = Arc::new(tokio::sync::Notify::new());
+    access.denials.on_due({
+        let noted = noted.clone();
+        move || noted.notify_one()
+    });
+    loop {
+        for denied in access.denials.due(std::time::Instant::now()) {
+            auditor.submission_denied(&denied);
+        }
+        let next = access.denials.next_due();
+        tokio::select! {
+            _ = done.cancelled() => return,
+            _ = noted.notified() => {}
+            _ = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+        }
+    }
 }
 
 /// Raises the soft limit on open files to the hard one (systemd's default soft limit, 1024, is below what the

@@ -285,6 +285,26 @@ impl Collector for Scrape {
             "type",
             &crate::event_types::accepted_counts(),
         )?;
+        let refusals = &inputs.ctx.access.refusals;
+        let by_code = refusals.report().by_code;
+        let rows: Vec<(&str, u64)> = crate::protocol::ErrorCode::ALL
+            .iter()
+            .map(|code| (code.as_str(), by_code.get(*code)))
+            .collect();
+        counters(
+            e,
+            "trail_events_rejected",
+            "Request lines answered with an error since start, by error code (too_many_connections counts connections turned away).",
+            "code",
+            &rows,
+        )?;
+        gauge(
+            e,
+            "trail_refused_uids",
+            "Uids that had a line refused (forbidden, rate_limited or too_large) in the last minute; trail status names them.",
+            None,
+            refusals.uids_refused_within(Duration::from_secs(60)),
+        )?;
         let progress = &inputs.progress;
         counter(
             e,

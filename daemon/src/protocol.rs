@@ -164,7 +164,7 @@ impl Outcome {
 }
 
 /// Why a request was refused; the wire names are a public API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
     /// The line is not JSON (or not UTF-8).
     InvalidJson,
@@ -185,6 +185,9 @@ pub enum ErrorCode {
     /// The `idempotency_key` was used before, by the same uid within the window, for a different event; nothing
     /// was stored. Retrying the same request does not help.
     Conflict,
+    /// The peer's uid submitted more events than `limits.rate_per_uid` allows; the answer's `retry_after_ms`
+    /// says when one more will be taken.
+    RateLimited,
 }
 
 impl ErrorCode {
@@ -200,11 +203,17 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::Conflict => "conflict",
+            ErrorCode::RateLimited => "rate_limited",
         }
     }
 
+    /// The position of this code in [`ErrorCode::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// Every code, in the order of README's table.
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 10] = [
         ErrorCode::InvalidJson,
         ErrorCode::InvalidEvent,
         ErrorCode::UnknownType,
@@ -214,6 +223,7 @@ impl ErrorCode {
         ErrorCode::Forbidden,
         ErrorCode::TooManyConnections,
         ErrorCode::Conflict,
+        ErrorCode::RateLimited,
     ];
 }
 
@@ -235,6 +245,8 @@ pub struct Rejection {
     pub message: String,
     /// Every violation found, when there are several.
     pub details: Vec<Violation>,
+    /// For `rate_limited`: milliseconds until the daemon takes another event from this uid.
+    pub retry_after_ms: Option<u64>,
 }
 
 impl Rejection {
@@ -244,6 +256,19 @@ impl Rejection {
             code,
             message: message.into(),
             details: Vec::new(),
+            retry_after_ms: None,
+        }
+    }
+
+    /// A rejection with `details`.
+    pub fn with_details(
+        code: ErrorCode,
+        message: impl Into<String>,
+        details: Vec<Violation>,
+    ) -> Rejection {
+        Rejection {
+            details,
+            ..Rejection::new(code, message)
         }
     }
 
@@ -259,6 +284,8 @@ impl Rejection {
             code: &'a str,
             message: &'a str,
             details: Vec<Detail<'a>>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            retry_after_ms: Option<u64>,
         }
         #[derive(Serialize)]
         struct Response<'a> {
@@ -278,6 +305,7 @@ impl Rejection {
                         message: &d.message,
                     })
                     .collect(),
+                retry_after_ms: self.retry_after_ms,
             },
         };
         serde_json::to_writer(&mut *out, &response).expect("serializing to a Vec cannot fail");
@@ -344,11 +372,11 @@ pub fn parse(line: &[u8]) -> Result<Checked, Rejection> {
         [only] => format!("invalid event: {}: {}", only.path, only.message),
         many => format!("invalid event: {} problems", many.len()),
     };
-    Err(Rejection {
-        code: ErrorCode::InvalidEvent,
+    Err(Rejection::with_details(
+        ErrorCode::InvalidEvent,
         message,
         details,
-    })
+    ))
 }
 
 /// Checks what serde cannot express: non-empty ids, an object payload, an RFC 3339 time.
@@ -407,14 +435,14 @@ fn slow_parse(line: &[u8]) -> Result<Value, Rejection> {
         .map_err(|_| syntax_error(line, &serde::de::Error::custom("invalid UTF-8")))?;
     let mut bounded = Vec::with_capacity(line.len());
     if let Err(p) = json_text::compact(text, "", 0, json_text::Numbers::Finite, &mut bounded) {
-        return Err(Rejection {
-            code: ErrorCode::InvalidJson,
-            message: format!("line is not acceptable JSON: {p}"),
-            details: vec![Violation {
+        return Err(Rejection::with_details(
+            ErrorCode::InvalidJson,
+            format!("line is not acceptable JSON: {p}"),
+            vec![Violation {
                 path: p.path,
                 message: p.message,
             }],
-        });
+        ));
     }
     serde_json::from_slice(&bounded).map_err(|e| syntax_error(line, &e))
 }
@@ -678,8 +706,13 @@ mod tests {
         let mut out = Vec::new();
         encode_ack("019ab7c4-0000-7000-8000-000000000000", 7, &mut out);
         encode_duplicate("019ab7c4-0000-7000-8000-000000000000", 7, &mut out);
-        for code in ErrorCode::ALL {
-            Rejection::new(code, "m").encode(&mut out);
+        for (i, code) in ErrorCode::ALL.into_iter().enumerate() {
+            assert_eq!(code.index(), i, "{code:?}");
+            Rejection {
+                retry_after_ms: (code == ErrorCode::RateLimited).then_some(100),
+                ..Rejection::new(code, "m")
+            }
+            .encode(&mut out);
         }
         for line in String::from_utf8(out).unwrap().lines() {
             let answer: Value = serde_json::from_str(line).unwrap();
@@ -692,13 +725,18 @@ mod tests {
         let mut out = Vec::new();
         encode_ack("0192", 42, &mut out);
         encode_duplicate("0192", 42, &mut out);
-        Rejection {
-            code: ErrorCode::InvalidPayload,
-            message: "bad \"ip\"".into(),
-            details: vec![Violation {
+        Rejection::with_details(
+            ErrorCode::InvalidPayload,
+            "bad \"ip\"",
+            vec![Violation {
                 path: "/payload/ip".into(),
                 message: "not an ipv4".into(),
             }],
+        )
+        .encode(&mut out);
+        Rejection {
+            retry_after_ms: Some(250),
+            ..Rejection::new(ErrorCode::RateLimited, "slow down")
         }
         .encode(&mut out);
         let text = String::from_utf8(out).unwrap();
@@ -718,6 +756,11 @@ mod tests {
             lines[2],
             serde_json::json!({"ok": false, "error": {"code": "invalid_payload", "message": "bad \"ip\"",
                 "details": [{"path": "/payload/ip", "message": "not an ipv4"}]}})
+        );
+        assert_eq!(
+            lines[3],
+            serde_json::json!({"ok": false, "error": {"code": "rate_limited", "message": "slow down",
+                "details": [], "retry_after_ms": 250}})
         );
     }
 }

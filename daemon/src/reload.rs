@@ -277,6 +277,7 @@ impl Reloader {
         let streamed_types: HashSet<String> = sink_types.iter().flatten().cloned().collect();
         let new_rules = Arc::new(Rules {
             generation,
+            access: crate::access::Policy::build(&next, &registry),
             registry: Arc::new(registry),
             streamed_types,
             max_line_bytes: next.limits.max_line_bytes,
@@ -471,6 +472,7 @@ fn merge(running: &Config, new: &Config, sinks: bool, outcome: &mut Outcome) -> 
     }
     needs_restart!("socket.path", socket.path);
     needs_restart!("socket.mode", socket.mode);
+    needs_restart!("socket.group", socket.gid);
     restart(
         "admin_socket",
         running.admin_socket() != new.admin_socket(),
@@ -528,6 +530,9 @@ fn merge(running: &Config, new: &Config, sinks: bool, outcome: &mut Outcome) -> 
     }
     changed!("limits.max_line_bytes", limits.max_line_bytes);
     changed!("limits.idle_timeout", limits.idle_timeout);
+    changed!("limits.rate_per_uid", limits.rate_per_uid);
+    changed!("limits.rate_burst", limits.rate_burst);
+    changed!("access", access);
     changed!("log.rotate", log.rotate);
     changed!("log.max_file_bytes", log.max_file_bytes);
     changed!("log.checkpoint_every", log.checkpoint_every);

@@ -684,6 +684,7 @@ fn ask(args: AdminArgs, request: Value) -> Result<Value, ExitCode> {
     let owners = args.owner.owners()?;
     let socket = args
         .admin_socket
+        .clone()
         .unwrap_or_else(client::default_admin_socket);
     Client::connect_trusting(&socket, &owners)
         .map_err(std::io::Error::from)
@@ -898,12 +899,20 @@ fn submit(
             }
         }
         failure = error.or(failure);
-        let retrying = deadline.is_some_and(|d| Instant::now() + backoff < d);
+        // A rate_limited answer says when the daemon takes the next event: wait at least that long.
+        let asked = again
+            .iter()
+            .filter_map(|&i| answers[i].as_ref()?["error"]["retry_after_ms"].as_u64())
+            .max()
+            .map(Duration::from_millis)
+            .unwrap_or_default();
+        let delay = backoff.max(asked);
+        let retrying = deadline.is_some_and(|d| Instant::now() + delay < d);
         if again.is_empty() || !retrying {
             break;
         }
         eprintln!(
-            "trail: {} event(s) not stored yet ({}); sending them again in {backoff:?}",
+            "trail: {} event(s) not stored yet ({}); sending them again in {delay:?}",
             again.len(),
             failure.as_ref().map_or_else(
                 || {
@@ -918,7 +927,7 @@ fn submit(
         );
         failure = None;
         todo = again;
-        std::thread::sleep(backoff);
+        std::thread::sleep(delay);
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
     let mut out = std::io::stdout().lock();

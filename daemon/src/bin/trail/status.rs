@@ -80,6 +80,35 @@ pub fn table(s: &Value) -> String {
             num(&k["idle_closed"])
         ),
     );
+    let r = &s["refusals"];
+    let codes: Vec<String> = r["by_code"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, n)| num(n) > 0)
+        .map(|(code, n)| format!("{code} {n}"))
+        .collect();
+    let mut refused = if codes.is_empty() {
+        "none".to_owned()
+    } else {
+        codes.join(", ")
+    };
+    for u in r["per_uid"].as_array().into_iter().flatten() {
+        let who = match u["user"].as_str() {
+            Some(name) => format!("uid {} ({name})", text(&u["uid"])),
+            None => format!("uid {}", text(&u["uid"])),
+        };
+        let _ = write!(
+            refused,
+            "\n{:<16}   {who}: forbidden {}, rate_limited {}, too_large {}; last {}",
+            "",
+            num(&u["forbidden"]),
+            num(&u["rate_limited"]),
+            num(&u["too_large"]),
+            text(&u["last_at"])
+        );
+    }
+    row("refusals", refused);
     let f = &s["fsync"];
     let ms = |v: &Value| v.as_f64().map_or("-".into(), |m| format!("{m} ms"));
     row(
