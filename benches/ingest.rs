@@ -7,6 +7,11 @@
 //! process per acknowledged event (plus whatever the daemon recorded about itself), numbered without gaps;
 //! anything else aborts the run with a non-zero exit.
 //!
+//! Two workloads: `login` (the repository's `user_login` type, a small payload schema) and `realistic` (eight
+//! event types of the benchmark's own, each payload checked against five required properties with regex
+//! patterns, a `date-time` format and `additionalProperties: false`; ~330-byte requests; 1 and 4 connections),
+//! with the daemon's CPU per event beside the rate.
+//!
 //! `cargo bench --bench ingest -- --help` lists the options; benches/README.md explains the figures.
 
 use std::fmt::Write as _;
@@ -27,6 +32,14 @@ const TARGET_ALWAYS_EPS: f64 = 170_000.0;
 const TARGET_NEVER_EPS: f64 = 450_000.0;
 const TARGET_P99_HALF: Duration = Duration::from_millis(5);
 const TARGET_RSS_KIB: u64 = 64 * 1024;
+/// Targets of the realistic workload (4 connections), same machine.
+const REALISTIC_ALWAYS_EPS: f64 = 350_000.0;
+const REALISTIC_NEVER_EPS: f64 = 550_000.0;
+const REALISTIC_ALWAYS_CPU_US: f64 = 3.0;
+const REALISTIC_NEVER_CPU_US: f64 = 2.5;
+const REALISTIC_P99_HALF: Duration = Duration::from_millis(2);
+/// The realistic targets are for this many connections.
+const REALISTIC_TARGET_CONNECTIONS: usize = 4;
 
 /// Largest write the generator issues.
 const WRITE_BYTES: usize = 64 << 10;
@@ -38,11 +51,15 @@ ingest benchmark: runs the release traild and pipelines ~300-byte events over N 
 
 usage: cargo bench --bench ingest -- [options]
 
+  --workload login|realistic    the events (default login; env TRAIL_BENCH_WORKLOAD): login is user_login
+                                requests of ~305 bytes; realistic is ~330-byte requests of 8 types whose
+                                payloads are checked against 5 required properties (regex patterns, date-time)
   --scenario all|always|never   fsync policies to run (default all; env TRAIL_BENCH_SCENARIO)
-  --events N                    events per max-rate run (default 600000 for always, 1000000 for never;
-                                env TRAIL_BENCH_EVENTS)
+  --events N                    events per max-rate run (default 600000 for always, 1000000 for never, and
+                                1000000 for both with the realistic workload; env TRAIL_BENCH_EVENTS)
   --paced-events N              events per half-rate run (default as --events; env TRAIL_BENCH_PACED_EVENTS)
-  --connections N               client connections (default 4; env TRAIL_BENCH_CONNECTIONS)
+  --connections N[,N...]        client connections, one run per count (default 4, and 1,4 with the realistic
+                                workload; env TRAIL_BENCH_CONNECTIONS)
   --window N                    unacknowledged events in flight per connection (default 4096)
   --rate R                      rate of the paced runs in events/s (default half the measured max rate)
   --tick-us N                   a paced connection writes at most every N µs (default 200)
@@ -78,12 +95,32 @@ impl Fsync {
     }
 }
 
+/// Which events the benchmark sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Workload {
+    /// `user_login` requests (the repository's own type): a small payload schema.
+    Login,
+    /// Eight event types of the benchmark's own with schema-heavy payloads (see [`REALISTIC_TYPES`]).
+    Realistic,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Login => "login",
+            Workload::Realistic => "realistic",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Options {
+    workload: Workload,
     policies: Vec<Fsync>,
     events: Option<u64>,
     paced_events: Option<u64>,
-    connections: usize,
+    /// One run of each scenario per count.
+    connections: Vec<usize>,
     window: u64,
     rate: Option<f64>,
     paced: bool,
@@ -102,10 +139,11 @@ impl Options {
     fn parse() -> Result<Options> {
         let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         let mut o = Options {
+            workload: Workload::Login,
             policies: vec![Fsync::Always, Fsync::Never],
             events: None,
             paced_events: None,
-            connections: 4,
+            connections: Vec::new(),
             window: 4096,
             rate: None,
             paced: true,
@@ -119,6 +157,7 @@ impl Options {
             log_extra: env("TRAIL_BENCH_LOG_EXTRA"),
         };
         let mut scenario = env("TRAIL_BENCH_SCENARIO");
+        let mut workload = env("TRAIL_BENCH_WORKLOAD");
         if let Some(v) = env("TRAIL_BENCH_EVENTS") {
             o.events = Some(number(&v, "TRAIL_BENCH_EVENTS")?);
         }
@@ -126,7 +165,7 @@ impl Options {
             o.paced_events = Some(number(&v, "TRAIL_BENCH_PACED_EVENTS")?);
         }
         if let Some(v) = env("TRAIL_BENCH_CONNECTIONS") {
-            o.connections = number(&v, "TRAIL_BENCH_CONNECTIONS")? as usize;
+            o.connections = numbers(&v, "TRAIL_BENCH_CONNECTIONS")?;
         }
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
@@ -135,6 +174,7 @@ impl Options {
                 _ => (arg.clone(), None),
             };
             let takes_value = [
+                "--workload",
                 "--scenario",
                 "--events",
                 "--paced-events",
@@ -164,9 +204,10 @@ impl Options {
                     std::process::exit(0);
                 }
                 "--scenario" => scenario = Some(value),
+                "--workload" => workload = Some(value),
                 "--events" => o.events = Some(number(&value, &flag)?),
                 "--paced-events" => o.paced_events = Some(number(&value, &flag)?),
-                "--connections" => o.connections = number(&value, &flag)? as usize,
+                "--connections" => o.connections = numbers(&value, &flag)?,
                 "--window" => o.window = number(&value, &flag)?,
                 "--rate" => o.rate = Some(number(&value, &flag)? as f64),
                 "--dir" => o.dir = Some(PathBuf::from(value)),
@@ -188,9 +229,20 @@ impl Options {
             "never" => vec![Fsync::Never],
             other => bail!("--scenario {other:?}: use all, always or never"),
         };
+        o.workload = match workload.as_deref().unwrap_or("login") {
+            "login" => Workload::Login,
+            "realistic" => Workload::Realistic,
+            other => bail!("--workload {other:?}: use login or realistic"),
+        };
+        if o.connections.is_empty() {
+            o.connections = match o.workload {
+                Workload::Login => vec![4],
+                Workload::Realistic => vec![1, 4],
+            };
+        }
         ensure!(
-            (1..=256).contains(&o.connections),
-            "--connections must be 1..=256"
+            o.connections.iter().all(|n| (1..=256).contains(n)),
+            "--connections: each count must be 1..=256"
         );
         ensure!(o.window >= 16, "--window must be at least 16");
         ensure!(
@@ -200,21 +252,29 @@ impl Options {
         Ok(o)
     }
 
-    fn max_events(&self, fsync: Fsync) -> u64 {
-        let default = match (fsync, self.quick) {
-            (Fsync::Always, false) => 600_000,
-            (Fsync::Never, false) => 1_000_000,
-            (Fsync::Always, true) => 30_000,
-            (Fsync::Never, true) => 60_000,
+    fn max_events(&self, fsync: Fsync, connections: usize) -> u64 {
+        let default = match (self.workload, fsync, self.quick) {
+            (Workload::Login, Fsync::Always, false) => 600_000,
+            (Workload::Login, Fsync::Never, false) => 1_000_000,
+            (Workload::Realistic, _, false) => 1_000_000,
+            (_, Fsync::Always, true) => 30_000,
+            (_, Fsync::Never, true) => 60_000,
         };
-        self.events.unwrap_or(default).max(self.connections as u64)
+        self.events.unwrap_or(default).max(connections as u64)
     }
 
-    fn paced_events(&self, fsync: Fsync) -> u64 {
+    fn paced_events(&self, fsync: Fsync, connections: usize) -> u64 {
         self.paced_events
-            .unwrap_or(self.max_events(fsync))
-            .max(self.connections as u64)
+            .unwrap_or(self.max_events(fsync, connections))
+            .max(connections as u64)
     }
+}
+
+/// A comma-separated list of whole numbers.
+fn numbers(text: &str, what: &str) -> Result<Vec<usize>> {
+    text.split(',')
+        .map(|n| number(n.trim(), what).map(|n| n as usize))
+        .collect()
 }
 
 fn number(text: &str, what: &str) -> Result<u64> {
@@ -232,13 +292,51 @@ fn number(text: &str, what: &str) -> Result<u64> {
 /// events are identical and building one is a copy plus a few digits.
 struct Template {
     line: Vec<u8>,
-    /// (offset, width) of: actor number, target number, connection, sequence number, ip octet.
-    fields: [(usize, usize); 5],
+    /// (offset, width, which value of [`Field`]) of every digit field.
+    fields: Vec<(usize, usize, Field)>,
 }
 
-const MARKERS: [&str; 5] = ["@@@@@@", "%%%%%%", "^^^", "~~~~~~~~~~", "!!!"];
+/// The varying values of an event, each written in decimal digits into its field.
+#[derive(Debug, Clone, Copy)]
+enum Field {
+    Actor,
+    Target,
+    Connection,
+    Sequence,
+    IpOctet,
+    Tenant,
+}
 
-fn templates() -> Vec<Template> {
+fn templates(workload: Workload) -> Vec<Template> {
+    match workload {
+        Workload::Login => login_templates(),
+        Workload::Realistic => realistic_templates(),
+    }
+}
+
+/// Replaces each marker of `line` by zeros and notes where it was.
+fn template(line: String, markers: &[(&str, Field)]) -> Template {
+    let mut line = line.into_bytes();
+    let mut fields = Vec::new();
+    for &(marker, value) in markers {
+        let at = line
+            .windows(marker.len())
+            .position(|w| w == marker.as_bytes())
+            .expect("marker in template");
+        line[at..at + marker.len()].fill(b'0');
+        fields.push((at, marker.len(), value));
+    }
+    Template { line, fields }
+}
+
+fn login_templates() -> Vec<Template> {
+    const MARKERS: [(&str, Field); 5] = [
+        ("@@@@@@", Field::Actor),
+        ("%%%%%%", Field::Target),
+        ("^^^", Field::Connection),
+        ("~~~~~~~~~~", Field::Sequence),
+        ("!!!", Field::IpOctet),
+    ];
     let names = ["alice", "bob", "carol", "dmitri", "eve-ops", "frank"];
     let methods = ["password", "sso", "ssh_key", "token", "webauthn"];
     let outcomes = ["success", "failure", "success", "denied"];
@@ -264,31 +362,122 @@ fn templates() -> Vec<Template> {
                 r#""payload":{{"method":"{}","mfa":{},"user_agent":"{} bench/c{}-n{}"}}}}"#,
                 "\n"
             ),
-            MARKERS[0],
+            MARKERS[0].0,
             names[i % names.len()],
             100 + i,
-            MARKERS[4],
-            MARKERS[1],
+            MARKERS[4].0,
+            MARKERS[1].0,
             projects[i % projects.len()],
             message,
             outcome,
             methods[i % methods.len()],
             i % 3 != 0,
             agents[i % agents.len()],
-            MARKERS[2],
-            MARKERS[3],
+            MARKERS[2].0,
+            MARKERS[3].0,
         );
-        let mut line = line.into_bytes();
-        let mut fields = [(0, 0); 5];
-        for (field, marker) in fields.iter_mut().zip(MARKERS) {
-            let at = line
-                .windows(marker.len())
-                .position(|w| w == marker.as_bytes())
-                .expect("marker in template");
-            line[at..at + marker.len()].fill(b'0');
-            *field = (at, marker.len());
-        }
-        out.push(Template { line, fields });
+        out.push(template(line, &MARKERS));
+    }
+    out
+}
+
+/// The realistic workload's event types: (name, code, target type, what the messages say was done).
+const REALISTIC_TYPES: [(&str, &str, &str, &str); 8] = [
+    ("document_viewed", "B1000I", "document", "viewed"),
+    ("document_shared", "B1001N", "document", "shared"),
+    ("invoice_paid", "B1002I", "invoice", "paid"),
+    ("ticket_closed", "B1003I", "ticket", "closed"),
+    ("secret_read", "B1004W", "secret", "read"),
+    ("job_started", "B1005I", "job", "started"),
+    ("key_rotated", "B1006N", "key", "rotated"),
+    ("member_invited", "B1007N", "team", "invited a member to"),
+];
+
+/// The definition file of each realistic type: (file name, text). Five required properties: an integer with a
+/// minimum, two strings with regex patterns, a `date-time` string and a non-empty string; nothing else.
+fn realistic_definitions() -> Vec<(String, String)> {
+    REALISTIC_TYPES
+        .iter()
+        .map(|(name, code, target, _)| {
+            let severity = match code.as_bytes().last() {
+                Some(b'W') => "warning",
+                Some(b'N') => "notice",
+                _ => "info",
+            };
+            let text = format!(
+                "name: {name}\n\
+                 description: A {target} event of the ingest benchmark's realistic workload.\n\
+                 feature_category: benchmark\n\
+                 saved_to_database: true\n\
+                 streamed: false\n\
+                 code: {code}\n\
+                 severity: {severity}\n\
+                 payload:\n\
+                 \x20 type: object\n\
+                 \x20 additionalProperties: false\n\
+                 \x20 required: [attempt, tenant, request_id, at, detail]\n\
+                 \x20 properties:\n\
+                 \x20   attempt: {{type: integer, minimum: 1}}\n\
+                 \x20   tenant: {{type: string, pattern: \"^[0-9a-f]{{8}}$\"}}\n\
+                 \x20   request_id: {{type: string, pattern: \"^r-[0-9a-f]{{8}}-[0-9a-f]{{12}}$\"}}\n\
+                 \x20   at: {{type: string, format: date-time}}\n\
+                 \x20   detail: {{type: string, minLength: 1, maxLength: 200}}\n"
+            );
+            (format!("{name}.yml"), text)
+        })
+        .collect()
+}
+
+fn realistic_templates() -> Vec<Template> {
+    const MARKERS: [(&str, Field); 6] = [
+        ("@@@@@@", Field::Actor),
+        ("%%%%%%", Field::Target),
+        ("^^^^^^^^", Field::Connection),
+        ("~~~~~~~~~~~~", Field::Sequence),
+        ("!!!", Field::IpOctet),
+        ("########", Field::Tenant),
+    ];
+    let outcomes = ["success", "success", "failure", "success", "denied"];
+    let channels = ["web console", "public api", "mobile app", "admin cli"];
+    let details = [
+        "opened from the shared folder",
+        "sent by a scheduled export job",
+        "retried after a gateway timeout",
+        "approved by the on-call reviewer",
+    ];
+    let mut out = Vec::new();
+    for i in 0..64 {
+        let (name, _, target, verb) = REALISTIC_TYPES[i % REALISTIC_TYPES.len()];
+        let outcome = outcomes[i % outcomes.len()];
+        let line = format!(
+            concat!(
+                r#"{{"type":"{name}","actor":{{"id":"u-{actor}","ip":"10.20.{net}.{octet}"}},"#,
+                r#""target":{{"type":"{target}","id":"{t}-{target_id}"}},"outcome":"{outcome}","#,
+                r#""message":"{verb} {target} via the {channel}","#,
+                r#""payload":{{"attempt":{attempt},"tenant":"{tenant}","request_id":"r-{conn}-{n}","#,
+                r#""at":"2026-12-03T09:{minute:02}:{second:02}.{millis:03}Z","detail":"{detail}"}}}}"#,
+                "\n"
+            ),
+            name = name,
+            actor = MARKERS[0].0,
+            net = 100 + i,
+            octet = MARKERS[4].0,
+            target = target,
+            t = &target[..1],
+            target_id = MARKERS[1].0,
+            outcome = outcome,
+            verb = verb,
+            channel = channels[i % channels.len()],
+            attempt = 1 + i % 3,
+            tenant = MARKERS[5].0,
+            conn = MARKERS[2].0,
+            n = MARKERS[3].0,
+            minute = i % 60,
+            second = (i * 7) % 60,
+            millis = (i * 37) % 1000,
+            detail = details[i % details.len()],
+        );
+        out.push(template(line, &MARKERS));
     }
     out
 }
@@ -309,15 +498,16 @@ fn build_event(templates: &[Template], conn: usize, n: u64, buf: &mut Vec<u8>) {
     let start = buf.len();
     buf.extend_from_slice(&t.line);
     let line = &mut buf[start..];
-    let values = [
-        (h >> 8) % 1_000_000,
-        (h >> 24) % 1_000_000,
-        conn as u64,
-        n,
-        100 + (h >> 50) % 150,
-    ];
-    for ((off, width), v) in t.fields.iter().zip(values) {
-        put_digits(&mut line[*off..off + width], v);
+    for &(off, width, value) in &t.fields {
+        let v = match value {
+            Field::Actor => (h >> 8) % 1_000_000,
+            Field::Target => (h >> 24) % 1_000_000,
+            Field::Connection => conn as u64,
+            Field::Sequence => n,
+            Field::IpOctet => 100 + (h >> 50) % 150,
+            Field::Tenant => (h >> 12) % 100_000_000,
+        };
+        put_digits(&mut line[off..off + width], v);
     }
 }
 
@@ -336,6 +526,10 @@ fn start_daemon(fsync: Fsync, opts: &Options) -> Result<Daemon> {
         )],
         shutdown_grace: None,
         log_parent: opts.dir.clone(),
+        extra_types: match opts.workload {
+            Workload::Login => Vec::new(),
+            Workload::Realistic => realistic_definitions(),
+        },
         ..Setup::default()
     };
     Daemon::try_with(&daemon_binary(), setup)
@@ -521,9 +715,15 @@ fn fs_type(path: &Path) -> String {
 // The load generator
 // ---------------------------------------------------------------------------------------------------------------
 
-/// Drives `total` events at `load` into `daemon` over `opts.connections` connections.
-fn run_load(daemon: &Daemon, opts: &Options, total: u64, load: Load) -> Result<Outcome> {
-    let templates = Arc::new(templates());
+/// Drives `total` events at `load` into `daemon` over `connections` connections.
+fn run_load(
+    daemon: &Daemon,
+    opts: &Options,
+    connections: usize,
+    total: u64,
+    load: Load,
+) -> Result<Outcome> {
+    let templates = Arc::new(templates(opts.workload));
     let line_len = templates.iter().map(|t| t.line.len()).max().unwrap_or(300);
     let plan = Plan {
         window: opts.window,
@@ -531,7 +731,7 @@ fn run_load(daemon: &Daemon, opts: &Options, total: u64, load: Load) -> Result<O
         load,
         tick: opts.tick,
         timeout: opts.timeout,
-        ..Plan::new(opts.connections, total)
+        ..Plan::new(connections, total)
     };
     load::run(&daemon.socket, &plan, line_len, move |conn, n, buf| {
         build_event(&templates, conn, n, buf)
@@ -546,6 +746,7 @@ fn run_load(daemon: &Daemon, opts: &Options, total: u64, load: Load) -> Result<O
 #[derive(Debug, Clone)]
 struct Figures {
     name: String,
+    workload: Workload,
     fsync: Fsync,
     load: Load,
     connections: usize,
@@ -578,11 +779,16 @@ impl Figures {
     fn avg_line(&self) -> f64 {
         self.request_bytes as f64 / self.events as f64
     }
+    /// The daemon's CPU time (user and system, all threads) per acknowledged event, in µs.
+    fn cpu_us_per_event(&self) -> f64 {
+        self.daemon_cpu.as_secs_f64() * 1e6 / self.events as f64
+    }
 
     fn to_json(&self) -> serde_json::Value {
         let us = |d: Duration| d.as_secs_f64() * 1e6;
         json!({
             "scenario": self.name,
+            "workload": self.workload.name(),
             "fsync": self.fsync.name(),
             "load": match self.load { Load::Max => "max".to_string(), Load::Paced(r) => format!("paced {r:.0}/s") },
             "target_rate": match self.load { Load::Max => None, Load::Paced(r) => Some(r) },
@@ -600,6 +806,7 @@ impl Figures {
             },
             "daemon_peak_rss_kib": self.peak_rss_kib,
             "daemon_cpu_seconds": self.daemon_cpu.as_secs_f64(),
+            "daemon_cpu_us_per_event": self.cpu_us_per_event(),
             "generator_cpu_seconds": self.generator_cpu.as_secs_f64(),
             "rest_of_machine_cpu_seconds": self.other_cpu.as_secs_f64(),
             "log_bytes": self.log_bytes,
@@ -637,12 +844,21 @@ fn percentiles(samples: &mut [(u64, u32)]) -> (Duration, Duration, Duration, Dur
     )
 }
 
-fn scenario(opts: &Options, fsync: Fsync, load: Load, events: u64) -> Result<Figures> {
-    let name = match load {
+fn scenario(
+    opts: &Options,
+    fsync: Fsync,
+    load: Load,
+    events: u64,
+    connections: usize,
+) -> Result<Figures> {
+    let mut name = match load {
         Load::Max => format!("{}/max", fsync.name()),
         Load::Paced(_) if opts.rate.is_none() => format!("{}/half", fsync.name()),
         Load::Paced(r) => format!("{}/{:.0}k", fsync.name(), r / 1000.0),
     };
+    if opts.workload != Workload::Login || opts.connections.len() > 1 {
+        let _ = write!(name, "/{connections}c");
+    }
     let load_average = std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
         .split_whitespace()
@@ -650,8 +866,8 @@ fn scenario(opts: &Options, fsync: Fsync, load: Load, events: u64) -> Result<Fig
         .collect::<Vec<_>>()
         .join(" ");
     eprintln!(
-        "\n== {name}: {events} events over {} connections ({}), load average before: {load_average}",
-        opts.connections,
+        "\n== {name}: {events} {} events over {connections} connections ({}), load average before: {load_average}",
+        opts.workload.name(),
         match load {
             Load::Max => format!("max rate, window {}/connection", opts.window),
             Load::Paced(r) => format!("paced at {r:.0} events/s"),
@@ -668,7 +884,7 @@ fn scenario(opts: &Options, fsync: Fsync, load: Load, events: u64) -> Result<Fig
     let daemon_cpu_before = cpu_time(pid)?;
     let own_before = own_cpu_time();
     let machine_before = machine_cpu_time()?;
-    let outcome = run_load(&daemon, opts, events, load)?;
+    let outcome = run_load(&daemon, opts, connections, events, load)?;
     let own_cpu = own_cpu_time() - own_before;
     let daemon_cpu = cpu_time(pid)? - daemon_cpu_before;
     let other_cpu = (machine_cpu_time()? - machine_before).saturating_sub(daemon_cpu + own_cpu);
@@ -708,9 +924,10 @@ fn scenario(opts: &Options, fsync: Fsync, load: Load, events: u64) -> Result<Fig
     let (p50, p99, p999, max, mean) = percentiles(&mut samples);
     let f = Figures {
         name,
+        workload: opts.workload,
         fsync,
         load,
-        connections: opts.connections,
+        connections,
         window: opts.window,
         events,
         request_bytes,
@@ -753,11 +970,12 @@ fn print_table(rows: &[Figures]) {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<14} {:>9} {:>7} {:>10} {:>7} {:>9} {:>9} {:>9} {:>9} {:>8} {:>10} {:>8} {:>9}",
+        "{:<16} {:>9} {:>7} {:>10} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>8} {:>10} {:>8} {:>9}",
         "scenario",
         "events",
         "seconds",
         "events/s",
+        "µs/event",
         "MB/s",
         "p50 ms",
         "p99 ms",
@@ -771,11 +989,12 @@ fn print_table(rows: &[Figures]) {
     for f in rows {
         let _ = writeln!(
             out,
-            "{:<14} {:>9} {:>7.2} {:>10.0} {:>7.1} {:>9} {:>9} {:>9} {:>9} {:>8.1} {:>9.0}% {:>7.0}% {:>8.0}%",
+            "{:<16} {:>9} {:>7.2} {:>10.0} {:>9.2} {:>7.1} {:>9} {:>9} {:>9} {:>9} {:>8.1} {:>9.0}% {:>7.0}% {:>8.0}%",
             f.name,
             f.events,
             f.seconds,
             f.events_per_sec(),
+            f.cpu_us_per_event(),
             f.mb_per_sec(),
             ms(f.p50),
             ms(f.p99),
@@ -795,6 +1014,10 @@ fn print_table(rows: &[Figures]) {
 fn targets(rows: &[Figures]) -> Vec<(String, bool)> {
     let mut checks = Vec::new();
     for f in rows {
+        if f.workload == Workload::Realistic {
+            realistic_targets(f, &mut checks);
+            continue;
+        }
         match (f.fsync, f.load) {
             (Fsync::Always, Load::Max) => checks.push((
                 format!(
@@ -816,7 +1039,7 @@ fn targets(rows: &[Figures]) -> Vec<(String, bool)> {
                     f.fsync.name(),
                     ms(f.p99),
                     TARGET_P99_HALF.as_millis(),
-                    if f.name.ends_with("/half") {
+                    if f.name.contains("/half") {
                         "half of the measured max"
                     } else {
                         "rate set with --rate"
@@ -836,6 +1059,56 @@ fn targets(rows: &[Figures]) -> Vec<(String, bool)> {
         ));
     }
     checks
+}
+
+/// The realistic workload's targets (issue 17), checked on the runs with 4 connections; the others are reported
+/// for comparison.
+fn realistic_targets(f: &Figures, checks: &mut Vec<(String, bool)>) {
+    let rss = (
+        format!(
+            "{}: peak RSS {:.1} MiB < {} MiB",
+            f.name,
+            f.peak_rss_kib as f64 / 1024.0,
+            TARGET_RSS_KIB / 1024
+        ),
+        f.peak_rss_kib < TARGET_RSS_KIB,
+    );
+    if f.connections != REALISTIC_TARGET_CONNECTIONS {
+        checks.push(rss);
+        return;
+    }
+    let (eps, cpu) = match f.fsync {
+        Fsync::Always => (REALISTIC_ALWAYS_EPS, REALISTIC_ALWAYS_CPU_US),
+        Fsync::Never => (REALISTIC_NEVER_EPS, REALISTIC_NEVER_CPU_US),
+    };
+    match f.load {
+        Load::Max => {
+            checks.push((
+                format!(
+                    "{}: daemon CPU {:.2} µs/event <= {cpu:.1}",
+                    f.name,
+                    f.cpu_us_per_event()
+                ),
+                f.cpu_us_per_event() <= cpu,
+            ));
+            checks.push((
+                format!("{}: {:.0} events/s >= {eps:.0}", f.name, f.events_per_sec()),
+                f.events_per_sec() >= eps,
+            ));
+        }
+        // The latency target is the `never` policy's.
+        Load::Paced(r) if f.fsync == Fsync::Never => checks.push((
+            format!(
+                "{}: p99 {} ms < {} ms at {r:.0} events/s",
+                f.name,
+                ms(f.p99),
+                REALISTIC_P99_HALF.as_millis()
+            ),
+            f.p99 < REALISTIC_P99_HALF,
+        )),
+        Load::Paced(_) => {}
+    }
+    checks.push(rss);
 }
 
 fn target_dir() -> PathBuf {
@@ -871,39 +1144,52 @@ fn main() {
 fn run() -> Result<()> {
     let opts = Options::parse()?;
     let avg_template: f64 = {
-        let t = templates();
+        let t = templates(opts.workload);
         t.iter().map(|t| t.line.len()).sum::<usize>() as f64 / t.len() as f64
     };
+    let counts = opts
+        .connections
+        .iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
     eprintln!(
-        "trail ingest benchmark: daemon {}, {} CPUs, {} connections, events ~{avg_template:.0} bytes{}",
+        "trail ingest benchmark: daemon {}, {} CPUs, {} workload, {counts} connections, events ~{avg_template:.0} bytes{}",
         daemon_binary().display(),
         thread::available_parallelism().map_or(0, |n| n.get()),
-        opts.connections,
+        opts.workload.name(),
         if opts.quick { ", quick run" } else { "" }
     );
     let mut rows = Vec::new();
-    for &fsync in &opts.policies {
-        let half = match opts.rate {
-            Some(rate) if opts.paced_only => rate,
-            _ => {
-                let max = scenario(&opts, fsync, Load::Max, opts.max_events(fsync))?;
-                let half = opts.rate.unwrap_or(max.events_per_sec() / 2.0);
-                rows.push(max);
-                half
+    for &connections in &opts.connections {
+        for &fsync in &opts.policies {
+            let half = match opts.rate {
+                Some(rate) if opts.paced_only => rate,
+                _ => {
+                    let events = opts.max_events(fsync, connections);
+                    let max = scenario(&opts, fsync, Load::Max, events, connections)?;
+                    let half = opts.rate.unwrap_or(max.events_per_sec() / 2.0);
+                    rows.push(max);
+                    half
+                }
+            };
+            if opts.paced || opts.paced_only {
+                let events = opts.paced_events(fsync, connections);
+                rows.push(scenario(
+                    &opts,
+                    fsync,
+                    Load::Paced(half),
+                    events,
+                    connections,
+                )?);
             }
-        };
-        if opts.paced || opts.paced_only {
-            rows.push(scenario(
-                &opts,
-                fsync,
-                Load::Paced(half),
-                opts.paced_events(fsync),
-            )?);
         }
     }
     println!(
-        "\n== summary ({} connections, window {}/connection; MB = 10^6 bytes of request lines; latency = answer read - request written)",
-        opts.connections, opts.window
+        "\n== summary ({} workload, {counts} connections, window {}/connection; µs/event = daemon CPU per event; \
+         MB = 10^6 bytes of request lines; latency = answer read - request written)",
+        opts.workload.name(),
+        opts.window
     );
     print_table(&rows);
     let avg: f64 = rows.iter().map(|f| f.request_bytes as f64).sum::<f64>()
@@ -933,6 +1219,7 @@ fn run() -> Result<()> {
         "date": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         "machine": machine(),
         "options": {
+            "workload": opts.workload.name(),
             "connections": opts.connections,
             "window_per_connection": opts.window,
             "quick": opts.quick,

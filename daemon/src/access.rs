@@ -212,7 +212,7 @@ impl Access {
                 return Err(self.deny(policy, ty, who, ErrorCode::Forbidden, reason, None));
             };
             if let Some(actor) = &event.request.actor
-                && actor.id != name
+                && actor.id.as_str() != name
             {
                 let reason = format!(
                     "actor.id {:?} is not the submitting user's name {name:?}: event type {:?} takes actor.id \
@@ -234,7 +234,7 @@ impl Access {
             }
             if event.request.actor.is_none() {
                 event.request.actor = Some(Actor {
-                    id: name.to_owned(),
+                    id: name.to_owned().into(),
                     name: None,
                     kind: None,
                     ip: None,
@@ -851,8 +851,8 @@ mod tests {
             let policy = policy(&format!("{{rules: {rules}}}"));
             let registry = registry();
             let ty = registry.get(ty).unwrap();
-            let mut event =
-                crate::protocol::parse(format!(r#"{{"type":"{}"}}"#, ty.name).as_bytes()).unwrap();
+            let line = format!(r#"{{"type":"{}"}}"#, ty.name);
+            let mut event = crate::protocol::parse(line.as_bytes()).unwrap();
             let who = Credentials {
                 uid,
                 gid,

@@ -4,6 +4,8 @@
 //! with its file and JSON path; a registry exists only when the whole set is valid, so the daemon never runs on
 //! half a set.
 
+mod instance;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -138,7 +140,7 @@ pub struct EventType {
     /// The peer's user name is stamped as `actor.id`; an event bringing another `actor.id` is refused
     /// (`forbidden`). See [`crate::access`].
     pub actor_from_peer: bool,
-    payload: Option<jsonschema::Validator>,
+    payload: Option<jsonschema::Validator<instance::Tape>>,
 }
 
 /// The counter of stored events of every type name this process has loaded, created with the first definition
@@ -170,22 +172,22 @@ impl EventType {
     /// Checks a payload against the type's schema; every violation is returned, with paths under `/payload`.
     ///
     /// The schema sees numbers as 64-bit floats (the nearest one; beyond `±1.7976931348623157e308`, that bound),
-    /// the stored record the digits as written.
-    pub fn check_payload(&self, payload: &Payload) -> Result<(), Vec<Violation>> {
+    /// the stored record the digits as written. The payload is read in place ([`instance`]), not into a `Value`.
+    pub fn check_payload(&self, payload: &Payload<'_>) -> Result<(), Vec<Violation>> {
         let Some(validator) = &self.payload else {
             return Ok(());
         };
-        let payload = payload.for_checks().map_err(|e| {
+        let doc = instance::Doc::parse(payload.as_str()).map_err(|e| {
             vec![Violation {
                 path: "/payload".into(),
                 message: format!("cannot be read for the schema check: {e}"),
             }]
         })?;
-        if validator.is_valid(&payload) {
+        if validator.is_valid(doc.root()) {
             return Ok(());
         }
         Err(validator
-            .iter_errors(&payload)
+            .iter_errors(doc.root())
             .map(|e| Violation {
                 path: format!("/payload{}", e.instance_path()),
                 message: e.to_string(),
@@ -361,8 +363,11 @@ fn definition_validator() -> &'static jsonschema::Validator {
 
 /// Compiles a payload schema the way the daemon uses it: draft 2020-12, formats checked, unknown formats refused.
 /// An error is a JSON pointer into the schema (possibly empty) and a message.
-pub fn compile_payload_schema(schema: &Value) -> Result<jsonschema::Validator, (String, String)> {
-    jsonschema::draft202012::options()
+pub fn compile_payload_schema(
+    schema: &Value,
+) -> Result<jsonschema::Validator<instance::Tape>, (String, String)> {
+    jsonschema::options_for::<instance::Tape>()
+        .with_draft(jsonschema::Draft::Draft202012)
         .should_validate_formats(true)
         .should_ignore_unknown_formats(false)
         .build(schema)
@@ -712,7 +717,63 @@ mod tests {
         assert!(paths.contains(&"/payload"), "{v:?}");
     }
 
-    fn payload(text: &str) -> Payload {
+    /// Read in place, a payload gets the answer, paths and messages it got when read into a `serde_json::Value`.
+    #[test]
+    fn in_place_checks_answer_as_value_checks() {
+        let schema = serde_json::json!({
+            "type": "object",
+            "additionalProperties": false,
+            "required": ["attempt", "tenant", "request_id", "at", "detail"],
+            "properties": {
+                "attempt": {"type": "integer", "minimum": 1},
+                "tenant": {"type": "string", "pattern": "^[0-9a-f]{8}$"},
+                "request_id": {"type": "string", "pattern": "^r-[0-9a-f]{8}-[0-9a-f]{12}$"},
+                "at": {"type": "string", "format": "date-time"},
+                "detail": {"type": "string", "minLength": 1, "maxLength": 8},
+                "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "uniqueItems": true},
+                "meta": {"type": "object", "propertyNames": {"maxLength": 3},
+                         "additionalProperties": {"type": ["number", "null", "boolean"]}},
+                "n": {"const": 2.0}
+            }
+        });
+        // JSON is YAML: the schema goes into the definition as it is.
+        let r = load(&[("user_login.yml", &format!("{GOOD}payload: {schema}\n"))]).unwrap();
+        let t = r.get("user_login").unwrap();
+        let value = jsonschema::draft202012::options()
+            .should_validate_formats(true)
+            .should_ignore_unknown_formats(false)
+            .build(&schema)
+            .unwrap();
+        let good = r#""attempt":1,"tenant":"0a1b2c3d","request_id":"r-0a1b2c3d-0123456789ab","at":"2026-12-03T09:00:00.123Z","detail":"d""#;
+        for text in [
+            format!("{{{good}}}"),
+            format!(r#"{{{good},"tags":["a","b"],"meta":{{"x":1,"y":null,"z":true}},"n":2}}"#),
+            format!(r#"{{{good},"tags":["a","a","c"],"meta":{{"long":1,"x":"s"}},"n":2.5}}"#),
+            format!(r#"{{{good},"extra":1,"more":[1,{{"a":2}}]}}"#),
+            r#"{"attempt":0,"tenant":"0A1B2C3D","request_id":"r-1","at":"2026-13-03T09:00:00Z","detail":""}"#.into(),
+            r#"{"attempt":1.5,"tenant":7,"request_id":null,"at":"yesterday","detail":"much too long"}"#.into(),
+            r#"{"attempt":1E400,"tenant":"\u0030a1b2c3d","request_id":"r-0a1b2c3d-0123456789ab","at":"2026-12-03T09:00:00Z","detail":"\u00e9"}"#.into(),
+            r#"{"attempt":-1E400}"#.into(),
+            r#"{}"#.into(),
+        ] {
+            // The old reading: numbers beyond a float bounded, then a `Value`.
+            let bounded = text
+                .replace("-1E400", "-1.7976931348623157e308")
+                .replace("1E400", "1.7976931348623157e308");
+            let v: Value = serde_json::from_str(&bounded).unwrap();
+            let expected: Vec<(String, String)> = value
+                .iter_errors(&v)
+                .map(|e| (format!("/payload{}", e.instance_path()), e.to_string()))
+                .collect();
+            let got: Vec<(String, String)> = match t.check_payload(&payload(&text)) {
+                Ok(()) => vec![],
+                Err(v) => v.into_iter().map(|v| (v.path, v.message)).collect(),
+            };
+            assert_eq!(got, expected, "{text}");
+        }
+    }
+
+    fn payload(text: &str) -> Payload<'_> {
         serde_json::from_str(text).unwrap()
     }
 

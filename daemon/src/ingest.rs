@@ -938,15 +938,15 @@ fn conflict(key: &str, uid: u32, id: uuid::Uuid, seq: u64) -> Rejection {
 
 /// Checks a request line completely: envelope, type (the daemon's own types only from the daemon itself), access
 /// (rules, actor; see [`access`]), payload, destination, then the peer's rate.
-fn check<'c>(
-    line: &[u8],
+fn check<'l, 'c>(
+    line: &'l [u8],
     rules: &'c Rules,
     peer: &Peer,
     access: &Access,
-) -> Result<(protocol::Checked, &'c EventType, Route), Rejection> {
+) -> Result<(protocol::Checked<'l>, &'c EventType, Route), Rejection> {
     let mut event = protocol::parse(line)?;
     let own = peer.credentials.is_none();
-    let name = &event.request.event_type;
+    let name = event.request.event_type.as_str();
     if !own && crate::event_types::is_daemon_type(name) {
         return Err(Rejection::new(
             ErrorCode::Forbidden,
@@ -964,7 +964,7 @@ fn check<'c>(
     if let Some(who) = peer.credentials {
         access.admit(&rules.access, ty, &mut event, who)?;
     }
-    let name = &event.request.event_type;
+    let name = event.request.event_type.as_str();
     if let Some(payload) = &event.request.payload
         && let Err(details) = ty.check_payload(payload)
     {

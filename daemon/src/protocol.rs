@@ -6,9 +6,14 @@
 //! What is stored is what was sent. The payload is never parsed into a tree and written out again: its bytes are
 //! copied through, token by token, without insignificant whitespace ([`json_text`]), so numbers keep every digit
 //! and strings every escape. An object with a repeated key, anywhere in the line, is refused as `invalid_json`.
+//!
+//! A parsed request borrows from its line: strings without escapes ([`Str`]) and a payload without whitespace
+//! between its tokens are not copied; a request costs allocations only for what had to be rewritten.
 
 mod json_text;
 
+use std::borrow::Cow;
+use std::cell::RefCell;
 use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
@@ -20,46 +25,125 @@ pub use json_text::MAX_DEPTH;
 /// The JSON Schema of a request line.
 pub const EVENT_SCHEMA: &str = include_str!("../../schemas/event.schema.json");
 
-/// A request: one event as a client submits it.
+/// A request: one event as a client submits it, borrowing from its line.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Request {
+pub struct Request<'a> {
     /// Name of the event type.
-    #[serde(rename = "type")]
-    pub event_type: String,
+    #[serde(rename = "type", borrow)]
+    pub event_type: Str<'a>,
     /// Who did it.
-    #[serde(default)]
-    pub actor: Option<Actor>,
+    #[serde(default, borrow)]
+    pub actor: Option<Actor<'a>>,
     /// What it was done to.
-    #[serde(default)]
-    pub target: Option<Target>,
+    #[serde(default, borrow)]
+    pub target: Option<Target<'a>>,
     /// Human-readable description.
-    #[serde(default)]
-    pub message: Option<String>,
+    #[serde(default, borrow)]
+    pub message: Option<Str<'a>>,
     /// How it ended.
     #[serde(default)]
     pub outcome: Option<Outcome>,
     /// Type-specific details.
-    #[serde(default)]
-    pub payload: Option<Payload>,
+    #[serde(default, borrow)]
+    pub payload: Option<Payload<'a>>,
     /// When it happened, RFC 3339.
-    #[serde(default)]
-    pub occurred_at: Option<String>,
+    #[serde(default, borrow)]
+    pub occurred_at: Option<Str<'a>>,
     /// The client's name for this submission: a repeat with the same key from the same uid, within the daemon's
     /// window, is answered with the first one's `id` and `seq` instead of being stored again.
-    #[serde(default)]
-    pub idempotency_key: Option<String>,
+    #[serde(default, borrow)]
+    pub idempotency_key: Option<Str<'a>>,
+}
+
+/// A JSON string of a request: borrowed from the line when it has no escapes, unescaped into its own buffer
+/// otherwise.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Str<'a>(Cow<'a, str>);
+
+/// As the text's own: `{:?}` in messages shows a quoted string.
+impl std::fmt::Debug for Str<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl<'a> Str<'a> {
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Appends the string as JSON, quoted and escaped exactly as `serde_json` writes it.
+    ///
+    /// A borrowed string came from JSON text without a single escape, so it holds no `"`, `\` or control
+    /// character (JSON text cannot hold those unescaped) and `serde_json` would write it unchanged: it is copied
+    /// between quotes. A string that had escapes is written by `serde_json`.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        match &self.0 {
+            Cow::Borrowed(s) => {
+                out.push(b'"');
+                out.extend_from_slice(s.as_bytes());
+                out.push(b'"');
+            }
+            Cow::Owned(s) => {
+                serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail")
+            }
+        }
+    }
+}
+
+impl From<String> for Str<'_> {
+    fn from(s: String) -> Self {
+        Str(Cow::Owned(s))
+    }
+}
+
+impl std::ops::Deref for Str<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Str<'a>, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Str<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(self, s: &'de str) -> Result<Str<'de>, E> {
+                Ok(Str(Cow::Borrowed(s)))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Str<'de>, E> {
+                Ok(Str(Cow::Owned(s.to_owned())))
+            }
+            fn visit_string<E: serde::de::Error>(self, s: String) -> Result<Str<'de>, E> {
+                Ok(Str(Cow::Owned(s)))
+            }
+        }
+        d.deserialize_str(Visitor)
+    }
+}
+
+impl Serialize for Str<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
 }
 
 /// Longest `idempotency_key`, in bytes of UTF-8.
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
 
 /// A payload as it is stored: the JSON text the client sent, without insignificant whitespace, every number and
-/// string byte for byte as written. Reading one refuses repeated keys, too deep nesting and lone surrogates.
+/// string byte for byte as written (borrowed from the line when it had no such whitespace). Reading one refuses
+/// repeated keys, too deep nesting and lone surrogates.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Payload(String);
+pub struct Payload<'a>(Cow<'a, str>);
 
-impl Payload {
+impl Payload<'_> {
     /// The compact JSON text.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -69,75 +153,120 @@ impl Payload {
     pub fn is_object(&self) -> bool {
         self.0.starts_with('{')
     }
-
-    /// A JSON text that `serde_json` can read into a [`Value`] for a schema check: the stored text, or, when it
-    /// holds a number beyond the range of a 64-bit float, a copy with such numbers bounded to
-    /// `±1.7976931348623157e308`.
-    pub fn for_checks(&self) -> Result<Value, serde_json::Error> {
-        serde_json::from_str(&self.0).or_else(|e| {
-            let mut bounded = Vec::with_capacity(self.0.len());
-            match json_text::compact(
-                &self.0,
-                "/payload",
-                1,
-                json_text::Numbers::Finite,
-                &mut bounded,
-            ) {
-                Ok(()) => serde_json::from_slice(&bounded),
-                Err(_) => Err(e),
-            }
-        })
-    }
 }
 
-impl<'de> Deserialize<'de> for Payload {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Payload, D::Error> {
-        let raw = <&'de RawValue>::deserialize(d)?;
-        let mut out = Vec::with_capacity(raw.get().len());
-        json_text::compact(
-            raw.get(),
-            "/payload",
-            1,
-            json_text::Numbers::AsWritten,
-            &mut out,
-        )
-        .map_err(serde::de::Error::custom)?;
-        // Only whitespace between tokens was left out, so the text is still UTF-8.
-        String::from_utf8(out)
-            .map(Payload)
-            .map_err(serde::de::Error::custom)
+impl<'de: 'a, 'a> Deserialize<'de> for Payload<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Payload<'a>, D::Error> {
+        thread_local! {
+            /// The compacted text, reused: most payloads are compact already and are then borrowed.
+            static OUT: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+        }
+        let raw = <&'de RawValue>::deserialize(d)?.get();
+        OUT.with(|out| {
+            let mut out = out.borrow_mut();
+            out.clear();
+            json_text::compact(raw, "/payload", 1, json_text::Numbers::AsWritten, &mut out)
+                .map_err(serde::de::Error::custom)?;
+            if out.as_slice() == raw.as_bytes() {
+                return Ok(Payload(Cow::Borrowed(raw)));
+            }
+            // Only whitespace between tokens was left out, so the text is still UTF-8.
+            String::from_utf8(out.clone())
+                .map(|text| Payload(Cow::Owned(text)))
+                .map_err(serde::de::Error::custom)
+        })
     }
 }
 
 /// Who did it. Field order here is the order in stored records.
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct Actor {
+pub struct Actor<'a> {
     /// Stable identifier.
-    pub id: String,
+    #[serde(borrow)]
+    pub id: Str<'a>,
     /// Display name.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
+    #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    pub name: Option<Str<'a>>,
     /// Kind of actor (user, service, ...).
-    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
-    pub kind: Option<String>,
+    #[serde(
+        rename = "type",
+        default,
+        borrow,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub kind: Option<Str<'a>>,
     /// Network address the action came from.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ip: Option<String>,
+    #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<Str<'a>>,
+}
+
+impl Actor<'_> {
+    /// Appends the stored form: what `serde_json` writes for it (fields in declaration order, absent ones left
+    /// out), without its serializer.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        write_object(
+            out,
+            &[
+                ("id", Some(&self.id)),
+                ("name", self.name.as_ref()),
+                ("type", self.kind.as_ref()),
+                ("ip", self.ip.as_ref()),
+            ],
+        );
+    }
 }
 
 /// What it was done to. Field order here is the order in stored records.
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct Target {
+pub struct Target<'a> {
     /// Kind of object.
-    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
-    pub kind: Option<String>,
+    #[serde(
+        rename = "type",
+        default,
+        borrow,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub kind: Option<Str<'a>>,
     /// Stable identifier.
-    pub id: String,
+    #[serde(borrow)]
+    pub id: Str<'a>,
     /// Display name.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
+    #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    pub name: Option<Str<'a>>,
+}
+
+impl Target<'_> {
+    /// Appends the stored form, as [`Actor::write_json`].
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        write_object(
+            out,
+            &[
+                ("type", self.kind.as_ref()),
+                ("id", Some(&self.id)),
+                ("name", self.name.as_ref()),
+            ],
+        );
+    }
+}
+
+/// Appends `{"key":"value",...}` for the fields that are set; keys need no escaping.
+fn write_object(out: &mut Vec<u8>, fields: &[(&str, Option<&Str<'_>>)]) {
+    out.push(b'{');
+    let mut first = true;
+    for (key, value) in fields {
+        let Some(value) = value else { continue };
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        out.push(b'"');
+        out.extend_from_slice(key.as_bytes());
+        out.extend_from_slice(b"\":");
+        value.write_json(out);
+    }
+    out.push(b'}');
 }
 
 /// How an action ended.
@@ -332,9 +461,9 @@ pub fn encode_duplicate(id: &str, seq: u64, out: &mut Vec<u8>) {
 
 /// A request that passed the envelope checks; `occurred_at` is parsed.
 #[derive(Debug)]
-pub struct Checked {
+pub struct Checked<'a> {
     /// The request.
-    pub request: Request,
+    pub request: Request<'a>,
     /// `occurred_at`, when given.
     pub occurred_at: Option<chrono::DateTime<chrono::Utc>>,
 }
@@ -344,8 +473,15 @@ pub struct Checked {
 /// The fast path deserializes straight into [`Request`] (the payload's text is copied, not parsed into a tree);
 /// only when that fails is the whole line checked for repeated keys and then against the envelope schema, so
 /// that a refused request lists every violation rather than the first.
-pub fn parse(line: &[u8]) -> Result<Checked, Rejection> {
-    let first_problem = match serde_json::from_slice::<Request>(line) {
+pub fn parse(line: &[u8]) -> Result<Checked<'_>, Rejection> {
+    // UTF-8 checked once for the whole line (a fast pass over ASCII), not string by string while parsing.
+    let Ok(text) = std::str::from_utf8(line) else {
+        return Err(syntax_error(
+            line,
+            &serde::de::Error::custom("invalid UTF-8"),
+        ));
+    };
+    let first_problem = match serde_json::from_str::<Request<'_>>(text) {
         Ok(request) => match check(request) {
             Ok(checked) => return Ok(checked),
             Err(v) => v,
@@ -380,7 +516,7 @@ pub fn parse(line: &[u8]) -> Result<Checked, Rejection> {
 }
 
 /// Checks what serde cannot express: non-empty ids, an object payload, an RFC 3339 time.
-fn check(request: Request) -> Result<Checked, Violation> {
+fn check(request: Request<'_>) -> Result<Checked<'_>, Violation> {
     let violation = |path: &str, message: &str| Violation {
         path: path.to_owned(),
         message: message.to_owned(),
@@ -411,7 +547,7 @@ fn check(request: Request) -> Result<Checked, Violation> {
     let occurred_at = match &request.occurred_at {
         None => None,
         Some(text) => Some(
-            chrono::DateTime::parse_from_rfc3339(text)
+            chrono::DateTime::parse_from_rfc3339(text.as_str())
                 .map_err(|e| {
                     violation(
                         "/occurred_at",
@@ -572,6 +708,50 @@ mod tests {
                 format!("{}: {} {paths:?}", r.code.as_str(), r.message)
             }
         }
+    }
+
+    /// The envelope's strings are written as `serde_json` writes them, whether they were borrowed from the line
+    /// (no escapes) or unescaped; payloads without whitespace are borrowed, others compacted.
+    #[test]
+    fn strings_are_written_as_serde_json_writes_them() {
+        let check = |line: &str, borrowed: bool| {
+            let c = parse(line.as_bytes()).unwrap_or_else(|r| panic!("{line}: {r:?}"));
+            let r = &c.request;
+            let (a, t) = (r.actor.as_ref().unwrap(), r.target.as_ref().unwrap());
+            let mut out = Vec::new();
+            a.write_json(&mut out);
+            assert_eq!(out, serde_json::to_vec(a).unwrap(), "{line}");
+            out.clear();
+            t.write_json(&mut out);
+            assert_eq!(out, serde_json::to_vec(t).unwrap(), "{line}");
+            let m = r.message.as_ref().unwrap();
+            out.clear();
+            m.write_json(&mut out);
+            assert_eq!(out, serde_json::to_vec(m.as_str()).unwrap(), "{line}");
+            assert_eq!(
+                matches!(a.id.0, Cow::Borrowed(_)),
+                borrowed,
+                "{line}: actor.id borrowed"
+            );
+            let p = r.payload.as_ref().unwrap();
+            assert_eq!(
+                matches!(p.0, Cow::Borrowed(_)),
+                !line.contains(": "),
+                "{line}: payload borrowed"
+            );
+        };
+        check(
+            r#"{"type":"x","actor":{"id":"u-1","ip":"10.0.0.1"},"target":{"type":"t","id":"p-1"},"message":"café /x","payload":{"a":1}}"#,
+            true,
+        );
+        check(
+            r#"{"type":"x","actor":{"ip":"::1","type":"svc","name":"n","id":"u-\"1\""},"target":{"name":"N","id":"p\\1"},"message":"tab\there","payload":{"a": 1}}"#,
+            false,
+        );
+        check(
+            r#"{"type":"x","actor":{"id":"\u00e9\u0001\/\ud83d\ude00"},"target":{"id":"\u007f"},"message":"\u2028\n\r\b\f","payload":{"s":"\u00e9"}}"#,
+            false,
+        );
     }
 
     #[test]

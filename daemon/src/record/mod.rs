@@ -115,15 +115,14 @@ pub fn write_tail(
     }
     out.extend_from_slice(source_fragment);
     let fields_start = out.len();
-    let json = |out: &mut Vec<u8>, key: &[u8], value: &dyn erased::Json| {
-        out.extend_from_slice(key);
-        value.write(out);
-    };
+    // Strings as `serde_json` escapes them (see `protocol::Str::write_json`), without its serializer.
     if let Some(a) = &r.actor {
-        json(out, b",\"actor\":", a);
+        out.extend_from_slice(b",\"actor\":");
+        a.write_json(out);
     }
     if let Some(t) = &r.target {
-        json(out, b",\"target\":", t);
+        out.extend_from_slice(b",\"target\":");
+        t.write_json(out);
     }
     if let Some(o) = r.outcome {
         out.extend_from_slice(b",\"outcome\":\"");
@@ -131,7 +130,8 @@ pub fn write_tail(
         out.push(b'"');
     }
     if let Some(m) = &r.message {
-        json(out, b",\"message\":", m);
+        out.extend_from_slice(b",\"message\":");
+        m.write_json(out);
     }
     if let Some(p) = &r.payload {
         // Copied through as sent (compact, every token unchanged), never re-serialized.
@@ -140,25 +140,13 @@ pub fn write_tail(
     }
     let fields_end = out.len();
     if let Some(k) = &r.idempotency_key {
-        json(out, b",\"idempotency_key\":", k);
+        out.extend_from_slice(b",\"idempotency_key\":");
+        k.write_json(out);
     }
     TailParts {
         received_at: received_start..received_end,
         occurred_at: occurred_start..occurred_end,
         fields: fields_start..fields_end,
-    }
-}
-
-mod erased {
-    /// Serializes compactly into a buffer; lets `write_tail` treat its JSON-valued fields alike.
-    pub trait Json {
-        fn write(&self, out: &mut Vec<u8>);
-    }
-
-    impl<T: serde::Serialize> Json for T {
-        fn write(&self, out: &mut Vec<u8>) {
-            serde_json::to_writer(out, self).expect("writing to a Vec cannot fail");
-        }
     }
 }
 
