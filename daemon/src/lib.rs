@@ -282,6 +282,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
             registry: Arc::new(registry),
             streamed_types,
             max_line_bytes: config.limits.max_line_bytes,
+            retired: Arc::default(),
         })),
         submitter,
         host: config.host_name.clone().unwrap_or_else(host_name),
