@@ -56,7 +56,7 @@ pub struct Rules {
     pub registry: Arc<Registry>,
     /// Event types at least one sink receives.
     pub streamed_types: HashSet<String>,
-    /// Longest accepted request line (for connections opened under these rules).
+    /// Longest accepted request line (for every read that takes these rules, on any connection).
     pub max_line_bytes: usize,
     /// Who may submit which types, and how fast ([`access::Policy::build`]).
     pub access: access::Policy,

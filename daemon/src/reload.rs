@@ -6,8 +6,12 @@
 //! and check everything new (sinks through [`crate::sinks::Sinks::reconfigure`], the one generation builder),
 //! and only then swap: the ingest rules (event types, routes, `max_line_bytes`) in one step
 //! ([`crate::ingest::Context::swap_rules`]), so that every event is checked against exactly one generation; the
-//! log writer's settings between two of its groups; the retention policy at its next round. If anything is
-//! invalid, nothing changes and the old generation keeps serving. Settings that cannot change while running are
+//! log writer's settings between two of its groups; the retention policy at its next round; the connection
+//! limits (count, line slots, idle timeout) at once. Then the reload settles before it answers: sinks receive the
+//! event types of both generations until no connection holds the old rules and the log writer has spooled what
+//! was submitted under them (`settle`); only then are they narrowed and removed sinks stopped
+//! ([`crate::sinks::Sinks::settle`]), so no acknowledged event is passed over by the sink it was accepted for. If
+//! anything is invalid, nothing changes and the old generation keeps serving. Settings that cannot change while running are
 //! reported as needing a restart, and keep their running value; the rest still applies. Every reload, applied or
 //! refused, is logged and recorded as `trail_config_reloaded`.
 
@@ -349,6 +353,9 @@ impl Reloader {
             crate::retention::Policy::of(&next.log);
         self.upkeep.notify_one();
         self.ctx.connections.set_limits(&next.limits);
+        if next.limits.max_connections > current.config.limits.max_connections {
+            crate::warn_if_few_descriptors(next.limits.max_connections);
+        }
         // The settle: sinks want the types of both generations until every record checked under the old one is
         // in the spool; then they are narrowed for the records after it, and removed sinks stop.
         if let (Some((sinks, narrowing)), Some(old)) = (narrowing, old) {
