@@ -776,27 +776,68 @@ fn narrowing_a_sinks_filter_under_load_loses_no_acknowledged_event() {
         "backlog {}",
         backlog()
     );
-    let lines = recorded(&dir.join("rec.jsonl"));
-    let tickets: Vec<&Value> = lines.iter().filter(|l| l["type"] == "ticket").collect();
-    let seqs: Vec<u64> = tickets.iter().map(|l| l["seq"].as_u64().unwrap()).collect();
-    assert!(
-        seqs.windows(2).all(|w| w[0] < w[1]),
-        "tickets out of order or twice"
-    );
-    let delivered: std::collections::HashSet<String> = tickets
-        .iter()
-        .map(|l| l["id"].as_str().unwrap().to_owned())
+    let check = |acked: &std::collections::HashSet<String>, when: &str| {
+        let lines = recorded(&dir.join("rec.jsonl"));
+        let tickets: Vec<&Value> = lines.iter().filter(|l| l["type"] == "ticket").collect();
+        let seqs: Vec<u64> = tickets.iter().map(|l| l["seq"].as_u64().unwrap()).collect();
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "{when}: tickets out of order or twice"
+        );
+        let delivered: std::collections::HashSet<String> = tickets
+            .iter()
+            .map(|l| l["id"].as_str().unwrap().to_owned())
+            .collect();
+        let lost = acked.difference(&delivered).count();
+        let unasked = delivered.difference(acked).count();
+        assert_eq!(
+            (lost, unasked),
+            (0, 0),
+            "{when}: {} acknowledged, {} delivered, {lost} acknowledged but never delivered, {unasked} delivered \
+             but not acknowledged",
+            acked.len(),
+            delivered.len()
+        );
+    };
+    check(&acked, &format!("after {reloads} reloads"));
+
+    // The type's only sink removed under load: it delivers what was accepted for it before it stops.
+    let write = |sinks: &[(&str, &str, &str)]| {
+        fs::write(
+            &daemon.config,
+            sinks_config(&common, sinks).replace("$DIR", dir.to_str().unwrap()),
+        )
+        .unwrap()
+    };
+    if !wide {
+        write(&[("rec", filter(true), "r")]);
+        assert_eq!(reload(&daemon).0, 0);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let connections: Vec<_> = (2..4)
+        .map(|conn| pipeline(&daemon.socket, conn, stop.clone(), progress.clone()))
         .collect();
-    let lost = acked.difference(&delivered).count();
-    let unasked = delivered.difference(&acked).count();
-    assert_eq!(
-        (lost, unasked),
-        (0, 0),
-        "{} acknowledged, {} delivered, {lost} acknowledged but never delivered, {unasked} delivered but not \
-         acknowledged, over {reloads} reloads",
-        acked.len(),
-        delivered.len()
+    assert!(wait_until(Duration::from_secs(60), || progress
+        .load(Ordering::Relaxed)
+        >= 1000));
+    write(&[("other", "[user_login]", "o")]);
+    let (exit, answer, err) = reload(&daemon);
+    assert_eq!(exit, 0, "{answer} {err}");
+    assert_eq!(strings(&answer["config"]["sinks_removed"]), ["rec"]);
+    assert!(
+        answer["config"]["warnings"]
+            .as_array()
+            .is_none_or(Vec::is_empty),
+        "{answer}"
     );
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = acked;
+    for c in connections {
+        acked.extend(c.join().unwrap().acked);
+    }
+    // Answered after the removed sink stopped: its file is complete.
+    check(&acked, "after the sink was removed");
 }
 
 fn connections_status(daemon: &Daemon) -> Value {
