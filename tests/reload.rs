@@ -621,3 +621,400 @@ fn reloads_under_load_lose_nothing_and_refuse_no_valid_event() {
         reloads as usize
     );
 }
+
+/// A stream-only event type (not saved to the log): the spool is its only copy.
+fn stream_only(name: &str) -> String {
+    format!(
+        "name: {name}\ndescription: A stream-only test type.\nsaved_to_database: false\nstreamed: true\n\
+         payload:\n  type: object\n"
+    )
+}
+
+/// What one pipelining connection was answered: the ids of the events acknowledged, in order, and how many were
+/// refused `unavailable` (a generation in which no sink receives the type).
+#[derive(Default)]
+struct Answered {
+    acked: Vec<String>,
+    unavailable: u64,
+}
+
+/// A connection that writes `ticket` events as fast as the socket takes them until `stop`, while a second
+/// thread reads every answer; any answer but `ok` or `unavailable` fails it. `progress` counts answers.
+fn pipeline(
+    socket: &std::path::Path,
+    conn: usize,
+    stop: Arc<AtomicBool>,
+    progress: Arc<std::sync::atomic::AtomicU64>,
+) -> std::thread::JoinHandle<Answered> {
+    use std::io::{BufRead, Write};
+    let stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    let mut write_half = stream.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let mut buf = Vec::new();
+            for _ in 0..50 {
+                buf.extend_from_slice(
+                    format!(
+                        "{{\"type\":\"ticket\",\"message\":\"{conn}-{n}\",\"payload\":{{}}}}\n"
+                    )
+                    .as_bytes(),
+                );
+                n += 1;
+            }
+            write_half.write_all(&buf).unwrap();
+        }
+        write_half.shutdown(std::net::Shutdown::Write).unwrap();
+        n
+    });
+    std::thread::spawn(move || {
+        let mut answered = Answered::default();
+        for line in std::io::BufReader::new(stream).lines() {
+            let line = line.expect("answers until the daemon closes the connection");
+            let answer: Value = serde_json::from_str(&line).unwrap();
+            if answer["ok"] == true {
+                answered
+                    .acked
+                    .push(answer["id"].as_str().unwrap().to_owned());
+            } else {
+                assert_eq!(code(&answer), "unavailable", "{answer}");
+                answered.unavailable += 1;
+            }
+            progress.fetch_add(1, Ordering::Relaxed);
+        }
+        let sent = writer.join().unwrap();
+        assert_eq!(
+            answered.acked.len() as u64 + answered.unavailable,
+            sent,
+            "an answer for every event"
+        );
+        answered
+    })
+}
+
+/// The barrier: reloads that take a stream-only type out of its only sink's filter and put it back, again and
+/// again, while two connections pipeline events of that type. Every event acknowledged reaches the sink exactly
+/// once, in `seq` order; events answered `unavailable` (no sink received the type then) reach it never.
+#[test]
+fn narrowing_a_sinks_filter_under_load_loses_no_acknowledged_event() {
+    let filter = |wide: bool| match wide {
+        true => "[ticket, user_login]",
+        false => "[user_login]",
+    };
+    let daemon = Daemon::with(Setup {
+        env: vec![(NO_WATCH.0.into(), NO_WATCH.1.into())],
+        fsync: "never",
+        extra_types: vec![("ticket.yml".into(), stream_only("ticket"))],
+        extra_config: sinks_config("", &[("rec", filter(true), "r")]),
+        plugins: vec![(
+            plugins::library("trail-test-recorder"),
+            "librecorder.so".into(),
+        )],
+        ..Setup::default()
+    });
+    let dir = daemon.dir.path().to_owned();
+    let base = fs::read_to_string(&daemon.config).unwrap();
+    let common = base[..base.find("plugins_dir:").unwrap()].to_owned();
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let connections: Vec<_> = (0..2)
+        .map(|conn| pipeline(&daemon.socket, conn, stop.clone(), progress.clone()))
+        .collect();
+    let started = std::time::Instant::now();
+    let mut reloads = 0;
+    let mut wide = true;
+    // At least 16 reloads and 4 s, each one with events answered since the last: the load is flowing.
+    while reloads < 16 || started.elapsed() < Duration::from_secs(4) {
+        let before = progress.load(Ordering::Relaxed);
+        assert!(
+            wait_until(Duration::from_secs(60), || progress.load(Ordering::Relaxed)
+                >= before + 200),
+            "no answers for a minute"
+        );
+        wide = !wide;
+        fs::write(
+            &daemon.config,
+            sinks_config(&common, &[("rec", filter(wide), "r")])
+                .replace("$DIR", dir.to_str().unwrap()),
+        )
+        .unwrap();
+        let (exit, answer, err) = reload(&daemon);
+        assert_eq!(exit, 0, "{answer} {err}");
+        assert_eq!(strings(&answer["config"]["sinks_changed"]), ["rec"]);
+        // Settled in time: narrowed (a wider set would lose nothing, but would not test the narrowing).
+        assert!(
+            answer["config"]["warnings"]
+                .as_array()
+                .is_none_or(Vec::is_empty),
+            "{answer}"
+        );
+        reloads += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let answered: Vec<Answered> = connections.into_iter().map(|c| c.join().unwrap()).collect();
+    let acked: std::collections::HashSet<String> = answered
+        .iter()
+        .flat_map(|a| a.acked.iter().cloned())
+        .collect();
+    let refused: u64 = answered.iter().map(|a| a.unavailable).sum();
+    assert!(acked.len() > 1000, "{} events acknowledged", acked.len());
+    assert!(
+        refused > 0,
+        "no event was refused: the filter never narrowed"
+    );
+    // Everything in the spool delivered (or passed over) by the sink.
+    let backlog = || {
+        daemon.admin(json!({"command": "status"}))["sinks"][0]["backlog_events"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(
+        wait_until(Duration::from_secs(120), || backlog() == 0),
+        "backlog {}",
+        backlog()
+    );
+    let check = |acked: &std::collections::HashSet<String>, when: &str| {
+        let lines = recorded(&dir.join("rec.jsonl"));
+        let tickets: Vec<&Value> = lines.iter().filter(|l| l["type"] == "ticket").collect();
+        let seqs: Vec<u64> = tickets.iter().map(|l| l["seq"].as_u64().unwrap()).collect();
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "{when}: tickets out of order or twice"
+        );
+        let delivered: std::collections::HashSet<String> = tickets
+            .iter()
+            .map(|l| l["id"].as_str().unwrap().to_owned())
+            .collect();
+        let lost = acked.difference(&delivered).count();
+        let unasked = delivered.difference(acked).count();
+        assert_eq!(
+            (lost, unasked),
+            (0, 0),
+            "{when}: {} acknowledged, {} delivered, {lost} acknowledged but never delivered, {unasked} delivered \
+             but not acknowledged",
+            acked.len(),
+            delivered.len()
+        );
+    };
+    check(&acked, &format!("after {reloads} reloads"));
+
+    // The type's only sink removed under load: it delivers what was accepted for it before it stops.
+    let write = |sinks: &[(&str, &str, &str)]| {
+        fs::write(
+            &daemon.config,
+            sinks_config(&common, sinks).replace("$DIR", dir.to_str().unwrap()),
+        )
+        .unwrap()
+    };
+    if !wide {
+        write(&[("rec", filter(true), "r")]);
+        assert_eq!(reload(&daemon).0, 0);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let connections: Vec<_> = (2..4)
+        .map(|conn| pipeline(&daemon.socket, conn, stop.clone(), progress.clone()))
+        .collect();
+    assert!(wait_until(Duration::from_secs(60), || progress
+        .load(Ordering::Relaxed)
+        >= 1000));
+    write(&[("other", "[user_login]", "o")]);
+    let (exit, answer, err) = reload(&daemon);
+    assert_eq!(exit, 0, "{answer} {err}");
+    assert_eq!(strings(&answer["config"]["sinks_removed"]), ["rec"]);
+    assert!(
+        answer["config"]["warnings"]
+            .as_array()
+            .is_none_or(Vec::is_empty),
+        "{answer}"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = acked;
+    for c in connections {
+        acked.extend(c.join().unwrap().acked);
+    }
+    // Answered after the removed sink stopped: its file is complete.
+    check(&acked, "after the sink was removed");
+}
+
+fn connections_status(daemon: &Daemon) -> Value {
+    daemon.admin(json!({"command": "status"}))["connections"].clone()
+}
+
+/// Reads until the daemon closes `s`; the answer line it sent first, if any.
+fn refusal(s: &mut std::os::unix::net::UnixStream) -> Value {
+    use std::io::Read;
+    let mut text = String::new();
+    s.read_to_string(&mut text)
+        .expect("the daemon closes the connection");
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text:?}"))
+}
+
+fn raw(daemon: &Daemon) -> std::os::unix::net::UnixStream {
+    let s = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s
+}
+
+/// `limits.max_connections` lowered and raised by reloads while connections are open: the open ones keep
+/// working, clients beyond the new bound are refused, and raising it lets more in. `max_buffered_bytes`
+/// reloads too (the number of line slots follows).
+#[test]
+fn max_connections_and_max_buffered_bytes_reload_without_closing_open_connections() {
+    let daemon = Daemon::with(Setup {
+        env: vec![(NO_WATCH.0.into(), NO_WATCH.1.into())],
+        extra_config: "limits: {max_connections: 3}\n".into(),
+        ..Setup::default()
+    });
+    let base = fs::read_to_string(&daemon.config).unwrap();
+    let write = |limits: &str| {
+        fs::write(&daemon.config, base.replace("max_connections: 3", limits)).unwrap()
+    };
+    // The harness's probe may still be counted for a moment (see connection_limits).
+    assert_eq!(daemon.client().emit(&login("probe")).unwrap()["ok"], true);
+    assert!(wait_until(Duration::from_secs(30), || connections_status(
+        &daemon
+    )["open"]
+        == 0));
+    let mut open: Vec<_> = (0..3).map(|_| daemon.client()).collect();
+    for (i, c) in open.iter_mut().enumerate() {
+        assert_eq!(c.emit(&login(&format!("a{i}"))).unwrap()["ok"], true);
+    }
+
+    // Lowered to 2 with 3 open: all 3 keep working; a new client is refused.
+    write("max_connections: 2");
+    let (exit, answer, err) = reload(&daemon);
+    assert_eq!(exit, 0, "{answer} {err}");
+    let config = &answer["config"];
+    assert_eq!(
+        strings(&config["settings_changed"]),
+        ["limits.max_connections"],
+        "{answer}"
+    );
+    assert!(strings(&config["restart_needed"]).is_empty(), "{answer}");
+    let status = connections_status(&daemon);
+    assert_eq!(
+        (status["open"].clone(), status["max"].clone()),
+        (json!(3), json!(2)),
+        "{status}"
+    );
+    for (i, c) in open.iter_mut().enumerate() {
+        assert_eq!(c.emit(&login(&format!("b{i}"))).unwrap()["ok"], true);
+    }
+    let answer = refusal(&mut raw(&daemon));
+    assert_eq!(code(&answer), "too_many_connections", "{answer}");
+    // One closes: 2 open, the new bound: still refused. Another closes: one more is let in, and no more.
+    drop(open.pop());
+    assert!(wait_until(Duration::from_secs(30), || connections_status(
+        &daemon
+    )["open"]
+        == 2));
+    let answer = refusal(&mut raw(&daemon));
+    assert_eq!(code(&answer), "too_many_connections", "{answer}");
+    drop(open.pop());
+    assert!(wait_until(Duration::from_secs(30), || connections_status(
+        &daemon
+    )["open"]
+        == 1));
+    open.push(daemon.client());
+    assert_eq!(open[1].emit(&login("c1")).unwrap()["ok"], true);
+    let answer = refusal(&mut raw(&daemon));
+    assert_eq!(code(&answer), "too_many_connections", "{answer}");
+
+    // Raised to 4, and max_buffered_bytes changed: two more get in, the fifth is refused.
+    write("max_connections: 4, max_buffered_bytes: 8MiB");
+    let (exit, answer, err) = reload(&daemon);
+    assert_eq!(exit, 0, "{answer} {err}");
+    assert_eq!(
+        strings(&answer["config"]["settings_changed"]),
+        ["limits.max_connections", "limits.max_buffered_bytes"],
+        "{answer}"
+    );
+    for i in 0..2 {
+        let mut c = daemon.client();
+        assert_eq!(c.emit(&login(&format!("d{i}"))).unwrap()["ok"], true);
+        open.push(c);
+    }
+    let answer = refusal(&mut raw(&daemon));
+    assert_eq!(code(&answer), "too_many_connections", "{answer}");
+    let status = connections_status(&daemon);
+    // (8 MiB - 4 connections' 16 KiB) in lines of 1 MiB (+1): 7 slots.
+    assert_eq!(
+        (
+            status["open"].clone(),
+            status["max"].clone(),
+            status["long_line_slots"].clone()
+        ),
+        (json!(4), json!(4), json!(7)),
+        "{status}"
+    );
+    for (i, c) in open.iter_mut().enumerate() {
+        assert_eq!(c.emit(&login(&format!("e{i}"))).unwrap()["ok"], true);
+    }
+}
+
+/// An open connection takes a reload's `max_line_bytes` at its next read and its `idle_timeout` at once.
+#[test]
+fn open_connections_take_the_new_max_line_bytes_and_idle_timeout() {
+    use std::io::{BufRead, Write};
+    let daemon = Daemon::with(Setup {
+        env: vec![(NO_WATCH.0.into(), NO_WATCH.1.into())],
+        extra_config: "limits: {idle_timeout: 1h}\n".into(),
+        ..Setup::default()
+    });
+    let base = fs::read_to_string(&daemon.config).unwrap();
+    let long = login(&"x".repeat(2000)).to_string();
+    let stream = raw(&daemon);
+    let mut w = stream.try_clone().unwrap();
+    let mut answers = std::io::BufReader::new(stream);
+    let mut ask = |line: &str| -> Value {
+        w.write_all(format!("{line}\n").as_bytes()).unwrap();
+        let mut answer = String::new();
+        answers.read_line(&mut answer).unwrap();
+        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"))
+    };
+    assert_eq!(ask(&long)["ok"], true);
+
+    fs::write(
+        &daemon.config,
+        base.replace("idle_timeout: 1h", "idle_timeout: 1h, max_line_bytes: 1024"),
+    )
+    .unwrap();
+    let (exit, answer, err) = reload(&daemon);
+    assert_eq!(exit, 0, "{answer} {err}");
+    let answer = ask(&long);
+    assert_eq!(code(&answer), "too_large", "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("1024"),
+        "{answer}"
+    );
+    assert_eq!(ask(&login("short").to_string())["ok"], true);
+
+    // The connection is waiting idle (under 1 h) when the reload makes it 1 s: it is closed then.
+    fs::write(
+        &daemon.config,
+        base.replace("idle_timeout: 1h", "idle_timeout: 1s, max_line_bytes: 1024"),
+    )
+    .unwrap();
+    let before = connections_status(&daemon)["idle_closed"].as_u64().unwrap();
+    let (exit, answer, err) = reload(&daemon);
+    assert_eq!(exit, 0, "{answer} {err}");
+    let mut rest = String::new();
+    let read = answers.read_line(&mut rest);
+    assert!(
+        matches!(read, Ok(0)),
+        "expected the daemon to close the idle connection: {read:?} {rest:?}"
+    );
+    assert!(wait_until(Duration::from_secs(30), || connections_status(
+        &daemon
+    )["idle_closed"]
+        .as_u64()
+        .unwrap()
+        > before));
+}

@@ -72,6 +72,12 @@ impl Framer {
         }
     }
 
+    /// Lines of at most `max` bytes from the next piece on (a reload changed the limit); a line already held
+    /// beyond it is skipped as too large.
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max;
+    }
+
     /// Bytes held for an incomplete line.
     pub fn buffered(&self) -> usize {
         self.partial.len()

@@ -56,10 +56,46 @@ pub struct Rules {
     pub registry: Arc<Registry>,
     /// Event types at least one sink receives.
     pub streamed_types: HashSet<String>,
-    /// Longest accepted request line (for connections opened under these rules).
+    /// Longest accepted request line (for every read that takes these rules, on any connection).
     pub max_line_bytes: usize,
     /// Who may submit which types, and how fast ([`access::Policy::build`]).
     pub access: access::Policy,
+    /// Told when the last holder lets these rules go (a reload's settle waits for it).
+    pub retired: Arc<Retired>,
+}
+
+impl Drop for Rules {
+    fn drop(&mut self) {
+        self.retired.set();
+    }
+}
+
+/// Whether a generation of [`Rules`] is still held: by a read being checked, or by a chunk on its way to the
+/// journal. A connection lets its chunk's rules go once the chunk's records are queued for the writer
+/// ([`Submitter::submit`] returned), so once a replaced generation is retired, every record checked under it is in
+/// the writer's queue or written.
+#[derive(Debug, Default)]
+pub struct Retired {
+    gone: std::sync::Mutex<bool>,
+    changed: std::sync::Condvar,
+}
+
+impl Retired {
+    fn set(&self) {
+        *self.gone.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.changed.notify_all();
+    }
+
+    /// Waits until the rules are let go by everyone; false when `timeout` passed first. Blocks: call it from a
+    /// blocking thread.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let gone = self.gone.lock().unwrap_or_else(|e| e.into_inner());
+        let (gone, _) = self
+            .changed
+            .wait_timeout_while(gone, timeout, |gone| !*gone)
+            .unwrap_or_else(|e| e.into_inner());
+        *gone
+    }
 }
 
 /// What every connection shares.
@@ -101,19 +137,113 @@ impl Context {
 /// together stay within `max_buffered_bytes`. A connection that needs a slot while none is free stops being read
 /// (its client waits) until one is; the slot goes back as soon as its line is complete. A slot holder never waits
 /// for more memory, so some line always progresses; one that stops sending is closed after `idle_timeout`.
+///
+/// A reload changes the bounds ([`Connections::set_limits`]): connection permits and line slots are [`Pool`]s, so
+/// raising a bound lets more in at once and lowering it takes effect as permits come back; no open connection is
+/// closed and no buffered line dropped for it. Open connections take the new `idle_timeout` at once (a waiting
+/// one measures its idle time so far against it) and the new `max_line_bytes` at their next read.
 pub struct Connections {
-    max: usize,
-    permits: Arc<Semaphore>,
-    /// Milliseconds; read when a connection opens, changed by a reload.
+    permits: Arc<Pool>,
+    /// Milliseconds; read at every idle wait, changed by a reload.
     idle_timeout_ms: AtomicU64,
-    slot_count: usize,
-    slots: Arc<Semaphore>,
+    /// Wakes connections waiting idle, so that they measure against a changed `idle_timeout`.
+    changed: tokio::sync::Notify,
+    slots: Arc<Pool>,
     refused: AtomicU64,
     idle_closed: AtomicU64,
     buffered: AtomicUsize,
     waiting: AtomicUsize,
     /// From the read that completed a request line to its `ok` answer written, per event stored.
     ack_latency: Histogram,
+}
+
+/// Permits whose number a reload may change. Raising it adds permits at once; lowering it takes away the free
+/// ones at once and the others as they are given back ([`Permit`]'s drop), so nothing held is ever taken away.
+pub struct Pool {
+    semaphore: Arc<Semaphore>,
+    size: std::sync::Mutex<PoolSize>,
+}
+
+/// Invariant: permits free in the semaphore + permits held = `target` + `owed`.
+#[derive(Debug)]
+struct PoolSize {
+    /// The number of permits configured.
+    target: usize,
+    /// Permits held beyond `target`, kept by the pool when they are given back.
+    owed: usize,
+}
+
+/// A held permit of a [`Pool`].
+pub struct Permit {
+    permit: Option<OwnedSemaphorePermit>,
+    pool: Arc<Pool>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut size = self.pool.lock();
+        if size.owed > 0
+            && let Some(permit) = self.permit.take()
+        {
+            size.owed -= 1;
+            permit.forget();
+        }
+    }
+}
+
+impl Pool {
+    /// A pool of `n` permits.
+    pub fn new(n: usize) -> Arc<Pool> {
+        Arc::new(Pool {
+            semaphore: Arc::new(Semaphore::new(n)),
+            size: std::sync::Mutex::new(PoolSize { target: n, owed: 0 }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolSize> {
+        self.size.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A permit if one is free now.
+    pub fn try_acquire(self: &Arc<Pool>) -> Option<Permit> {
+        let permit = self.semaphore.clone().try_acquire_owned().ok()?;
+        Some(Permit {
+            permit: Some(permit),
+            pool: self.clone(),
+        })
+    }
+
+    /// Waits for a permit (first come, first served).
+    pub async fn acquire(self: &Arc<Pool>) -> Option<Permit> {
+        let permit = self.semaphore.clone().acquire_owned().await.ok()?;
+        Some(Permit {
+            permit: Some(permit),
+            pool: self.clone(),
+        })
+    }
+
+    /// Makes the pool `n` permits (see [`Pool`]).
+    pub fn resize(&self, n: usize) {
+        let mut size = self.lock();
+        if n >= size.target {
+            let more = n - size.target;
+            let repaid = more.min(size.owed);
+            size.owed -= repaid;
+            self.semaphore.add_permits(more - repaid);
+        } else {
+            size.owed += size.target - n;
+            let taken = self.semaphore.forget_permits(size.owed);
+            size.owed -= taken;
+        }
+        size.target = n;
+    }
+
+    /// (permits configured, permits held now).
+    pub fn counts(&self) -> (usize, usize) {
+        let size = self.lock();
+        let held = (size.target + size.owed).saturating_sub(self.semaphore.available_permits());
+        (size.target, held)
+    }
 }
 
 /// The `connections` object of `trail status`: the bounds and what they counted (see README.md).
@@ -140,13 +270,11 @@ pub struct ConnectionsReport {
 impl Connections {
     /// Bounds as configured.
     pub fn new(limits: &Limits) -> Connections {
-        let slot_count = limits.line_slots().max(1);
         Connections {
-            max: limits.max_connections,
-            permits: Arc::new(Semaphore::new(limits.max_connections)),
+            permits: Pool::new(limits.max_connections),
             idle_timeout_ms: AtomicU64::new(limits.idle_timeout.as_millis() as u64),
-            slot_count,
-            slots: Arc::new(Semaphore::new(slot_count)),
+            changed: tokio::sync::Notify::new(),
+            slots: Pool::new(limits.line_slots().max(1)),
             refused: AtomicU64::new(0),
             idle_closed: AtomicU64::new(0),
             buffered: AtomicUsize::new(0),
@@ -161,32 +289,43 @@ impl Connections {
         &self.ack_latency
     }
 
-    /// `limits.idle_timeout` for connections opened from now on.
+    /// `limits.idle_timeout` now.
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms.load(Ordering::Relaxed))
     }
 
-    /// Sets `limits.idle_timeout` for connections opened from now on (a reload).
-    pub fn set_idle_timeout(&self, timeout: Duration) {
+    /// Puts a reload's limits in force: `idle_timeout` for every idle wait from now on (waiting connections are
+    /// woken to measure against it), and the number of connections and of line slots (see [`Pool::resize`]).
+    pub fn set_limits(&self, limits: &Limits) {
         self.idle_timeout_ms
-            .store(timeout.as_millis() as u64, Ordering::Relaxed);
+            .store(limits.idle_timeout.as_millis() as u64, Ordering::Relaxed);
+        self.permits.resize(limits.max_connections);
+        self.slots.resize(limits.line_slots().max(1));
+        self.changed.notify_waiters();
     }
 
     /// Connections open now.
     pub fn open(&self) -> usize {
-        self.max - self.permits.available_permits()
+        self.permits.counts().1
+    }
+
+    /// `limits.max_connections` in force.
+    pub fn max(&self) -> usize {
+        self.permits.counts().0
     }
 
     /// The `connections` object of `trail status`.
     pub fn status(&self) -> ConnectionsReport {
+        let (max, open) = self.permits.counts();
+        let (slots, long_lines) = self.slots.counts();
         ConnectionsReport {
-            open: self.open(),
-            max: self.max,
+            open,
+            max,
             refused: self.refused.load(Ordering::Relaxed),
             idle_closed: self.idle_closed.load(Ordering::Relaxed),
             buffered_bytes: self.buffered.load(Ordering::Relaxed),
-            long_lines: self.slot_count - self.slots.available_permits(),
-            long_line_slots: self.slot_count,
+            long_lines,
+            long_line_slots: slots,
             waiting_for_buffer: self.waiting.load(Ordering::Relaxed),
         }
     }
@@ -445,16 +584,16 @@ pub async fn serve(
         tokio::select! {
             _ = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => match ctx.connections.permits.clone().try_acquire_owned() {
-                    Ok(permit) => {
+                Ok((stream, _)) => match ctx.connections.permits.try_acquire() {
+                    Some(permit) => {
                         connections.spawn(connection(stream, ctx.clone(), stop.clone(), permit));
                     }
-                    Err(_) => {
+                    None => {
                         refuse(stream, &ctx);
                         if let Some(suppressed) = refusals.hit() {
                             warn!(
                                 open = ctx.connections.open(),
-                                max = ctx.connections.max,
+                                max = ctx.connections.max(),
                                 refused = ctx.connections.refused.load(Ordering::Relaxed),
                                 suppressed,
                                 "too many connections: refused a client (limits.max_connections)"
@@ -502,7 +641,7 @@ fn refuse(stream: UnixStream, ctx: &Context) {
         format!(
             "the daemon has {} connections open, its limit (limits.max_connections); this connection is closed, \
              try again later",
-            connections.max
+            connections.max()
         ),
     )
     .encode(&mut line);
@@ -518,8 +657,10 @@ fn refuse(stream: UnixStream, ctx: &Context) {
 /// decided yet: it and every line after it in the read are kept in `deferred`, and checked again once that
 /// submission is settled, so that the connection's lines are still stored and answered in order.
 struct Chunk {
-    /// The generation every line of the chunk is checked against.
+    /// The generation every line of the chunk is checked against; let go once its records are queued.
     rules: Arc<Rules>,
+    /// The longest line of this read (the generation's `max_line_bytes`), for the framer and `too_large`.
+    max_line_bytes: usize,
     /// When its bytes were read (the start of its answers' latency).
     read_at: Instant,
     slots: Vec<Slot>,
@@ -530,8 +671,10 @@ struct Chunk {
 
 impl Chunk {
     fn new(ctx: &Context) -> Chunk {
+        let rules = ctx.rules();
         Chunk {
-            rules: ctx.rules(),
+            max_line_bytes: rules.max_line_bytes,
+            rules,
             read_at: Instant::now(),
             slots: Vec::new(),
             batch: Batch::default(),
@@ -560,6 +703,8 @@ enum Slot {
 struct Deferred {
     key: idempotency::Key,
     frames: Vec<Option<Vec<u8>>>,
+    /// The line limit they were framed under.
+    max_line_bytes: usize,
 }
 
 /// The keys a batch holds in flight, with each record's index in the batch and its id. Keys not settled when
@@ -586,8 +731,6 @@ struct Peer {
     credentials: Option<Credentials>,
     /// The rate bucket of the client's uid, fetched at its first event while a rate is configured.
     bucket: OnceLock<Arc<access::Bucket>>,
-    /// The connection's longest line (the rules in force when it opened).
-    max_line_bytes: usize,
 }
 
 /// A chunk whose records are on their way to the journal.
@@ -602,7 +745,7 @@ async fn connection(
     stream: UnixStream,
     ctx: Arc<Context>,
     stop: CancellationToken,
-    _permit: OwnedSemaphorePermit,
+    _permit: Permit,
 ) {
     let source = match stream.peer_cred() {
         Ok(cred) => Source {
@@ -628,31 +771,38 @@ async fn connection(
             pid: source.pid,
         }),
         bucket: OnceLock::new(),
-        max_line_bytes: ctx.rules().max_line_bytes,
     };
     let limits = &ctx.connections;
-    let idle_timeout = limits.idle_timeout();
     let (reader, writer) = stream.into_split();
     let (pending_tx, pending_rx) = mpsc::channel(PENDING_DEPTH);
     let responder = tokio::spawn(respond(
         writer,
         pending_rx,
-        idle_timeout,
         ctx.connections.clone(),
         (ctx.access.clone(), source.uid),
     ));
-    let mut framer = Framer::new(peer.max_line_bytes);
+    // Its limit is the generation's, set again at every read.
+    let mut framer = Framer::new(ctx.rules().max_line_bytes);
     let mut buffered = Buffered::new(limits);
-    let mut slot: Option<OwnedSemaphorePermit> = None;
+    let mut slot: Option<Permit> = None;
     let mut eof = false;
     loop {
-        let ready = tokio::select! {
-            biased;
-            _ = stop.cancelled() => break,
-            ready = tokio::time::timeout(idle_timeout, reader.readable()) => ready,
+        // Idle for longer than the `idle_timeout` in force (a reload wakes the wait to measure against its own).
+        let idle_since = tokio::time::Instant::now();
+        let ready = loop {
+            let changed = limits.changed.notified();
+            let idle_timeout = limits.idle_timeout();
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => break None,
+                ready = reader.readable() => break Some(Ok(ready)),
+                _ = tokio::time::sleep_until(idle_since + idle_timeout) => break Some(Err(idle_timeout)),
+                _ = changed => {}
+            }
         };
+        let Some(ready) = ready else { break };
         match ready {
-            Err(_) => {
+            Err(idle_timeout) => {
                 limits.idle_closed.fetch_add(1, Ordering::Relaxed);
                 debug!(uid = source.uid, pid = ?source.pid, timeout = ?idle_timeout, "connection idle; closing it");
                 break;
@@ -666,13 +816,13 @@ async fn connection(
         // How much this read may take: without a line slot, the unfinished line must stay within its small share.
         let held = framer.buffered();
         if slot.is_none() {
-            slot = limits.slots.clone().try_acquire_owned().ok();
+            slot = limits.slots.try_acquire();
             if slot.is_none() && held >= SMALL_LINE_BYTES {
                 limits.waiting.fetch_add(1, Ordering::Relaxed);
                 let got = tokio::select! {
                     biased;
                     _ = stop.cancelled() => None,
-                    got = limits.slots.clone().acquire_owned() => got.ok(),
+                    got = limits.slots.acquire() => got,
                 };
                 limits.waiting.fetch_sub(1, Ordering::Relaxed);
                 match got {
@@ -700,6 +850,7 @@ async fn connection(
             }
         };
         let mut chunk = Chunk::new(&ctx);
+        framer.set_max(chunk.max_line_bytes);
         framer.push(&buf[..n], |frame| handle(frame, &ctx, &peer, &mut chunk));
         drop(buf);
         if framer.buffered() <= SMALL_LINE_BYTES {
@@ -714,6 +865,7 @@ async fn connection(
     }
     if eof {
         let mut chunk = Chunk::new(&ctx);
+        framer.set_max(chunk.max_line_bytes);
         framer.finish(|frame| handle(frame, &ctx, &peer, &mut chunk));
         send(&ctx, &peer, chunk, &pending_tx).await;
     }
@@ -757,23 +909,28 @@ impl Drop for Buffered<'_> {
 
 /// Hands a chunk to the journal and its answers to the responder; false when the client is gone. Deferred lines
 /// are checked again once the submission they wait for is settled, and sent the same way.
-async fn send(
-    ctx: &Context,
-    peer: &Peer,
-    mut chunk: Chunk,
-    pending: &mpsc::Sender<Pending>,
-) -> bool {
+async fn send(ctx: &Context, peer: &Peer, chunk: Chunk, pending: &mpsc::Sender<Pending>) -> bool {
+    let mut chunk = chunk;
     loop {
-        let deferred = chunk.deferred.take();
-        if !chunk.slots.is_empty() {
-            let ack = if chunk.batch.is_empty() {
+        let Chunk {
+            rules,
+            read_at,
+            slots,
+            batch,
+            mut claims,
+            deferred,
+            ..
+        } = chunk;
+        if !slots.is_empty() {
+            let ack = if batch.is_empty() {
                 None
             } else {
-                let ack = ctx.submitter.submit(std::mem::take(&mut chunk.batch)).await;
-                Some(settle(std::mem::take(&mut chunk.claims.list), ctx, ack))
+                let ack = ctx.submitter.submit(batch).await;
+                Some(settle(std::mem::take(&mut claims.list), ctx, ack))
             };
-            let slots = std::mem::take(&mut chunk.slots);
-            let read_at = chunk.read_at;
+            // Queued for the writer: the generation they were checked under is let go (see `Retired`), before
+            // waiting for the responder, which waits for a client that may not read.
+            drop(rules);
             if pending
                 .send(Pending {
                     slots,
@@ -785,15 +942,18 @@ async fn send(
             {
                 return false;
             }
+        } else {
+            drop(rules);
         }
+        drop(claims);
         let Some(deferred) = deferred else {
             return true;
         };
         ctx.idempotency.wait(deferred.key).await;
-        let read_at = chunk.read_at;
         chunk = Chunk::new(ctx);
-        // Their latency counts from the read that brought them.
+        // Their latency counts from the read that brought them; too long for the limit they were framed under.
         chunk.read_at = read_at;
+        chunk.max_line_bytes = deferred.max_line_bytes;
         for frame in &deferred.frames {
             let frame = frame.as_deref().map_or(Frame::TooLarge, Frame::Line);
             handle(frame, ctx, peer, &mut chunk);
@@ -848,7 +1008,7 @@ fn handle(frame: Frame<'_>, ctx: &Context, peer: &Peer, chunk: &mut Chunk) {
                 ErrorCode::TooLarge,
                 format!(
                     "line is longer than {} bytes; it was skipped",
-                    peer.max_line_bytes
+                    chunk.max_line_bytes
                 ),
             )));
             return;
@@ -906,6 +1066,7 @@ fn handle(frame: Frame<'_>, ctx: &Context, peer: &Peer, chunk: &mut Chunk) {
                             chunk.deferred = Some(Deferred {
                                 key: k,
                                 frames: vec![Some(line.to_vec())],
+                                max_line_bytes: chunk.max_line_bytes,
                             });
                             return;
                         }
@@ -1009,16 +1170,15 @@ pub async fn record_own(ctx: &Context, line: &[u8], source: &[u8]) -> Result<u64
         uid: None,
         credentials: None,
         bucket: OnceLock::new(),
-        max_line_bytes: usize::MAX,
     };
     handle(Frame::Line(line), ctx, &peer, &mut chunk);
     if let Some(Slot::Rejected(r)) = chunk.slots.pop() {
         return Err(r);
     }
-    ctx.submitter
-        .submit(std::mem::take(&mut chunk.batch))
-        .await
-        .await
+    let ack = ctx.submitter.submit(std::mem::take(&mut chunk.batch)).await;
+    // Queued: the generation is let go before the wait for the log (see `Retired`).
+    drop(chunk);
+    ack.await
         .unwrap_or_else(|_| Err(Unavailable("the log writer stopped".into())))
         .map_err(|e| Rejection::new(ErrorCode::Unavailable, e.0))
 }
@@ -1061,7 +1221,6 @@ pub async fn record_own_events(
 async fn respond(
     mut writer: OwnedWriteHalf,
     mut pending: mpsc::Receiver<Pending>,
-    idle_timeout: Duration,
     connections: Arc<Connections>,
     (access, uid): (Arc<Access>, u32),
 ) {
@@ -1088,7 +1247,7 @@ async fn respond(
                 Err(oneshot::error::TryRecvError::Closed) => stopped(),
                 Err(oneshot::error::TryRecvError::Empty) => {
                     // Answers already encoded are for events already stored: send them before waiting for more.
-                    if !flush(&mut writer, &mut out, idle_timeout).await {
+                    if !flush(&mut writer, &mut out, connections.idle_timeout()).await {
                         return;
                     }
                     latency(&mut answered);
@@ -1125,13 +1284,13 @@ async fn respond(
             answered.push((p.read_at, seq - first));
         }
         if out.len() >= READ_BYTES || pending.is_empty() {
-            if !flush(&mut writer, &mut out, idle_timeout).await {
+            if !flush(&mut writer, &mut out, connections.idle_timeout()).await {
                 return;
             }
             latency(&mut answered);
         }
     }
-    if flush(&mut writer, &mut out, idle_timeout).await {
+    if flush(&mut writer, &mut out, connections.idle_timeout()).await {
         latency(&mut answered);
     }
     let _ = writer.shutdown().await;
@@ -1155,6 +1314,43 @@ async fn flush(writer: &mut OwnedWriteHalf, out: &mut Vec<u8>, timeout: Duration
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pools_grow_at_once_and_shrink_as_permits_come_back() {
+        let pool = Pool::new(3);
+        let held: Vec<Permit> = (0..3).map(|_| pool.try_acquire().unwrap()).collect();
+        assert!(pool.try_acquire().is_none());
+        assert_eq!(pool.counts(), (3, 3));
+        // Lowered to 1 with 3 held: nobody loses a permit; none is free until two came back.
+        pool.resize(1);
+        assert_eq!(pool.counts(), (1, 3));
+        let mut held = held.into_iter();
+        drop(held.next());
+        assert!(pool.try_acquire().is_none(), "{:?}", pool.counts());
+        drop(held.next());
+        assert_eq!(pool.counts(), (1, 1));
+        assert!(pool.try_acquire().is_none());
+        // Raised to 2 while one permit is still owed: the debt is settled first, then one more is free.
+        pool.resize(1);
+        pool.resize(2);
+        let extra = pool.try_acquire().expect("one more");
+        assert!(pool.try_acquire().is_none());
+        assert_eq!(pool.counts(), (2, 2));
+        // Lowered to 1 with 2 held, raised to 4 before any came back: two more at once, and the owed one repaid.
+        pool.resize(1);
+        pool.resize(4);
+        let more: Vec<Permit> = (0..2).map(|_| pool.try_acquire().unwrap()).collect();
+        assert!(pool.try_acquire().is_none());
+        assert_eq!(pool.counts(), (4, 4));
+        drop((extra, more, held));
+        assert_eq!(pool.counts(), (4, 0));
+        // Shrunk while all are free: at once.
+        pool.resize(2);
+        let two: Vec<Permit> = (0..2).map(|_| pool.try_acquire().unwrap()).collect();
+        assert!(pool.try_acquire().is_none());
+        drop(two);
+        assert_eq!(pool.counts(), (2, 0));
+    }
 
     /// A listening socket at `dir/name` with file mode `mode`, as a service manager would pass it.
     fn passed(dir: &Path, name: &str, mode: u32) -> std::os::unix::net::UnixListener {

@@ -282,6 +282,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
             registry: Arc::new(registry),
             streamed_types,
             max_line_bytes: config.limits.max_line_bytes,
+            retired: Arc::default(),
         })),
         submitter,
         host: config.host_name.clone().unwrap_or_else(host_name),
@@ -510,7 +511,7 @@ async fn record_denials(
 
 /// Raises the soft limit on open files to the hard one (systemd's default soft limit, 1024, is below what the
 /// default `limits.max_connections` needs) and warns when even that leaves too few for `max_connections`.
-fn warn_if_few_descriptors(max_connections: usize) {
+pub(crate) fn warn_if_few_descriptors(max_connections: usize) {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return;

@@ -6,8 +6,12 @@
 //! and check everything new (sinks through [`crate::sinks::Sinks::reconfigure`], the one generation builder),
 //! and only then swap: the ingest rules (event types, routes, `max_line_bytes`) in one step
 //! ([`crate::ingest::Context::swap_rules`]), so that every event is checked against exactly one generation; the
-//! log writer's settings between two of its groups; the retention policy at its next round. If anything is
-//! invalid, nothing changes and the old generation keeps serving. Settings that cannot change while running are
+//! log writer's settings between two of its groups; the retention policy at its next round; the connection
+//! limits (count, line slots, idle timeout) at once. Then the reload settles before it answers: sinks receive the
+//! event types of both generations until no connection holds the old rules and the log writer has spooled what
+//! was submitted under them (`settle`); only then are they narrowed and removed sinks stopped
+//! ([`crate::sinks::Sinks::settle`]), so no acknowledged event is passed over by the sink it was accepted for. If
+//! anything is invalid, nothing changes and the old generation keeps serving. Settings that cannot change while running are
 //! reported as needing a restart, and keep their running value; the rest still applies. Every reload, applied or
 //! refused, is logged and recorded as `trail_config_reloaded`.
 
@@ -18,7 +22,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::json;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::audit::Auditor;
 use crate::config::Config;
@@ -48,6 +52,37 @@ impl Who {
             Who::Watcher => "watcher",
         }
     }
+}
+
+/// How long a reload waits for the old generation to settle: for every connection to let its rules go, then
+/// for the log writer to write what was submitted under them.
+const SETTLE: Duration = Duration::from_secs(30);
+
+/// Waits until no connection holds `old` (the rules just replaced) any more, then until the log writer has
+/// written and spooled everything submitted before: from then on no record checked under `old` can reach the
+/// spool. False when that took longer than [`SETTLE`].
+fn settle(old: Arc<Rules>, submitter: &crate::journal::Submitter) -> bool {
+    let started = std::time::Instant::now();
+    let (generation, retired) = (old.generation, old.retired.clone());
+    drop(old);
+    if !retired.wait(SETTLE) {
+        warn!(
+            generation,
+            timeout = ?SETTLE,
+            "the old generation is still in use by a connection; sinks keep the event types of both"
+        );
+        return false;
+    }
+    if !submitter.barrier(SETTLE.saturating_sub(started.elapsed())) {
+        warn!(
+            generation,
+            timeout = ?SETTLE,
+            "the log writer did not write the old generation's records in time; sinks keep the event types of both"
+        );
+        return false;
+    }
+    debug!(generation, elapsed = ?started.elapsed(), "old generation settled");
+    true
 }
 
 /// What one reload did (or why it did nothing): the `config` object of `trail reload`'s answer, the last reload
@@ -87,6 +122,9 @@ pub struct Outcome {
     pub restart_needed: Vec<String>,
     /// Why the reload was refused.
     pub errors: Vec<String>,
+    /// What an applied reload could not do as it should: the old generation did not settle in time (sinks keep
+    /// the event types of both), a removed sink stopped with records accepted for it undelivered.
+    pub warnings: Vec<String>,
     /// When the reload ran (RFC 3339, UTC).
     pub at: String,
 }
@@ -269,8 +307,8 @@ impl Reloader {
         let (Some(new), Some(registry)) = (new, registry) else {
             return self.finish(&mut current, outcome);
         };
-        let rules = self.ctx.rules();
-        diff_types(&rules.registry, &registry, &mut outcome);
+        // Not held past this: the settle waits for the old rules to be let go.
+        diff_types(&self.ctx.rules().registry, &registry, &mut outcome);
         let (next, settings) = merge(&current.config, &new, self.sinks.is_some(), &mut outcome);
         let generation = current.generation + 1;
         let sink_types = crate::sinks::routes(&next.sinks, &registry);
@@ -281,24 +319,30 @@ impl Reloader {
             registry: Arc::new(registry),
             streamed_types,
             max_line_bytes: next.limits.max_line_bytes,
+            retired: Arc::default(),
         });
-        let swap = || {
-            self.ctx.swap_rules(new_rules.clone());
+        let mut old = None;
+        let mut swap = || {
+            old = Some(self.ctx.swap_rules(new_rules.clone()));
         };
-        match &self.sinks {
+        let narrowing = match &self.sinks {
             Some(sinks) => match sinks.reconfigure(&next.sinks, sink_types, swap) {
-                Ok(done) => {
+                Ok((done, narrowing)) => {
                     outcome.sinks_added = done.added;
                     outcome.sinks_changed = done.changed;
                     outcome.sinks_removed = done.removed;
+                    Some((sinks, narrowing))
                 }
                 Err(problems) => {
                     outcome.errors.extend(problems);
                     return self.finish(&mut current, outcome);
                 }
             },
-            None => swap(),
-        }
+            None => {
+                swap();
+                None
+            }
+        };
         // The rest cannot fail: the writer's settings go between two of its groups, retention at its next round.
         if settings.journal != journal_settings(&current.config)
             && !self.ctx.submitter.change(settings.journal.clone())
@@ -308,9 +352,19 @@ impl Reloader {
         *self.retention.lock().unwrap_or_else(|e| e.into_inner()) =
             crate::retention::Policy::of(&next.log);
         self.upkeep.notify_one();
-        self.ctx
-            .connections
-            .set_idle_timeout(next.limits.idle_timeout);
+        self.ctx.connections.set_limits(&next.limits);
+        if next.limits.max_connections > current.config.limits.max_connections {
+            crate::warn_if_few_descriptors(next.limits.max_connections);
+        }
+        // The settle: sinks want the types of both generations until every record checked under the old one is
+        // in the spool; then they are narrowed for the records after it, and removed sinks stop.
+        if let (Some((sinks, narrowing)), Some(old)) = (narrowing, old) {
+            let settled = settle(old, &self.ctx.submitter);
+            outcome.warnings.extend(sinks.settle(narrowing, settled));
+        }
+        for w in &outcome.warnings {
+            warn!(requested_by = outcome.requested_by, "{w}");
+        }
         current.config = next;
         current.generation = generation;
         current.loaded_at = outcome.at.clone();
@@ -486,8 +540,6 @@ fn merge(running: &Config, new: &Config, sinks: bool, outcome: &mut Outcome) -> 
         running.log.signing_key() != new.log.signing_key(),
         &mut |c: &mut Config| c.log.signing_key = running.log.signing_key.clone(),
     );
-    needs_restart!("limits.max_connections", limits.max_connections);
-    needs_restart!("limits.max_buffered_bytes", limits.max_buffered_bytes);
     needs_restart!("shutdown_grace", shutdown_grace);
     needs_restart!("host_name", host_name);
     needs_restart!("metrics.listen", metrics.listen);
@@ -530,6 +582,8 @@ fn merge(running: &Config, new: &Config, sinks: bool, outcome: &mut Outcome) -> 
     }
     changed!("limits.max_line_bytes", limits.max_line_bytes);
     changed!("limits.idle_timeout", limits.idle_timeout);
+    changed!("limits.max_connections", limits.max_connections);
+    changed!("limits.max_buffered_bytes", limits.max_buffered_bytes);
     changed!("limits.rate_per_uid", limits.rate_per_uid);
     changed!("limits.rate_burst", limits.rate_burst);
     changed!("access", access);

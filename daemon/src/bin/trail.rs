@@ -747,6 +747,9 @@ fn summarize_reload(answer: &Value) {
     for r in strings(&config["restart_needed"]) {
         eprintln!("trail: needs a restart: {r}");
     }
+    for w in strings(&config["warnings"]) {
+        eprintln!("trail: warning: {w}");
+    }
     for p in answer["reloaded"].as_array().into_iter().flatten() {
         if p["ok"] == json!(false) {
             eprintln!(

@@ -127,6 +127,8 @@ pub(super) enum Message {
     Submit(Submission),
     Tick,
     Settings(super::Settings),
+    /// Answered once everything submitted before it is written (log and spool) or refused.
+    Barrier(std::sync::mpsc::Sender<()>),
 }
 
 /// A handle that submits batches to the writer; cheap to clone, one per connection.
@@ -162,5 +164,19 @@ impl Submitter {
     /// while the writer's queue is full: call it from a blocking thread, never on the runtime.
     pub fn change(&self, settings: super::Settings) -> bool {
         self.tx.blocking_send(Message::Settings(settings)).is_ok()
+    }
+
+    /// A round trip through the writer: returns true once every batch whose [`submit`](Self::submit) returned
+    /// before this call is written to the log and published to the spool (or was answered `unavailable`); false
+    /// when `timeout` passed first or the writer has stopped. A full queue is waited for on a thread of its own,
+    /// so the bound holds even while the writer waits for room in a full spool. Call it from a blocking thread.
+    pub fn barrier(&self, timeout: std::time::Duration) -> bool {
+        let (done, answered) = std::sync::mpsc::channel();
+        let tx = self.tx.clone();
+        let queued = std::thread::Builder::new()
+            .name("trail-barrier".into())
+            // Dropped unsent (the writer stopped), the message drops `done`, which ends the wait below.
+            .spawn(move || drop(tx.blocking_send(Message::Barrier(done))));
+        queued.is_ok() && answered.recv_timeout(timeout).is_ok()
     }
 }

@@ -39,6 +39,11 @@ pub(super) fn run(mut file: ActiveFile, mut rx: mpsc::Receiver<Message>, mut opt
                 apply(&mut options, new);
                 continue;
             }
+            // Everything before it is committed (groups are committed before the next message is taken).
+            Message::Barrier(done) => {
+                let _ = done.send(());
+                continue;
+            }
             Message::Submit(s) => s,
         };
         submitted_since_tick = true;
@@ -46,6 +51,8 @@ pub(super) fn run(mut file: ActiveFile, mut rx: mpsc::Receiver<Message>, mut opt
         options.progress.waiting.store(true, Ordering::Relaxed);
         let mut ticked = false;
         let mut settings = None;
+        // Answered once this group is committed: what was submitted before them is in it.
+        let mut barriers = Vec::new();
         let mut bytes = first.batch.bytes();
         queued.push(first);
         while bytes < GROUP_BYTES {
@@ -55,6 +62,7 @@ pub(super) fn run(mut file: ActiveFile, mut rx: mpsc::Receiver<Message>, mut opt
                     queued.push(s);
                 }
                 Ok(Message::Tick) => ticked = true,
+                Ok(Message::Barrier(done)) => barriers.push(done),
                 // Applied after this group: what was submitted before it is written under the old settings.
                 Ok(Message::Settings(new)) => {
                     settings = Some(new);
@@ -109,6 +117,9 @@ pub(super) fn run(mut file: ActiveFile, mut rx: mpsc::Receiver<Message>, mut opt
             }
         }
         queued.clear();
+        for done in barriers {
+            let _ = done.send(());
+        }
         if let Some(new) = settings {
             apply(&mut options, new);
         }

@@ -357,6 +357,20 @@ pub struct Reconfigured {
     pub removed: Vec<String>,
 }
 
+/// What a configuration reload leaves for [`Sinks::settle`]: the sinks' new event types, to narrow to, and the
+/// removed sinks, which go on delivering until then.
+#[derive(Debug, Default)]
+#[must_use = "the sinks want the types of both generations until settled"]
+pub struct Narrowing {
+    /// Each remaining sink with the event types of the new generation.
+    wants: Vec<(String, HashSet<String>)>,
+    /// Sinks the reload removed.
+    removed: Vec<String>,
+}
+
+/// How long a removed sink may go on delivering what was accepted for it before its worker stops.
+pub const REMOVED_DRAIN: Duration = Duration::from_secs(10);
+
 /// Starts the worker of `sink`, which waits for its first instance and then for its reader of the spool
 /// ([`start_reading`]); `wants` are the event types it will deliver.
 fn spawn_worker(
@@ -768,15 +782,17 @@ impl Sinks {
     /// (see [`routes`]): one new generation ([`generation`]). New sinks get a worker (their cursor starts at the
     /// spool's head) and a first instance; a sink whose configuration changed gets an instance built from the
     /// new configuration and keeps its cursor; the others keep their instance, cursor and batch. Once every new
-    /// instance is built, `swap` runs (the caller puts the new event types in force there), then the instances
-    /// are swapped in and removed sinks are stopped and their cursors released. If a plugin cannot be loaded or
-    /// an instance built, nothing changes and `swap` does not run: every problem is returned.
+    /// instance is built, every sink is widened to want its new event types besides its old ones, `swap` runs
+    /// (the caller puts the new event types in force there), and the instances are swapped in. Sinks keep wanting
+    /// their old types, and removed sinks keep delivering, until the caller hands the [`Narrowing`] returned to
+    /// [`settle`](Self::settle). If a plugin cannot be loaded or an instance built, nothing changes and `swap`
+    /// does not run: every problem is returned.
     pub fn reconfigure(
         &self,
         wanted: &[SinkConfig],
         types: Vec<HashSet<String>>,
         swap: impl FnOnce(),
-    ) -> Result<Reconfigured, Vec<String>> {
+    ) -> Result<(Reconfigured, Narrowing), Vec<String>> {
         let mut table = self.lock();
         let mut handles = self.handles.write().unwrap_or_else(|p| p.into_inner());
         let mut done = Reconfigured::default();
@@ -857,10 +873,9 @@ impl Sinks {
             false => Err(problems),
             true => generation::build_and_swap_with(&handles, &Plan::of(steps), || {
                 // Widen first: a record of a type a sink now receives may be spooled as soon as `swap` returns.
+                // Every sink keeps its old types too until the old generation has settled (`settle`).
                 for h in handles.iter() {
-                    let mut both = (*h.wants.get()).clone();
-                    both.extend(types_of(&h.config.name));
-                    h.wants.set(both);
+                    h.wants.widen(&types_of(&h.config.name));
                 }
                 swap();
             })
@@ -878,25 +893,25 @@ impl Sinks {
         for h in &handles[kept..] {
             start_reading(h, &self.spool);
         }
-        // Narrowed now: a record of a type a sink stops receiving that was checked under the old generation and
-        // is published after this is passed over by that sink (the log has it as accepted).
+        // Narrowed only once the old generation has settled (`settle`): until then a record of a type a sink
+        // stops receiving, checked under the old generation, may still be on its way to the spool.
+        let mut narrowing = Narrowing {
+            removed: done.removed.clone(),
+            ..Narrowing::default()
+        };
         for h in handles.iter_mut() {
             if let Some(w) = wanted.iter().find(|w| w.name == h.config.name) {
-                h.wants.set(types_of(&w.name));
+                narrowing.wants.push((w.name.clone(), types_of(&w.name)));
                 h.config = w.clone();
             }
         }
-        for name in &done.removed {
-            if let Some(i) = handles.iter().position(|h| &h.config.name == name) {
-                let h = handles.remove(i);
-                stop_worker(&h);
-                if let Err(e) = self.spool.remove_sink(name) {
-                    warn!(sink = %name, error = %e, "cannot delete a removed sink's cursor file");
-                }
-                info!(sink = %name, "sink removed");
-            }
-        }
-        handles.sort_by_key(|h| wanted.iter().position(|w| w.name == h.config.name));
+        // Removed sinks, still delivering until `settle`, last.
+        handles.sort_by_key(|h| {
+            wanted
+                .iter()
+                .position(|w| w.name == h.config.name)
+                .unwrap_or(usize::MAX)
+        });
         for (name, plugin) in fresh {
             table.seen.insert(plugin.file.clone(), plugin.stamp);
             let users: Vec<String> = handles
@@ -913,7 +928,64 @@ impl Sinks {
                 },
             );
         }
-        Ok(done)
+        Ok((done, narrowing))
+    }
+
+    /// The end of a configuration reload, once the old generation has settled (`settled`: no connection holds
+    /// its rules any more and the log writer has written everything submitted under them, see `reload`): every
+    /// sink wants only its new types for records after the spool's head now, and each removed sink gets up to
+    /// [`REMOVED_DRAIN`] to deliver (or dead-letter) the records up to that head before its worker stops and its
+    /// cursor is released. Not settled, the sinks keep wanting their old types too (a wider set costs only
+    /// records their filter would have skipped) until the next reload narrows them. Returns warnings: a removed
+    /// sink stopped with records of its types still undelivered, and a settle that did not happen.
+    pub fn settle(&self, narrowing: Narrowing, settled: bool) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let (head, _) = self.spool.positions();
+        if settled {
+            let handles = self.handles();
+            for (name, types) in narrowing.wants {
+                if let Some(h) = handles.iter().find(|h| h.config.name == name) {
+                    h.wants.narrow_after(head, types);
+                }
+            }
+        } else if !narrowing.wants.is_empty() {
+            warnings.push(
+                "the old generation did not settle in time: sinks keep receiving the event types of both \
+                 generations until the next reload"
+                    .to_owned(),
+            );
+        }
+        if narrowing.removed.is_empty() {
+            return warnings;
+        }
+        let cursor = |name: &str| self.spool.positions().1.get(name).copied();
+        let deadline = Instant::now() + REMOVED_DRAIN;
+        for name in &narrowing.removed {
+            while cursor(name).is_some_and(|c| c < head) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let mut handles = self.handles.write().unwrap_or_else(|p| p.into_inner());
+        for name in &narrowing.removed {
+            let Some(i) = handles.iter().position(|h| &h.config.name == name) else {
+                continue;
+            };
+            let h = handles.remove(i);
+            stop_worker(&h);
+            if let Some(at) = cursor(name).filter(|&c| c < head) {
+                warn!(sink = %name, position = at, head, drain = ?REMOVED_DRAIN, "removed sink stopped before it delivered everything accepted for it");
+                warnings.push(format!(
+                    "sink {name:?} was removed before it had delivered every record accepted for it \
+                     within {REMOVED_DRAIN:?} (it had confirmed spool position {at} of {head}); those saved to the \
+                     log are still there, stream-only ones are no longer kept for it"
+                ));
+            }
+            if let Err(e) = self.spool.remove_sink(name) {
+                warn!(sink = %name, error = %e, "cannot delete a removed sink's cursor file");
+            }
+            info!(sink = %name, "sink removed");
+        }
+        warnings
     }
 
     /// Sends a sink's dead letters again.

@@ -45,7 +45,7 @@ use crate::log::append::AppendFile;
 pub use backlog::Undelivered;
 use log_source::LogSource;
 use memory::Block;
-pub use reader::{Read, Reader, Wants};
+pub use reader::{Read, Reader, Schedule, Wants};
 pub use record::{Entry, Group, Mark};
 use record::{IN_LOG, record_seq};
 use writer::start_syncer;

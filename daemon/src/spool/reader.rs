@@ -31,7 +31,7 @@ pub struct Read {
 pub(super) struct Taker<'a> {
     pub(super) read: Read,
     pub(super) floor: u64,
-    pub(super) wants: Option<&'a HashSet<String>>,
+    pub(super) wants: Option<&'a Schedule>,
     pub(super) max_events: usize,
     pub(super) max_bytes: usize,
     pub(super) bytes: usize,
@@ -49,7 +49,10 @@ impl<'a> Taker<'a> {
     pub(super) fn admit(&mut self, entry: &Entry) -> Admit {
         if entry.end <= self.floor {
             self.read.dropped += 1;
-        } else if self.wants.is_some_and(|w| !w.contains(entry.event_type())) {
+        } else if self
+            .wants
+            .is_some_and(|w| !w.at(entry.end).contains(entry.event_type()))
+        {
             self.read.passed += 1;
         } else {
             let full = self.read.entries.len() >= self.max_events
@@ -66,25 +69,99 @@ impl<'a> Taker<'a> {
     }
 }
 
-/// The event types a reader delivers, shared with whoever may change them while it reads (a reload).
+/// The event types a reader delivers, shared with whoever may change them while it reads (a reload), as a
+/// [`Schedule`] by spool position.
 #[derive(Debug, Default)]
-pub struct Wants(std::sync::RwLock<Arc<HashSet<String>>>);
+pub struct Wants(std::sync::RwLock<Arc<Schedule>>);
+
+/// Which event types a reader delivers, by spool position: a record is judged by the last set that starts before
+/// its end. A reload widens every set at once ([`Wants::widen`]) and narrows only for records after a position
+/// it knows the old generation's records to end at or before ([`Wants::narrow_after`]), so no record accepted for
+/// a sink is passed over by it.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Schedule {
+    /// (records ending after this position, the types wanted), by ascending position; the first starts at 0.
+    sets: Vec<(u64, Arc<HashSet<String>>)>,
+}
+
+impl Schedule {
+    fn of(types: HashSet<String>) -> Schedule {
+        Schedule {
+            sets: vec![(0, Arc::new(types))],
+        }
+    }
+
+    /// The types wanted for a record ending at `end`.
+    pub fn at(&self, end: u64) -> &HashSet<String> {
+        static NONE: std::sync::OnceLock<HashSet<String>> = std::sync::OnceLock::new();
+        self.sets
+            .iter()
+            .rev()
+            .find(|(from, _)| *from < end)
+            .or(self.sets.first())
+            .map_or_else(|| NONE.get_or_init(HashSet::new), |(_, t)| t)
+    }
+
+    /// The types wanted for records after every position a reader has passed.
+    pub fn last(&self) -> &HashSet<String> {
+        self.at(u64::MAX)
+    }
+}
 
 impl Wants {
     /// Wanting `types`.
     pub fn new(types: HashSet<String>) -> Arc<Wants> {
-        Arc::new(Wants(std::sync::RwLock::new(Arc::new(types))))
+        Arc::new(Wants(std::sync::RwLock::new(Arc::new(Schedule::of(types)))))
     }
 
-    /// The types wanted now.
-    pub fn get(&self) -> Arc<HashSet<String>> {
+    /// The schedule now.
+    pub fn get(&self) -> Arc<Schedule> {
         self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Wants `types` from the next read on. A read takes the set after it waited for records, so a record
-    /// published after this call is judged by `types`.
+    fn change(&self, f: impl FnOnce(&mut Schedule)) {
+        let mut guard = self.0.write().unwrap_or_else(|e| e.into_inner());
+        let mut schedule = (**guard).clone();
+        f(&mut schedule);
+        *guard = Arc::new(schedule);
+    }
+
+    /// Wants `types` for every record from the next read on, whatever its position (the first generation). A
+    /// read takes the schedule after it waited for records, so a record published after this call is judged by it.
     pub fn set(&self, types: HashSet<String>) {
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(types);
+        self.change(|s| *s = Schedule::of(types));
+    }
+
+    /// Wants `types` too, for every record not read yet (a reload, before its swap).
+    pub fn widen(&self, types: &HashSet<String>) {
+        self.change(|s| {
+            for (_, set) in &mut s.sets {
+                if !types.is_subset(set) {
+                    Arc::make_mut(set).extend(types.iter().cloned());
+                }
+            }
+        });
+    }
+
+    /// Wants only `types` for records ending after `position`; records up to it keep the sets they had.
+    pub fn narrow_after(&self, position: u64, types: HashSet<String>) {
+        self.change(|s| {
+            s.sets.retain(|(from, _)| *from < position);
+            s.sets.push((position, Arc::new(types)));
+        });
+    }
+
+    /// Forgets the sets that only records ending at or before `position` used (a reader is past them).
+    fn passed(&self, position: u64) {
+        let passed = |s: &Schedule| s.sets.get(1).is_some_and(|(from, _)| *from <= position);
+        if passed(&self.get()) {
+            self.change(|s| {
+                while passed(s) {
+                    s.sets.remove(0);
+                }
+                s.sets[0].0 = 0;
+            });
+        }
     }
 }
 
@@ -174,6 +251,7 @@ impl Reader {
         }
         if taken.read.end > self.pos {
             self.pos = taken.read.end;
+            self.passed();
             return Ok(taken.read);
         }
         let mut read = taken.read;
@@ -254,7 +332,15 @@ impl Reader {
             read.entries = resolved;
         }
         self.pos = read.end;
+        self.passed();
         Ok(read)
+    }
+
+    /// Lets the schedule forget what is behind the reader.
+    fn passed(&self) {
+        if let Some(w) = &self.wants {
+            w.passed(self.pos);
+        }
     }
 
     /// The position after what was read so far.
@@ -315,5 +401,53 @@ impl Reader {
             .get(&self.sink)
             .copied()
             .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(types: &[&str]) -> HashSet<String> {
+        types.iter().map(|t| t.to_string()).collect()
+    }
+
+    /// Which of `types` a record ending at `end` is delivered for.
+    fn check(wants: &Wants, end: u64, expected: &[&str]) {
+        let schedule = wants.get();
+        let mut got: Vec<&String> = schedule.at(end).iter().collect();
+        got.sort();
+        assert_eq!(got, expected, "at {end}: {schedule:?}");
+    }
+
+    #[test]
+    fn a_reload_widens_at_once_and_narrows_only_after_the_settled_position() {
+        let wants = Wants::new(set(&["a", "b"]));
+        // The filter drops b and adds c: both generations' types until settled.
+        wants.widen(&set(&["a", "c"]));
+        check(&wants, 10, &["a", "b", "c"]);
+        // Settled at 100: records up to it keep the wide set, later ones get the new one.
+        wants.narrow_after(100, set(&["a", "c"]));
+        check(&wants, 100, &["a", "b", "c"]);
+        check(&wants, 101, &["a", "c"]);
+        // The next reload widens both parts; it narrows after its own settle.
+        wants.widen(&set(&["b"]));
+        check(&wants, 50, &["a", "b", "c"]);
+        check(&wants, 150, &["a", "b", "c"]);
+        wants.narrow_after(200, set(&["b"]));
+        check(&wants, 150, &["a", "b", "c"]);
+        check(&wants, 201, &["b"]);
+        // A reader lets the schedule forget the sets behind it.
+        wants.passed(150);
+        assert_eq!(wants.get().sets.len(), 2);
+        check(&wants, 151, &["a", "b", "c"]);
+        wants.passed(200);
+        assert_eq!(wants.get().sets.len(), 1);
+        check(&wants, 201, &["b"]);
+        check(&wants, 1, &["b"]);
+        // The first generation replaces everything.
+        wants.set(set(&["z"]));
+        check(&wants, 1, &["z"]);
+        check(&wants, 500, &["z"]);
     }
 }
