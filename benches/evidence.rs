@@ -212,7 +212,7 @@ fn seal_tree(dir: &Path) {
         tree_root: None,
         key: signer.public_hex(),
     };
-    let cache = std::sync::Mutex::new(tree::Cache::open(dir, true).unwrap());
+    let cache = tree::Keeper::new(dir, None);
     let (_, failed) = checkpoint::write_with_tree(dir, &signer, Some(&cache), body).unwrap();
     assert!(failed.is_none(), "{failed:?}");
     std::fs::write(dir.join("done-tree"), b"").unwrap();

@@ -353,20 +353,16 @@ pub struct Written {
 pub fn write_with_tree(
     log_dir: &Path,
     signer: &Signer,
-    tree: Option<&std::sync::Mutex<super::tree::Cache>>,
+    tree: Option<&super::tree::Keeper>,
     mut body: Body,
 ) -> std::io::Result<(Written, Option<super::tree::Error>)> {
     let mut failed = None;
     let mut root = None;
     if let Some(tree) = tree {
-        let mut cache = tree.lock().unwrap_or_else(|p| p.into_inner());
-        let computed = cache.catch_up(log_dir, body.seq).and_then(|()| {
-            let size = match body.seq {
-                Some(s) => cache.size_at(s)?,
-                None => 0,
-            };
-            Ok((size, cache.root(size)?))
-        });
+        let computed = match body.seq {
+            Some(_) => tree.root_at(body.seq),
+            None => Ok((0, tlog_tiles::EMPTY_HASH)),
+        };
         match computed {
             Ok((size, hash)) => {
                 body.tree_size = Some(size);
