@@ -287,8 +287,9 @@ pub struct Cache {
     /// The leaves before the oldest log file left, known only by their tree's frontier (a cache rebuilt after
     /// retention).
     prefix: Option<Prefix>,
-    /// The first `seq` of the oldest log file when a gap before it was last looked into (see [`Cache::catch_up`]).
-    gap_checked: Option<u64>,
+    /// The first `seq` of the oldest log file when a gap before it was last looked into (see [`Cache::catch_up`]),
+    /// and whether no tree could be found for it.
+    gap_checked: Option<(u64, bool)>,
 }
 
 /// The largest number of leaves whose stored hashes fit in `stored` hashes.
@@ -609,9 +610,15 @@ impl Cache {
         // gap of seqs alone (stream-only records at the end of a deleted file) is no missing leaf.
         if let Some(first) = logs.first()
             && first.first_seq > next
-            && self.gap_checked != Some(first.first_seq)
+            && self.gap_checked != Some((first.first_seq, false))
         {
-            match super::deletion::base(&logs, first.first_seq) {
+            // Looked into once per oldest file: finding the base reads the files that hold deletion records.
+            let base = match self.gap_checked {
+                Some((seq, true)) if seq == first.first_seq => None,
+                _ => super::deletion::base(&logs, first.first_seq),
+            };
+            self.gap_checked = Some((first.first_seq, base.is_none()));
+            match base {
                 Some((d, tree)) if d.last_seq.is_some_and(|s| s >= next) => {
                     self.reset()?;
                     self.start_from(&Base {
@@ -628,7 +635,7 @@ impl Cache {
                     });
                 }
             }
-            self.gap_checked = Some(first.first_seq);
+            self.gap_checked = Some((first.first_seq, false));
         }
         let after = self.last_seq();
         let next = after.map_or(1, |s| s + 1);
