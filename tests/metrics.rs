@@ -265,7 +265,8 @@ fn counters_equal_the_workload_over_http_and_the_admin_socket() {
     // Rejections by code: the three refused lines above, each under its code; every other code is listed at 0.
     for (code, n) in [
         ("unknown_type", 1.0),
-        ("invalid_event", 1.0),
+        ("invalid_payload", 1.0),
+        ("invalid_event", 0.0),
         ("invalid_json", 1.0),
         ("forbidden", 0.0),
         ("rate_limited", 0.0),
