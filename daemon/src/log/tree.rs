@@ -170,6 +170,9 @@ pub struct Base {
     pub frontier: Vec<Hash>,
 }
 
+/// The most leaves a base may stand for (2^48 records: far beyond any log, and their stored hashes' offsets fit).
+const MAX_LEAVES: u64 = 1 << 48;
+
 /// The base file's format.
 #[derive(serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -191,7 +194,11 @@ struct Prefix {
 
 impl Prefix {
     fn of(base: &Base) -> Option<Prefix> {
-        if base.size == 0 || base.frontier.len() != base.size.count_ones() as usize {
+        // A base read from a file or a record is bounded before any size is computed from it.
+        if base.size == 0
+            || base.size > MAX_LEAVES
+            || base.frontier.len() != base.size.count_ones() as usize
+        {
             return None;
         }
         let mut nodes = Vec::with_capacity(base.frontier.len());
@@ -1239,6 +1246,22 @@ mod tests {
         std::fs::write(&hashes, vec![0xcd; len as usize]).unwrap();
         assert_eq!(keeper.root_at(None).unwrap(), (40, root));
         std::fs::write(log.join(DIR).join(BASE), b"{not json").unwrap();
+        assert_eq!(
+            Keeper::new(log, Some(signed())).root_at(None).unwrap(),
+            (40, root)
+        );
+        // A base too large to be a log's is unreadable too, and an unreadable base a read-only cache ignores.
+        let huge = format!(
+            r#"{{"size":{},"last_seq":1,"frontier":["{}"]}}"#,
+            1u64 << 60,
+            "00".repeat(32)
+        );
+        std::fs::write(log.join(DIR).join(BASE), huge).unwrap();
+        assert!(Cache::open(log, false).unwrap().is_empty());
+        assert_eq!(
+            Keeper::new(log, Some(signed())).root_at(None).unwrap(),
+            (40, root)
+        );
         assert_eq!(
             Keeper::new(log, Some(signed())).root_at(None).unwrap(),
             (40, root)
