@@ -213,7 +213,9 @@ fn seal_tree(dir: &Path) {
         key: signer.public_hex(),
     };
     let cache = tree::Keeper::new(dir, None);
-    let (_, failed) = checkpoint::write_with_tree(dir, &signer, Some(&cache), body).unwrap();
+    let (_, failed) = checkpoint::write_with_tree(dir, &signer, Some(&cache), body)
+        .unwrap()
+        .unwrap();
     assert!(failed.is_none(), "{failed:?}");
     std::fs::write(dir.join("done-tree"), b"").unwrap();
 }

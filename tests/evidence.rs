@@ -314,6 +314,11 @@ fn an_untouched_log_verifies_after_restarts_rotations_compression_and_retention(
     assert!(daemon.stop().success());
     let stderr = daemon.stderr();
     assert!(stderr.contains("deleted an expired log file"), "{stderr}");
+    // Compression and retention beside the tree's catch-up never leave a checkpoint without the tree.
+    assert!(
+        !stderr.contains("cannot compute the Merkle tree"),
+        "{stderr}"
+    );
     let records: Vec<Value> = all_records(&daemon.log_dir)
         .iter()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -551,7 +556,9 @@ fn prove_what_remains(dir: &Path, key: &str, old_before: Option<u64>) {
     );
     assert_eq!(code, 0, "{err}");
     let b: Value = serde_json::from_str(&bundle).unwrap();
-    assert!(b["old_size"].as_u64() < b["new_size"].as_u64(), "{bundle}");
+    if old_before.is_some() {
+        assert!(b["old_size"].as_u64() < b["new_size"].as_u64(), "{bundle}");
+    }
     assert_eq!(
         check_bundle(scratch.path(), key, &bundle),
         (0, true),
@@ -577,9 +584,11 @@ fn a_tree_cache_lost_or_damaged_after_retention_is_rebuilt_from_the_deletion_rec
     assert!(config.contains("max_file_bytes: 4096"), "{config}");
     std::fs::write(
         &daemon.config,
+        // About half of the files go: the rotation checkpoints of the closed files left remain, older than every
+        // deletion.
         config.replace(
             "max_file_bytes: 4096",
-            "max_file_bytes: 4096, retention_bytes: 6000",
+            "max_file_bytes: 4096, retention_bytes: 16000",
         ),
     )
     .unwrap();

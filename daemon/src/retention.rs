@@ -313,8 +313,10 @@ fn compress_into(
 }
 
 /// Deletes an expired file and its index, and the checkpoints that vouch only for records older than every file
-/// left.
-pub fn delete(dir: &Path, expired: &Expired) -> io::Result<()> {
+/// left; no checkpoint is written meanwhile (and none over those records after it: see
+/// [`tree::Keeper::files_lock`]).
+pub fn delete(dir: &Path, expired: &Expired, tree: &tree::Keeper) -> io::Result<()> {
+    let _writing = tree.files_lock();
     std::fs::remove_file(&expired.file.path)?;
     let _ = std::fs::remove_file(expired.file.index_path());
     File::open(dir)?.sync_all()?;
@@ -474,8 +476,8 @@ where
             let line = deletion_request(&e);
             match record(line).await {
                 Ok(seq) => {
-                    let (d, ex) = (dir.clone(), e.clone());
-                    match tokio::task::spawn_blocking(move || delete(&d, &ex)).await {
+                    let (d, ex, t) = (dir.clone(), e.clone(), tree.clone());
+                    match tokio::task::spawn_blocking(move || delete(&d, &ex, &t)).await {
                         Ok(Ok(())) => info!(
                             file = %e.file.path.display(), reason = e.reason, recorded_as = seq,
                             "deleted an expired log file (no sink was waiting for its records)"

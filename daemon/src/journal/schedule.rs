@@ -119,7 +119,10 @@ impl Schedule {
                 super::lowest_priority();
                 let seq = body.seq;
                 match checkpoint::write_with_tree(&dir, &signer, tree.as_deref(), body) {
-                    Ok((written, failed)) => {
+                    Ok(None) => {
+                        debug!(seq = ?seq, reason, "checkpoint not written: retention deleted every record it covers meanwhile")
+                    }
+                    Ok(Some((written, failed))) => {
                         if let Some(e) = failed {
                             error!(error = %e, "cannot compute the Merkle tree; the checkpoint was written without it");
                         }

@@ -603,6 +603,22 @@ impl Cache {
     /// and adds them. Records are read from where the last call stopped, or from the file that holds the next
     /// `seq`.
     pub fn catch_up(&mut self, log_dir: &Path, upto: Option<u64>) -> Result<(), Error> {
+        // A file listed may be compressed (or deleted by retention) before it is opened: the listing is read again
+        // (the leaves read so far stay; the compressed file has the same name and bytes).
+        let mut attempts = 0;
+        loop {
+            match self.catch_up_listed(log_dir, upto) {
+                Err(Error::Io { source, .. })
+                    if source.kind() == io::ErrorKind::NotFound && attempts < 3 =>
+                {
+                    attempts += 1;
+                }
+                done => return done,
+            }
+        }
+    }
+
+    fn catch_up_listed(&mut self, log_dir: &Path, upto: Option<u64>) -> Result<(), Error> {
         if upto.is_some_and(|u| self.last_seq().is_some_and(|l| l >= u)) {
             return Ok(());
         }
@@ -786,6 +802,9 @@ impl Signed {
 pub struct Keeper {
     log_dir: PathBuf,
     state: Mutex<Kept>,
+    /// Held while retention deletes a file (and the checkpoints that vouch only for what it deleted) and while a
+    /// checkpoint is written, so that no checkpoint over deleted records is written after that clean-up.
+    files: Mutex<()>,
 }
 
 struct Kept {
@@ -806,7 +825,14 @@ impl Keeper {
                 signed,
                 last: None,
             }),
+            files: Mutex::new(()),
         }
+    }
+
+    /// Excludes retention's deletions (held by it while it deletes a file, and by a checkpoint while it is
+    /// written).
+    pub fn files_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.files.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
