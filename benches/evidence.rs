@@ -212,8 +212,10 @@ fn seal_tree(dir: &Path) {
         tree_root: None,
         key: signer.public_hex(),
     };
-    let cache = std::sync::Mutex::new(tree::Cache::open(dir, true).unwrap());
-    let (_, failed) = checkpoint::write_with_tree(dir, &signer, Some(&cache), body).unwrap();
+    let cache = tree::Keeper::new(dir, None);
+    let (_, failed) = checkpoint::write_with_tree(dir, &signer, Some(&cache), body)
+        .unwrap()
+        .unwrap();
     assert!(failed.is_none(), "{failed:?}");
     std::fs::write(dir.join("done-tree"), b"").unwrap();
 }

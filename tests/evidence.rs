@@ -314,6 +314,11 @@ fn an_untouched_log_verifies_after_restarts_rotations_compression_and_retention(
     assert!(daemon.stop().success());
     let stderr = daemon.stderr();
     assert!(stderr.contains("deleted an expired log file"), "{stderr}");
+    // Compression and retention beside the tree's catch-up never leave a checkpoint without the tree.
+    assert!(
+        !stderr.contains("cannot compute the Merkle tree"),
+        "{stderr}"
+    );
     let records: Vec<Value> = all_records(&daemon.log_dir)
         .iter()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -393,6 +398,255 @@ fn an_untouched_log_verifies_after_restarts_rotations_compression_and_retention(
     std::fs::remove_file(copy.path().join(name(&first))).unwrap();
     let (code, out) = verify(copy.path(), &public_key(&daemon));
     assert_eq!(code, 1, "{out}");
+}
+
+/// The deletion records in the log of `dir`, oldest first.
+fn deletions(dir: &Path) -> Vec<Value> {
+    all_records(dir)
+        .iter()
+        .filter(|r| r.contains(r#""type":"trail_log_file_deleted""#))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// An expired file that the tree cache does not cover and cannot be brought up to (its directory cannot be made)
+/// is kept: warned about with its name and wait once it waited three checkpoint intervals, and shown in `trail
+/// status`. Once the cache can be written again, retention brings it up to date itself and deletes the file, its
+/// deletion record keeping the tree.
+#[test]
+fn an_expired_file_the_tree_cache_cannot_cover_is_kept_warned_about_and_shown_until_it_can() {
+    let mut daemon = start(
+        "max_file_bytes: 4096, retention_bytes: 6000, checkpoint_every: 1s",
+        vec![],
+    );
+    assert!(daemon.stop().success());
+    let tree = daemon.log_dir.join("tree");
+    std::fs::remove_dir_all(&tree).unwrap();
+    std::fs::write(&tree, b"in the way of the tree cache's directory").unwrap();
+    daemon.spawn();
+    for batch in 0..3 {
+        emit(&daemon, batch * 12, 12);
+    }
+    let oldest = name(&log_files(&daemon.log_dir)[0]);
+    let warning = |stderr: &str| {
+        stderr
+            .lines()
+            .find(|l| {
+                l.contains("WARN")
+                    && l.contains("an expired log file is kept: the tree cache does not cover it")
+                    && l.contains(&oldest)
+            })
+            .map(str::to_owned)
+    };
+    assert!(
+        wait_until(Duration::from_secs(120), || warning(&daemon.stderr())
+            .is_some()),
+        "no warning about {oldest}\n{}",
+        daemon.stderr()
+    );
+    let line = warning(&daemon.stderr()).unwrap();
+    let waited: u64 = line
+        .split("waited_secs=")
+        .nth(1)
+        .and_then(|w| w.split(' ').next())
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no wait in {line}"));
+    assert!(waited >= 3, "{line}");
+    assert!(line.contains("reason=\"size\""), "{line}");
+    assert!(
+        log_files(&daemon.log_dir).iter().any(|f| name(f) == oldest),
+        "{oldest} was deleted"
+    );
+    assert!(deletions(&daemon.log_dir).is_empty());
+    let status = daemon.admin(json!({"command": "status"}));
+    let stalled = &status["log"]["retention_stalled"];
+    assert_eq!(stalled["file"], json!(oldest), "{status}");
+    assert_eq!(stalled["expired_by"], json!("size"), "{status}");
+    assert_eq!(stalled["warn_after_seconds"], json!(3), "{status}");
+    assert!(stalled["waited_seconds"].as_u64().unwrap() >= 3, "{status}");
+    assert!(
+        stalled["error"].as_str().unwrap().contains("tree"),
+        "{status}"
+    );
+    assert!(
+        stalled["since"].as_str().unwrap().ends_with('Z'),
+        "{status}"
+    );
+    let (code, table, err) = trail(
+        &[
+            "status",
+            "--admin-socket",
+            daemon.admin_socket().to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(table.contains(&oldest), "{table}");
+    // The cache can be written again: the next round builds it and deletes the file.
+    std::fs::remove_file(&tree).unwrap();
+    let deleted = wait_until(Duration::from_secs(120), || {
+        deletions(&daemon.log_dir)
+            .iter()
+            .any(|d| d["payload"]["file"] == json!(oldest))
+    });
+    assert!(deleted, "{oldest} was not deleted\n{}", daemon.stderr());
+    let record = deletions(&daemon.log_dir)
+        .into_iter()
+        .find(|d| d["payload"]["file"] == json!(oldest))
+        .unwrap();
+    let size = record["payload"]["tree_size"].as_u64().unwrap();
+    assert_eq!(
+        record["payload"]["tree_frontier"].as_array().unwrap().len() as u32,
+        size.count_ones(),
+        "{record}"
+    );
+    assert!(wait_until(Duration::from_secs(60), || {
+        !log_files(&daemon.log_dir).iter().any(|f| name(f) == oldest)
+            && daemon.admin(json!({"command": "status"}))["log"]
+                .get("retention_stalled")
+                .is_none()
+    }));
+    assert!(daemon.stop().success());
+    let (code, out) = verify(&daemon.log_dir, &public_key(&daemon));
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("roots were checked from the tree that the deletion record of"),
+        "{out}"
+    );
+}
+
+/// Proves the first record left, the last one, and that the newest checkpoint extends the oldest one left, from
+/// the log in `dir` as it is; each bundle checked by trail verify-proof and the RFC 9162 checker. `old_before`:
+/// the oldest checkpoint left must have been written before the record of this seq (a deletion record).
+fn prove_what_remains(dir: &Path, key: &str, old_before: Option<u64>) {
+    let log = dir.to_str().unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let remaining = all_records(dir);
+    for line in [&remaining[0], remaining.last().unwrap()] {
+        let seq = seq_of(line).to_string();
+        let (code, bundle, err) = trail(&["prove", &seq, "--dir", log], "");
+        assert_eq!(code, 0, "seq {seq}: {err}");
+        let b: Value = serde_json::from_str(&bundle).unwrap();
+        assert_eq!(b["line"], json!(line));
+        assert_eq!(
+            check_bundle(scratch.path(), key, &bundle),
+            (0, true),
+            "seq {seq}: {bundle}"
+        );
+    }
+    let cps = trail::log::checkpoint::list(dir);
+    let old = trail::log::checkpoint::Checkpoint::parse(&std::fs::read(&cps[0]).unwrap()).unwrap();
+    if let Some(before) = old_before {
+        assert!(
+            old.body.seq.unwrap() < before,
+            "the oldest checkpoint left ({:?}) is not from before the deletion at seq {before}",
+            cps[0]
+        );
+    }
+    let (code, bundle, err) = trail(
+        &[
+            "prove",
+            "--dir",
+            log,
+            "--consistency",
+            cps[0].to_str().unwrap(),
+            cps.last().unwrap().to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(code, 0, "{err}");
+    let b: Value = serde_json::from_str(&bundle).unwrap();
+    if old_before.is_some() {
+        assert!(b["old_size"].as_u64() < b["new_size"].as_u64(), "{bundle}");
+    }
+    assert_eq!(
+        check_bundle(scratch.path(), key, &bundle),
+        (0, true),
+        "{bundle}"
+    );
+}
+
+/// The tree cache lost or damaged after retention deleted the log's first files is built again from the last
+/// deletion record's tree and the files left: by `trail prove` (into a temporary cache; the log directory is not
+/// written), and by the daemon at start, whose checkpoints carry the tree again and verify. Proofs of the first
+/// record left, of the last one, and of the consistency of a checkpoint from before the deletions with the newest
+/// hold.
+#[test]
+fn a_tree_cache_lost_or_damaged_after_retention_is_rebuilt_from_the_deletion_records_tree() {
+    // Several files and their checkpoints first; retention from the next start on, so that checkpoints written
+    // before every deletion remain.
+    let mut daemon = start("max_file_bytes: 4096", vec![]);
+    for batch in 0..6 {
+        emit(&daemon, batch * 12, 12);
+    }
+    assert!(daemon.stop().success());
+    let config = std::fs::read_to_string(&daemon.config).unwrap();
+    assert!(config.contains("max_file_bytes: 4096"), "{config}");
+    std::fs::write(
+        &daemon.config,
+        // About half of the files go: the rotation checkpoints of the closed files left remain, older than every
+        // deletion.
+        config.replace(
+            "max_file_bytes: 4096",
+            "max_file_bytes: 4096, retention_bytes: 16000",
+        ),
+    )
+    .unwrap();
+    daemon.spawn();
+    assert!(
+        wait_until(Duration::from_secs(60), || deletions(&daemon.log_dir).len()
+            >= 2),
+        "retention deleted nothing\n{}",
+        daemon.stderr()
+    );
+    assert!(daemon.stop().success());
+    let key = public_key(&daemon);
+    let tree = daemon.log_dir.join("tree");
+    let first_deletion = seq_of(&deletions(&daemon.log_dir)[0].to_string());
+    // Lost, with the daemon stopped: trail prove builds the tree again from the deletion record's frontier.
+    std::fs::remove_dir_all(&tree).unwrap();
+    prove_what_remains(&daemon.log_dir, &key, Some(first_deletion));
+    assert!(!tree.exists(), "trail prove wrote into the log directory");
+    // The daemon builds it again at start; the checkpoints after it carry the tree, and retention goes on.
+    daemon.spawn();
+    assert!(
+        wait_until(Duration::from_secs(60), || tree.join("base").exists()),
+        "{}",
+        daemon.stderr()
+    );
+    emit(&daemon, 72, 24);
+    assert!(daemon.stop().success());
+    let stderr = daemon.stderr();
+    assert!(
+        !stderr.contains("cannot compute the Merkle tree"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("kept until the tree cache"), "{stderr}");
+    let newest = trail::log::checkpoint::list(&daemon.log_dir).pop().unwrap();
+    let cp = trail::log::checkpoint::Checkpoint::parse(&std::fs::read(&newest).unwrap()).unwrap();
+    assert!(cp.body.tree_root.is_some(), "{newest:?}");
+    let (code, out) = verify(&daemon.log_dir, &key);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("roots were checked from the tree"), "{out}");
+    prove_what_remains(&daemon.log_dir, &key, None);
+    // Damaged: every stored hash overwritten. trail prove does not trust it, nor does the daemon at start.
+    let hashes = tree.join("hashes");
+    let len = std::fs::metadata(&hashes).unwrap().len() as usize;
+    std::fs::write(&hashes, vec![0xab; len]).unwrap();
+    prove_what_remains(&daemon.log_dir, &key, None);
+    daemon.spawn();
+    assert!(
+        wait_until(Duration::from_secs(60), || daemon
+            .stderr()
+            .contains("the tree cache does not match the log")),
+        "{}",
+        daemon.stderr()
+    );
+    emit(&daemon, 96, 12);
+    assert!(daemon.stop().success());
+    let (code, out) = verify(&daemon.log_dir, &key);
+    assert_eq!(code, 0, "{out}");
+    prove_what_remains(&daemon.log_dir, &key, None);
 }
 
 #[test]

@@ -213,6 +213,12 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
     {
         progress.set_checkpoint(c);
     }
+    // The tree cache is checked against the newest signed tree before it is first used, and rebuilt if it does not
+    // give it (also when it was lost after retention): beside the start, at the lowest priority.
+    let tree = Arc::new(log::tree::Keeper::new(
+        &config.log.dir,
+        log::tree::Signed::newest(&config.log.dir, &signer.verifying_key()),
+    ));
     let (journal, submitter) = journal::Journal::start(
         &config.log.dir,
         journal::Options {
@@ -233,8 +239,23 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
                 )
             }),
             progress: progress.clone(),
+            tree: Some(tree.clone()),
         },
     )?;
+    {
+        let tree = tree.clone();
+        let spawned = std::thread::Builder::new()
+            .name("trail-tree".into())
+            .spawn(move || {
+                journal::lowest_priority();
+                if let Err(e) = tree.root_at(None) {
+                    warn!(error = %e, "cannot bring the tree cache up to date; checkpoints and retention try again");
+                }
+            });
+        if let Err(e) = spawned {
+            warn!(error = %e, "cannot start bringing the tree cache up to date; the first checkpoint does");
+        }
+    }
     let idempotency = Arc::new(idempotency::Window::new(
         config.idempotency.window,
         config.idempotency.max_keys,
@@ -303,13 +324,18 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         background.clone(),
     ));
     let policy = Arc::new(std::sync::Mutex::new(retention::Policy::of(&config.log)));
+    let retention_report = Arc::new(retention::Report::default());
     let upkeep = {
         let (ctx, source) = (ctx.clone(), ingest::own_source(&ctx));
         tokio::spawn(retention::run(
-            config.log.dir.clone(),
-            policy.clone(),
-            spool,
-            rotated.clone(),
+            retention::Upkeep {
+                dir: config.log.dir.clone(),
+                policy: policy.clone(),
+                spool,
+                tree,
+                rotated: rotated.clone(),
+                report: retention_report.clone(),
+            },
             background.clone(),
             move |line| {
                 let (ctx, source) = (ctx.clone(), source.clone());
@@ -338,6 +364,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         sinks.clone(),
         reloader.clone(),
         log_dir.clone(),
+        retention_report,
         started,
     ));
     tokio::spawn(metrics.clone().sample(background.clone()));

@@ -67,6 +67,7 @@ struct Inputs {
     sinks: Option<Arc<Sinks>>,
     reloader: Arc<Reloader>,
     log_dir: PathBuf,
+    retention: Arc<crate::retention::Report>,
     /// Snapshots of the fsync histogram, oldest first, for the last minute's quantiles.
     fsync_history: Mutex<VecDeque<(Instant, Snapshot)>>,
 }
@@ -97,6 +98,9 @@ pub struct LogReport {
     pub free_bytes: Option<u64>,
     /// The file system's size in bytes.
     pub filesystem_bytes: Option<u64>,
+    /// The expired file that retention keeps because the tree cache does not cover it (absent when none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retention_stalled: Option<crate::retention::Stalled>,
 }
 
 /// The fsync durations of the last minute, as `trail status` shows them.
@@ -113,13 +117,15 @@ pub struct FsyncReport {
 }
 
 impl Metrics {
-    /// Metrics over the daemon's parts; `log_dir` is the log directory whose files and file system are reported.
+    /// Metrics over the daemon's parts; `log_dir` is the log directory whose files and file system are reported,
+    /// `retention` what retention keeps waiting.
     pub fn new(
         ctx: Arc<Context>,
         progress: Arc<Progress>,
         sinks: Option<Arc<Sinks>>,
         reloader: Arc<Reloader>,
         log_dir: PathBuf,
+        retention: Arc<crate::retention::Report>,
         started: Instant,
     ) -> Metrics {
         let first = (Instant::now(), progress.fsync.snapshot());
@@ -130,6 +136,7 @@ impl Metrics {
             sinks,
             reloader,
             log_dir,
+            retention,
             fsync_history: Mutex::new(VecDeque::from([first])),
         });
         let mut registry = Registry::default();
@@ -245,6 +252,7 @@ impl Inputs {
                 .as_ref()
                 .map(|s| s.blocks_available().saturating_mul(s.fragment_size())),
             filesystem_bytes: fs.map(|s| s.blocks().saturating_mul(s.fragment_size())),
+            retention_stalled: self.retention.stalled(),
         }
     }
 }

@@ -9,8 +9,13 @@
 //! daemon's own events); the file is deleted only once that record is durable, and only ever the oldest files,
 //! so the log never has holes. The record also keeps the Merkle tree as it stood at the file's last record (size,
 //! root and the compact range, `tree_frontier`), so that `trail verify` can check the roots of the checkpoints
-//! that follow from the records that remain; a file waits until the tree cache covers it. The spool refers to records that are in the log instead of holding them twice, so
-//! a file is never deleted while it holds a record some sink has not confirmed: retention waits for the sinks.
+//! that follow from the records that remain. Retention brings the tree cache up to the file's end itself (through
+//! the daemon's [`tree::Keeper`]); when it cannot (the cache cannot be written), the file is kept: a file whose
+//! leaves the cache lacks is never deleted. Such a wait is shown in `trail status` ([`Stalled`]) and, once it is
+//! longer than three `checkpoint_every`, logged as a warning at every round. Only a log that has no tree left to
+//! keep (its first files were deleted without one, by daemons before this rule) deletes files without it. The
+//! spool refers to records that are in the log instead of holding them twice, so a file is never deleted while it
+//! holds a record some sink has not confirmed: retention waits for the sinks.
 //!
 //! Compression is crash-safe: `X.jsonl.zst` is written aside, synced and renamed into place before `X.jsonl` is
 //! deleted; if both exist, `X.jsonl` is the file and the other is redone. Each index block is one zstd frame, so
@@ -48,6 +53,9 @@ pub struct Policy {
     pub by_type: Vec<(String, Duration)>,
     /// Compress closed files.
     pub compress: bool,
+    /// How often checkpoints bring the tree cache up to date: an expired file kept for the tree cache longer than
+    /// three of these is warned about.
+    pub checkpoint_every: Duration,
 }
 
 impl Policy {
@@ -58,8 +66,58 @@ impl Policy {
             retention_bytes: log.retention_bytes,
             by_type: log.retention_by_type.clone(),
             compress: log.compress,
+            checkpoint_every: log.checkpoint_every,
         }
     }
+}
+
+/// An expired file kept because the tree cache does not cover it, as `trail status` shows it (`log.retention_stalled`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Stalled {
+    /// The file kept.
+    pub file: String,
+    /// Why retention expires it: `age` or `size`.
+    pub expired_by: &'static str,
+    /// Since when it has been kept, RFC 3339.
+    pub since: String,
+    /// For how long, in seconds.
+    pub waited_seconds: u64,
+    /// The wait after which it is warned about (three `checkpoint_every`), in seconds.
+    pub warn_after_seconds: u64,
+    /// Why the tree cache cannot be brought up to the file's end.
+    pub error: String,
+}
+
+/// What `trail status` shows of retention: the expired file it keeps for the tree cache, if any.
+#[derive(Debug, Default)]
+pub struct Report {
+    stalled: std::sync::Mutex<Option<(Stalled, std::time::Instant)>>,
+}
+
+impl Report {
+    /// The expired file kept for the tree cache at the last round, with its wait up to now.
+    pub fn stalled(&self) -> Option<Stalled> {
+        let kept = self.stalled.lock().unwrap_or_else(|e| e.into_inner());
+        kept.as_ref().map(|(s, since)| Stalled {
+            waited_seconds: since.elapsed().as_secs(),
+            ..s.clone()
+        })
+    }
+
+    fn set(&self, stalled: Option<(Stalled, std::time::Instant)>) {
+        *self.stalled.lock().unwrap_or_else(|e| e.into_inner()) = stalled;
+    }
+}
+
+/// An expired file that the tree cache does not cover and that cannot be brought up to it now.
+#[derive(Debug, Clone)]
+pub struct Blocked {
+    /// The file.
+    pub file: LogFile,
+    /// `age` or `size`.
+    pub reason: &'static str,
+    /// Why.
+    pub error: String,
 }
 
 /// A closed file that retention wants deleted.
@@ -73,19 +131,30 @@ pub struct Expired {
     pub records: u64,
     /// `age` or `size`.
     pub reason: &'static str,
-    /// The Merkle tree at its last record (none when the log has no tree: no checkpoint computed one).
+    /// The Merkle tree at its last record (none when the log has no tree left: its first files were deleted
+    /// without one).
     pub tree: Option<tree::At>,
+}
+
+/// What a round of upkeep found: the files to delete, oldest first, and the expired file kept for the tree cache.
+#[derive(Debug, Default)]
+pub struct Tidied {
+    /// Files to delete, oldest first.
+    pub expired: Vec<Expired>,
+    /// The first expired file kept because the tree cache does not cover it.
+    pub blocked: Option<Blocked>,
 }
 
 /// Indexes and (per policy) compresses every closed file of `dir`, then returns the files retention expires at
 /// `now`, oldest first, stopping before the first file that holds `unconfirmed` (the lowest `seq` some sink has not
-/// confirmed) or a later record.
+/// confirmed) or a later record, and before the first one whose end the tree cache (`tree`) cannot be brought up to.
 pub fn tidy(
     dir: &Path,
     policy: &Policy,
     now: SystemTime,
     unconfirmed: Option<u64>,
-) -> io::Result<Vec<Expired>> {
+    tree: &tree::Keeper,
+) -> io::Result<Tidied> {
     let mut files = files::list(dir)?;
     // The newest file is being appended to.
     let newest = files.pop();
@@ -113,6 +182,7 @@ pub fn tidy(
     }
     let now_secs = crate::clock::unix_secs(now);
     let mut expired = Vec::new();
+    let mut blocked = None;
     for i in 0..closed.len() {
         let (f, ix) = &closed[i];
         // Every record of a closed file was written before the next file was started.
@@ -150,21 +220,27 @@ pub fn tidy(
             break;
         }
         // The deletion record keeps the tree at the file's last record, so that the roots of the checkpoints
-        // after it can still be checked from the records that remain. The rotation's checkpoint brings the tree
-        // cache up to the file's end; until it has, the file waits.
-        let tree = match entry.last_seq.map(|s| tree::at(dir, s)) {
+        // after it can still be checked from the records that remain. The rotation's checkpoint usually brought the
+        // tree cache up to the file's end already; if not, it is brought there now, and a file whose end it cannot
+        // reach waits.
+        let tree = match entry.last_seq.map(|s| tree.at(s)) {
             None => None,
-            Some(Ok(t)) => t,
-            Some(Err(e @ tree::Error::Behind { .. })) => {
-                info!(file = %f.path.display(), reason, error = %e, "an expired log file is kept until the tree cache covers it");
-                break;
-            }
-            Some(Err(e)) => {
+            Some(Ok(t)) => Some(t),
+            Some(Err(e @ tree::Error::Gone { .. })) => {
+                // No tree can ever be computed for this log again: waiting would keep every file forever.
                 warn!(
                     file = %f.path.display(), error = %e,
-                    "the deletion record cannot keep the Merkle tree: trail verify will not check the roots after it"
+                    "the log has no Merkle tree left to keep (its first files were deleted without one): the deletion record cannot keep the tree, and trail verify will not check the roots after it"
                 );
                 None
+            }
+            Some(Err(e)) => {
+                blocked = Some(Blocked {
+                    file: f.clone(),
+                    reason,
+                    error: e.to_string(),
+                });
+                break;
             }
         };
         total -= ix.size;
@@ -176,7 +252,7 @@ pub fn tidy(
             tree,
         });
     }
-    Ok(expired)
+    Ok(Tidied { expired, blocked })
 }
 
 /// Compresses a closed file, one zstd frame per index block; returns the compressed file and its index.
@@ -237,8 +313,10 @@ fn compress_into(
 }
 
 /// Deletes an expired file and its index, and the checkpoints that vouch only for records older than every file
-/// left.
-pub fn delete(dir: &Path, expired: &Expired) -> io::Result<()> {
+/// left; no checkpoint is written meanwhile (and none over those records after it: see
+/// [`tree::Keeper::files_lock`]).
+pub fn delete(dir: &Path, expired: &Expired, tree: &tree::Keeper) -> io::Result<()> {
+    let _writing = tree.files_lock();
     std::fs::remove_file(&expired.file.path)?;
     let _ = std::fs::remove_file(expired.file.index_path());
     File::open(dir)?.sync_all()?;
@@ -295,48 +373,111 @@ async fn in_background<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'sta
     rx.await.ok()
 }
 
-/// Runs upkeep after every rotation and once a minute until `stop`; deletion records go through `record`, which
-/// resolves once the record is durable (or failed).
-pub async fn run<R, F>(
-    dir: std::path::PathBuf,
-    policy: Arc<std::sync::Mutex<Policy>>,
-    spool: Option<crate::spool::Spool>,
-    rotated: Arc<Notify>,
-    stop: CancellationToken,
-    record: R,
-) where
+/// What retention works with beside the log directory.
+pub struct Upkeep {
+    /// The log directory.
+    pub dir: std::path::PathBuf,
+    /// The policy in force (a reload replaces it).
+    pub policy: Arc<std::sync::Mutex<Policy>>,
+    /// The spool, whose cursors say what sinks have confirmed.
+    pub spool: Option<crate::spool::Spool>,
+    /// The tree cache.
+    pub tree: Arc<tree::Keeper>,
+    /// Told of every rotation (and of a reload).
+    pub rotated: Arc<Notify>,
+    /// What `trail status` shows.
+    pub report: Arc<Report>,
+}
+
+/// Runs upkeep after every rotation and once a minute until `stop` (every `checkpoint_every` while an expired file
+/// waits for the tree cache); deletion records go through `record`, which resolves once the record is durable (or
+/// failed).
+pub async fn run<R, F>(upkeep: Upkeep, stop: CancellationToken, record: R)
+where
     R: Fn(Vec<u8>) -> F,
     F: std::future::Future<Output = Result<u64, String>>,
 {
+    let Upkeep {
+        dir,
+        policy,
+        spool,
+        tree,
+        rotated,
+        report,
+    } = upkeep;
     {
         let dir = dir.clone();
         let _ = tokio::task::spawn_blocking(move || clean_up(&dir)).await;
     }
+    // The file kept for the tree cache, and since when (it waits as long as it stays the one kept).
+    let mut kept: Option<(String, std::time::Instant, SystemTime)> = None;
     loop {
         // Read at every round: a reload may have changed it (and wakes this task through `rotated`).
         let p = policy.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let (d, s) = (dir.clone(), spool.clone());
+        let (d, s, t) = (dir.clone(), spool.clone(), tree.clone());
+        let checkpoint_every = p.checkpoint_every;
         let upkeep = move || {
             let unconfirmed = match &s {
                 Some(spool) => spool.oldest_unconfirmed()?,
                 None => None,
             };
-            tidy(&d, &p, crate::clock::now(), unconfirmed)
+            tidy(&d, &p, crate::clock::now(), unconfirmed, &t)
         };
-        let expired = match in_background(upkeep).await {
-            Some(Ok(e)) => e,
+        let tidied = match in_background(upkeep).await {
+            Some(Ok(t)) => t,
             Some(Err(e)) => {
                 error!(dir = %dir.display(), error = %e, "log upkeep failed");
-                Vec::new()
+                Tidied::default()
             }
-            None => Vec::new(),
+            None => Tidied::default(),
         };
+        let stalled = tidied.blocked.is_some();
+        match &tidied.blocked {
+            Some(b) => {
+                let (since_instant, at) = match &kept {
+                    Some((name, since, at)) if *name == b.file.name => (*since, *at),
+                    _ => (std::time::Instant::now(), crate::clock::now()),
+                };
+                kept = Some((b.file.name.clone(), since_instant, at));
+                let waited = since_instant.elapsed();
+                let bound = checkpoint_every * 3;
+                if waited > bound {
+                    warn!(
+                        file = %b.file.path.display(), reason = b.reason, waited_secs = waited.as_secs(), error = %b.error,
+                        "an expired log file is kept: the tree cache does not cover it and cannot be brought up to its end, and the deletion record must keep the Merkle tree there; it is deleted once the cache can be updated"
+                    );
+                } else {
+                    info!(
+                        file = %b.file.path.display(), reason = b.reason, waited_secs = waited.as_secs(), error = %b.error,
+                        "an expired log file is kept until the tree cache covers it"
+                    );
+                }
+                let mut since = Vec::new();
+                crate::record::write_rfc3339(&mut since, at);
+                report.set(Some((
+                    Stalled {
+                        file: b.file.name.clone(),
+                        expired_by: b.reason,
+                        since: String::from_utf8(since).unwrap_or_default(),
+                        waited_seconds: waited.as_secs(),
+                        warn_after_seconds: bound.as_secs(),
+                        error: b.error.clone(),
+                    },
+                    since_instant,
+                )));
+            }
+            None => {
+                kept = None;
+                report.set(None);
+            }
+        }
+        let expired = tidied.expired;
         for e in expired {
             let line = deletion_request(&e);
             match record(line).await {
                 Ok(seq) => {
-                    let (d, ex) = (dir.clone(), e.clone());
-                    match tokio::task::spawn_blocking(move || delete(&d, &ex)).await {
+                    let (d, ex, t) = (dir.clone(), e.clone(), tree.clone());
+                    match tokio::task::spawn_blocking(move || delete(&d, &ex, &t)).await {
                         Ok(Ok(())) => info!(
                             file = %e.file.path.display(), reason = e.reason, recorded_as = seq,
                             "deleted an expired log file (no sink was waiting for its records)"
@@ -354,10 +495,16 @@ pub async fn run<R, F>(
                 }
             }
         }
+        // A file waiting for the tree cache is looked at again after every checkpoint interval.
+        let next_round = if stalled {
+            checkpoint_every.clamp(Duration::from_secs(1), Duration::from_secs(60))
+        } else {
+            Duration::from_secs(60)
+        };
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = rotated.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+            _ = tokio::time::sleep(next_round) => {}
         }
     }
 }

@@ -180,6 +180,8 @@ pub struct Options {
     pub checkpointed: Option<Checkpointed>,
     /// Advanced as the writer makes progress.
     pub progress: Arc<Progress>,
+    /// The Merkle tree's cache, brought up to date by each checkpoint (none: checkpoints without the tree).
+    pub tree: Option<Arc<crate::log::tree::Keeper>>,
 }
 
 impl Journal {

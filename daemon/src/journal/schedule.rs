@@ -2,8 +2,7 @@
 //! clock (or before a file passes `max_file_bytes`), a checkpoint at each rotation, every `checkpoint_every`
 //! while records arrive, and at stop. Signing and syncing a checkpoint happen beside the writer.
 
-use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -24,24 +23,18 @@ pub(super) struct Schedule {
     retry_rotation: Option<Instant>,
     /// Checkpoints being written beside the writer; all are waited for before the daemon exits.
     writing: Vec<JoinHandle<()>>,
-    /// The Merkle tree's cache, brought up to date by each checkpoint (none when it cannot be opened).
-    tree: Option<Arc<Mutex<tree::Cache>>>,
+    /// The Merkle tree's cache, brought up to date by each checkpoint.
+    tree: Option<Arc<tree::Keeper>>,
 }
 
 impl Schedule {
-    pub(super) fn new(dir: &Path) -> Schedule {
+    pub(super) fn new(tree: Option<Arc<tree::Keeper>>) -> Schedule {
         Schedule {
             last: Instant::now(),
             changed: false,
             retry_rotation: None,
             writing: Vec::new(),
-            tree: match tree::Cache::open(dir, true) {
-                Ok(c) => Some(Arc::new(Mutex::new(c))),
-                Err(e) => {
-                    error!(error = %e, "cannot open the tree cache; checkpoints are written without the Merkle tree");
-                    None
-                }
-            },
+            tree,
         }
     }
 
@@ -126,7 +119,10 @@ impl Schedule {
                 super::lowest_priority();
                 let seq = body.seq;
                 match checkpoint::write_with_tree(&dir, &signer, tree.as_deref(), body) {
-                    Ok((written, failed)) => {
+                    Ok(None) => {
+                        debug!(seq = ?seq, reason, "checkpoint not written: retention deleted every record it covers meanwhile")
+                    }
+                    Ok(Some((written, failed))) => {
                         if let Some(e) = failed {
                             error!(error = %e, "cannot compute the Merkle tree; the checkpoint was written without it");
                         }

@@ -23,7 +23,7 @@ pub(super) fn run(mut file: ActiveFile, mut rx: mpsc::Receiver<Message>, mut opt
     let mut queued: Vec<Submission> = Vec::new();
     let mut group = Group::with_capacity(GROUP_BYTES + (1 << 20));
     let sync = options.fsync == FsyncPolicy::Always;
-    let mut schedule = Schedule::new(&file.dir);
+    let mut schedule = Schedule::new(options.tree.clone());
     file.point_current();
     let mut submitted_since_tick = false;
     while let Some(message) = rx.blocking_recv() {

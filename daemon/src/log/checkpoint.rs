@@ -349,24 +349,21 @@ pub struct Written {
 
 /// Completes `body` with the Merkle tree at its `seq` (bringing the cache up to date from the log files), signs
 /// it, and writes the checkpoint and its note. A tree that cannot be computed is returned as the second value;
-/// the checkpoint is then written without it.
+/// the checkpoint is then written without it. `None` when retention deleted every record it covers while it was
+/// being completed: retention removes such checkpoints, so it is not written (see [`super::tree::Keeper::files_lock`]).
 pub fn write_with_tree(
     log_dir: &Path,
     signer: &Signer,
-    tree: Option<&std::sync::Mutex<super::tree::Cache>>,
+    tree: Option<&super::tree::Keeper>,
     mut body: Body,
-) -> std::io::Result<(Written, Option<super::tree::Error>)> {
+) -> std::io::Result<Option<(Written, Option<super::tree::Error>)>> {
     let mut failed = None;
     let mut root = None;
     if let Some(tree) = tree {
-        let mut cache = tree.lock().unwrap_or_else(|p| p.into_inner());
-        let computed = cache.catch_up(log_dir, body.seq).and_then(|()| {
-            let size = match body.seq {
-                Some(s) => cache.size_at(s)?,
-                None => 0,
-            };
-            Ok((size, cache.root(size)?))
-        });
+        let computed = match body.seq {
+            Some(_) => tree.root_at(body.seq),
+            None => Ok((0, tlog_tiles::EMPTY_HASH)),
+        };
         match computed {
             Ok((size, hash)) => {
                 body.tree_size = Some(size);
@@ -375,6 +372,14 @@ pub fn write_with_tree(
             }
             Err(e) => failed = Some(e),
         }
+    }
+    let _deleting = tree.map(|t| t.files_lock());
+    if let Some(seq) = body.seq
+        && super::files::list(log_dir)?
+            .first()
+            .is_some_and(|f| f.first_seq > seq)
+    {
+        return Ok(None);
     }
     let line = sign(signer, &body);
     let path = write_line(log_dir, &body, &line)?;
@@ -386,7 +391,7 @@ pub fn write_with_tree(
         }
         None => None,
     };
-    Ok((Written { path, line, note }, failed))
+    Ok(Some((Written { path, line, note }, failed)))
 }
 
 /// Writes the note of the checkpoint `json_name` beside it, created exclusively like the checkpoint.

@@ -13,23 +13,35 @@
 //!
 //! The cache (`log.dir/tree/`: `hashes`, every stored hash in `tlog` order, 32 bytes each; `seqs`, the `seq` of
 //! every leaf, 8 bytes big-endian) makes roots and proofs fast; both stay on disk and are read as needed, so the
-//! daemon's memory does not grow with the log. It is rebuildable from the log files (while they are all present)
-//! and never evidence: a proof is checked against a signed root, and `trail prove` checks each leaf it uses against
-//! the record line it reads from the log. When retention deletes a file, its deletion record keeps the tree at the
-//! file's last record ([`at`]: size, root, frontier), from which `trail verify` grows the tree of what remains.
+//! daemon's memory does not grow with the log. It is rebuildable from the log files and never evidence: a proof is
+//! checked against a signed root, and `trail prove` checks each leaf it uses against the record line it reads from
+//! the log. When retention deletes a file, its deletion record keeps the tree at the file's last record ([`At`]:
+//! size, root, frontier), from which `trail verify` grows the tree of what remains; a cache lost after retention
+//! is rebuilt the same way ([`Cache::catch_up`]): the leaves before the oldest file left are known only by that
+//! frontier (`base`: the tree's size, its last leaf's `seq` and the frontier, written beside the two lists, whose
+//! entries for those leaves are left unwritten). Such a cache proves the records that remain, and the consistency of
+//! any tree at least as large as the base with a later one.
+//!
+//! The daemon reaches its cache through a [`Keeper`], shared by the checkpoints and retention: it checks the cache
+//! against the newest signed checkpoint before its first use and against the last root it gave before every later
+//! one, and rebuilds it from the log files when they disagree.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 pub use tlog_tiles::Hash;
 use tlog_tiles::{HashReader, stored_hash_count};
+use tracing::{error, info, warn};
 
 use super::files::{self, Chunk, Chunks};
 
 /// The cache's directory inside the log directory.
 pub const DIR: &str = "tree";
+/// The file in [`DIR`] that holds the cache's [`Base`], when it was rebuilt after retention.
+const BASE: &str = "base";
 
 /// The hash of leaf `line` (a record's line without its newline).
 pub fn leaf_hash(line: &[u8]) -> Hash {
@@ -128,9 +140,111 @@ pub enum Error {
         /// The cache.
         dir: PathBuf,
     },
+    /// The record is in a log file retention deleted, before the leaves the cache holds one by one.
+    #[error(
+        "seq {seq} is in a log file retention deleted: the tree cache {} holds the leaves after seq {base} only",
+        dir.display()
+    )]
+    Deleted {
+        /// The record asked for.
+        seq: u64,
+        /// The last seq of the cache's base.
+        base: u64,
+        /// The cache.
+        dir: PathBuf,
+    },
     /// A proof could not be computed.
     #[error("{0}")]
     Proof(String),
+}
+
+/// The leaves a cache rebuilt after retention does not hold one by one: the tree of the deleted records, as the
+/// deletion record of the last file deleted kept it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Base {
+    /// Leaves in that tree.
+    pub size: u64,
+    /// The `seq` of its last leaf.
+    pub last_seq: u64,
+    /// Its compact range, largest subtree first ([`Cache::frontier`]).
+    pub frontier: Vec<Hash>,
+}
+
+/// The most leaves a base may stand for (2^48 records: far beyond any log, and their stored hashes' offsets fit).
+const MAX_LEAVES: u64 = 1 << 48;
+
+/// The base file's format.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BaseFile {
+    size: u64,
+    last_seq: u64,
+    frontier: Vec<String>,
+}
+
+/// A [`Base`] as the cache reads it: the stored-hash index of every frontier hash.
+#[derive(Debug, Clone)]
+struct Prefix {
+    size: u64,
+    last_seq: u64,
+    /// Stored hashes of the tree of `size` leaves (none of which is held but the frontier's).
+    stored: u64,
+    nodes: Vec<(u64, Hash)>,
+}
+
+impl Prefix {
+    fn of(base: &Base) -> Option<Prefix> {
+        // A base read from a file or a record is bounded before any size is computed from it.
+        if base.size == 0
+            || base.size > MAX_LEAVES
+            || base.frontier.len() != base.size.count_ones() as usize
+        {
+            return None;
+        }
+        let mut nodes = Vec::with_capacity(base.frontier.len());
+        let mut start = 0u64;
+        let mut hashes = base.frontier.iter();
+        for level in (0..64u8).rev() {
+            if base.size & (1 << level) != 0 {
+                let hash = *hashes.next()?;
+                nodes.push((tlog_tiles::stored_hash_index(level, start >> level), hash));
+                start += 1 << level;
+            }
+        }
+        Some(Prefix {
+            size: base.size,
+            last_seq: base.last_seq,
+            stored: stored_hash_count(base.size),
+            nodes,
+        })
+    }
+
+    fn parse(bytes: &[u8]) -> Option<Prefix> {
+        let f: BaseFile = serde_json::from_slice(bytes).ok()?;
+        let frontier = f
+            .frontier
+            .iter()
+            .map(|h| super::chain::parse_hex(h.as_bytes()).map(Hash))
+            .collect::<Option<Vec<_>>>()?;
+        Prefix::of(&Base {
+            size: f.size,
+            last_seq: f.last_seq,
+            frontier,
+        })
+    }
+
+    fn to_file(&self) -> Vec<u8> {
+        let f = BaseFile {
+            size: self.size,
+            last_seq: self.last_seq,
+            frontier: self
+                .nodes
+                .iter()
+                .map(|(_, h)| super::chain::hex(&h.0))
+                .collect(),
+        };
+        serde_json::to_vec(&f).expect("serializable")
+    }
 }
 
 /// The tree as it stood at one record: what a deletion record keeps of the leaves it removes, so that the tree
@@ -143,32 +257,6 @@ pub struct At {
     pub root: Hash,
     /// Its compact range ([`Cache::frontier`]).
     pub frontier: Vec<Hash>,
-}
-
-/// The tree at record `seq` of the log in `log_dir`, read from its cache: `None` when the cache holds nothing (no
-/// checkpoint has computed a tree), [`Error::Behind`] when it does not reach `seq` yet.
-pub fn at(log_dir: &Path, seq: u64) -> Result<Option<At>, Error> {
-    let cache = Cache::open(log_dir, false)?;
-    let Some(last) = cache.last_seq() else {
-        return Ok(None);
-    };
-    if last < seq {
-        return Err(Error::Behind {
-            seq,
-            last,
-            dir: cache.dir,
-        });
-    }
-    let size = cache.size_at(seq)?;
-    let frontier = cache.frontier(size)?;
-    let root = Compact::from_frontier(size, &frontier)
-        .expect("one hash per one in size")
-        .root();
-    Ok(Some(At {
-        size,
-        root,
-        frontier,
-    }))
 }
 
 /// Stored hashes held in memory at most before an update writes them to the cache (256 KiB).
@@ -203,6 +291,12 @@ pub struct Cache {
     tail: Vec<Hash>,
     /// Where reading the log continues: a file name and the offset after the last leaf read from it.
     resume: Option<(String, u64)>,
+    /// The leaves before the oldest log file left, known only by their tree's frontier (a cache rebuilt after
+    /// retention).
+    prefix: Option<Prefix>,
+    /// The first `seq` of the oldest log file when a gap before it was last looked into (see [`Cache::catch_up`]),
+    /// and whether no tree could be found for it.
+    gap_checked: Option<(u64, bool)>,
 }
 
 /// The largest number of leaves whose stored hashes fit in `stored` hashes.
@@ -222,15 +316,16 @@ fn leaves_in(stored: u64) -> u64 {
 
 impl Cache {
     /// Opens the cache of the log in `log_dir`; with `write`, creates it when missing and cuts a tail that a crash
-    /// left inconsistent; without, reads what is there (an unreadable or missing cache is an empty one, kept in
-    /// memory only).
+    /// left inconsistent (an unreadable base empties it); without, reads what is there (an unreadable or missing
+    /// cache is an empty one, kept in memory only).
     pub fn open(log_dir: &Path, write: bool) -> Result<Cache, Error> {
         let dir = log_dir.join(DIR);
         let io = |path: &Path| {
             let path = path.to_owned();
             move |source| Error::Io { path, source }
         };
-        let (hashes_path, seqs_path) = (dir.join("hashes"), dir.join("seqs"));
+        let (hashes_path, seqs_path, base_path) =
+            (dir.join("hashes"), dir.join("seqs"), dir.join(BASE));
         let open = |path: &Path| -> io::Result<File> {
             if write {
                 crate::modes::open(
@@ -249,6 +344,16 @@ impl Cache {
         if write {
             crate::modes::create_dir_all(&dir).map_err(io(&dir))?;
         }
+        // The base is written before the two lists grow past it, so a base without them is a crash in between.
+        let (prefix, mut unreadable) = match std::fs::read(&base_path) {
+            Ok(bytes) => match Prefix::parse(&bytes) {
+                Some(p) => (Some(p), false),
+                None => (None, true),
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (None, false),
+            Err(e) if write => return Err(io(&base_path)(e)),
+            Err(_) => (None, true),
+        };
         let (hashes, seqs) = match (open(&hashes_path), open(&seqs_path)) {
             (Ok(h), Ok(s)) => (Some(h), Some(s)),
             (Err(e), _) if write => return Err(io(&hashes_path)(e)),
@@ -261,29 +366,105 @@ impl Cache {
             let seq_count = s.metadata().map_err(io(&seqs_path))?.len() / 8;
             // A crash may leave one file ahead of the other: keep what both hold.
             n = seq_count.min(leaves_in(stored));
-            if write {
-                h.set_len(stored_hash_count(n) * 32)
-                    .map_err(io(&hashes_path))?;
-                s.set_len(n * 8).map_err(io(&seqs_path))?;
-            }
         }
+        if let Some(p) = &prefix {
+            n = n.max(p.size);
+        }
+        if unreadable && write {
+            // Damaged: nothing of it is used.
+            warn!(file = %base_path.display(), "the tree cache's base is unreadable; the cache is rebuilt");
+            std::fs::remove_file(&base_path).map_err(io(&base_path))?;
+            n = 0;
+            unreadable = false;
+        }
+        if let (Some(h), Some(s), true) = (&hashes, &seqs, write) {
+            h.set_len(stored_hash_count(n) * 32)
+                .map_err(io(&hashes_path))?;
+            s.set_len(n * 8).map_err(io(&seqs_path))?;
+        }
+        let in_files = !unreadable && (write || n > 0);
         let mut cache = Cache {
             dir,
-            n,
-            on_disk: stored_hash_count(n),
-            seqs_on_disk: n,
+            n: if in_files { n } else { 0 },
+            on_disk: if in_files { stored_hash_count(n) } else { 0 },
+            seqs_on_disk: if in_files { n } else { 0 },
             seq_tail: Vec::new(),
             last: None,
-            hashes: hashes.filter(|_| write || n > 0),
-            seqs,
+            hashes: hashes.filter(|_| in_files),
+            seqs: seqs.filter(|_| in_files),
             write,
             tail: Vec::new(),
             resume: None,
+            prefix: prefix.filter(|_| in_files),
+            gap_checked: None,
         };
-        if n > 0 {
-            cache.last = Some(cache.seq_at(n - 1)?);
+        if cache.n > 0 {
+            cache.last = Some(cache.seq_at(cache.n - 1)?);
         }
         Ok(cache)
+    }
+
+    /// Empties the cache (a damaged one, before it is built again).
+    pub fn reset(&mut self) -> Result<(), Error> {
+        if self.write {
+            let io = |path: PathBuf| move |source| Error::Io { path, source };
+            let base = self.dir.join(BASE);
+            match std::fs::remove_file(&base) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io(base)(e)),
+                _ => {}
+            }
+            if let (Some(h), Some(s)) = (&self.hashes, &self.seqs) {
+                h.set_len(0).map_err(io(self.dir.join("hashes")))?;
+                s.set_len(0).map_err(io(self.dir.join("seqs")))?;
+            }
+        }
+        self.n = 0;
+        self.on_disk = 0;
+        self.seqs_on_disk = 0;
+        self.seq_tail = Vec::new();
+        self.tail = Vec::new();
+        self.last = None;
+        self.resume = None;
+        self.prefix = None;
+        self.gap_checked = None;
+        Ok(())
+    }
+
+    /// Starts an empty cache at `base`: the leaves before it are known only by its frontier.
+    fn start_from(&mut self, base: &Base) -> Result<(), Error> {
+        let prefix = Prefix::of(base).ok_or_else(|| {
+            Error::Proof(format!(
+                "tree cache {}: the base's frontier does not fit its size {}",
+                self.dir.display(),
+                base.size
+            ))
+        })?;
+        debug_assert_eq!(self.n, 0);
+        let stored = prefix.stored;
+        if self.write
+            && let (Some(h), Some(s)) = (&self.hashes, &self.seqs)
+        {
+            let io = |path: PathBuf| move |source| Error::Io { path, source };
+            let path = self.dir.join(BASE);
+            let tmp = self.dir.join(".base.tmp");
+            crate::modes::write_aside(&tmp, &path, &prefix.to_file(), true).map_err(io(path))?;
+            // The entries of the leaves before the base stay unwritten (holes).
+            h.set_len(stored * 32)
+                .map_err(io(self.dir.join("hashes")))?;
+            s.set_len(base.size * 8)
+                .map_err(io(self.dir.join("seqs")))?;
+        }
+        self.n = base.size;
+        self.on_disk = stored;
+        self.seqs_on_disk = base.size;
+        self.last = Some(base.last_seq);
+        self.prefix = Some(prefix);
+        Ok(())
+    }
+
+    /// The base of a cache rebuilt after retention: (leaves, the last one's `seq`) known only by their frontier.
+    pub fn base(&self) -> Option<(u64, u64)> {
+        self.prefix.as_ref().map(|p| (p.size, p.last_seq))
     }
 
     /// Leaves held.
@@ -309,6 +490,12 @@ impl Cache {
 
     /// The `seq` of leaf `index` (below [`Cache::len`]).
     fn seq_at(&self, index: u64) -> Result<u64, Error> {
+        if let Some(p) = &self.prefix
+            && index < p.size
+        {
+            // Only the base's last seq is known; the ones before it are below it.
+            return Ok(if index + 1 == p.size { p.last_seq } else { 0 });
+        }
         if index >= self.seqs_on_disk {
             return Ok(self.seq_tail[(index - self.seqs_on_disk) as usize]);
         }
@@ -328,6 +515,15 @@ impl Cache {
 
     /// The tree size at `seq`: the number of leaves whose `seq` is at most `seq`.
     pub fn size_at(&self, seq: u64) -> Result<u64, Error> {
+        if let Some(p) = &self.prefix
+            && seq < p.last_seq
+        {
+            return Err(Error::Deleted {
+                seq,
+                base: p.last_seq,
+                dir: self.dir.clone(),
+            });
+        }
         if self.last.is_some_and(|l| l <= seq) {
             return Ok(self.n);
         }
@@ -407,6 +603,22 @@ impl Cache {
     /// and adds them. Records are read from where the last call stopped, or from the file that holds the next
     /// `seq`.
     pub fn catch_up(&mut self, log_dir: &Path, upto: Option<u64>) -> Result<(), Error> {
+        // A file listed may be compressed (or deleted by retention) before it is opened: the listing is read again
+        // (the leaves read so far stay; the compressed file has the same name and bytes).
+        let mut attempts = 0;
+        loop {
+            match self.catch_up_listed(log_dir, upto) {
+                Err(Error::Io { source, .. })
+                    if source.kind() == io::ErrorKind::NotFound && attempts < 3 =>
+                {
+                    attempts += 1;
+                }
+                done => return done,
+            }
+        }
+    }
+
+    fn catch_up_listed(&mut self, log_dir: &Path, upto: Option<u64>) -> Result<(), Error> {
         if upto.is_some_and(|u| self.last_seq().is_some_and(|l| l >= u)) {
             return Ok(());
         }
@@ -415,20 +627,52 @@ impl Cache {
             move |source| Error::Io { path, source }
         };
         let logs = files::list(log_dir).map_err(io(log_dir))?;
+        let next = self.last_seq().map_or(1, |s| s + 1);
+        // The tree starts at the log's first record. When retention deleted records the cache does not hold, the
+        // tree grows on from the one the last deletion record kept (the base); without one there is no tree. A
+        // gap of seqs alone (stream-only records at the end of a deleted file) is no missing leaf.
+        if let Some(first) = logs.first()
+            && first.first_seq > next
+            && self.gap_checked != Some((first.first_seq, false))
+        {
+            // Looked into once per oldest file: finding the base reads the files that hold deletion records.
+            let base = match self.gap_checked {
+                Some((seq, true)) if seq == first.first_seq => None,
+                _ => super::deletion::base(&logs, first.first_seq),
+            };
+            self.gap_checked = Some((first.first_seq, base.is_none()));
+            match base {
+                Some((d, tree)) if d.last_seq.is_some_and(|s| s >= next) => {
+                    self.reset()?;
+                    self.start_from(&Base {
+                        size: tree.size(),
+                        last_seq: d.last_seq.unwrap_or_default(),
+                        frontier: tree.frontier(),
+                    })?;
+                }
+                Some(_) => {}
+                None => {
+                    return Err(Error::Gone {
+                        after: next - 1,
+                        dir: self.dir.clone(),
+                    });
+                }
+            }
+            self.gap_checked = Some((first.first_seq, false));
+        }
         let after = self.last_seq();
         let next = after.map_or(1, |s| s + 1);
-        // The tree starts at the log's first record: without it (and without the cache) there is no tree.
-        if logs.first().is_some_and(|f| f.first_seq > next) {
-            return Err(Error::Gone {
-                after: after.unwrap_or(0),
-                dir: self.dir.clone(),
-            });
-        }
-        // The file to start in: where the last call stopped, else the last whose first seq is at most `next`.
+        // The file to start in: where the last call stopped, else the last whose first seq is at most `next` (or
+        // the first, when `next` falls in the gap before it).
         let start = match &self.resume {
             Some((name, _)) if logs.iter().any(|f| &f.name == name) => name.clone(),
             _ => {
-                let Some(f) = logs.iter().rev().find(|f| f.first_seq <= next) else {
+                let Some(f) = logs
+                    .iter()
+                    .rev()
+                    .find(|f| f.first_seq <= next)
+                    .or(logs.first())
+                else {
                     return Ok(());
                 };
                 f.name.clone()
@@ -506,11 +750,234 @@ impl Cache {
     }
 }
 
+/// A checkpoint's tree as signed: what the log's records must give at `seq`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Signed {
+    /// The checkpoint's file name.
+    pub name: String,
+    /// The last `seq` it covers.
+    pub seq: u64,
+    /// Its tree size.
+    pub size: u64,
+    /// Its root.
+    pub root: Hash,
+}
+
+impl Signed {
+    /// The tree a checkpoint line signs, when it has one.
+    pub fn of(name: &str, line: &[u8]) -> Option<Signed> {
+        let cp = super::checkpoint::Checkpoint::parse(line).ok()?;
+        let root = super::chain::parse_hex(cp.body.tree_root.as_deref()?.as_bytes())?;
+        Some(Signed {
+            name: name.to_owned(),
+            seq: cp.body.seq?,
+            size: cp.body.tree_size?,
+            root: Hash(root),
+        })
+    }
+
+    /// The tree of the newest checkpoint in `log_dir` that has one and whose signature `key` verifies.
+    pub fn newest(log_dir: &Path, key: &ed25519_dalek::VerifyingKey) -> Option<Signed> {
+        super::checkpoint::list(log_dir)
+            .iter()
+            .rev()
+            .find_map(|path| {
+                let line = std::fs::read(path).ok()?;
+                super::checkpoint::Checkpoint::parse(&line)
+                    .ok()?
+                    .check_signature(Some(key))
+                    .ok()?;
+                Signed::of(path.file_name()?.to_str()?, &line)
+            })
+    }
+}
+
+/// The daemon's tree cache, shared by the checkpoints (each brings it up to its `seq`) and retention (which reads the
+/// tree at an expired file's last record, bringing the cache up to it first).
+///
+/// The cache is opened when first needed, and again after a failure to write it. It is never trusted: before its
+/// first use it must give the root of the newest signed checkpoint (the one found at start), before every later
+/// use the root it gave last; a cache that does not, or whose lists do not agree, is emptied and built again from
+/// the log files (from the last deletion record's tree when retention deleted the first ones).
+pub struct Keeper {
+    log_dir: PathBuf,
+    state: Mutex<Kept>,
+    /// Held while retention deletes a file (and the checkpoints that vouch only for what it deleted) and while a
+    /// checkpoint is written, so that no checkpoint over deleted records is written after that clean-up.
+    files: Mutex<()>,
+}
+
+struct Kept {
+    cache: Option<Cache>,
+    /// Checked before the first use.
+    signed: Option<Signed>,
+    /// The last (size, root) the cache gave, checked before the next use.
+    last: Option<(u64, Hash)>,
+}
+
+impl Keeper {
+    /// The keeper of the cache of the log in `log_dir`; `signed` is the newest signed checkpoint's tree.
+    pub fn new(log_dir: &Path, signed: Option<Signed>) -> Keeper {
+        Keeper {
+            log_dir: log_dir.to_owned(),
+            state: Mutex::new(Kept {
+                cache: None,
+                signed,
+                last: None,
+            }),
+            files: Mutex::new(()),
+        }
+    }
+
+    /// Excludes retention's deletions (held by it while it deletes a file, and by a checkpoint while it is
+    /// written).
+    pub fn files_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.files.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Brings the cache up to `seq` (every record when none) and returns the tree's size and root there.
+    pub fn root_at(&self, seq: Option<u64>) -> Result<(u64, Hash), Error> {
+        let mut kept = self.lock();
+        let cache = kept.update(&self.log_dir, seq)?;
+        let size = match seq {
+            Some(s) => cache.size_at(s)?,
+            None => cache.len(),
+        };
+        let root = cache.root(size)?;
+        kept.last = Some((size, root));
+        Ok((size, root))
+    }
+
+    /// The tree at record `seq` (for a deletion record), bringing the cache up to it first.
+    pub fn at(&self, seq: u64) -> Result<At, Error> {
+        let mut kept = self.lock();
+        let cache = kept.update(&self.log_dir, Some(seq))?;
+        if cache.last_seq().is_none_or(|l| l < seq) {
+            return Err(Error::Behind {
+                seq,
+                last: cache.last_seq().unwrap_or(0),
+                dir: cache.dir.clone(),
+            });
+        }
+        let size = cache.size_at(seq)?;
+        let frontier = cache.frontier(size)?;
+        let root = Compact::from_frontier(size, &frontier)
+            .expect("one hash per one in size")
+            .root();
+        Ok(At {
+            size,
+            root,
+            frontier,
+        })
+    }
+}
+
+impl Kept {
+    /// Opens the cache if needed, checks it, brings it up to `upto`, and rebuilds it when it does not match.
+    fn update(&mut self, log_dir: &Path, upto: Option<u64>) -> Result<&Cache, Error> {
+        // The checkpoint found at start is checked as soon as the cache reaches it.
+        let upto = match (&self.signed, upto) {
+            (Some(s), Some(u)) => Some(u.max(s.seq)),
+            (_, u) => u,
+        };
+        let mut rebuilt = false;
+        loop {
+            if self.cache.is_none() {
+                self.cache = Some(Cache::open(log_dir, true)?);
+            }
+            let cache = self.cache.as_mut().expect("opened");
+            let why = match cache.catch_up(log_dir, upto) {
+                Ok(()) => match check(cache, self.signed.as_ref(), self.last) {
+                    None => break,
+                    Some(why) => why,
+                },
+                Err(e @ Error::Io { .. }) => {
+                    // Opened again next time (which cuts what a failed write left).
+                    self.cache = None;
+                    return Err(e);
+                }
+                Err(e @ Error::Gone { .. }) => return Err(e),
+                // The cache's own lists do not agree with each other.
+                Err(e) => e.to_string(),
+            };
+            if rebuilt {
+                // Built again from the log files, it still does not match: the records changed.
+                error!(
+                    dir = %log_dir.display(), why,
+                    "the log's records do not give the Merkle tree that was signed before: the log was changed (run trail verify); the tree goes on from the records as they are"
+                );
+                self.signed = None;
+                self.last = None;
+                break;
+            }
+            warn!(dir = %cache.dir.display(), why, "the tree cache does not match the log; it is built again from the log files");
+            if let Err(e) = cache.reset() {
+                self.cache = None;
+                return Err(e);
+            }
+            rebuilt = true;
+        }
+        let cache = self.cache.as_ref().expect("opened");
+        if let Some(s) = self.signed.take() {
+            self.last = Some((s.size, s.root));
+        }
+        if rebuilt {
+            info!(dir = %cache.dir.display(), leaves = cache.len(), base = ?cache.base(), "the tree cache was built again from the log files");
+        }
+        Ok(cache)
+    }
+}
+
+/// Why `cache` cannot be used: it does not give the signed tree (when it reaches its `seq`), or the root it gave
+/// last.
+fn check(cache: &Cache, signed: Option<&Signed>, last: Option<(u64, Hash)>) -> Option<String> {
+    if let Some(s) = signed {
+        // The cache was brought up to the checkpoint's seq: fewer leaves there are records missing from the log.
+        return match cache.size_at(s.seq).and_then(|n| Ok((n, cache.root(n)?))) {
+            Ok((n, root)) if n == s.size && root == s.root => None,
+            Ok((n, _)) => Some(format!(
+                "its tree at seq {} (size {n}) is not the one checkpoint {} signed (size {})",
+                s.seq, s.name, s.size
+            )),
+            Err(e) => Some(e.to_string()),
+        };
+    }
+    let (size, root) = last?;
+    if cache.len() < size {
+        return Some(format!(
+            "it holds {} leaves, fewer than the {size} it had",
+            cache.len()
+        ));
+    }
+    match cache.root(size) {
+        Ok(r) if r == root => None,
+        Ok(_) => Some(format!(
+            "its root at size {size} is not the one it gave before"
+        )),
+        Err(e) => Some(e.to_string()),
+    }
+}
+
 impl HashReader for Cache {
     fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, tlog_tiles::Error> {
         indexes
             .iter()
             .map(|&i| {
+                if let Some(p) = &self.prefix
+                    && i < p.stored
+                {
+                    // Of the leaves before the base, only the frontier is known.
+                    return p
+                        .nodes
+                        .iter()
+                        .find(|(at, _)| *at == i)
+                        .map(|&(_, h)| h)
+                        .ok_or(tlog_tiles::Error::IndexesNotInTree);
+                }
                 if i >= self.on_disk {
                     return self
                         .tail
@@ -649,5 +1116,181 @@ mod tests {
         }
         assert_eq!(again.index_of(3).unwrap(), None);
         assert_eq!(again.size_at(3).unwrap(), 2);
+    }
+
+    /// Writes `files` (each a first seq and its records' seqs) as log files of `dir`; every line is its record's
+    /// leaf. A record whose seq is `deletion.0` is a deletion record of the daemon keeping the tree `deletion.1`.
+    fn write_log(
+        dir: &Path,
+        files: &[(u64, Vec<u64>)],
+        deletion: Option<(u64, u64, &At)>,
+    ) -> Vec<Vec<u8>> {
+        let mut lines = Vec::new();
+        for (i, (first, seqs)) in files.iter().enumerate() {
+            let name = crate::log::files::file_name(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(3600 * i as u64),
+                *first,
+            );
+            let mut text = Vec::new();
+            for &seq in seqs {
+                let line = match deletion {
+                    Some((at, last_seq, t)) if at == seq => format!(
+                        r#"{{"seq":{seq},"type":"trail_log_file_deleted","source":{{"uid":0,"daemon":true}},"payload":{{"file":"f","last_seq":{last_seq},"tree_size":{},"tree_root":"{}","tree_frontier":[{}]}}}}"#,
+                        t.size,
+                        crate::log::chain::hex(&t.root.0),
+                        t.frontier
+                            .iter()
+                            .map(|h| format!("\"{}\"", crate::log::chain::hex(&h.0)))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    ),
+                    _ => format!(r#"{{"seq":{seq},"type":"x","source":{{"uid":1}}}}"#),
+                };
+                text.extend_from_slice(line.as_bytes());
+                text.push(b'\n');
+                lines.push(line.into_bytes());
+            }
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+        lines
+    }
+
+    /// A cache lost after retention deleted the first file grows on from the tree its deletion record kept: the
+    /// same roots, proofs of every record left and consistency proofs from every tree at least as large as the
+    /// base, checked against the definition; on disk (the base persists), read only and in memory alike.
+    #[test]
+    fn a_cache_lost_after_retention_is_rebuilt_from_the_deletion_records_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path();
+        // seq 11 is stream-only (not in the log): the second file starts at 12.
+        let first: Vec<u64> = (1..=10).collect();
+        let mut base = Compact::default();
+        for &s in &first {
+            base.push(leaf_hash(
+                format!(r#"{{"seq":{s},"type":"x","source":{{"uid":1}}}}"#).as_bytes(),
+            ));
+        }
+        let kept = At {
+            size: base.size(),
+            root: base.root(),
+            frontier: base.frontier(),
+        };
+        let files = [
+            (1, first),
+            (12, (12..=20).collect::<Vec<_>>()),
+            (21, (21..=33).collect()),
+        ];
+        let lines = write_log(log, &files, Some((25, 10, &kept)));
+        let refs: Vec<&[u8]> = lines.iter().map(|l| l.as_slice()).collect();
+        let n = lines.len() as u64;
+        let mut full = Cache::open(log, true).unwrap();
+        full.catch_up(log, None).unwrap();
+        assert_eq!(full.root(n).unwrap(), mth(&refs));
+        drop(full);
+        std::fs::remove_dir_all(log.join(DIR)).unwrap();
+        std::fs::remove_file(&crate::log::files::list(log).unwrap()[0].path).unwrap();
+        let check = |c: &Cache| {
+            assert_eq!(c.len(), n);
+            assert_eq!(c.base(), Some((10, 10)));
+            assert_eq!(c.last_seq(), Some(33));
+            for size in 10..=n {
+                let root = mth(&refs[..size as usize]);
+                assert_eq!(c.root(size).unwrap(), root, "size {size}");
+                for index in 10..size {
+                    let proof = c.prove(size, index).unwrap();
+                    tlog_tiles::check_record(
+                        &proof,
+                        size,
+                        root,
+                        index,
+                        leaf_hash(refs[index as usize]),
+                    )
+                    .unwrap();
+                }
+                for old in 10..=size {
+                    let proof = c.prove_consistency(size, old).unwrap();
+                    tlog_tiles::check_tree(&proof, size, root, old, mth(&refs[..old as usize]))
+                        .unwrap();
+                }
+            }
+            // What the base does not hold is an error, never a made-up hash.
+            assert!(c.prove(n, 3).is_err());
+            assert!(c.prove_consistency(n, 6).is_err());
+            assert!(matches!(c.size_at(5), Err(Error::Deleted { base: 10, .. })));
+            assert_eq!(c.index_of(12).unwrap(), Some(10));
+            assert_eq!(c.size_at(11).unwrap(), 10);
+        };
+        // In memory (a tool without the cache), then on disk, then the persisted base read again.
+        let mut memory = Cache::open(log, false).unwrap();
+        memory.catch_up(log, None).unwrap();
+        check(&memory);
+        let mut disk = Cache::open(log, true).unwrap();
+        disk.catch_up(log, None).unwrap();
+        check(&disk);
+        drop(disk);
+        check(&Cache::open(log, false).unwrap());
+        let mut again = Cache::open(log, true).unwrap();
+        again.catch_up(log, None).unwrap();
+        check(&again);
+        // Without the deletion record's tree, nothing can be rebuilt.
+        let bare = tempfile::tempdir().unwrap();
+        write_log(bare.path(), &files[1..], None);
+        let mut none = Cache::open(bare.path(), false).unwrap();
+        assert!(matches!(
+            none.catch_up(bare.path(), None),
+            Err(Error::Gone { .. })
+        ));
+    }
+
+    /// The keeper never trusts the cache: one whose hashes were damaged, or whose base was, gives the signed root
+    /// again after it is built again from the log files.
+    #[test]
+    fn the_keeper_rebuilds_a_damaged_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path();
+        let lines = write_log(log, &[(1, (1..=40).collect())], None);
+        let refs: Vec<&[u8]> = lines.iter().map(|l| l.as_slice()).collect();
+        let root = mth(&refs);
+        let signed = || Signed {
+            name: "checkpoint".into(),
+            seq: 40,
+            size: 40,
+            root,
+        };
+        assert_eq!(
+            Keeper::new(log, Some(signed())).root_at(Some(40)).unwrap(),
+            (40, root)
+        );
+        let hashes = log.join(DIR).join("hashes");
+        let len = std::fs::metadata(&hashes).unwrap().len();
+        std::fs::write(&hashes, vec![0xab; len as usize]).unwrap();
+        assert_ne!(Cache::open(log, false).unwrap().root(40).unwrap(), root);
+        let keeper = Keeper::new(log, Some(signed()));
+        assert_eq!(keeper.root_at(Some(40)).unwrap(), (40, root));
+        assert_eq!(keeper.at(20).unwrap().root, mth(&refs[..20]));
+        // Damaged while in use: the root it gave last is checked before the next use.
+        std::fs::write(&hashes, vec![0xcd; len as usize]).unwrap();
+        assert_eq!(keeper.root_at(None).unwrap(), (40, root));
+        std::fs::write(log.join(DIR).join(BASE), b"{not json").unwrap();
+        assert_eq!(
+            Keeper::new(log, Some(signed())).root_at(None).unwrap(),
+            (40, root)
+        );
+        // A base too large to be a log's is unreadable too, and an unreadable base a read-only cache ignores.
+        let huge = format!(
+            r#"{{"size":{},"last_seq":1,"frontier":["{}"]}}"#,
+            1u64 << 60,
+            "00".repeat(32)
+        );
+        std::fs::write(log.join(DIR).join(BASE), huge).unwrap();
+        assert!(Cache::open(log, false).unwrap().is_empty());
+        assert_eq!(
+            Keeper::new(log, Some(signed())).root_at(None).unwrap(),
+            (40, root)
+        );
+        assert_eq!(
+            Keeper::new(log, Some(signed())).root_at(None).unwrap(),
+            (40, root)
+        );
     }
 }

@@ -5,7 +5,9 @@
 //! lines and C2SP notes, as written), and the proof's hashes (base64, RFC 9162 order). An inclusion bundle also
 //! holds the record's line, its `seq` and its leaf index. Proofs come from the tree cache ([`crate::log::tree`]),
 //! brought up to date from the log files; the cache is trusted for nothing: the tree's root at the checkpoint's size
-//! must be the signed one, and the leaf must be the hash of the record line read from the log.
+//! must be the signed one, the leaf must be the hash of the record line read from the log, and the proof must hold
+//! against the signed root; otherwise (or when the cache is missing) the tree is built again from the log files,
+//! growing on from the last deletion record's tree when retention deleted the first ones.
 
 use std::path::{Path, PathBuf};
 
@@ -81,30 +83,44 @@ fn sealed(path: &Path) -> Result<(Sealed, Checkpoint), String> {
     ))
 }
 
-/// The tree cache of `log_dir`, up to `seq`, whose root at `size` is `root`.
-fn cache(log_dir: &Path, seq: u64, size: u64, root: &str) -> Result<Cache, String> {
-    let fresh = |write| -> Result<Cache, String> {
-        let mut c = Cache::open(log_dir, write).map_err(|e| e.to_string())?;
-        c.catch_up(log_dir, Some(seq)).map_err(|e| e.to_string())?;
-        Ok(c)
-    };
-    let c = fresh(false)?;
-    if c.root(size)
-        .is_ok_and(|r| crate::log::chain::hex(&r.0) == root)
+/// Answers `answer` from a tree of the log in `log_dir` brought up to `seq` whose root at `size` is the signed
+/// `root`: the log's own cache when it gives that root and an answer that `holds`, else a tree built again from the
+/// log files into a temporary cache (on disk, so that memory does not grow with the log), from the first record or,
+/// when retention deleted the first files, from the tree the last deletion record kept.
+fn with_tree<T>(
+    log_dir: &Path,
+    seq: u64,
+    size: u64,
+    root: &Hash,
+    answer: impl Fn(&Cache) -> Result<T, String>,
+    holds: impl Fn(&T) -> bool,
+) -> Result<T, String> {
+    let signed = |c: &Cache| c.root(size).is_ok_and(|r| r == *root);
+    // The log's cache, read only (the daemon keeps it), when it holds anything.
+    if let Ok(mut c) = Cache::open(log_dir, false)
+        && !c.is_empty()
+        && c.catch_up(log_dir, Some(seq)).is_ok()
+        && signed(&c)
+        && let Ok(a) = answer(&c)
+        && holds(&a)
     {
-        return Ok(c);
+        return Ok(a);
     }
-    // The cache does not match the signed root: build the tree again from the files, into a temporary cache (on
-    // disk, so that memory does not grow with the log).
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let mut c = Cache::open(dir.path(), true).map_err(|e| e.to_string())?;
     c.catch_up(log_dir, Some(seq)).map_err(|e| e.to_string())?;
-    match c.root(size) {
-        Ok(r) if crate::log::chain::hex(&r.0) == root => Ok(c),
-        _ => Err(format!(
+    if !signed(&c) {
+        return Err(format!(
             "the log's records up to seq {seq} do not give the tree the checkpoint signs: the log was changed (run trail verify)"
-        )),
+        ));
     }
+    let a = answer(&c)?;
+    if !holds(&a) {
+        return Err(format!(
+            "the proof computed from the log's records up to seq {seq} does not hold against the signed root"
+        ));
+    }
+    Ok(a)
 }
 
 /// The line of record `seq`, read from the log file that holds it.
@@ -146,6 +162,13 @@ fn decode(proof: &[String]) -> Result<Vec<Hash>, String> {
         .collect()
 }
 
+/// A checkpoint's `tree_root` (hex) as a hash.
+fn signed_root(path: &Path, hex: &str) -> Result<Hash, String> {
+    crate::log::chain::parse_hex(hex.as_bytes())
+        .map(Hash)
+        .ok_or_else(|| format!("{}: tree_root is not 64 hex digits", path.display()))
+}
+
 /// The newest checkpoint of `log_dir` (by seq) that covers `seq` and has a note.
 fn newest_covering(log_dir: &Path, seq: u64) -> Result<PathBuf, String> {
     checkpoint::list(log_dir)
@@ -182,18 +205,28 @@ pub fn prove(log_dir: &Path, seq: u64, checkpoint: Option<&Path>) -> Result<Bund
             path.display()
         ));
     }
-    let cache = cache(log_dir, cp_seq, size, root)?;
-    let index = cache
-        .index_of(seq)
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("seq {seq} is not a record of the log"))?;
+    let root = signed_root(&path, root)?;
     let line = find_line(log_dir, seq)?;
-    if cache.leaf(index).map_err(|e| e.to_string())? != tree::leaf_hash(&line) {
-        return Err(format!(
-            "the record seq {seq} in the log is not the leaf the tree holds: the log was changed (run trail verify)"
-        ));
-    }
-    let proof = cache.prove(size, index).map_err(|e| e.to_string())?;
+    let leaf = tree::leaf_hash(&line);
+    let (index, proof) = with_tree(
+        log_dir,
+        cp_seq,
+        size,
+        &root,
+        |cache| {
+            let index = cache
+                .index_of(seq)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("seq {seq} is not a record of the log"))?;
+            if cache.leaf(index).map_err(|e| e.to_string())? != leaf {
+                return Err(format!(
+                    "the record seq {seq} in the log is not the leaf the tree holds: the log was changed (run trail verify)"
+                ));
+            }
+            Ok((index, cache.prove(size, index).map_err(|e| e.to_string())?))
+        },
+        |(index, proof)| tlog_tiles::check_record(proof, size, root, *index, leaf).is_ok(),
+    )?;
     Ok(Bundle::Inclusion {
         seq,
         index,
@@ -216,15 +249,34 @@ pub fn prove_consistency(log_dir: &Path, old: &Path, new: &Path) -> Result<Bundl
                 p.display()
             )),
         };
-    let (_, old_size, _) = sizes(&old_cp, old)?;
+    let (_, old_size, old_root) = sizes(&old_cp, old)?;
     let (new_seq, new_size, new_root) = sizes(&new_cp, new)?;
     if old_size > new_size {
         return Err("the old checkpoint's tree is larger than the new one's".into());
     }
-    let cache = cache(log_dir, new_seq, new_size, &new_root)?;
-    let proof = cache
-        .prove_consistency(new_size, old_size)
-        .map_err(|e| e.to_string())?;
+    let (old_root, new_root) = (signed_root(old, &old_root)?, signed_root(new, &new_root)?);
+    let proof = with_tree(
+        log_dir,
+        new_seq,
+        new_size,
+        &new_root,
+        |cache| {
+            // Of the records retention deleted, the tree keeps only the frontier at the last of them.
+            if let Some((base, last_seq)) = cache.base()
+                && old_size < base
+            {
+                return Err(format!(
+                    "{}: its tree ({old_size} records) ends in log files retention deleted (the tree of the records \
+                     left grows on from {base} records, up to seq {last_seq}): prove from a checkpoint after seq {last_seq}",
+                    old.display()
+                ));
+            }
+            cache
+                .prove_consistency(new_size, old_size)
+                .map_err(|e| e.to_string())
+        },
+        |proof| tlog_tiles::check_tree(proof, new_size, new_root, old_size, old_root).is_ok(),
+    )?;
     Ok(Bundle::Consistency {
         old_size,
         new_size,

@@ -26,6 +26,7 @@ use serde::Deserialize;
 
 use crate::log::chain::{self, Hash};
 use crate::log::checkpoint::{self, Checkpoint};
+use crate::log::deletion::Deletion;
 use crate::log::files::{self, Chunk, Chunks, LogFile};
 
 /// One thing found wrong.
@@ -190,79 +191,11 @@ impl Inputs {
     }
 }
 
-/// The payload of a `trail_log_file_deleted` record.
-#[derive(Debug, Clone, Deserialize)]
-struct Deletion {
-    file: String,
-    last_seq: Option<u64>,
-    last_hash: Option<String>,
-    /// The Merkle tree at `last_seq`: size, root and compact range (hex).
-    #[serde(default)]
-    tree_size: Option<u64>,
-    #[serde(default)]
-    tree_root: Option<String>,
-    #[serde(default)]
-    tree_frontier: Option<Vec<String>>,
-}
-
-impl Deletion {
-    /// The tree the deletion record kept, when it kept one whose frontier gives its root.
-    fn tree(&self) -> Option<crate::log::tree::Compact> {
-        let frontier: Vec<crate::log::tree::Hash> = self
-            .tree_frontier
-            .as_ref()?
-            .iter()
-            .map(|h| chain::parse_hex(h.as_bytes()).map(crate::log::tree::Hash))
-            .collect::<Option<_>>()?;
-        let tree = crate::log::tree::Compact::from_frontier(self.tree_size?, &frontier)?;
-        (Some(chain::hex(&tree.root().0)) == self.tree_root).then_some(tree)
-    }
-}
-
 /// The leaf hash of every line of `lines` (split at each newline, as [`Verifier::line`] gets them).
 fn leaf_hashes(lines: &[u8]) -> Vec<crate::log::tree::Hash> {
     crate::log::files::split_lines(lines)
         .map(crate::log::tree::leaf_hash)
         .collect()
-}
-
-/// The deletion records of the daemon in `logs` that kept the Merkle tree, read before the log is verified in
-/// order: the tree of the records that remain grows on from the last one's, and a deletion record comes after the
-/// files it follows. Indexes only spare reading files that hold none (a file without an index, or whose index does
-/// not match it, is read); a record missed so is still checked in order, and the roots are then not checked.
-fn deletions_with_trees(logs: &[LogFile]) -> Vec<Deletion> {
-    const TYPE: &[u8] = b"\"type\":\"trail_log_file_deleted\"";
-    let finder = memchr::memmem::Finder::new(TYPE);
-    let mut found = Vec::new();
-    for file in logs {
-        if crate::log::index::load(file)
-            .is_some_and(|ix| !ix.types.contains_key("trail_log_file_deleted"))
-        {
-            continue;
-        }
-        let Ok(reader) = file.open() else { continue };
-        let mut chunks = Chunks::new(reader, 4 << 20);
-        while let Ok(Some(Chunk::Lines(_, lines))) = chunks.next_chunk() {
-            for at in finder.find_iter(lines) {
-                let start = memchr::memrchr(b'\n', &lines[..at]).map_or(0, |i| i + 1);
-                let end = memchr::memchr(b'\n', &lines[at..]).map_or(lines.len(), |i| at + i);
-                let Ok(record) = serde_json::from_slice::<OwnRecord>(&lines[start..end]) else {
-                    continue;
-                };
-                if record.kind != "trail_log_file_deleted" || !record.source.daemon {
-                    continue;
-                }
-                if let Some(d) = record
-                    .payload
-                    .and_then(|p| serde_json::from_value::<Deletion>(p).ok())
-                    .filter(|d| d.tree().is_some())
-                {
-                    found.push(d);
-                }
-            }
-        }
-    }
-    found
 }
 
 /// What verify reads of a record that may be one of the daemon's own.
@@ -462,7 +395,7 @@ pub fn verify(inputs: &Inputs, key: Option<&VerifyingKey>) -> io::Result<Report>
     let checkpoints = v.read_checkpoints(sources, key);
     // Retention removed the log's first files: the tree grows on from what their deletion records kept of it.
     if inputs.logs.first().is_some_and(|f| f.first_seq > 1) && !v.tree_claims.is_empty() {
-        v.tree_bases = deletions_with_trees(&inputs.logs);
+        v.tree_bases = crate::log::deletion::with_trees(&inputs.logs);
     }
     v.report.covered = v.claims.keys().max().copied();
     let mut sizes: BTreeMap<String, u64> = BTreeMap::new();

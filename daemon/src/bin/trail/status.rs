@@ -134,6 +134,24 @@ pub fn table(s: &Value) -> String {
             bytes(num(&l["bytes"]))
         ),
     );
+    let kept = &l["retention_stalled"];
+    if kept.is_object() {
+        row(
+            "retention kept",
+            format!(
+                "{} (expired by {}) for {} s{}: {}",
+                text(&kept["file"]),
+                text(&kept["expired_by"]),
+                num(&kept["waited_seconds"]),
+                if num(&kept["waited_seconds"]) > num(&kept["warn_after_seconds"]) {
+                    " (warned)"
+                } else {
+                    ""
+                },
+                text(&kept["error"])
+            ),
+        );
+    }
     let cp = &s["last_checkpoint"];
     row(
         "last checkpoint",
