@@ -466,7 +466,15 @@ pub struct Responder<T> {
 pub struct Peer {
     runtime: tokio::runtime::Runtime,
     client: async_nats::Client,
-    messages: async_nats::Subscriber,
+    /// Taken when dropped: it unsubscribes on a task of the runtime.
+    messages: Option<async_nats::Subscriber>,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _inside = self.runtime.enter();
+        self.messages = None;
+    }
 }
 
 impl<T: Send + 'static> Responder<T> {
@@ -491,19 +499,11 @@ impl<T: Send + 'static> Responder<T> {
                 (client, messages)
             });
             ready.send(()).unwrap();
-            let mut peer = Peer {
+            script(&mut Peer {
                 runtime,
                 client,
-                messages,
-            };
-            let result = script(&mut peer);
-            // The subscription unsubscribes on a task of the runtime when dropped.
-            let Peer {
-                runtime, messages, ..
-            } = peer;
-            let _inside = runtime.enter();
-            drop(messages);
-            result
+                messages: Some(messages),
+            })
         });
         subscribed
             .recv_timeout(READY_DEADLINE)
@@ -527,9 +527,8 @@ impl Peer {
     /// The next message, waiting up to `wait`.
     pub fn next_within(&mut self, wait: Duration) -> Option<Request> {
         self.runtime.block_on(async {
-            let message = tokio::time::timeout(wait, self.messages.next())
-                .await
-                .ok()??;
+            let messages = self.messages.as_mut().expect("subscribed until dropped");
+            let message = tokio::time::timeout(wait, messages.next()).await.ok()??;
             Some(Request {
                 subject: message.subject.to_string(),
                 reply: message.reply.map(|r| r.to_string()).unwrap_or_default(),
