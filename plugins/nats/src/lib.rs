@@ -10,30 +10,27 @@
 
 mod config;
 mod subject;
+mod window;
 
 use std::{
-    collections::VecDeque,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use async_nats::{
-    Client, ConnectErrorKind, ConnectOptions, Event,
-    jetstream::{
-        self, Context, ErrorCode,
-        context::{GetStreamErrorKind, PublishAckFuture, PublishError, PublishErrorKind},
-        message::PublishMessage,
-        stream,
-    },
+    Client, ConnectErrorKind, ConnectOptions, Event, Subscriber,
+    jetstream::{self, Context, ErrorCode, context::GetStreamErrorKind, stream},
 };
-use bytes::Bytes;
 use tokio::runtime::Runtime;
 use trail_plugin_api::{Host, Record, Sink, SinkError, WriteError};
 
-use crate::config::{Auth, Retention, Settings, Storage};
+use crate::{
+    config::{Auth, Retention, Settings, Storage},
+    window::{AckError, Stop, Window},
+};
 
 /// Room for the headers (`Nats-Msg-Id`, `Nats-Expected-Stream`) and the subject next to a record's line.
-const HEADER_ROOM: usize = 512;
+pub(crate) const HEADER_ROOM: usize = 512;
 
 struct Nats {
     host: Host,
@@ -41,20 +38,18 @@ struct Nats {
     /// The plugin's own runtime; taken and shut down in `close`.
     runtime: Option<Runtime>,
     connection: Option<Connection>,
+    /// The publishes awaiting acknowledgement, and the tokens of their reply subjects.
+    window: Window,
     /// What the client last reported about the connection, when it was bad news (cleared on reconnecting).
     trouble: Arc<Mutex<Option<String>>>,
 }
 
 struct Connection {
     client: Client,
-    jetstream: Context,
-}
-
-/// Why a record of a batch was not confirmed.
-struct Failure {
-    /// Its index in the batch: everything before it is confirmed.
-    index: usize,
-    error: SinkError,
+    /// The connection's inbox: the stream acknowledges each record to `<inbox>.<token>`.
+    inbox: String,
+    /// The one subscription of `<inbox>.*` (renewed by the client when it reconnects).
+    acks: Subscriber,
 }
 
 impl Nats {
@@ -89,6 +84,7 @@ impl Nats {
             settings,
             runtime: Some(runtime),
             connection: None,
+            window: Window::new(),
             trouble: Arc::default(),
         })
     }
@@ -109,6 +105,9 @@ impl Nats {
                 .name(format!("trail {}", host.sink_name()))
                 .connection_timeout(settings.connect_timeout)
                 .max_reconnects(None)
+                // Room for every acknowledgement of a full window, twice over (one may come twice), so that
+                // the client never drops one as a slow consumer's.
+                .subscription_capacity((2 * settings.max_in_flight).max(65_536))
                 .event_callback(move |event| {
                     let (host, trouble) = (host.clone(), Arc::clone(&trouble));
                     async move { on_event(&host, &trouble, event) }
@@ -140,15 +139,23 @@ impl Nats {
                 .connect(settings.servers.as_slice())
                 .await
                 .map_err(|e| describe_connect(&e, settings))?;
+            // The JetStream API (the stream's lookup or creation) only: records are published with core NATS.
             let jetstream = jetstream::ContextBuilder::new()
                 .timeout(settings.ack_timeout)
-                .max_ack_inflight(settings.max_in_flight)
-                .backpressure_on_inflight(true)
                 .build(client.clone());
             if let Some(stream) = &settings.stream {
                 ensure_stream(&jetstream, stream, &self.host).await?;
             }
-            Ok::<_, String>(Connection { client, jetstream })
+            let inbox = client.new_inbox();
+            let acks = client
+                .subscribe(format!("{inbox}.*"))
+                .await
+                .map_err(|e| format!("subscribing to the inbox of acknowledgements: {e}"))?;
+            Ok::<_, String>(Connection {
+                client,
+                inbox,
+                acks,
+            })
         });
         let connection =
             connected.map_err(|e| format!("connecting to {}: {e}", settings.endpoint))?;
@@ -161,103 +168,17 @@ impl Nats {
         Ok(())
     }
 
-    /// Publishes the batch with up to `max_in_flight` awaiting acknowledgement, confirming in order.
-    async fn publish(&self, connection: &Connection, batch: &[Record<'_>]) -> Result<(), Failure> {
-        let settings = &self.settings;
-        let window = settings.max_in_flight;
-        let max_payload = connection.client.server_info().max_payload;
-        let mut pending: VecDeque<(usize, PublishAckFuture)> =
-            VecDeque::with_capacity(window.min(batch.len()));
-        let mut subject = String::new();
-        for (index, record) in batch.iter().enumerate() {
-            if pending.len() >= window {
-                let (at, ack) = pending.pop_front().expect("the window is not empty");
-                self.confirm(connection, batch, at, ack.await)?;
-            }
-            let line = record.line.as_str();
-            if max_payload > 0 && line.len() + HEADER_ROOM > max_payload {
-                self.settle(connection, batch, &mut pending).await?;
-                return Err(Failure {
-                    index,
-                    error: SinkError::permanent(format!(
-                        "the event is {} bytes, more than the server accepts in one message (max_payload {max_payload}): raise max_payload on the servers (event seq {}, id {})",
-                        line.len(),
-                        record.seq,
-                        record.id
-                    )),
-                });
-            }
-            settings.subject.render(record, &mut subject);
-            let mut message = PublishMessage::build()
-                .payload(Bytes::copy_from_slice(line.as_bytes()))
-                .message_id(message_id(record));
-            if let Some(stream) = &settings.stream {
-                message = message.expected_stream(&stream.name);
-            }
-            match connection
-                .jetstream
-                .send_publish(subject.clone(), message)
-                .await
-            {
-                Ok(ack) => pending.push_back((index, ack)),
-                Err(e) => {
-                    self.settle(connection, batch, &mut pending).await?;
-                    return Err(Failure {
-                        index,
-                        error: self.publish_error(connection, batch, index, &e),
-                    });
-                }
-            }
-        }
-        self.settle(connection, batch, &mut pending).await
-    }
-
-    /// Awaits the acknowledgements in flight, in order.
-    async fn settle(
-        &self,
-        connection: &Connection,
-        batch: &[Record<'_>],
-        pending: &mut VecDeque<(usize, PublishAckFuture)>,
-    ) -> Result<(), Failure> {
-        while let Some((at, ack)) = pending.pop_front() {
-            self.confirm(connection, batch, at, ack.await)?;
-        }
-        Ok(())
-    }
-
-    fn confirm(
-        &self,
-        connection: &Connection,
-        batch: &[Record<'_>],
-        index: usize,
-        ack: Result<jetstream::publish::PublishAck, PublishError>,
-    ) -> Result<(), Failure> {
-        // An acknowledgement marked duplicate means the stream already holds the event: delivered.
-        ack.map(drop).map_err(|e| Failure {
-            index,
-            error: self.publish_error(connection, batch, index, &e),
-        })
-    }
-
-    /// A failed publish or acknowledgement of `batch[index]` as an error that says what to do.
-    fn publish_error(
-        &self,
-        connection: &Connection,
-        batch: &[Record<'_>],
-        index: usize,
-        error: &PublishError,
-    ) -> SinkError {
-        let record = &batch[index];
+    /// Why `record` was not confirmed, as an error that says what to do.
+    fn describe(&self, client: &Client, record: &Record<'_>, error: AckError) -> SinkError {
         let at = format!("event seq {}, id {}", record.seq, record.id);
-        match error.kind() {
-            PublishErrorKind::TimedOut => {
-                let state = connection.client.connection_state();
+        match error {
+            AckError::TimedOut => {
                 let trouble = self
                     .trouble
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .clone();
-                let why = match (state, trouble) {
+                let why = match (client.connection_state(), trouble) {
                     (async_nats::connection::State::Connected, _) => String::new(),
                     (_, Some(t)) => {
                         format!(": not connected to any server ({t}); the client keeps trying")
@@ -271,29 +192,27 @@ impl Nats {
                     self.settings.ack_timeout
                 ))
             }
-            PublishErrorKind::StreamNotFound => {
+            AckError::NoStream => {
                 let mut subject = String::new();
                 self.settings.subject.render(record, &mut subject);
                 SinkError::retryable(format!(
                     "no stream captures subject {subject}: create one whose subjects include it (README.md has a definition), or set stream with create: true ({at})"
                 ))
             }
-            PublishErrorKind::BrokenPipe => SinkError::retryable(format!(
-                "the connection was lost before the stream acknowledged ({at})"
+            AckError::Lost(why) => SinkError::retryable(format!(
+                "the connection was lost before the stream acknowledged: {why} ({at})"
             )),
-            _ => {
-                let source = std::error::Error::source(error);
-                let too_large = source
-                    .and_then(|s| s.downcast_ref::<jetstream::Error>())
-                    .is_some_and(|e| e.error_code() == ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM);
-                let source = source.map_or_else(|| error.to_string(), |s| s.to_string());
-                let message = format!("the stream refused the event: {source} ({at})");
-                if too_large {
+            AckError::Refused { code, description } => {
+                let message = format!("the stream refused the event: {description} ({at})");
+                if code == ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM.0 {
                     SinkError::permanent(message)
                 } else {
                     SinkError::retryable(message)
                 }
             }
+            AckError::TooLarge { size, max_payload } => SinkError::permanent(format!(
+                "the event is {size} bytes, more than the server accepts in one message (max_payload {max_payload}): raise max_payload on the servers ({at})"
+            )),
         }
     }
 
@@ -307,8 +226,6 @@ impl Nats {
     }
 }
 
-/// Creates the stream when it is missing (and the configuration says to), or checks the settings the
-/// configuration writes out against the existing one.
 /// The record's fields `Nats-Msg-Id` is made from when the event was submitted with an idempotency key.
 #[derive(serde::Deserialize)]
 struct Keyed<'a> {
@@ -329,7 +246,7 @@ struct KeyedSource<'a> {
 /// that a repeat trail itself could not recognise (a stream-only event's key is forgotten at a restart, an old key
 /// by `idempotency.max_keys`) is still dropped by the stream's duplicate window. Keys are scoped by the submitting
 /// uid, as trail scopes them, and by host, since many hosts share a stream.
-fn message_id(record: &Record<'_>) -> String {
+pub(crate) fn message_id(record: &Record<'_>) -> String {
     let line = record.line.as_str();
     if !line.contains("\"idempotency_key\":") {
         return record.id.as_str().to_owned();
@@ -343,6 +260,8 @@ fn message_id(record: &Record<'_>) -> String {
     }
 }
 
+/// Creates the stream when it is missing (and the configuration says to), or checks the settings the
+/// configuration writes out against the existing one.
 async fn ensure_stream(
     jetstream: &Context,
     wanted: &config::Stream,
@@ -566,20 +485,45 @@ impl Sink for Nats {
         {
             return Err(self.failed(batch, 0, SinkError::retryable(message)));
         }
-        let connection = self.connection.as_ref().expect("connected above");
-        let runtime = self.runtime();
-        match runtime.block_on(self.publish(connection, batch)) {
+        let connection = self.connection.as_mut().expect("connected above");
+        let runtime = self
+            .runtime
+            .as_ref()
+            .expect("the runtime lives until close");
+        let published = runtime.block_on(self.window.publish(
+            &self.settings,
+            &connection.client,
+            &connection.inbox,
+            &mut connection.acks,
+            batch,
+        ));
+        match published {
             Ok(()) => Ok(()),
-            Err(Failure { index, error }) => Err(self.failed(batch, index, error)),
+            Err(Stop { index, error }) => {
+                let client = connection.client.clone();
+                let error = self.describe(&client, &batch[index], error);
+                Err(self.failed(batch, index, error))
+            }
         }
     }
 
     fn close(&mut self) -> Result<(), SinkError> {
-        self.connection = None;
+        if let Some(runtime) = &self.runtime {
+            // The inbox's subscription unsubscribes on a task of the runtime when dropped.
+            let _inside = runtime.enter();
+            self.connection = None;
+        }
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_timeout(Duration::from_secs(1));
         }
         Ok(())
+    }
+}
+
+impl Drop for Nats {
+    /// Closes like `close` when the instance goes without it: the connection first, inside its runtime.
+    fn drop(&mut self) {
+        _ = Sink::close(self);
     }
 }
 

@@ -4,11 +4,13 @@
 #[path = "support/server.rs"]
 mod server;
 
+use std::time::Duration;
+
 use serde_json::{Value, json};
-use server::{Auth, Options, PASSWORD, Reader, Server, USER};
+use server::{Auth, Options, PASSWORD, Peer, Reader, Request, Responder, Server, USER};
 use trail_plugin_api::ErrorKind;
 use trail_plugin_testkit::{
-    Plugin, Profile, TestHost, deliver, events, expect_error, tls::TestCa, write,
+    Event, Plugin, Profile, TestHost, deliver, events, expect_error, tls::TestCa, write,
 };
 
 fn plugin() -> Plugin {
@@ -352,4 +354,149 @@ fn an_event_the_stream_can_never_take_is_a_permanent_error_for_it_alone() {
         Reader::connect(&[server.url()], None).count("AUDIT"),
         Some(4)
     );
+}
+
+/// A publish acknowledgement as JetStream writes it.
+fn ack(seq: usize, duplicate: bool) -> String {
+    if duplicate {
+        format!(r#"{{"stream":"AUDIT","seq":{seq},"duplicate":true}}"#)
+    } else {
+        format!(r#"{{"stream":"AUDIT","seq":{seq}}}"#)
+    }
+}
+
+const REFUSED: &str =
+    r#"{"error":{"code":503,"err_code":10077,"description":"insufficient resources"}}"#;
+
+/// A sink that publishes to `url` with no stream of its own: the test's [`Responder`] answers.
+fn answered_by_the_test(
+    plugin: &Plugin,
+    url: &str,
+    max_in_flight: usize,
+    ack_timeout: &str,
+) -> trail_plugin_api::SinkBox {
+    let config = json!({
+        "servers": url,
+        "max_in_flight": max_in_flight,
+        "ack_timeout": ack_timeout,
+        "connect_timeout": "30s",
+    });
+    plugin
+        .new_sink(&config.to_string(), &TestHost::new("bus"))
+        .unwrap()
+}
+
+#[test]
+fn acknowledgements_out_of_order_twice_or_for_no_record_confirm_each_record_once() {
+    let server = Server::start(Options::default());
+    let plugin = plugin();
+    let mut sink = answered_by_the_test(&plugin, &server.url(), 50, "60s");
+    let responder = Responder::start(&server.url(), "audit.>", |peer: &mut Peer| {
+        let mut seen = Vec::new();
+        for round in 0..4 {
+            let window = peer.take(50);
+            // The window is full: nothing more comes until something is acknowledged. (A wrong plugin may
+            // also go unnoticed here, if it is slow; a right one never fails it.)
+            assert!(
+                peer.next_within(Duration::from_millis(200)).is_none(),
+                "more than max_in_flight awaiting acknowledgement"
+            );
+            if round == 0 {
+                // Answers to tokens no record of the write has: ignored.
+                let inbox = window[0].reply.rsplit_once('.').unwrap().0;
+                peer.answer(&format!("{inbox}.999999"), REFUSED);
+                peer.answer(&format!("{inbox}.x"), REFUSED);
+            }
+            for (i, request) in window.iter().enumerate().rev() {
+                peer.answer(&request.reply, &ack(round * 50 + i, false));
+                // Again: the second answer, a duplicate or even a refusal, changes nothing.
+                let again = if i % 2 == 0 {
+                    ack(i, true)
+                } else {
+                    REFUSED.to_owned()
+                };
+                peer.answer(&request.reply, &again);
+            }
+            seen.extend(window);
+        }
+        seen
+    });
+    let batch = events(1..201);
+    write(&mut sink, &batch).unwrap();
+    let seen = responder.join();
+    let ids: Vec<_> = seen.iter().map(|r| r.msg_id.clone().unwrap()).collect();
+    let expected: Vec<_> = batch.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(ids, expected);
+    assert_eq!(seen[0].subject, "audit.app-1_example.role_granted");
+    sink.close().into_result().unwrap();
+}
+
+#[test]
+fn a_refusal_or_a_missing_acknowledgement_stops_the_write_there_and_late_answers_are_ignored() {
+    let server = Server::start(Options::default());
+    let plugin = plugin();
+    let mut sink = answered_by_the_test(&plugin, &server.url(), 10, "2s");
+    let responder = Responder::start(&server.url(), "audit.>", |peer: &mut Peer| {
+        // Write 1: the 7th record is refused, the others acknowledged, last first.
+        let first = peer.take(10);
+        for (i, request) in first.iter().enumerate().rev() {
+            let answer = if i == 6 {
+                REFUSED.to_owned()
+            } else {
+                ack(i, false)
+            };
+            peer.answer(&request.reply, &answer);
+        }
+        // Write 2, from the refused record on: all but its first are acknowledged; it times out.
+        let second = peer.take(10);
+        for request in &second[1..] {
+            peer.answer(&request.reply, &ack(0, false));
+        }
+        // Write 3, the same records again: the answers of the earlier writes come late, first, a refusal of
+        // the record write 2 timed out on among them; then every record of this write is acknowledged.
+        let mut third = peer.take(10);
+        peer.answer(&second[0].reply, REFUSED);
+        peer.answer(&first[6].reply, REFUSED);
+        for request in &third {
+            peer.answer(&request.reply, &ack(0, false));
+        }
+        let rest = peer.take(4);
+        for request in &rest {
+            peer.answer(&request.reply, &ack(0, false));
+        }
+        third.extend(rest);
+        (first, second, third)
+    });
+    let batch = events(1..21);
+    let error = write(&mut sink, &batch).unwrap_err();
+    assert_eq!(error.delivered, 6, "{error}");
+    expect_error(
+        Err::<(), _>(error.error),
+        ErrorKind::RETRYABLE,
+        &[
+            "the stream refused the event: insufficient resources (status 503, error 10077)",
+            "event seq 7,",
+        ],
+    );
+    let error = write(&mut sink, &batch[6..]).unwrap_err();
+    assert_eq!(error.delivered, 0, "{error}");
+    expect_error(
+        Err::<(), _>(error.error),
+        ErrorKind::RETRYABLE,
+        &[
+            "no acknowledgement from the stream within 2s (\"ack_timeout\")",
+            "event seq 7,",
+        ],
+    );
+    write(&mut sink, &batch[6..]).unwrap();
+    let (first, second, third) = responder.join();
+    let ids = |requests: &[Request]| -> Vec<String> {
+        requests.iter().map(|r| r.msg_id.clone().unwrap()).collect()
+    };
+    let expected =
+        |events: &[Event]| -> Vec<String> { events.iter().map(|e| e.id.clone()).collect() };
+    assert_eq!(ids(&first), expected(&batch[..10]));
+    assert_eq!(ids(&second), expected(&batch[6..16]));
+    assert_eq!(ids(&third), expected(&batch[6..]));
+    sink.close().into_result().unwrap();
 }

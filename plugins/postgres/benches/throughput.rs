@@ -1,18 +1,22 @@
 //! Throughput of the postgres plugin: the release build, loaded through the plugin API, writing distinct
 //! realistic records (every other one with a `hash`) in batches to a local PostgreSQL server of its own with
 //! `fsync` on (the server's defaults otherwise, but for `max_wal_size`), into the default table with its four
-//! indexes. Prints events/s and MB/s of records; the target is 100,000 events/s. Counts the rows afterwards:
-//! every event must be there once.
+//! indexes. Prints events/s and MB/s of records, and the CPU time per 100k events of the benchmark's process (the
+//! plugin, and the test kit lending it records) and of the server's processes; the target is 100,000 events/s.
+//! Counts the rows afterwards: every event must be there once.
 //!
 //! `cargo bench -p trail-sink-postgres` (set `TRAIL_BENCH_EVENTS` to change the number of events per run,
-//! 500,000 by default).
+//! 500,000 by default; `TRAIL_BENCH_BATCHES=5000,1000` for other batch sizes; `TRAIL_BENCH_PLUGIN=/path/lib….so`
+//! to measure another build of the plugin, e.g. an older commit's, for an A/B comparison).
 
 #[path = "../tests/support/server.rs"]
 mod server;
 
-use std::time::{Duration, Instant};
-
-use trail_plugin_testkit::{Event, Plugin, Profile, TestHost, events, write};
+use trail_plugin_testkit::{
+    Event, Plugin, Profile, TestHost,
+    cpu::{Meter, Party, Usage},
+    events, scratch, write,
+};
 
 use self::server::{Options, Server};
 
@@ -21,7 +25,14 @@ fn main() {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(500_000);
-    let plugin = Plugin::build_and_load("trail-sink-postgres", Profile::Release);
+    let copies = scratch();
+    let plugin = match std::env::var_os("TRAIL_BENCH_PLUGIN") {
+        Some(library) => Plugin::load(library.as_ref(), copies.path()),
+        None => Plugin::build_and_load("trail-sink-postgres", Profile::Release),
+    };
+    let batches: Vec<usize> = std::env::var("TRAIL_BENCH_BATCHES")
+        .map(|b| b.split(',').map(|n| n.parse().unwrap()).collect())
+        .unwrap_or_else(|_| vec![5000, 1000, 500]);
     let server = Server::start_with(Options {
         durable: true,
         ..Options::default()
@@ -32,7 +43,11 @@ fn main() {
         .unwrap();
     admin.batch_execute("SELECT pg_reload_conf()").unwrap();
     let mut next = 1;
-    for batch in [5000, 1000, 500] {
+    let parties = [
+        ("plugin", Party::Own),
+        ("server", Party::Tree(server.pid().unwrap())),
+    ];
+    for batch in batches {
         // Distinct records: ids already stored would be skipped, which is cheaper than storing them.
         let warm = fresh(&mut next, 20_000);
         let sent = fresh(&mut next, total);
@@ -43,11 +58,12 @@ fn main() {
         for chunk in warm.chunks(batch) {
             write(&mut sink, chunk).expect("writing a batch");
         }
-        let started = Instant::now();
+        // Read while the sink's connection is open: its server process is counted only while it lives.
+        let meter = Meter::start(&parties);
         for chunk in sent.chunks(batch) {
             write(&mut sink, chunk).expect("writing a batch");
         }
-        let elapsed = started.elapsed();
+        let usage = meter.stop(total);
         let stored: i64 = server
             .admin()
             .query_one(
@@ -57,7 +73,7 @@ fn main() {
             .unwrap()
             .get(0);
         assert_eq!(stored as u64, total, "rows stored");
-        report(batch, total, bytes, elapsed);
+        report(batch, bytes, &usage);
     }
 }
 
@@ -74,11 +90,13 @@ fn fresh(next: &mut u64, n: u64) -> Vec<Event> {
     made
 }
 
-fn report(batch: usize, events: u64, bytes: usize, elapsed: Duration) {
-    let seconds = elapsed.as_secs_f64();
+fn report(batch: usize, bytes: usize, usage: &Usage) {
+    let seconds = usage.elapsed.as_secs_f64();
     println!(
-        "postgres batches of {batch:>4}: {events} events in {seconds:.2}s: {:>8.0} events/s, {:>5.1} MB/s of records",
-        events as f64 / seconds,
+        "postgres batches of {batch:>4}: {} events in {seconds:.2}s: {:>8.0} events/s, {:>5.1} MB/s of records",
+        usage.events,
+        usage.rate(),
         bytes as f64 / seconds / 1e6
     );
+    println!("    {usage}");
 }

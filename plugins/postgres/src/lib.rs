@@ -1,6 +1,9 @@
-//! `postgres`: a trail sink plugin that writes audit events into a PostgreSQL table, one transaction per batch
-//! (COPY into a per-connection staging table, then `INSERT … ON CONFLICT (id) DO NOTHING`), and moves a
-//! per-host watermark in the same transaction. See README.md for the configuration and the tables.
+//! `postgres`: a trail sink plugin that writes audit events into a PostgreSQL table, one transaction per batch,
+//! and moves a per-host watermark in the same transaction. A batch that follows a batch this instance stored
+//! whole (none of its ids can be stored yet) is copied straight into the table; any other (the first of an
+//! instance, one after a failed write, or one whose direct copy met an id already stored) goes through a
+//! per-connection staging table and `INSERT … ON CONFLICT (id) DO NOTHING`. See README.md for the
+//! configuration and the tables.
 //!
 //! This module owns the connection (on a single-threaded tokio runtime of the plugin's own, driven from the
 //! sink's thread), the batch's transaction, finding the one row the server refuses, and turning the client's
@@ -34,6 +37,11 @@ struct Postgres {
     tls: Option<MakeRustlsConnect>,
     connection: Option<Connection>,
     rows: Rows,
+    /// The highest seq of the batch this instance stored last, when that write stored the whole batch: a
+    /// batch whose seqs are all above it cannot hold an id already stored (trail hands out batches in seq
+    /// order and resends only after a failed write or a restart, i.e. a new instance), so it may be copied
+    /// straight into the table. `None` at first and after any failed write.
+    stored_through: Option<u64>,
 }
 
 /// An open session with its prepared statements.
@@ -51,8 +59,19 @@ impl Drop for Connection {
     }
 }
 
+/// How a batch's rows reach the events table.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// COPY straight into the table: only for rows none of whose ids can be there.
+    Direct,
+    /// COPY into the staging table, then `INSERT … ON CONFLICT (id) DO NOTHING`.
+    Staged,
+}
+
 /// Why a transaction did not commit.
 enum Failure {
+    /// A direct copy met an id already stored: the batch must go through the staging table.
+    Duplicate,
     /// The server refused the data of some row (a data exception, a constraint, a limit): finding which one is
     /// worth it.
     Row(String),
@@ -98,6 +117,7 @@ impl Postgres {
             tls,
             connection: None,
             rows: Rows::default(),
+            stored_through: None,
         })
     }
 
@@ -136,19 +156,24 @@ impl Postgres {
                     create_tables(&mut client, settings).await?;
                 }
                 client.batch_execute(schema::CREATE_STAGING).await?;
+                let durability = client.query_one(schema::DURABILITY, &[]).await?;
+                let durability: (String, String) = (durability.get(0), durability.get(1));
                 let insert = client.prepare(&schema::insert(&settings.table)).await?;
                 let watermark = client
                     .prepare(&schema::advance_watermark(&settings.watermark_table))
                     .await?;
-                Ok::<_, tokio_postgres::Error>((insert, watermark))
+                Ok::<_, tokio_postgres::Error>((insert, watermark, durability))
             };
             match tokio::time::timeout(settings.timeout, prepare).await {
-                Ok(Ok((insert, watermark))) => Ok(Connection {
-                    client,
-                    task,
-                    insert,
-                    watermark,
-                }),
+                Ok(Ok((insert, watermark, durability))) => Ok((
+                    Connection {
+                        client,
+                        task,
+                        insert,
+                        watermark,
+                    },
+                    durability,
+                )),
                 Ok(Err(e)) => {
                     task.abort();
                     Err(format!("preparing the tables: {}", describe(&e, settings)))
@@ -162,16 +187,27 @@ impl Postgres {
                 }
             }
         });
-        let connection = opened.map_err(|e| format!("connecting to {endpoint}: {e}"))?;
+        let (connection, (fsync, synchronous_commit)) =
+            opened.map_err(|e| format!("connecting to {endpoint}: {e}"))?;
         self.host
             .info(&format!("connected to {}", self.settings.endpoint));
+        if fsync == "off" {
+            self.host.warn(
+                "the server runs with fsync off: a committed batch can be lost if its machine fails, after trail confirmed it; turn fsync on for an audit trail",
+            );
+        }
+        if synchronous_commit == "off" {
+            self.host.warn(
+                "the server (or this user or database) has synchronous_commit off: a committed batch can be lost if the server crashes, after trail confirmed it; set it to on for an audit trail",
+            );
+        }
         self.connection = Some(connection);
         Ok(())
     }
 
-    /// Runs the transaction of the first `n` encoded rows; commits it when `commit`, else rolls it back (a
-    /// trial while looking for a refused row).
-    fn transact(&mut self, n: usize, commit: bool) -> Result<(), Failure> {
+    /// Runs the transaction of the first `n` encoded rows by `path`; commits it when `commit`, else rolls it
+    /// back (a trial while looking for a refused row).
+    fn transact(&mut self, n: usize, path: Path, commit: bool) -> Result<(), Failure> {
         let Some(connection) = self.connection.as_mut() else {
             return Err(Failure::Retry {
                 message: "not connected".into(),
@@ -187,13 +223,19 @@ impl Postgres {
         let result = runtime.block_on(async {
             let work = async {
                 let transaction = connection.client.transaction().await?;
-                let sink = transaction.copy_in(&schema::copy()).await?;
+                let copy = match path {
+                    Path::Direct => schema::copy_direct(&settings.table),
+                    Path::Staged => schema::copy(),
+                };
+                let sink = transaction.copy_in(&copy).await?;
                 futures_util::pin_mut!(sink);
                 for chunk in rows.data(n).chunks(COPY_CHUNK) {
                     sink.feed(Bytes::copy_from_slice(chunk)).await?;
                 }
                 sink.as_mut().finish().await?;
-                transaction.execute(&connection.insert, &[]).await?;
+                if path == Path::Staged {
+                    transaction.execute(&connection.insert, &[]).await?;
+                }
                 for (host, seq, hash) in rows.watermarks(n) {
                     transaction
                         .execute(&connection.watermark, &[&host, &seq, &hash])
@@ -212,7 +254,9 @@ impl Postgres {
             Ok(Err(e)) => {
                 let lost = e.as_db_error().is_none() || connection.client.is_closed();
                 let message = describe(&e, settings);
-                if is_row_error(&e) {
+                if path == Path::Direct && e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+                    Err(Failure::Duplicate)
+                } else if is_row_error(&e) {
                     Err(Failure::Row(message))
                 } else {
                     Err(Failure::Retry { message, lost })
@@ -228,9 +272,9 @@ impl Postgres {
         }
     }
 
-    /// Stores the first `n` encoded rows, connecting first when needed and once more if a connection that
-    /// had been idle turns out to be gone (the server restarted in between).
-    fn store(&mut self, n: usize) -> Result<(), Failure> {
+    /// Stores the first `n` encoded rows by `path`, connecting first when needed and once more if a
+    /// connection that had been idle turns out to be gone (the server restarted in between).
+    fn store(&mut self, n: usize, path: Path) -> Result<(), Failure> {
         let mut reused = self.connection.is_some();
         loop {
             if self.connection.is_none() {
@@ -239,7 +283,7 @@ impl Postgres {
                     lost: true,
                 })?;
             }
-            match self.transact(n, true) {
+            match self.transact(n, path, true) {
                 Err(Failure::Retry {
                     message,
                     lost: true,
@@ -269,7 +313,7 @@ impl Postgres {
         let (mut good, mut bad, mut refusal) = (0, n, refusal);
         while bad - good > 1 {
             let mid = good + (bad - good) / 2;
-            match self.transact(mid, false) {
+            match self.transact(mid, Path::Staged, false) {
                 Ok(()) => good = mid,
                 Err(Failure::Row(message)) => {
                     bad = mid;
@@ -281,14 +325,16 @@ impl Postgres {
                     }
                     return self.failed(records, 0, SinkError::retryable(message));
                 }
+                Err(Failure::Duplicate) => unreachable!("only a direct copy meets duplicates"),
             }
         }
         if good > 0 {
-            match self.store(good) {
+            match self.store(good, Path::Staged) {
                 Ok(()) => {}
                 Err(Failure::Row(message) | Failure::Retry { message, .. }) => {
                     return self.failed(records, 0, SinkError::retryable(message));
                 }
+                Err(Failure::Duplicate) => unreachable!("only a direct copy meets duplicates"),
             }
         }
         self.refused(records, good, refusal)
@@ -444,20 +490,52 @@ fn describe_tls(error: &rustls::Error, settings: &Settings) -> String {
 
 impl Sink for Postgres {
     fn write(&mut self, batch: &[Record<'_>]) -> Result<(), WriteError> {
+        let fresh = match (
+            self.stored_through.take(),
+            batch.iter().map(|r| r.seq).min(),
+        ) {
+            (Some(through), Some(lowest)) => lowest > through,
+            _ => false,
+        };
         let unfit = self.rows.encode(batch);
         let n = self.rows.len();
         if n > 0 {
-            match self.store(n) {
+            let stored = if fresh {
+                match self.store(n, Path::Direct) {
+                    Err(Failure::Duplicate) => {
+                        self.host.debug(&format!(
+                            "batch of {n} rows: an id is already stored; through the staging table"
+                        ));
+                        self.store(n, Path::Staged)
+                    }
+                    Ok(()) => {
+                        self.host
+                            .debug(&format!("batch of {n} rows: copied into the table"));
+                        Ok(())
+                    }
+                    other => other,
+                }
+            } else {
+                self.host.debug(&format!(
+                    "batch of {n} rows: through the staging table (the first of this instance, one after a failed write, or one with seqs not above the last stored)"
+                ));
+                self.store(n, Path::Staged)
+            };
+            match stored {
                 Ok(()) => {}
                 Err(Failure::Row(refusal)) => return Err(self.narrow(batch, n, refusal)),
                 Err(Failure::Retry { message, .. }) => {
                     return Err(self.failed(batch, 0, SinkError::retryable(message)));
                 }
+                Err(Failure::Duplicate) => unreachable!("a staged copy meets no duplicates"),
             }
         }
         match unfit {
             Some((index, reason)) => Err(self.refused(batch, index, reason)),
-            None => Ok(()),
+            None => {
+                self.stored_through = batch.iter().map(|r| r.seq).max();
+                Ok(())
+            }
         }
     }
 

@@ -72,6 +72,11 @@ pub fn copy() -> String {
     format!("COPY {STAGING} ({COLUMNS}) FROM STDIN")
 }
 
+/// `COPY` of one batch straight into the events table, for a batch none of whose ids can be there yet.
+pub fn copy_direct(table: &TableName) -> String {
+    format!("COPY {} ({COLUMNS}) FROM STDIN", table.sql())
+}
+
 /// Moves the staged rows into the events table; an `id` already there is skipped (delivery is at least once).
 pub fn insert(table: &TableName) -> String {
     format!(
@@ -79,6 +84,10 @@ pub fn insert(table: &TableName) -> String {
         table.sql()
     )
 }
+
+/// The server's durability settings: `fsync`, `synchronous_commit`.
+pub const DURABILITY: &str =
+    "SELECT current_setting('fsync'), current_setting('synchronous_commit')";
 
 /// Moves a host's watermark forward to `$2` (with `$3`, the hash of that record); never backwards, so that a
 /// replay of old dead letters does not hide newer records.

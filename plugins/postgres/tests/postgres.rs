@@ -451,3 +451,100 @@ fn configuration_errors_come_back_as_config_errors() {
         &["not a table name the plugin accepts"],
     );
 }
+
+/// The plugin's notes on how each batch went in (debug messages), from `host` since `from`.
+fn paths(host: &TestHost, from: usize) -> Vec<String> {
+    host.logs()
+        .into_iter()
+        .filter(|l| l.contains("rows:"))
+        .skip(from)
+        .collect()
+}
+
+#[test]
+fn a_batch_that_cannot_repeat_stored_rows_is_copied_straight_into_the_table() {
+    let server = Server::start();
+    let host = TestHost::new("pg");
+    let mut sink = new_sink(&server.sink_config(), &host);
+    // The first batch of an instance may repeat what an earlier one stored: staged.
+    write(&mut sink, &logged(1..101)).unwrap();
+    // The next, all above it: straight into the table.
+    write(&mut sink, &logged(101..201)).unwrap();
+    let seen = paths(&host, 0);
+    assert!(
+        seen[0].contains("100 rows: through the staging table"),
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen[1], "debug: batch of 100 rows: copied into the table",
+        "{seen:?}"
+    );
+
+    // Another instance (as after a restart, with the first one's connection still open) stores some of the
+    // next batch first: the direct copy meets their ids, and the batch goes through the staging table whole.
+    let other = TestHost::new("pg");
+    let mut second = new_sink(&server.sink_config(), &other);
+    write(&mut second, &logged(250..261)).unwrap();
+    write(&mut sink, &logged(201..301)).unwrap();
+    assert_eq!(
+        paths(&host, 2),
+        ["debug: batch of 100 rows: an id is already stored; through the staging table"]
+    );
+
+    // A row refused: the write that follows the failed one is staged, the one after it direct again.
+    let mut sent = logged(301..321);
+    sent[4].line = sent[4].line.replace("déjà vu", r"nul \u0000 here");
+    let delivery = deliver(&mut sink, &sent, 5);
+    assert_eq!(delivery.dead.len(), 1, "{delivery:?}");
+    assert_eq!(delivery.dead[0].0, 305);
+    write(&mut sink, &logged(321..331)).unwrap();
+    let seen = paths(&host, 3);
+    assert!(
+        seen.last()
+            .unwrap()
+            .contains("10 rows: copied into the table"),
+        "{seen:?}"
+    );
+    assert!(
+        seen[seen.len() - 2].contains("15 rows: through the staging table"),
+        "{seen:?}"
+    );
+    // A batch with seqs not above the last stored (dead letters replayed): staged.
+    let replayed = logged(305..306);
+    write(&mut sink, &replayed).unwrap();
+    assert!(
+        paths(&host, 0)
+            .last()
+            .unwrap()
+            .contains("1 rows: through the staging table"),
+        "{:?}",
+        paths(&host, 0)
+    );
+
+    check_stored(&server, "trail_events", &logged(1..331));
+    assert_eq!(watermarks(&server, "trail_watermarks")[0].1, 330);
+}
+
+#[test]
+fn a_server_without_fsync_is_warned_about() {
+    // The tests' servers run with fsync off (nothing is lost when only processes die).
+    let server = Server::start();
+    let host = TestHost::new("pg");
+    let mut sink = new_sink(&server.sink_config(), &host);
+    write(&mut sink, &logged(1..2)).unwrap();
+    let logs = host.logs().join("\n");
+    assert!(
+        logs.contains("the server runs with fsync off: a committed batch can be lost"),
+        "{logs}"
+    );
+    assert!(!logs.contains("synchronous_commit off"), "{logs}");
+    server
+        .admin()
+        .batch_execute("ALTER ROLE trail SET synchronous_commit = off")
+        .unwrap();
+    let host = TestHost::new("pg");
+    let mut sink = new_sink(&server.sink_config(), &host);
+    write(&mut sink, &logged(2..3)).unwrap();
+    let logs = host.logs().join("\n");
+    assert!(logs.contains("has synchronous_commit off"), "{logs}");
+}

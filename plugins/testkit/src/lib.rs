@@ -11,7 +11,8 @@
 //! - lend instances batches of realistic records ([`events`], [`write`]) and deliver them by the
 //!   host's rule for each error kind ([`deliver`], which applies
 //!   [`ErrorKind::host_action`], the function trail's sink worker applies);
-//! - make test certificate authorities (`tls`, with the feature `tls`).
+//! - make test certificate authorities (`tls`, with the feature `tls`);
+//! - measure the CPU time the plugin's process and a server use in a benchmark ([`cpu`], Linux only).
 //!
 //! It is installed with trail as part of the SDK (`/usr/share/trail/sdk/testkit`, beside the API crate in
 //! `/usr/share/trail/sdk/plugin-api`): a plugin crate made by `trail plugin new` has it as a dev-dependency, and
@@ -21,6 +22,7 @@
 //! each test's business. It never starts the daemon and does not depend on it; trail's own
 //! integration tests start the daemon with a separate, daemon-side kit.
 
+pub mod cpu;
 #[cfg(feature = "tls")]
 pub mod tls;
 

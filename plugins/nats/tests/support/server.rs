@@ -194,6 +194,11 @@ impl Server {
         }
     }
 
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether it runs.
     pub fn running(&self) -> bool {
         self.child.is_some()
@@ -438,5 +443,122 @@ fn stored(message: async_nats::jetstream::Message) -> Stored {
             .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
             .map(|v| v.as_str().to_owned()),
         record: serde_json::from_slice(&message.payload).unwrap(),
+    }
+}
+
+/// A message a [`Responder`] received: its subject, its reply subject and its `Nats-Msg-Id`.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub subject: String,
+    pub reply: String,
+    pub msg_id: Option<String>,
+}
+
+/// A core-NATS subscriber of the test's own that answers publishes in JetStream's stead, so that a test can
+/// send acknowledgements out of order, twice, late or not at all (a stream answers each once, in order).
+/// Its script runs on a thread of its own with a blocking [`Peer`]; [`Responder::join`] returns what the script
+/// returns.
+pub struct Responder<T> {
+    thread: Option<std::thread::JoinHandle<T>>,
+}
+
+/// The responder's side of the connection, for its script.
+pub struct Peer {
+    runtime: tokio::runtime::Runtime,
+    client: async_nats::Client,
+    /// Taken when dropped: it unsubscribes on a task of the runtime.
+    messages: Option<async_nats::Subscriber>,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _inside = self.runtime.enter();
+        self.messages = None;
+    }
+}
+
+impl<T: Send + 'static> Responder<T> {
+    /// Subscribes to `subjects` on the server at `url`, and once the server has the subscription (returned
+    /// then), runs `script`.
+    pub fn start(
+        url: &str,
+        subjects: &str,
+        script: impl FnOnce(&mut Peer) -> T + Send + 'static,
+    ) -> Self {
+        let (url, subjects) = (url.to_owned(), subjects.to_owned());
+        let (ready, subscribed) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let (client, messages) = runtime.block_on(async {
+                let client = async_nats::connect(url).await.unwrap();
+                let messages = client.subscribe(subjects).await.unwrap();
+                client.flush().await.unwrap();
+                (client, messages)
+            });
+            ready.send(()).unwrap();
+            script(&mut Peer {
+                runtime,
+                client,
+                messages: Some(messages),
+            })
+        });
+        subscribed
+            .recv_timeout(READY_DEADLINE)
+            .expect("the responder subscribed");
+        Self {
+            thread: Some(thread),
+        }
+    }
+
+    /// Waits for the script to end, and returns what it returned.
+    pub fn join(mut self) -> T {
+        self.thread
+            .take()
+            .unwrap()
+            .join()
+            .expect("the responder's script")
+    }
+}
+
+impl Peer {
+    /// The next message, waiting up to `wait`.
+    pub fn next_within(&mut self, wait: Duration) -> Option<Request> {
+        self.runtime.block_on(async {
+            let messages = self.messages.as_mut().expect("subscribed until dropped");
+            let message = tokio::time::timeout(wait, messages.next()).await.ok()??;
+            Some(Request {
+                subject: message.subject.to_string(),
+                reply: message.reply.map(|r| r.to_string()).unwrap_or_default(),
+                msg_id: message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+                    .map(|v| v.as_str().to_owned()),
+            })
+        })
+    }
+
+    /// The next `n` messages, each within a generous deadline.
+    pub fn take(&mut self, n: usize) -> Vec<Request> {
+        (0..n)
+            .map(|i| {
+                self.next_within(READY_DEADLINE)
+                    .unwrap_or_else(|| panic!("message {i} of {n} did not come"))
+            })
+            .collect()
+    }
+
+    /// Answers on `reply` with `payload`, and waits until the server has it.
+    pub fn answer(&self, reply: &str, payload: &str) {
+        self.runtime.block_on(async {
+            self.client
+                .publish(reply.to_owned(), payload.to_owned().into())
+                .await
+                .unwrap();
+            self.client.flush().await.unwrap();
+        });
     }
 }

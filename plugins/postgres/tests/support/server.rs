@@ -170,6 +170,12 @@ impl Server {
     }
 
     /// The port it listens on (also while it is not running).
+    /// The process id of what was started (the postmaster, or the command that runs it as `postgres`) while
+    /// it runs: its descendants are the server's processes.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }
