@@ -1450,8 +1450,7 @@ fn checkpoints_kept_elsewhere_catch_a_cut_end_and_a_log_rolled_back_and_signed_a
     let offsite = daemon.path("offsite.jsonl");
     let mut delivered = Vec::new();
     // Rotations' checkpoints are streamed as they are written (on a loaded machine the checkpoint thread, at the
-    // lowest priority, may take a while: one still being written when the daemon stops is not streamed; the
-    // checkpoint at stop, which covers it, is).
+    // lowest priority, may take a while; the stop waits for it).
     assert!(
         wait_until(Duration::from_secs(60), || {
             delivered = crate::util::recorded(&offsite);
@@ -1474,6 +1473,21 @@ fn checkpoints_kept_elsewhere_catch_a_cut_end_and_a_log_rolled_back_and_signed_a
         }),
         "the stop checkpoint was not delivered: {delivered:#?}\n{}",
         daemon.stderr()
+    );
+    // Every checkpoint of the first run went off the host, those still being written when it stopped included.
+    let first_run: Vec<String> = std::fs::read_dir(daemon.log_dir.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".json"))
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            delivered = crate::util::recorded(&offsite);
+            first_run
+                .iter()
+                .all(|n| delivered.iter().any(|r| r["payload"]["name"] == json!(n)))
+        }),
+        "checkpoints {first_run:?}, delivered: {delivered:#?}"
     );
     for r in &delivered {
         assert_eq!(r["type"], json!("trail_checkpoint"));

@@ -467,11 +467,25 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
             service.stopping();
         });
     }
+    let submitter = ctx.submitter.clone();
     ingest::serve(listener, ctx, stop, shutdown_grace).await;
     service.stopping();
     // No client sends any more: the refusals still counted but not recorded are recorded now.
     for denied in access.denials.drain() {
         auditor.submission_denied(&denied);
+    }
+    // Checkpoints still being written (at the lowest CPU priority, so on a busy machine they may lag) are finished
+    // now, while their `trail_checkpoint` events can still be recorded and the sinks still run: one finished
+    // after that would be on disk but never streamed. The clone goes at once: it would keep the writer running.
+    let finished =
+        tokio::task::spawn_blocking(move || submitter.checkpoints_written(CHECKPOINTS_AT_STOP))
+            .await
+            .unwrap_or(false);
+    if !finished {
+        warn!(
+            waited = ?CHECKPOINTS_AT_STOP,
+            "checkpoints still being written at stop; those finished later are on disk but not recorded as trail_checkpoint events"
+        );
     }
     // A socket passed by the service manager stays: its socket unit owns it, and clients wait in its backlog.
     if bound_socket {
@@ -559,6 +573,9 @@ pub(crate) fn warn_if_few_descriptors(max_connections: usize) {
         );
     }
 }
+
+/// How long the stop waits for checkpoints still being written before it stops the sinks.
+const CHECKPOINTS_AT_STOP: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Records `trail_started` (before anything else is recorded: nothing else is submitted yet) and, when records
 /// follow the last stop checkpoint, logs them and records `trail_log_tampered`; the daemon continues either way.

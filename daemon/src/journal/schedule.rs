@@ -68,14 +68,19 @@ impl Schedule {
         }
     }
 
+    /// Waits for the checkpoints being written beside the writer: each is on disk and handed on when this returns.
+    pub(super) fn finish_checkpoints(&mut self) {
+        for thread in self.writing.drain(..) {
+            let _ = thread.join();
+        }
+    }
+
     /// At stop: the last checkpoint, when the log changed since the one before, on disk before this returns.
     pub(super) fn stop(&mut self, file: &mut ActiveFile, options: &Options) {
         if self.changed {
             self.checkpoint(file, options, "stop");
         }
-        for thread in self.writing.drain(..) {
-            let _ = thread.join();
-        }
+        self.finish_checkpoints();
     }
 
     fn checkpoint(&mut self, file: &mut ActiveFile, options: &Options, reason: &str) {

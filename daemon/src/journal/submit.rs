@@ -129,6 +129,8 @@ pub(super) enum Message {
     Settings(super::Settings),
     /// Answered once everything submitted before it is written (log and spool) or refused.
     Barrier(std::sync::mpsc::Sender<()>),
+    /// Answered once every checkpoint being written is on disk and was handed to `Options::checkpointed`.
+    Checkpoints(std::sync::mpsc::Sender<()>),
 }
 
 /// A handle that submits batches to the writer; cheap to clone, one per connection.
@@ -171,12 +173,29 @@ impl Submitter {
     /// when `timeout` passed first or the writer has stopped. A full queue is waited for on a thread of its own,
     /// so the bound holds even while the writer waits for room in a full spool. Call it from a blocking thread.
     pub fn barrier(&self, timeout: std::time::Duration) -> bool {
+        self.round_trip(Message::Barrier, timeout)
+    }
+
+    /// Waits until every checkpoint the writer is still writing (beside it, at the lowest CPU priority) is on disk
+    /// and was handed on to be recorded as a `trail_checkpoint` event; false when `timeout` passed first or the
+    /// writer has stopped. The daemon calls it at stop, while its own events are still recorded and sinks still
+    /// run. Call it from a blocking thread.
+    pub fn checkpoints_written(&self, timeout: std::time::Duration) -> bool {
+        self.round_trip(Message::Checkpoints, timeout)
+    }
+
+    /// Sends the message `make` builds around a reply channel and waits up to `timeout` for its answer.
+    fn round_trip(
+        &self,
+        make: fn(std::sync::mpsc::Sender<()>) -> Message,
+        timeout: std::time::Duration,
+    ) -> bool {
         let (done, answered) = std::sync::mpsc::channel();
         let tx = self.tx.clone();
         let queued = std::thread::Builder::new()
             .name("trail-barrier".into())
             // Dropped unsent (the writer stopped), the message drops `done`, which ends the wait below.
-            .spawn(move || drop(tx.blocking_send(Message::Barrier(done))));
+            .spawn(move || drop(tx.blocking_send(make(done))));
         queued.is_ok() && answered.recv_timeout(timeout).is_ok()
     }
 }

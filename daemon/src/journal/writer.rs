@@ -44,6 +44,11 @@ pub(super) fn run(mut file: ActiveFile, mut rx: mpsc::Receiver<Message>, mut opt
                 let _ = done.send(());
                 continue;
             }
+            Message::Checkpoints(done) => {
+                schedule.finish_checkpoints();
+                let _ = done.send(());
+                continue;
+            }
             Message::Submit(s) => s,
         };
         submitted_since_tick = true;
@@ -53,6 +58,7 @@ pub(super) fn run(mut file: ActiveFile, mut rx: mpsc::Receiver<Message>, mut opt
         let mut settings = None;
         // Answered once this group is committed: what was submitted before them is in it.
         let mut barriers = Vec::new();
+        let mut checkpoints = Vec::new();
         let mut bytes = first.batch.bytes();
         queued.push(first);
         while bytes < GROUP_BYTES {
@@ -63,6 +69,7 @@ pub(super) fn run(mut file: ActiveFile, mut rx: mpsc::Receiver<Message>, mut opt
                 }
                 Ok(Message::Tick) => ticked = true,
                 Ok(Message::Barrier(done)) => barriers.push(done),
+                Ok(Message::Checkpoints(done)) => checkpoints.push(done),
                 // Applied after this group: what was submitted before it is written under the old settings.
                 Ok(Message::Settings(new)) => {
                     settings = Some(new);
@@ -119,6 +126,12 @@ pub(super) fn run(mut file: ActiveFile, mut rx: mpsc::Receiver<Message>, mut opt
         queued.clear();
         for done in barriers {
             let _ = done.send(());
+        }
+        if !checkpoints.is_empty() {
+            schedule.finish_checkpoints();
+            for done in checkpoints {
+                let _ = done.send(());
+            }
         }
         if let Some(new) = settings {
             apply(&mut options, new);
