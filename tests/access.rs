@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -68,22 +68,9 @@ fn as_user(user: &TestUser, gid: u32) -> Command {
 /// Sends `lines` on one connection with `trail emit` (standard input, pipelined): its exit code and one answer
 /// per line.
 fn send(mut trail: Command, daemon: &Daemon, lines: &[Value]) -> (i32, Vec<Value>) {
-    use std::io::Write;
-    let mut child = trail
-        .args(["emit", "--socket", daemon.socket.to_str().unwrap()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    trail.args(["emit", "--socket", daemon.socket.to_str().unwrap()]);
     let input: String = lines.iter().map(|l| format!("{l}\n")).collect();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = crate::util::run_with_input(trail, input.as_bytes());
     let stdout = String::from_utf8_lossy(&out.stdout);
     let answers: Vec<Value> = stdout
         .lines()

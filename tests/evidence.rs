@@ -367,27 +367,7 @@ fn an_untouched_log_verifies_after_restarts_rotations_compression_and_retention(
     assert!(out.contains("is not the one checkpoint"), "{out}");
     // What remains can still be proved: the first record left (in a compressed file), the last one, and that the
     // newest checkpoint extends the oldest left; checked by trail verify-proof and by the RFC 9162 checker.
-    let remaining = all_records(&daemon.log_dir);
-    let log = daemon.log_dir.to_str().unwrap().to_owned();
-    let scratch = tempfile::tempdir().unwrap();
-    for line in [&remaining[0], remaining.last().unwrap()] {
-        let seq = seq_of(line).to_string();
-        let (code, bundle, err) = trail(&["prove", &seq, "--dir", &log], "");
-        assert_eq!(code, 0, "seq {seq}: {err}");
-        let b: Value = serde_json::from_str(&bundle).unwrap();
-        assert_eq!(b["line"], json!(line));
-        assert_eq!(
-            check_bundle(scratch.path(), &public_key(&daemon), &bundle),
-            (0, true),
-            "seq {seq}: {bundle}"
-        );
-    }
-    let bundle = prove_consistency(&daemon, &log);
-    assert_eq!(
-        check_bundle(scratch.path(), &public_key(&daemon), &bundle),
-        (0, true),
-        "{bundle}"
-    );
+    prove_what_remains(&daemon.log_dir, &public_key(&daemon), None);
     // Without the key, signatures are still checked for consistency and the report says so.
     let (code, out, _) = trail(&["verify", daemon.log_dir.to_str().unwrap()], "");
     assert_eq!(code, 0, "{out}");
@@ -543,18 +523,7 @@ fn prove_what_remains(dir: &Path, key: &str, old_before: Option<u64>) {
             cps[0]
         );
     }
-    let (code, bundle, err) = trail(
-        &[
-            "prove",
-            "--dir",
-            log,
-            "--consistency",
-            cps[0].to_str().unwrap(),
-            cps.last().unwrap().to_str().unwrap(),
-        ],
-        "",
-    );
-    assert_eq!(code, 0, "{err}");
+    let bundle = prove_consistency(dir);
     let b: Value = serde_json::from_str(&bundle).unwrap();
     if old_before.is_some() {
         assert!(b["old_size"].as_u64() < b["new_size"].as_u64(), "{bundle}");
@@ -1760,7 +1729,7 @@ fn checkpoints_sign_the_rfc_9162_tree_of_the_record_lines_also_as_a_c2sp_note() 
         assert_eq!(check(&b.to_string()).0, 1, "checkpoint");
     }
     // A later checkpoint's tree extends an earlier one's.
-    let bundle = prove_consistency(&daemon, &log);
+    let bundle = prove_consistency(&daemon.log_dir);
     assert_eq!(check(&bundle), (0, true), "{bundle}");
     let mut b: Value = serde_json::from_str(&bundle).unwrap();
     if !b["proof"].as_array().unwrap().is_empty() {
@@ -1769,14 +1738,14 @@ fn checkpoints_sign_the_rfc_9162_tree_of_the_record_lines_also_as_a_c2sp_note() 
     }
 }
 
-/// `trail prove --consistency` from the daemon's first checkpoint to its last: the bundle.
-fn prove_consistency(daemon: &Daemon, log: &str) -> String {
-    let cps = trail::log::checkpoint::list(&daemon.log_dir);
+/// `trail prove --consistency` from the first checkpoint of the log in `dir` to its last: the bundle.
+fn prove_consistency(dir: &Path) -> String {
+    let cps = trail::log::checkpoint::list(dir);
     let (code, bundle, err) = trail(
         &[
             "prove",
             "--dir",
-            log,
+            dir.to_str().unwrap(),
             "--consistency",
             cps[0].to_str().unwrap(),
             cps.last().unwrap().to_str().unwrap(),

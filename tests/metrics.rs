@@ -47,20 +47,9 @@ fn promtool() -> Command {
 
 /// `promtool check metrics` on `text`: panics with its complaints when it does not pass.
 fn promtool_check_metrics(text: &str, what: &str) {
-    let mut child = promtool()
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let mut check = promtool();
+    check.args(["check", "metrics"]);
+    let out = crate::util::run_with_input(check, text.as_bytes());
     assert!(
         out.status.success(),
         "promtool check metrics refuses the {what}:\n{}{}\n--- the text:\n{text}",

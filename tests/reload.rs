@@ -718,6 +718,13 @@ fn narrowing_a_sinks_filter_under_load_loses_no_acknowledged_event() {
     let dir = daemon.dir.path().to_owned();
     let base = fs::read_to_string(&daemon.config).unwrap();
     let common = base[..base.find("plugins_dir:").unwrap()].to_owned();
+    let write = |sinks: &[(&str, &str, &str)]| {
+        fs::write(
+            &daemon.config,
+            sinks_config(&common, sinks).replace("$DIR", dir.to_str().unwrap()),
+        )
+        .unwrap()
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let connections: Vec<_> = (0..2)
@@ -735,22 +742,12 @@ fn narrowing_a_sinks_filter_under_load_loses_no_acknowledged_event() {
             "no answers for a minute"
         );
         wide = !wide;
-        fs::write(
-            &daemon.config,
-            sinks_config(&common, &[("rec", filter(wide), "r")])
-                .replace("$DIR", dir.to_str().unwrap()),
-        )
-        .unwrap();
+        write(&[("rec", filter(wide), "r")]);
         let (exit, answer, err) = reload(&daemon);
         assert_eq!(exit, 0, "{answer} {err}");
         assert_eq!(strings(&answer["config"]["sinks_changed"]), ["rec"]);
         // Settled in time: narrowed (a wider set would lose nothing, but would not test the narrowing).
-        assert!(
-            answer["config"]["warnings"]
-                .as_array()
-                .is_none_or(Vec::is_empty),
-            "{answer}"
-        );
+        assert_settled(&answer);
         reloads += 1;
     }
     stop.store(true, Ordering::Relaxed);
@@ -802,13 +799,6 @@ fn narrowing_a_sinks_filter_under_load_loses_no_acknowledged_event() {
     check(&acked, &format!("after {reloads} reloads"));
 
     // The type's only sink removed under load: it delivers what was accepted for it before it stops.
-    let write = |sinks: &[(&str, &str, &str)]| {
-        fs::write(
-            &daemon.config,
-            sinks_config(&common, sinks).replace("$DIR", dir.to_str().unwrap()),
-        )
-        .unwrap()
-    };
     if !wide {
         write(&[("rec", filter(true), "r")]);
         assert_eq!(reload(&daemon).0, 0);
@@ -825,12 +815,7 @@ fn narrowing_a_sinks_filter_under_load_loses_no_acknowledged_event() {
     let (exit, answer, err) = reload(&daemon);
     assert_eq!(exit, 0, "{answer} {err}");
     assert_eq!(strings(&answer["config"]["sinks_removed"]), ["rec"]);
-    assert!(
-        answer["config"]["warnings"]
-            .as_array()
-            .is_none_or(Vec::is_empty),
-        "{answer}"
-    );
+    assert_settled(&answer);
     stop.store(true, Ordering::Relaxed);
     let mut acked = acked;
     for c in connections {
@@ -838,6 +823,16 @@ fn narrowing_a_sinks_filter_under_load_loses_no_acknowledged_event() {
     }
     // Answered after the removed sink stopped: its file is complete.
     check(&acked, "after the sink was removed");
+}
+
+/// The reload's settle finished in time: its answer has no warnings.
+fn assert_settled(answer: &Value) {
+    assert!(
+        answer["config"]["warnings"]
+            .as_array()
+            .is_none_or(Vec::is_empty),
+        "{answer}"
+    );
 }
 
 fn connections_status(daemon: &Daemon) -> Value {

@@ -59,23 +59,24 @@ pub fn login(message: &str) -> Value {
     serde_json::json!({"type": "user_login", "actor": {"id": "u-42", "name": "alice"}, "message": message, "outcome": "success", "payload": {"method": "sso"}})
 }
 
-/// Runs the `trail` tool with `args` and `stdin`, returning (exit code, stdout, stderr).
-pub fn trail(args: &[&str], stdin: &str) -> (i32, String, String) {
+/// Runs `command` with `stdin` as its standard input; its output, both streams captured.
+pub fn run_with_input(mut command: Command, stdin: &[u8]) -> std::process::Output {
     use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_trail"))
-        .args(args)
+    let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Runs the `trail` tool with `args` and `stdin`, returning (exit code, stdout, stderr).
+pub fn trail(args: &[&str], stdin: &str) -> (i32, String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_trail"));
+    command.args(args);
+    let out = run_with_input(command, stdin.as_bytes());
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
