@@ -605,11 +605,16 @@ impl Refusals {
         table.by_uid.values().filter(|c| c.last >= since).count()
     }
 
+    /// Every code's count.
+    pub fn by_code(&self) -> ByCode {
+        ByCode(std::array::from_fn(|i| {
+            self.by_code[i].load(Ordering::Relaxed)
+        }))
+    }
+
     /// A snapshot: every code's count, and per uid (most recently refused first) with the user's name.
     pub fn report(&self) -> RefusalsReport {
-        let by_code = ByCode(std::array::from_fn(|i| {
-            self.by_code[i].load(Ordering::Relaxed)
-        }));
+        let by_code = self.by_code();
         let (mut uids, evicted): (Vec<(u32, UidCounts)>, u64) = {
             let table = self.per_uid.lock().unwrap_or_else(|e| e.into_inner());
             (

@@ -539,43 +539,44 @@ impl AccessConfig {
     /// Resolves user and group names to ids; an unknown name is an error naming the rule.
     fn resolve(&mut self) -> Result<(), String> {
         for (i, rule) in self.rules.iter_mut().enumerate() {
-            rule.user_ids.clear();
-            for name in &rule.users {
-                match nix::unistd::User::from_name(name) {
-                    Ok(Some(u)) => rule.user_ids.push(u.uid.as_raw()),
-                    Ok(None) => {
-                        return Err(format!(
-                            "access.rules[{i}].users: there is no user {name:?} on this host; give an existing \
-                             user name, or the uid under uids"
-                        ));
-                    }
-                    Err(e) => {
-                        return Err(format!(
-                            "access.rules[{i}].users: cannot look up user {name:?}: {e}"
-                        ));
-                    }
-                }
-            }
-            rule.group_ids.clear();
-            for name in &rule.groups {
-                match nix::unistd::Group::from_name(name) {
-                    Ok(Some(g)) => rule.group_ids.push(g.gid.as_raw()),
-                    Ok(None) => {
-                        return Err(format!(
-                            "access.rules[{i}].groups: there is no group {name:?} on this host; give an existing \
-                             group name, or the gid under gids"
-                        ));
-                    }
-                    Err(e) => {
-                        return Err(format!(
-                            "access.rules[{i}].groups: cannot look up group {name:?}: {e}"
-                        ));
-                    }
-                }
-            }
+            rule.user_ids = ids(
+                &format!("access.rules[{i}].users"),
+                &rule.users,
+                "user",
+                "uids",
+                |n| nix::unistd::User::from_name(n).map(|u| u.map(|u| u.uid.as_raw())),
+            )?;
+            rule.group_ids = ids(
+                &format!("access.rules[{i}].groups"),
+                &rule.groups,
+                "group",
+                "gids",
+                |n| nix::unistd::Group::from_name(n).map(|g| g.map(|g| g.gid.as_raw())),
+            )?;
         }
         Ok(())
     }
+}
+
+/// The ids of `names` (`what`: user or group, whose ids are `id`s) by `lookup`; an unknown name is an error at
+/// `key` that points to the setting of ids (`uids`, `gids`).
+fn ids(
+    key: &str,
+    names: &[String],
+    what: &str,
+    id: &str,
+    lookup: impl Fn(&str) -> nix::Result<Option<u32>>,
+) -> Result<Vec<u32>, String> {
+    names
+        .iter()
+        .map(|name| match lookup(name) {
+            Ok(Some(found)) => Ok(found),
+            Ok(None) => Err(format!(
+                "{key}: there is no {what} {name:?} on this host; give an existing {what} name, or the {id} under {id}s"
+            )),
+            Err(e) => Err(format!("{key}: cannot look up {what} {name:?}: {e}")),
+        })
+        .collect()
 }
 
 /// Bytes of an unfinished line each connection may hold without taking a line slot: the part of

@@ -294,7 +294,7 @@ impl Collector for Scrape {
             &crate::event_types::accepted_counts(),
         )?;
         let refusals = &inputs.ctx.access.refusals;
-        let by_code = refusals.report().by_code;
+        let by_code = refusals.by_code();
         let rows: Vec<(&str, u64)> = crate::protocol::ErrorCode::ALL
             .iter()
             .map(|code| (code.as_str(), by_code.get(*code)))

@@ -21,6 +21,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 pub use json_text::MAX_DEPTH;
+pub(crate) use json_text::number_end;
 
 /// The JSON Schema of a request line.
 pub const EVENT_SCHEMA: &str = include_str!("../../schemas/event.schema.json");

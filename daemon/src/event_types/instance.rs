@@ -297,14 +297,7 @@ impl<'a> Reader<'a> {
     /// sign.
     fn number(&mut self) -> Result<Number, String> {
         let start = self.i;
-        while self.i < self.b.len()
-            && matches!(
-                self.b[self.i],
-                b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'
-            )
-        {
-            self.i += 1;
-        }
+        self.i = crate::protocol::number_end(self.b, start);
         let written = &self.text[start..self.i];
         // The common case, a small non-negative integer without a leading zero, without a parser.
         let digits = written.as_bytes();

@@ -17,6 +17,15 @@ use std::fmt::Write as _;
 /// most that `serde_json` reads back, so every stored record stays readable by `trail search` and the sinks.
 pub const MAX_DEPTH: usize = 127;
 
+/// Where the number token starting at `from` in accepted JSON text `b` ends: its characters are digits, signs,
+/// `.`, `e` and `E` (the text is valid JSON, so that run is exactly the number).
+pub(crate) fn number_end(b: &[u8], from: usize) -> usize {
+    from + b[from..]
+        .iter()
+        .take_while(|c| matches!(c, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
+        .count()
+}
+
 /// How numbers are copied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Numbers {
@@ -283,14 +292,7 @@ impl<'a> Walk<'a> {
 
     fn number(&mut self, numbers: Numbers, out: &mut Vec<u8>) {
         let start = self.i;
-        while self.i < self.b.len()
-            && matches!(
-                self.b[self.i],
-                b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'
-            )
-        {
-            self.i += 1;
-        }
+        self.i = number_end(self.b, start);
         let written = &self.text[start..self.i];
         if numbers == Numbers::Finite
             && let Ok(x) = written.parse::<f64>()
