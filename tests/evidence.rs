@@ -1575,27 +1575,42 @@ fn checkpoints_kept_elsewhere_catch_a_cut_end_and_a_log_rolled_back_and_signed_a
     );
 }
 
-/// RFC 9162's Merkle tree hash (section 2.1.1) over the lines of a file, written from the RFC in another language
-/// than the daemon's: prints the root of the first N lines, hex, for every N given.
+/// A record line's leaf hash as README.md defines it ("Merkle tree"), in Python: SHA-256 of 0x00, the seq as 8
+/// bytes big-endian and SHA-256 of the line's bytes after `{"seq":<digits>` up to its `,"hash":"` field, followed
+/// by `}`.
+const LEAF_PY: &str = r#"
+import hashlib
+H = lambda b: hashlib.sha256(b).digest()
+def leaf(line):
+    assert line.startswith(b'{"seq":'), line
+    i = 7
+    while line[i:i + 1].isdigit():
+        i += 1
+    rest = line[i:line.rindex(b',"hash":"')] + b"}"
+    return H(b"\x00" + int(line[7:i]).to_bytes(8, "big") + H(rest))
+"#;
+
+/// RFC 9162's Merkle tree hash (section 2.1.1) over the records of a file, written from the RFC in another language
+/// than the daemon's (with [`LEAF_PY`]): prints the root of the first N lines, hex, for every N given.
 const MTH_PY: &str = r#"
-import hashlib, sys
+import sys
 def mth(leaves):
     n = len(leaves)
     if n == 0:
-        return hashlib.sha256(b"").digest()
+        return H(b"")
     if n == 1:
-        return hashlib.sha256(b"\x00" + leaves[0]).digest()
+        return leaves[0]
     k = 1
     while k * 2 < n:
         k *= 2
-    return hashlib.sha256(b"\x01" + mth(leaves[:k]) + mth(leaves[k:])).digest()
-lines = open(sys.argv[1], "rb").read().split(b"\n")[:-1]
+    return H(b"\x01" + mth(leaves[:k]) + mth(leaves[k:]))
+leaves = [leaf(l) for l in open(sys.argv[1], "rb").read().split(b"\n")[:-1]]
 for n in sys.argv[2:]:
-    print(mth(lines[:int(n)]).hex())
+    print(mth(leaves[:int(n)]).hex())
 "#;
 
 #[test]
-fn checkpoints_sign_the_rfc_9162_tree_of_the_record_lines_also_as_a_c2sp_note() {
+fn checkpoints_sign_the_rfc_9162_tree_of_the_records_also_as_a_c2sp_note() {
     let mut daemon = start("max_file_bytes: 4096, compress: true", vec![]);
     emit(&daemon, 0, 30);
     assert!(
@@ -1652,7 +1667,7 @@ fn checkpoints_sign_the_rfc_9162_tree_of_the_record_lines_also_as_a_c2sp_note() 
     assert!(expected.len() >= 3, "{expected:?}");
     let out = std::process::Command::new("python3")
         .arg("-c")
-        .arg(MTH_PY)
+        .arg(format!("{LEAF_PY}{MTH_PY}"))
         .arg(&all)
         .args(expected.iter().map(|(s, _)| s.to_string()))
         .output()
@@ -1719,12 +1734,12 @@ fn checkpoints_sign_the_rfc_9162_tree_of_the_record_lines_also_as_a_c2sp_note() 
         assert_eq!(check(&record.to_string()), (1, false), "record");
         if !b["proof"].as_array().unwrap().is_empty() {
             let mut proof = b.clone();
-            proof["proof"][0] = json!(trail::log::tree::leaf_hash(b"other").to_string());
+            proof["proof"][0] = json!(trail::log::tree::leaf(1, &[7; 32]).to_string());
             assert_eq!(check(&proof.to_string()), (1, false), "proof");
         }
         let note = b["checkpoint"]["note"].as_str().unwrap().to_owned();
         let root_line = note.lines().nth(2).unwrap().to_owned();
-        let other_root = trail::log::tree::leaf_hash(b"x").to_string();
+        let other_root = trail::log::tree::leaf(2, &[8; 32]).to_string();
         b["checkpoint"]["note"] = json!(note.replacen(&root_line, &other_root, 1));
         assert_eq!(check(&b.to_string()).0, 1, "checkpoint");
     }
@@ -1733,7 +1748,7 @@ fn checkpoints_sign_the_rfc_9162_tree_of_the_record_lines_also_as_a_c2sp_note() 
     assert_eq!(check(&bundle), (0, true), "{bundle}");
     let mut b: Value = serde_json::from_str(&bundle).unwrap();
     if !b["proof"].as_array().unwrap().is_empty() {
-        b["proof"][0] = json!(trail::log::tree::leaf_hash(b"other").to_string());
+        b["proof"][0] = json!(trail::log::tree::leaf(1, &[7; 32]).to_string());
         assert_eq!(check(&b.to_string()), (1, false));
     }
 }
@@ -1768,7 +1783,7 @@ fn check_bundle(dir: &Path, key_file: &str, bundle: &str) -> (i32, bool) {
     assert!(code != 2, "{out}{err}");
     let python = std::process::Command::new("python3")
         .arg("-c")
-        .arg(RFC9162_PY)
+        .arg(format!("{LEAF_PY}{RFC9162_PY}"))
         .arg(&path)
         .output()
         .unwrap();
@@ -1778,8 +1793,7 @@ fn check_bundle(dir: &Path, key_file: &str, bundle: &str) -> (i32, bool) {
 /// RFC 9162's inclusion (2.1.3.2) and consistency (2.1.4.2) verification, written from the RFC: checks a bundle of
 /// `trail prove` against the roots its notes state (the notes' signatures are trail verify-proof's business).
 const RFC9162_PY: &str = r#"
-import base64, hashlib, json, sys
-H = lambda b: hashlib.sha256(b).digest()
+import base64, json, sys
 b = json.load(open(sys.argv[1]))
 def root(note):
     lines = note.split("\n")
@@ -1821,7 +1835,7 @@ def consistency(first, second, fh, sh, proof):
 proof = [base64.b64decode(p) for p in b["proof"]]
 if b["kind"] == "inclusion":
     size, r = root(b["checkpoint"]["note"])
-    ok = size == b["tree_size"] and inclusion(b["index"], size, H(b"\x00" + b["line"].encode()), proof, r)
+    ok = size == b["tree_size"] and inclusion(b["index"], size, leaf(b["line"].encode()), proof, r)
 else:
     (os_, orr), (ns, nr) = root(b["old"]["note"]), root(b["new"]["note"])
     ok = consistency(os_, ns, orr, nr, proof)

@@ -243,6 +243,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         },
     )?;
     {
+        let weak = Arc::downgrade(&tree);
         let tree = tree.clone();
         let spawned = std::thread::Builder::new()
             .name("trail-tree".into())
@@ -254,6 +255,14 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
             });
         if let Err(e) = spawned {
             warn!(error = %e, "cannot start bringing the tree cache up to date; the first checkpoint does");
+        }
+        // The records the writer commits are added as they come, at the writer's own priority: one SHA-256 block
+        // per record and two per node, which must keep up with any rate the writer reaches.
+        let spawned = std::thread::Builder::new()
+            .name("trail-tree-follow".into())
+            .spawn(move || log::tree::Keeper::follow(weak));
+        if let Err(e) = spawned {
+            warn!(error = %e, "cannot start adding records to the tree cache as they come; checkpoints read them from the log files");
         }
     }
     let idempotency = Arc::new(idempotency::Window::new(

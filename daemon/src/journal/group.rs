@@ -1,7 +1,7 @@
 //! One group commit as the writer seals it: every record numbered, chained and laid out for the log and for the
 //! spool, and the spool's part measured, so that a submission goes into a group whole or not at all.
 
-use crate::log::chain;
+use crate::log::{chain, tree};
 use crate::record::line::SEQ_PREFIX;
 use crate::spool;
 
@@ -25,6 +25,8 @@ pub(super) struct Group {
     spool: spool::Group,
     first_seq: u64,
     head: Head,
+    /// The group's log records as the Merkle tree takes them.
+    leaves: Vec<tree::Entry>,
     /// Submissions taken.
     taken: usize,
     seq_text: itoa::Buffer,
@@ -42,6 +44,7 @@ impl Group {
                 chain: chain::GENESIS,
                 last_persisted: None,
             },
+            leaves: Vec::new(),
             taken: 0,
             seq_text: itoa::Buffer::new(),
         }
@@ -51,6 +54,7 @@ impl Group {
     pub(super) fn begin(&mut self, next_seq: u64, chain: chain::Hash) {
         self.log.clear();
         self.spool.clear();
+        self.leaves.clear();
         self.first_seq = next_seq;
         self.head = Head {
             next_seq,
@@ -64,7 +68,12 @@ impl Group {
     /// the group's spool part (its bytes for the segment file) then still `fits`; otherwise the group is left
     /// exactly as it was and the result is false.
     pub(super) fn add(&mut self, batch: &Batch, fits: impl FnOnce(u64) -> bool) -> bool {
-        let before = (self.log.len(), self.spool.mark(), self.head);
+        let before = (
+            self.log.len(),
+            self.spool.mark(),
+            self.head,
+            self.leaves.len(),
+        );
         let head = &mut self.head;
         for (tail, route, digest) in batch.tails() {
             let start = self.log.len();
@@ -75,6 +84,10 @@ impl Group {
             if route.persist {
                 head.chain = chain::seal_digest(&head.chain, head.next_seq, digest, &mut self.log);
                 head.last_persisted = Some(head.next_seq);
+                self.leaves.push(tree::Entry {
+                    seq: head.next_seq,
+                    digest: *digest,
+                });
             } else {
                 self.log.push(b'}');
             }
@@ -88,10 +101,11 @@ impl Group {
             head.next_seq += 1;
         }
         if self.taken > 0 && !fits(self.spool.file_len()) {
-            let (log_len, spool_mark, head) = before;
+            let (log_len, spool_mark, head, leaves) = before;
             self.log.truncate(log_len);
             self.spool.truncate(spool_mark);
             self.head = head;
+            self.leaves.truncate(leaves);
             return false;
         }
         self.taken += 1;
@@ -101,6 +115,11 @@ impl Group {
     /// The log's lines, and the spool's part (which publishing empties).
     pub(super) fn parts(&mut self) -> (&[u8], &mut spool::Group) {
         (&self.log, &mut self.spool)
+    }
+
+    /// The group's log records, for the Merkle tree.
+    pub(super) fn leaves(&self) -> &[tree::Entry] {
+        &self.leaves
     }
 
     /// Bytes of log lines.

@@ -98,7 +98,7 @@ impl Schedule {
         let mut created_at = Vec::new();
         crate::record::write_rfc3339(&mut created_at, clock::now());
         let body = checkpoint::Body {
-            checkpoint: 2,
+            checkpoint: checkpoint::FORMAT,
             created_at: String::from_utf8(created_at).expect("ascii"),
             reason: reason.to_owned(),
             seq: file.last_seq_any,

@@ -97,8 +97,12 @@ pub(super) fn run(mut file: ActiveFile, mut rx: mpsc::Receiver<Message>, mut opt
             let started = Instant::now();
             match commit(&mut file, &mut group, sync, &mut options) {
                 Ok(()) => {
+                    let after = file.last_seq_any;
                     if file.advance(group.head()) {
                         schedule.changed = true;
+                        if let Some(tree) = &options.tree {
+                            tree.feed(after, group.leaves());
+                        }
                     }
                     let mut seq = group.first_seq();
                     for s in part.iter_mut() {

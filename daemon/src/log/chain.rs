@@ -29,10 +29,17 @@ pub const GENESIS: Hash = [0; 32];
 
 /// The hash of a record whose canonical bytes are `body` followed by `}`, given its predecessor's.
 pub fn link(prev: &Hash, body: &[u8]) -> Hash {
+    let (seq, digest) = inner(body);
+    link_digest(prev, seq, &digest)
+}
+
+/// What the chain hashes of a record besides its predecessor's hash, given its canonical bytes less the closing
+/// brace: its `seq` and its inner digest ([`digest`] of what follows the `seq`). A body that does not start with
+/// a `seq` gets `u64::MAX` and the digest of all of it: no hash a writer produced can match.
+pub fn inner(body: &[u8]) -> (u64, Hash) {
     match line::split_seq(body) {
-        Some((seq, rest)) => link_digest(prev, seq, &digest(rest)),
-        // Not a record: no hash a writer produced can match, and this one will not either.
-        None => link_digest(prev, u64::MAX, &digest(body)),
+        Some((seq, rest)) => (seq, digest(rest)),
+        None => (u64::MAX, digest(body)),
     }
 }
 

@@ -169,12 +169,17 @@ pub struct FileEntry {
     pub last_hash: Option<String>,
 }
 
+/// The format version of the checkpoints this daemon writes (see [`Body::checkpoint`]).
+pub const FORMAT: u32 = 3;
+
 /// What a checkpoint says, in file order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Body {
-    /// Format version: 1, or 2 from daemons that record `trail_started` as the first record of every start
-    /// (only after a version-2 `stop` checkpoint is a record other than `trail_started` a problem).
+    /// Format version: 1; 2 from daemons that record `trail_started` as the first record of every start (only
+    /// after a `stop` checkpoint of version 2 or later is a record other than `trail_started` a problem); 3 when
+    /// the tree's leaves are built from each record's `seq` and inner digest ([`super::tree`]). The tree fields
+    /// of a version-2 checkpoint (whose leaves were the record lines, in development versions) are not checked.
     pub checkpoint: u32,
     /// When it was written (the daemon's clock).
     pub created_at: String,

@@ -1,40 +1,48 @@
 //! The Merkle tree over the log (RFC 6962 / RFC 9162 hashing), and its cache beside the log.
 //!
 //! Definition (also in README.md, "The log"): the tree's leaves are the log's records in `seq` order, from the
-//! first record of the log; leaf `i` is the `i`-th record's line without its newline, byte for byte as stored, so a
-//! third party computes a leaf from the record line alone:
+//! first record of the log. The entry of a record is 40 bytes, its `seq` and the chain's inner digest of it
+//! ([`super::chain`]): SHA-256 of `rest`, the record's canonical bytes after its leading `{"seq":<digits>`. So a
+//! third party computes a leaf from the record line alone, and every byte of the line but the `hash` field (which
+//! the chain derives from them) is in it:
 //!
 //! ```text
-//! leaf_hash(line) = SHA-256(0x00 || line)          node_hash(l, r) = SHA-256(0x01 || l || r)
+//! entry(line)     = seq as 8 bytes big-endian || SHA-256(rest)
+//! leaf_hash(line) = SHA-256(0x00 || entry(line))     node_hash(l, r) = SHA-256(0x01 || l || r)
 //! ```
 //!
-//! and the tree of `n` leaves is RFC 9162's (section 2.1.1). Every checkpoint carries the tree's size and root at its
-//! `seq`. Hashing, proofs and the stored-hash layout are `tlog_tiles`' (the port of Go's `sumdb/tlog`).
+//! and the tree of `n` leaves is RFC 9162's (section 2.1.1). The journal writer already holds the inner digest of
+//! every record it seals, so the tree costs one SHA-256 block per leaf and two per node, whatever the records'
+//! size. Every checkpoint (format 3 on) carries the tree's size and root at its `seq`. Hashing, proofs and the
+//! stored-hash layout are `tlog_tiles`' (the port of Go's `sumdb/tlog`).
 //!
 //! The cache (`log.dir/tree/`: `hashes`, every stored hash in `tlog` order, 32 bytes each; `seqs`, the `seq` of
-//! every leaf, 8 bytes big-endian) makes roots and proofs fast; both stay on disk and are read as needed, so the
-//! daemon's memory does not grow with the log. It is rebuildable from the log files and never evidence: a proof is
-//! checked against a signed root, and `trail prove` checks each leaf it uses against the record line it reads from
-//! the log. When retention deletes a file, its deletion record keeps the tree at the file's last record ([`At`]:
-//! size, root, frontier), from which `trail verify` grows the tree of what remains; a cache lost after retention
-//! is rebuilt the same way ([`Cache::catch_up`]): the leaves before the oldest file left are known only by that
-//! frontier (`base`: the tree's size, its last leaf's `seq` and the frontier, written beside the two lists, whose
-//! entries for those leaves are left unwritten). Such a cache proves the records that remain, and the consistency of
-//! any tree at least as large as the base with a later one.
+//! every leaf, 8 bytes big-endian; `format`, the leaf definition it was built with) makes roots and proofs fast;
+//! both lists stay on disk and are read as needed, so the daemon's memory does not grow with the log. It is
+//! rebuildable from the log files and never evidence: a proof is checked against a signed root, and `trail prove`
+//! checks each leaf it uses against the record line it reads from the log. When retention deletes a file, its
+//! deletion record keeps the tree at the file's last record ([`At`]: size, root, frontier), from which
+//! `trail verify` grows the tree of what remains; a cache lost after retention is rebuilt the same way
+//! ([`Cache::catch_up`]): the leaves before the oldest file left are known only by that frontier (`base`: the
+//! tree's size, its last leaf's `seq` and the frontier, written beside the two lists, whose entries for those
+//! leaves are left unwritten). Such a cache proves the records that remain, and the consistency of any tree at
+//! least as large as the base with a later one.
 //!
 //! The daemon reaches its cache through a [`Keeper`], shared by the checkpoints and retention: it checks the cache
 //! against the newest signed checkpoint before its first use and against the last root it gave before every later
-//! one, and rebuilds it from the log files when they disagree.
+//! one, and rebuilds it from the log files when they disagree. The writer hands the keeper every record it
+//! commits ([`Keeper::feed`], a bounded queue of [`Entry`]s), which a thread of the daemon adds as they come
+//! ([`Keeper::follow`]); what the queue could not hold is read back from the log files.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 
 pub use tlog_tiles::Hash;
 use tlog_tiles::{HashReader, stored_hash_count};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::files::{self, Chunk, Chunks};
 
@@ -42,10 +50,34 @@ use super::files::{self, Chunk, Chunks};
 pub const DIR: &str = "tree";
 /// The file in [`DIR`] that holds the cache's [`Base`], when it was rebuilt after retention.
 const BASE: &str = "base";
+/// The file in [`DIR`] that names the leaf definition the cache was built with, and its content: a cache without
+/// it (built by a development version whose leaves were the record lines) is built again.
+const FORMAT: (&str, &[u8]) = ("format", b"leaves: seq || inner digest\n");
 
-/// The hash of leaf `line` (a record's line without its newline).
-pub fn leaf_hash(line: &[u8]) -> Hash {
-    tlog_tiles::record_hash(line)
+/// The leaf hash of record `seq` whose inner digest ([`super::chain::digest`] of what follows its `seq`) is
+/// `digest`.
+pub fn leaf(seq: u64, digest: &super::chain::Hash) -> Hash {
+    let mut entry = [0u8; 40];
+    entry[..8].copy_from_slice(&seq.to_be_bytes());
+    entry[8..].copy_from_slice(digest);
+    tlog_tiles::record_hash(&entry)
+}
+
+/// The leaf hash of a record's line (without its newline); `None` when the line is not a sealed record (it has
+/// no `seq` or no hash field), which is no leaf of the tree.
+pub fn leaf_hash(line: &[u8]) -> Option<Hash> {
+    let (body, _) = super::chain::split(line)?;
+    let (seq, rest) = crate::record::line::split_seq(body)?;
+    Some(leaf(seq, &super::chain::digest(rest)))
+}
+
+/// A record the journal writer committed to the log, as the tree needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry {
+    /// Its `seq`.
+    pub seq: u64,
+    /// Its inner digest ([`super::chain::digest`]).
+    pub digest: super::chain::Hash,
 }
 
 /// A tree being built in memory from its leaves, keeping only the roots of its perfect subtrees (a compact range):
@@ -60,6 +92,13 @@ pub struct Compact {
 impl Compact {
     /// Adds a leaf.
     pub fn push(&mut self, leaf: Hash) {
+        self.push_stored(leaf, |_| {});
+    }
+
+    /// Adds a leaf, giving `stored` the hashes the tree stores for it in `tlog` order: the leaf, then the root of
+    /// every perfect subtree it completes, smallest first.
+    fn push_stored(&mut self, leaf: Hash, mut stored: impl FnMut(Hash)) {
+        stored(leaf);
         let mut node = (leaf, 0);
         while let Some(&(left, h)) = self.stack.last() {
             if h != node.1 {
@@ -67,6 +106,7 @@ impl Compact {
             }
             self.stack.pop();
             node = (tlog_tiles::node_hash(left, node.0), h + 1);
+            stored(node.0);
         }
         self.stack.push(node);
         self.size += 1;
@@ -297,6 +337,9 @@ pub struct Cache {
     /// The first `seq` of the oldest log file when a gap before it was last looked into (see [`Cache::catch_up`]),
     /// and whether no tree could be found for it.
     gap_checked: Option<(u64, bool)>,
+    /// The compact range of all the leaves held, once a leaf was appended: the hashes a new leaf completes are
+    /// computed from it, without reading the lists.
+    grow: Option<Compact>,
 }
 
 /// The largest number of leaves whose stored hashes fit in `stored` hashes.
@@ -344,6 +387,20 @@ impl Cache {
         if write {
             crate::modes::create_dir_all(&dir).map_err(io(&dir))?;
         }
+        // Built with another leaf definition: nothing of it is used.
+        let format_path = dir.join(FORMAT.0);
+        let other_format = std::fs::read(&format_path).map_or(true, |f| f != FORMAT.1);
+        if other_format && write {
+            for path in [&hashes_path, &seqs_path, &base_path] {
+                match std::fs::remove_file(path) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io(path)(e)),
+                    _ => {}
+                }
+            }
+            let tmp = dir.join(".format.tmp");
+            crate::modes::write_aside(&tmp, &format_path, FORMAT.1, true)
+                .map_err(io(&format_path))?;
+        }
         // The base is written before the two lists grow past it, so a base without them is a crash in between.
         let (prefix, mut unreadable) = match std::fs::read(&base_path) {
             Ok(bytes) => match Prefix::parse(&bytes) {
@@ -382,7 +439,7 @@ impl Cache {
                 .map_err(io(&hashes_path))?;
             s.set_len(n * 8).map_err(io(&seqs_path))?;
         }
-        let in_files = !unreadable && (write || n > 0);
+        let in_files = !unreadable && (write || (n > 0 && !other_format));
         let mut cache = Cache {
             dir,
             n: if in_files { n } else { 0 },
@@ -397,6 +454,7 @@ impl Cache {
             resume: None,
             prefix: prefix.filter(|_| in_files),
             gap_checked: None,
+            grow: None,
         };
         if cache.n > 0 {
             cache.last = Some(cache.seq_at(cache.n - 1)?);
@@ -427,6 +485,7 @@ impl Cache {
         self.resume = None;
         self.prefix = None;
         self.gap_checked = None;
+        self.grow = None;
         Ok(())
     }
 
@@ -459,6 +518,7 @@ impl Cache {
         self.seqs_on_disk = base.size;
         self.last = Some(base.last_seq);
         self.prefix = Some(prefix);
+        self.grow = None;
         Ok(())
     }
 
@@ -563,10 +623,24 @@ impl Cache {
         self.read_hashes(&indexes).map_err(|e| self.proof(e))
     }
 
-    /// Adds the leaf `line` (record `seq`).
-    pub fn append(&mut self, seq: u64, line: &[u8]) -> Result<(), Error> {
-        let hashes = tlog_tiles::stored_hashes(self.n, line, &*self).map_err(|e| self.proof(e))?;
-        self.tail.extend(hashes);
+    /// Adds the leaf `leaf` of record `seq` (after the last one held).
+    pub fn append(&mut self, seq: u64, leaf: Hash) -> Result<(), Error> {
+        let grow = match &mut self.grow {
+            Some(g) => g,
+            None => {
+                let frontier = self.frontier(self.n)?;
+                let compact = Compact::from_frontier(self.n, &frontier).ok_or_else(|| {
+                    Error::Proof(format!(
+                        "tree cache {}: its frontier does not fit its size {}",
+                        self.dir.display(),
+                        self.n
+                    ))
+                })?;
+                self.grow.insert(compact)
+            }
+        };
+        let tail = &mut self.tail;
+        grow.push_stored(leaf, |h| tail.push(h));
         self.seq_tail.push(seq);
         self.last = Some(seq);
         self.n += 1;
@@ -711,7 +785,11 @@ impl Cache {
                         // through increasing seqs.
                         continue;
                     }
-                    self.append(seq, line)?;
+                    // A line that is no sealed record is no leaf (`trail verify` reports it).
+                    let Some(leaf) = leaf_hash(line) else {
+                        continue;
+                    };
+                    self.append(seq, leaf)?;
                     // Written out as they come (a cache opened for writing): a checkpoint after a million records
                     // would otherwise hold some 64 MiB of stored hashes at once.
                     if self.write && self.tail.len() >= FLUSH_HASHES {
@@ -767,6 +845,9 @@ impl Signed {
     /// The tree a checkpoint line signs, when it has one.
     pub fn of(name: &str, line: &[u8]) -> Option<Signed> {
         let cp = super::checkpoint::Checkpoint::parse(line).ok()?;
+        if cp.body.checkpoint < 3 {
+            return None;
+        }
         let root = super::chain::parse_hex(cp.body.tree_root.as_deref()?.as_bytes())?;
         Some(Signed {
             name: name.to_owned(),
@@ -805,6 +886,31 @@ pub struct Keeper {
     /// Held while retention deletes a file (and the checkpoints that vouch only for what it deleted) and while a
     /// checkpoint is written, so that no checkpoint over deleted records is written after that clean-up.
     files: Mutex<()>,
+    /// The records the writer committed and the cache has not taken yet.
+    fed: Mutex<Fed>,
+    /// Signalled when records are fed.
+    arrived: Condvar,
+}
+
+/// Records fed and not yet taken: every log record after `after`, in `seq` order.
+#[derive(Default)]
+struct Fed {
+    /// The log record the first entry follows (`Some(None)`: none, the log had no record before it); `None` until
+    /// the writer first feeds.
+    after: Option<Option<u64>>,
+    entries: std::collections::VecDeque<Entry>,
+    /// Records left to the log files because the queue was full, since the last report of it.
+    dropped: u64,
+}
+
+/// The most entries fed and not taken (40 bytes each: 2.5 MiB); beyond, the records are read back from the log.
+const FED_MAX: usize = 1 << 16;
+
+impl Fed {
+    /// The last record fed.
+    fn last(&self) -> Option<Option<u64>> {
+        self.entries.back().map(|e| Some(e.seq)).or(self.after)
+    }
 }
 
 struct Kept {
@@ -826,6 +932,60 @@ impl Keeper {
                 last: None,
             }),
             files: Mutex::new(()),
+            fed: Mutex::new(Fed::default()),
+            arrived: Condvar::new(),
+        }
+    }
+
+    /// Hands the keeper records the writer committed: `entries`, every log record after record `after` (none: the
+    /// log had no record before them), in `seq` order. Never waits for the cache: when the queue is full, the
+    /// records are left to be read back from the log files.
+    pub fn feed(&self, after: Option<u64>, entries: &[Entry]) {
+        let Some(last) = entries.last() else {
+            return;
+        };
+        let mut fed = self.fed.lock().unwrap_or_else(|e| e.into_inner());
+        if fed.entries.len() + entries.len() > FED_MAX {
+            fed.dropped += (fed.entries.len() + entries.len()) as u64;
+            fed.entries.clear();
+            fed.after = Some(Some(last.seq));
+        } else {
+            if fed.last() != Some(after) {
+                fed.entries.clear();
+                fed.after = Some(after);
+            }
+            fed.entries.extend(entries);
+        }
+        drop(fed);
+        self.arrived.notify_one();
+    }
+
+    /// Adds the records fed as they come, until the keeper is dropped (the thread holds it only weakly).
+    pub fn follow(keeper: std::sync::Weak<Keeper>) {
+        while let Some(k) = keeper.upgrade() {
+            let waiting = {
+                let fed = k.fed.lock().unwrap_or_else(|e| e.into_inner());
+                let (fed, _) = k
+                    .arrived
+                    .wait_timeout_while(fed, std::time::Duration::from_secs(1), |f| {
+                        f.entries.is_empty()
+                    })
+                    .unwrap_or_else(|e| e.into_inner());
+                !fed.entries.is_empty()
+            };
+            if waiting {
+                let mut kept = k.lock();
+                let taken = kept
+                    .opened(&k.log_dir)
+                    .and_then(|cache| take_fed(cache, &k.log_dir, &k.fed, None));
+                if let Err(e) = taken {
+                    if matches!(e, Error::Io { .. }) {
+                        // Opened again next time (which cuts what a failed write left).
+                        kept.cache = None;
+                    }
+                    warn!(error = %e, "cannot add the records just written to the tree cache; checkpoints read them from the log files");
+                }
+            }
         }
     }
 
@@ -842,7 +1002,7 @@ impl Keeper {
     /// Brings the cache up to `seq` (every record when none) and returns the tree's size and root there.
     pub fn root_at(&self, seq: Option<u64>) -> Result<(u64, Hash), Error> {
         let mut kept = self.lock();
-        let cache = kept.update(&self.log_dir, seq)?;
+        let cache = kept.update(&self.log_dir, &self.fed, seq)?;
         let size = match seq {
             Some(s) => cache.size_at(s)?,
             None => cache.len(),
@@ -855,7 +1015,7 @@ impl Keeper {
     /// The tree at record `seq` (for a deletion record), bringing the cache up to it first.
     pub fn at(&self, seq: u64) -> Result<At, Error> {
         let mut kept = self.lock();
-        let cache = kept.update(&self.log_dir, Some(seq))?;
+        let cache = kept.update(&self.log_dir, &self.fed, Some(seq))?;
         if cache.last_seq().is_none_or(|l| l < seq) {
             return Err(Error::Behind {
                 seq,
@@ -877,8 +1037,21 @@ impl Keeper {
 }
 
 impl Kept {
+    /// The cache, opened if it was not.
+    fn opened(&mut self, log_dir: &Path) -> Result<&mut Cache, Error> {
+        if self.cache.is_none() {
+            self.cache = Some(Cache::open(log_dir, true)?);
+        }
+        Ok(self.cache.as_mut().expect("opened"))
+    }
+
     /// Opens the cache if needed, checks it, brings it up to `upto`, and rebuilds it when it does not match.
-    fn update(&mut self, log_dir: &Path, upto: Option<u64>) -> Result<&Cache, Error> {
+    fn update(
+        &mut self,
+        log_dir: &Path,
+        fed: &Mutex<Fed>,
+        upto: Option<u64>,
+    ) -> Result<&Cache, Error> {
         // The checkpoint found at start is checked as soon as the cache reaches it.
         let upto = match (&self.signed, upto) {
             (Some(s), Some(u)) => Some(u.max(s.seq)),
@@ -886,11 +1059,11 @@ impl Kept {
         };
         let mut rebuilt = false;
         loop {
-            if self.cache.is_none() {
-                self.cache = Some(Cache::open(log_dir, true)?);
-            }
+            self.opened(log_dir)?;
             let cache = self.cache.as_mut().expect("opened");
-            let why = match cache.catch_up(log_dir, upto) {
+            let why = match take_fed(cache, log_dir, fed, upto)
+                .and_then(|()| cache.catch_up(log_dir, upto))
+            {
                 Ok(()) => match check(cache, self.signed.as_ref(), self.last) {
                     None => break,
                     Some(why) => why,
@@ -914,6 +1087,7 @@ impl Kept {
                 self.last = None;
                 break;
             }
+            let cache = self.cache.as_mut().expect("opened");
             warn!(dir = %cache.dir.display(), why, "the tree cache does not match the log; it is built again from the log files");
             if let Err(e) = cache.reset() {
                 self.cache = None;
@@ -929,6 +1103,59 @@ impl Kept {
             info!(dir = %cache.dir.display(), leaves = cache.len(), base = ?cache.base(), "the tree cache was built again from the log files");
         }
         Ok(cache)
+    }
+}
+
+/// Adds to `cache` the records fed up to `upto` (all when none), reading from the log files first whatever it lacks
+/// before them.
+fn take_fed(
+    cache: &mut Cache,
+    log_dir: &Path,
+    fed: &Mutex<Fed>,
+    upto: Option<u64>,
+) -> Result<(), Error> {
+    loop {
+        let (after, entries) = {
+            let mut fed = fed.lock().unwrap_or_else(|e| e.into_inner());
+            if fed.dropped > 0 {
+                debug!(
+                    records = fed.dropped,
+                    "the tree's queue was full: records are read back from the log files"
+                );
+                fed.dropped = 0;
+            }
+            let Some(after) = fed.after else {
+                return Ok(());
+            };
+            let n = fed
+                .entries
+                .iter()
+                .take(FLUSH_HASHES)
+                .take_while(|e| upto.is_none_or(|u| e.seq <= u))
+                .count();
+            if n == 0 {
+                return Ok(());
+            }
+            let entries: Vec<Entry> = fed.entries.drain(..n).collect();
+            fed.after = Some(entries.last().map(|e| e.seq));
+            (after, entries)
+        };
+        match after {
+            // A log that had no record: a cache with leaves is another log's.
+            None if !cache.is_empty() => cache.reset()?,
+            // What the cache lacks before them is in the log files.
+            Some(a) if cache.last_seq().is_none_or(|l| l < a) => {
+                cache.catch_up(log_dir, Some(a))?
+            }
+            _ => {}
+        }
+        for e in entries {
+            if cache.last_seq().is_some_and(|l| e.seq <= l) {
+                continue;
+            }
+            cache.append(e.seq, leaf(e.seq, &e.digest))?;
+        }
+        cache.flush()?;
     }
 }
 
@@ -1001,20 +1228,47 @@ impl HashReader for Cache {
 mod tests {
     use super::*;
 
-    /// RFC 9162's MTH, spelled out (section 2.1.1), to check the crate and the compact range against.
-    fn mth(leaves: &[&[u8]]) -> Hash {
-        use sha2::{Digest, Sha256};
+    use sha2::{Digest, Sha256};
+
+    /// The leaf of a record line as README.md defines it, spelled out: SHA-256 of 0x00, the seq as 8 bytes
+    /// big-endian and SHA-256 of the canonical bytes after `{"seq":<digits>` (the line without its hash field).
+    fn readme_leaf(line: &[u8]) -> Vec<u8> {
+        let text = std::str::from_utf8(line).unwrap();
+        let after_seq = text.strip_prefix(r#"{"seq":"#).unwrap();
+        let digits = after_seq.find(|c: char| !c.is_ascii_digit()).unwrap();
+        let seq: u64 = after_seq[..digits].parse().unwrap();
+        let hash_at = after_seq.rfind(r#","hash":""#).unwrap();
+        let rest = format!("{}}}", &after_seq[digits..hash_at]);
+        let mut h = Sha256::new();
+        h.update([0]);
+        h.update(seq.to_be_bytes());
+        h.update(Sha256::digest(rest.as_bytes()));
+        h.finalize().to_vec()
+    }
+
+    /// A sealed line of record `seq` (its hash field's value does not matter to the tree).
+    fn sealed(seq: u64, fields: &str) -> Vec<u8> {
+        format!(r#"{{"seq":{seq}{fields},"hash":"{}"}}"#, "ab".repeat(32)).into_bytes()
+    }
+
+    /// RFC 9162's MTH, spelled out (section 2.1.1), over the leaves of `lines`, to check the crate and the compact
+    /// range against.
+    fn mth(lines: &[&[u8]]) -> Hash {
+        let leaves: Vec<Hash> = lines
+            .iter()
+            .map(|l| Hash(readme_leaf(l).try_into().unwrap()))
+            .collect();
+        mth_of(&leaves)
+    }
+
+    /// RFC 9162's MTH over leaf hashes.
+    fn mth_of(leaves: &[Hash]) -> Hash {
         match leaves.len() {
             0 => Hash(Sha256::digest([]).into()),
-            1 => {
-                let mut h = Sha256::new();
-                h.update([0]);
-                h.update(leaves[0]);
-                Hash(h.finalize().into())
-            }
+            1 => leaves[0],
             n => {
                 let k = 1 << (usize::BITS - 1 - (n - 1).leading_zeros());
-                let (l, r) = (mth(&leaves[..k]), mth(&leaves[k..]));
+                let (l, r) = (mth_of(&leaves[..k]), mth_of(&leaves[k..]));
                 let mut h = Sha256::new();
                 h.update([1]);
                 h.update(l.0);
@@ -1028,13 +1282,24 @@ mod tests {
     fn the_cache_and_the_compact_range_agree_with_the_definition() {
         let dir = tempfile::tempdir().unwrap();
         let lines: Vec<Vec<u8>> = (0..37)
-            .map(|i| format!("{{\"seq\":{}}}", i + 1).into_bytes())
+            .map(|i| sealed(i + 1, &format!(r#","id":"r-{i}""#)))
             .collect();
+        // The leaf from the line is the leaf from the seq and the chain's inner digest, and README's.
+        for (i, line) in lines.iter().enumerate() {
+            let (seq, digest) = crate::log::chain::inner(crate::log::chain::split(line).unwrap().0);
+            assert_eq!(seq, i as u64 + 1);
+            assert_eq!(leaf_hash(line), Some(leaf(seq, &digest)));
+            assert_eq!(leaf_hash(line).unwrap().0.to_vec(), readme_leaf(line));
+        }
+        assert_eq!(leaf_hash(br#"{"seq":1,"id":"x"}"#), None, "no hash field");
+        assert_eq!(leaf_hash(br#"{"id":"x","hash":"00"}"#), None, "no seq");
         let mut cache = Cache::open(dir.path(), true).unwrap();
         let mut compact = Compact::default();
         for (i, line) in lines.iter().enumerate() {
-            cache.append(i as u64 + 1, line).unwrap();
-            compact.push(leaf_hash(line));
+            cache
+                .append(i as u64 + 1, leaf_hash(line).unwrap())
+                .unwrap();
+            compact.push(leaf_hash(line).unwrap());
             let refs: Vec<&[u8]> = lines[..=i].iter().map(|l| l.as_slice()).collect();
             assert_eq!(compact.root(), mth(&refs), "size {}", i + 1);
             if i % 5 == 0 {
@@ -1052,7 +1317,7 @@ mod tests {
             assert_eq!(again.root(size).unwrap(), mth(&refs), "size {size}");
             for index in 0..size {
                 let proof = again.prove(size, index).unwrap();
-                let leaf = leaf_hash(&lines[index as usize]);
+                let leaf = leaf_hash(&lines[index as usize]).unwrap();
                 tlog_tiles::check_record(&proof, size, mth(&refs), index, leaf).unwrap();
             }
         }
@@ -1068,11 +1333,11 @@ mod tests {
             let mut grown = Compact::from_frontier(size, &frontier).unwrap();
             assert_eq!(grown.frontier(), frontier);
             for line in &lines[size as usize..] {
-                grown.push(leaf_hash(line));
+                grown.push(leaf_hash(line).unwrap());
             }
             assert_eq!(grown.root(), again.root(37).unwrap(), "from size {size}");
         }
-        assert!(Compact::from_frontier(3, &[leaf_hash(b"x")]).is_none());
+        assert!(Compact::from_frontier(3, &[leaf(1, &[0; 32])]).is_none());
         // A crash that left the hashes behind the seqs: the cache keeps what both hold.
         let h = std::fs::OpenOptions::new()
             .write(true)
@@ -1095,7 +1360,8 @@ mod tests {
         // Every third seq is missing (stream-only records leave gaps).
         let seqs: Vec<u64> = (1..).filter(|s| s % 3 != 0).take(n as usize).collect();
         for s in &seqs {
-            text.extend_from_slice(format!("{{\"seq\":{s},\"x\":1}}\n").as_bytes());
+            text.extend_from_slice(&sealed(*s, r#","x":1"#));
+            text.push(b'\n');
         }
         std::fs::write(log.join(&name), &text).unwrap();
         let mut cache = Cache::open(log, true).unwrap();
@@ -1134,21 +1400,24 @@ mod tests {
             let mut text = Vec::new();
             for &seq in seqs {
                 let line = match deletion {
-                    Some((at, last_seq, t)) if at == seq => format!(
-                        r#"{{"seq":{seq},"type":"trail_log_file_deleted","source":{{"uid":0,"daemon":true}},"payload":{{"file":"f","last_seq":{last_seq},"tree_size":{},"tree_root":"{}","tree_frontier":[{}]}}}}"#,
-                        t.size,
-                        crate::log::chain::hex(&t.root.0),
-                        t.frontier
-                            .iter()
-                            .map(|h| format!("\"{}\"", crate::log::chain::hex(&h.0)))
-                            .collect::<Vec<_>>()
-                            .join(",")
+                    Some((at, last_seq, t)) if at == seq => sealed(
+                        seq,
+                        &format!(
+                            r#","type":"trail_log_file_deleted","source":{{"uid":0,"daemon":true}},"payload":{{"file":"f","last_seq":{last_seq},"tree_size":{},"tree_root":"{}","tree_frontier":[{}]}}"#,
+                            t.size,
+                            crate::log::chain::hex(&t.root.0),
+                            t.frontier
+                                .iter()
+                                .map(|h| format!("\"{}\"", crate::log::chain::hex(&h.0)))
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        ),
                     ),
-                    _ => format!(r#"{{"seq":{seq},"type":"x","source":{{"uid":1}}}}"#),
+                    _ => sealed(seq, r#","type":"x","source":{"uid":1}"#),
                 };
-                text.extend_from_slice(line.as_bytes());
+                text.extend_from_slice(&line);
                 text.push(b'\n');
-                lines.push(line.into_bytes());
+                lines.push(line);
             }
             std::fs::write(dir.join(name), text).unwrap();
         }
@@ -1166,9 +1435,7 @@ mod tests {
         let first: Vec<u64> = (1..=10).collect();
         let mut base = Compact::default();
         for &s in &first {
-            base.push(leaf_hash(
-                format!(r#"{{"seq":{s},"type":"x","source":{{"uid":1}}}}"#).as_bytes(),
-            ));
+            base.push(leaf_hash(&sealed(s, r#","type":"x","source":{"uid":1}"#)).unwrap());
         }
         let kept = At {
             size: base.size(),
@@ -1203,7 +1470,7 @@ mod tests {
                         size,
                         root,
                         index,
-                        leaf_hash(refs[index as usize]),
+                        leaf_hash(refs[index as usize]).unwrap(),
                     )
                     .unwrap();
                 }
@@ -1292,5 +1559,58 @@ mod tests {
             Keeper::new(log, Some(signed())).root_at(None).unwrap(),
             (40, root)
         );
+    }
+
+    /// What the writer feeds is what the tree takes (fed entries that differ from the files give their own root);
+    /// what the full queue dropped, and what came before entries fed after a gap, is read from the log files.
+    #[test]
+    fn records_fed_by_the_writer_go_into_the_tree_and_the_rest_comes_from_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path();
+        let lines = write_log(log, &[(1, (1..=100).collect())], None);
+        let from_files: Vec<Hash> = lines.iter().map(|l| leaf_hash(l).unwrap()).collect();
+        // Entries whose digests are not the files': a tree that takes them differs from the files'.
+        let fed = |seqs: std::ops::RangeInclusive<u64>| -> Vec<Entry> {
+            seqs.map(|seq| Entry {
+                seq,
+                digest: [seq as u8; 32],
+            })
+            .collect()
+        };
+        let fed_leaf = |seq: u64| leaf(seq, &[seq as u8; 32]);
+        let keeper = Keeper::new(log, None);
+        // Nothing fed: the files.
+        assert_eq!(
+            keeper.root_at(Some(40)).unwrap(),
+            (40, mth_of(&from_files[..40]))
+        );
+        keeper.feed(Some(40), &fed(41..=60));
+        keeper.feed(Some(60), &fed(61..=70));
+        let mut expected: Vec<Hash> = from_files[..40].to_vec();
+        expected.extend((41..=70).map(fed_leaf));
+        assert_eq!(keeper.root_at(Some(70)).unwrap(), (70, mth_of(&expected)));
+        // Fed after a gap (81..=90 never fed): the cache reads 71..=80 from the files first.
+        keeper.feed(Some(80), &fed(81..=90));
+        expected.extend_from_slice(&from_files[70..80]);
+        expected.extend((81..=90).map(fed_leaf));
+        assert_eq!(keeper.root_at(Some(90)).unwrap(), (90, mth_of(&expected)));
+        // Only what is asked for is taken; the follower's thread takes the rest.
+        keeper.feed(Some(90), &fed(91..=95));
+        assert_eq!(keeper.at(92).unwrap().size, 92);
+        let weak = std::sync::Arc::downgrade(&std::sync::Arc::new(Keeper::new(log, None)));
+        Keeper::follow(weak); // a dropped keeper: returns at once
+        // A full queue drops what it holds and what it cannot take (93..=95 not taken yet, and the rest): those
+        // records come from the files.
+        let many: Vec<Entry> = (96..96 + FED_MAX as u64)
+            .map(|seq| Entry {
+                seq,
+                digest: [1; 32],
+            })
+            .collect();
+        keeper.feed(Some(95), &many);
+        expected.extend((91..=92).map(fed_leaf));
+        expected.extend_from_slice(&from_files[92..]);
+        assert_eq!(keeper.root_at(Some(100)).unwrap(), (100, mth_of(&expected)));
+        assert!(keeper.fed.lock().unwrap().entries.is_empty());
     }
 }

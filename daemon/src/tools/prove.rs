@@ -207,7 +207,8 @@ pub fn prove(log_dir: &Path, seq: u64, checkpoint: Option<&Path>) -> Result<Bund
     }
     let root = signed_root(&path, root)?;
     let line = find_line(log_dir, seq)?;
-    let leaf = tree::leaf_hash(&line);
+    let leaf = tree::leaf_hash(&line)
+        .ok_or_else(|| format!("the line of seq {seq} is not a sealed record (no hash field)"))?;
     let (index, proof) = with_tree(
         log_dir,
         cp_seq,
@@ -321,17 +322,13 @@ pub fn verify_proof(bundle: &Bundle, key: &VerifyingKey) -> Result<String, Strin
             if crate::record::line::seq(line.as_bytes()) != Some(*seq) {
                 return Err(format!("the record line is not seq {seq}"));
             }
+            let leaf = tree::leaf_hash(line.as_bytes())
+                .ok_or("the record line is not a sealed record (no hash field)")?;
             if cp.body.seq.is_none_or(|s| *seq > s) {
                 return Err(format!("the checkpoint does not cover seq {seq}"));
             }
-            tlog_tiles::check_record(
-                &decode(proof)?,
-                note.size,
-                note.root,
-                *index,
-                tree::leaf_hash(line.as_bytes()),
-            )
-            .map_err(|e| format!("the inclusion proof does not hold: {e}"))?;
+            tlog_tiles::check_record(&decode(proof)?, note.size, note.root, *index, leaf)
+                .map_err(|e| format!("the inclusion proof does not hold: {e}"))?;
             Ok(format!(
                 "record seq {seq} is leaf {index} of the tree of {} records signed by {} (checkpoint {})",
                 note.size,

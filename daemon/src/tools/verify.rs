@@ -191,13 +191,6 @@ impl Inputs {
     }
 }
 
-/// The leaf hash of every line of `lines` (split at each newline, as [`Verifier::line`] gets them).
-fn leaf_hashes(lines: &[u8]) -> Vec<crate::log::tree::Hash> {
-    crate::log::files::split_lines(lines)
-        .map(crate::log::tree::leaf_hash)
-        .collect()
-}
-
 /// What verify reads of a record that may be one of the daemon's own.
 #[derive(Deserialize)]
 struct OwnRecord {
@@ -320,15 +313,12 @@ struct Verifier {
     tree: Option<crate::log::tree::Compact>,
     /// Tree sizes and roots checkpoints sign, by the `seq` they are at: (checkpoint, size, root hex).
     tree_claims: SeqMap<Vec<(String, u64, String)>>,
+    /// Checkpoints of format 2 with a tree (not checked).
+    older_trees: usize,
     /// Deletion records that kept the tree, found before the log is read in order.
     tree_bases: Vec<Deletion>,
     /// The deletion record the tree grew on from (its file), once the first record follows it.
     tree_base: Option<String>,
-    /// Records of the chunk being read to add to the tree once their leaves are hashed: (index of the line in
-    /// the chunk, line number, seq).
-    tree_pending: Vec<(usize, u64, u64)>,
-    /// Index in its chunk of the line being checked.
-    chunk_line: usize,
 }
 
 const WINDOW: usize = 4;
@@ -376,10 +366,9 @@ pub fn verify(inputs: &Inputs, key: Option<&VerifyingKey>) -> io::Result<Report>
         after_stop: None,
         tree: None,
         tree_claims: SeqMap::default(),
+        older_trees: 0,
         tree_bases: Vec::new(),
         tree_base: None,
-        tree_pending: Vec::new(),
-        chunk_line: 0,
     };
     let mut sources: Vec<(Option<String>, String, io::Result<Vec<u8>>)> = inputs
         .checkpoints
@@ -418,6 +407,12 @@ pub fn verify(inputs: &Inputs, key: Option<&VerifyingKey>) -> io::Result<Report>
              (older files were deleted by retention) and no deletion record kept the tree"
                 .into(),
         );
+    }
+    if v.older_trees > 0 {
+        v.report.notes.push(format!(
+            "the Merkle tree roots of {} checkpoint(s) of format 2 (a development version's leaves) were not checked",
+            v.older_trees
+        ));
     }
     if let Some(file) = &v.tree_base
         && v.tree.is_some()
@@ -482,7 +477,9 @@ impl Verifier {
                 continue;
             }
             keys.insert(cp.body.key.clone());
-            if let (Some(seq), Some(size), Some(root)) =
+            if cp.body.checkpoint < 3 && cp.body.tree_root.is_some() {
+                self.older_trees += 1;
+            } else if let (Some(seq), Some(size), Some(root)) =
                 (cp.body.seq, cp.body.tree_size, &cp.body.tree_root)
             {
                 let claims = self.tree_claims.entry(seq).or_default();
@@ -569,38 +566,14 @@ impl Verifier {
             match chunk {
                 Chunk::Lines(_, lines) => {
                     total += lines.len() as u64;
-                    std::thread::scope(|scope| {
-                        // The Merkle tree's leaves (a second SHA-256 of every line) are hashed on a thread beside
-                        // the chain's checks, and added to the tree once the chunk's lines are checked.
-                        let wanted = self.tree.is_some() || self.prev.is_none();
-                        let helper = wanted
-                            .then(|| {
-                                std::thread::Builder::new()
-                                    .name("trail-verify-leaves".into())
-                                    .spawn_scoped(scope, || leaf_hashes(lines))
-                                    .ok()
-                            })
-                            .flatten();
-                        for (i, line) in files::split_lines(lines).enumerate() {
-                            if line.is_empty() && line.as_ptr() == lines[lines.len()..].as_ptr() {
-                                break;
-                            }
-                            line_no += 1;
-                            self.chunk_line = i;
-                            self.line(&name, file, line_no, line, first_in_file);
-                            first_in_file = false;
+                    for line in files::split_lines(lines) {
+                        if line.is_empty() && line.as_ptr() == lines[lines.len()..].as_ptr() {
+                            break;
                         }
-                        if self.tree_pending.is_empty() {
-                            return;
-                        }
-                        let leaves = match helper.map(|h| h.join()) {
-                            Some(Ok(leaves)) => leaves,
-                            _ => leaf_hashes(lines),
-                        };
-                        for (i, line_no, seq) in std::mem::take(&mut self.tree_pending) {
-                            self.check_tree(&name, line_no, seq, leaves[i]);
-                        }
-                    });
+                        line_no += 1;
+                        self.line(&name, file, line_no, line, first_in_file);
+                        first_in_file = false;
+                    }
                 }
                 Chunk::Torn(offset, rest) => {
                     total += rest.len() as u64;
@@ -675,11 +648,14 @@ impl Verifier {
         if OWN_TYPE.find(line).is_some() {
             self.own_record(name, line_no, seq, line);
         }
+        // The inner digest serves the chain's checks and the record's Merkle leaf: one pass over its bytes.
+        let (link_seq, digest) = chain::inner(body);
+        let link = |prev: &chain::Hash| chain::link_digest(prev, link_seq, &digest);
         let computed;
         let mut problem = None;
         match &self.prev {
             None => {
-                computed = chain::link(&chain::GENESIS, body);
+                computed = link(&chain::GENESIS);
                 // The tree starts at the log's first record, or grows on from the tree that the deletion record
                 // of the file before this record kept (its last hash must be the one this record follows).
                 if computed == stored {
@@ -692,7 +668,7 @@ impl Verifier {
                     && d.last_hash
                         .as_deref()
                         .and_then(|h| chain::parse_hex(h.as_bytes()))
-                        .is_some_and(|h| chain::link(&h, body) == stored)
+                        .is_some_and(|h| link(&h) == stored)
                 {
                     self.tree = d.tree();
                     self.tree_base = Some(d.file.clone());
@@ -705,7 +681,7 @@ impl Verifier {
                 });
             }
             Some(prev) => {
-                computed = chain::link(&prev.stored, body);
+                computed = link(&prev.stored);
                 if computed == stored {
                     if seq <= prev.seq && !repeated {
                         problem = Some(self.problem(
@@ -720,10 +696,7 @@ impl Verifier {
                     }
                 } else if self.after_damage {
                     // The damaged line before was reported; its hash is unknown.
-                } else if prev
-                    .computed
-                    .is_some_and(|c| chain::link(&c, body) == stored)
-                {
+                } else if prev.computed.is_some_and(|c| link(&c) == stored) {
                     // The record before is intact but its hash field was changed.
                     if let Some(i) = prev.problem {
                         self.report.problems[i].message =
@@ -734,7 +707,7 @@ impl Verifier {
                     .iter()
                     .rev()
                     .skip(1)
-                    .position(|h| chain::link(h, body) == stored)
+                    .position(|h| link(h) == stored)
                 {
                     // This record follows one a few lines back: the lines between do not belong here.
                     if !prev.reordered
@@ -771,8 +744,8 @@ impl Verifier {
             ));
         }
         self.check_after_stop(name, line_no, seq, line, &stored);
-        if self.tree.is_some() {
-            self.tree_pending.push((self.chunk_line, line_no, seq));
+        if self.tree.is_some() && link_seq == seq {
+            self.check_tree(name, line_no, seq, crate::log::tree::leaf(seq, &digest));
         }
         self.after_damage = false;
         if self.window.len() == WINDOW {
