@@ -32,9 +32,10 @@ impl Daemon {
         Client::connect(&self.socket).unwrap()
     }
 
-    /// Asks the admin socket.
+    /// Asks the admin socket; a failure shows the end of the daemon's log.
     pub fn admin(&self, request: Value) -> Value {
-        trail::client::admin(&self.admin_socket(), &request).unwrap()
+        trail::client::admin(&self.admin_socket(), &request)
+            .unwrap_or_else(|e| panic!("admin {request}: {e}\n{}", self.stderr_tail(40)))
     }
 }
 

@@ -206,7 +206,8 @@ impl Daemon {
         }
     }
 
-    /// Starts the binary on this daemon's config and waits until the socket accepts.
+    /// Starts the binary on this daemon's config and waits until the socket accepts (and the admin socket, when it
+    /// is in its default place).
     pub fn try_spawn(&mut self) -> Result<()> {
         assert!(self.child.is_none(), "already running");
         self.starts += 1;
@@ -250,6 +251,12 @@ impl Daemon {
             let _ = child.wait();
             bail!("traild did not open its socket:\n{}", self.stderr());
         }
+        // The admin socket is bound just after: a test may ask it at once. (A configuration that moved it
+        // elsewhere waits here in vain for a while, and goes on.)
+        wait_until(Duration::from_secs(10), || {
+            matches!(child.try_wait(), Ok(Some(_)))
+                || std::os::unix::net::UnixStream::connect(self.admin_socket()).is_ok()
+        });
         self.child = Some(child);
         Ok(())
     }
