@@ -6,8 +6,10 @@
 //! Counts the rows afterwards: every event must be there once.
 //!
 //! `cargo bench -p trail-sink-postgres` (set `TRAIL_BENCH_EVENTS` to change the number of events per run,
-//! 500,000 by default; `TRAIL_BENCH_BATCHES=5000,1000` for other batch sizes; `TRAIL_BENCH_PLUGIN=/path/lib….so`
-//! to measure another build of the plugin, e.g. an older commit's, for an A/B comparison).
+//! 500,000 by default; `TRAIL_BENCH_BATCHES=5000,1000` for other batch sizes; `TRAIL_BENCH_CONNECTIONS=4` for
+//! the setting `connections`, 1 by default, which a build older than the setting refuses;
+//! `TRAIL_BENCH_PLUGIN=/path/lib….so` to measure another build of the plugin, e.g. an older commit's, for an A/B
+//! comparison).
 
 #[path = "../tests/support/server.rs"]
 mod server;
@@ -33,6 +35,9 @@ fn main() {
     let batches: Vec<usize> = std::env::var("TRAIL_BENCH_BATCHES")
         .map(|b| b.split(',').map(|n| n.parse().unwrap()).collect())
         .unwrap_or_else(|_| vec![5000, 1000, 500]);
+    let connections: Option<u64> = std::env::var("TRAIL_BENCH_CONNECTIONS")
+        .ok()
+        .map(|n| n.parse().expect("TRAIL_BENCH_CONNECTIONS: a number"));
     let server = Server::start_with(Options {
         durable: true,
         ..Options::default()
@@ -47,18 +52,23 @@ fn main() {
         ("plugin", Party::Own),
         ("server", Party::Tree(server.pid().unwrap())),
     ];
+    let mut config = server.sink_config();
+    // Only when asked: an older build of the plugin (TRAIL_BENCH_PLUGIN) does not know the setting.
+    if let Some(n) = connections {
+        config["connections"] = n.into();
+    }
     for batch in batches {
         // Distinct records: ids already stored would be skipped, which is cheaper than storing them.
         let warm = fresh(&mut next, 20_000);
         let sent = fresh(&mut next, total);
         let bytes: usize = sent.iter().map(|e| e.line.len()).sum();
         let mut sink = plugin
-            .new_sink(&server.sink_config().to_string(), &TestHost::new("bench"))
+            .new_sink(&config.to_string(), &TestHost::new("bench"))
             .expect("configuring the sink");
         for chunk in warm.chunks(batch) {
             write(&mut sink, chunk).expect("writing a batch");
         }
-        // Read while the sink's connection is open: its server process is counted only while it lives.
+        // Read while the sink's connections are open: their server processes are counted only while they live.
         let meter = Meter::start(&parties);
         for chunk in sent.chunks(batch) {
             write(&mut sink, chunk).expect("writing a batch");
@@ -73,7 +83,7 @@ fn main() {
             .unwrap()
             .get(0);
         assert_eq!(stored as u64, total, "rows stored");
-        report(batch, bytes, &usage);
+        report(batch, connections.unwrap_or(1), bytes, &usage);
     }
 }
 
@@ -90,10 +100,10 @@ fn fresh(next: &mut u64, n: u64) -> Vec<Event> {
     made
 }
 
-fn report(batch: usize, bytes: usize, usage: &Usage) {
+fn report(batch: usize, connections: u64, bytes: usize, usage: &Usage) {
     let seconds = usage.elapsed.as_secs_f64();
     println!(
-        "postgres batches of {batch:>4}: {} events in {seconds:.2}s: {:>8.0} events/s, {:>5.1} MB/s of records",
+        "postgres batches of {batch:>4}, connections {connections}: {} events in {seconds:.2}s: {:>8.0} events/s, {:>5.1} MB/s of records",
         usage.events,
         usage.rate(),
         bytes as f64 / seconds / 1e6

@@ -41,6 +41,8 @@ struct Config {
     connect_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "de_positive_duration")]
     timeout: Option<Duration>,
+    #[serde(default)]
+    connections: Option<i64>,
 }
 
 fn yes() -> bool {
@@ -67,6 +69,8 @@ pub const WATERMARK_TABLE: &str = "trail_watermarks";
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The default `timeout` of one batch's transaction.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
+/// The most `connections`: each is a server backend and one of the server's `max_connections`.
+pub const MAX_CONNECTIONS: usize = 16;
 /// Longest table name: PostgreSQL keeps 63 bytes of an identifier, and the longest index name the plugin
 /// derives from the table's adds 9 (`_host_seq`).
 const MAX_TABLE_NAME: usize = 54;
@@ -154,8 +158,11 @@ pub struct Settings {
     pub watermark_table: TableName,
     /// Create the tables and indexes when they are missing.
     pub create_tables: bool,
-    /// Longest time one batch's transaction (connecting included) may take.
+    /// Longest time one batch's transaction (connecting included) may take; with several connections, one
+    /// part's transaction.
     pub timeout: Duration,
+    /// How many connections a batch's rows may be spread over (1..=[`MAX_CONNECTIONS`]).
+    pub connections: usize,
 }
 
 impl Settings {
@@ -293,6 +300,16 @@ impl Settings {
             ));
         }
 
+        let connections = match config.connections {
+            None => 1,
+            Some(n) if (1..=MAX_CONNECTIONS as i64).contains(&n) => n as usize,
+            Some(n) => {
+                return Err(format!(
+                    "\"connections\" is {n}: give a number from 1 to {MAX_CONNECTIONS} (1, the default, writes each batch on one connection)"
+                ));
+            }
+        };
+
         let hosts: Vec<String> = client
             .get_hosts()
             .iter()
@@ -321,6 +338,7 @@ impl Settings {
             watermark_table,
             create_tables: config.create_tables,
             timeout: config.timeout.unwrap_or(TIMEOUT),
+            connections,
         })
     }
 }
@@ -482,6 +500,16 @@ mod tests {
             r#"{"host": "db", "user": "u", "table": "x", "watermark_table": "x"}"#,
             "give them different names",
         );
+        for n in ["0", "17", "-1", "1000000000000"] {
+            check_error(
+                &format!(r#"{{"host": "db", "user": "u", "connections": {n}}}"#),
+                &format!("\"connections\" is {n}: give a number from 1 to 16"),
+            );
+        }
+        check_error(
+            r#"{"host": "db", "user": "u", "connections": "4"}"#,
+            "invalid type: string \"4\"",
+        );
     }
 
     #[test]
@@ -494,6 +522,7 @@ mod tests {
         assert_eq!(s.watermark_table.sql(), "\"trail_watermarks\"");
         assert!(s.create_tables);
         assert_eq!(s.timeout, TIMEOUT);
+        assert_eq!(s.connections, 1);
         assert_eq!(s.client.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
         assert_eq!(s.client.get_application_name(), Some("trail pg"));
 
@@ -519,7 +548,7 @@ mod tests {
         assert_eq!(s.client.get_ssl_mode(), SslMode::Require);
 
         let s = parse(
-            r#"{"host": "db", "port": 6000, "user": "u", "password": "p", "table": "audit.events", "watermark_table": "audit.hosts", "create_tables": false, "timeout": "5s"}"#,
+            r#"{"host": "db", "port": 6000, "user": "u", "password": "p", "table": "audit.events", "watermark_table": "audit.hosts", "create_tables": false, "timeout": "5s", "connections": 16}"#,
         )
         .unwrap();
         assert_eq!(s.client.get_ports(), [6000]);
@@ -529,6 +558,9 @@ mod tests {
         assert_eq!(s.watermark_table.text(), "audit.hosts");
         assert!(!s.create_tables);
         assert_eq!(s.timeout, Duration::from_secs(5));
+        assert_eq!(s.connections, 16);
+        let s = parse(r#"{"host": "db", "user": "u", "connections": 1}"#).unwrap();
+        assert_eq!(s.connections, 1);
     }
 
     #[test]

@@ -2,30 +2,38 @@
 //! and moves a per-host watermark in the same transaction. A batch that follows a batch this instance stored
 //! whole (none of its ids can be stored yet) is copied straight into the table; any other (the first of an
 //! instance, one after a failed write, or one whose direct copy met an id already stored) goes through a
-//! per-connection staging table and `INSERT … ON CONFLICT (id) DO NOTHING`. See README.md for the
-//! configuration and the tables.
+//! per-connection staging table and `INSERT … ON CONFLICT (id) DO NOTHING`. With `connections` above 1, a
+//! batch big enough is split into contiguous parts written at once on several connections, each part its own
+//! transaction; the part of the highest seqs moves the watermark, and commits only after every other part has
+//! committed. See README.md for the configuration and the tables.
 //!
-//! This module owns the connection (on a single-threaded tokio runtime of the plugin's own, driven from the
-//! sink's thread), the batch's transaction, finding the one row the server refuses, and turning the client's
+//! This module owns the connections (on a single-threaded tokio runtime of the plugin's own, driven from the
+//! sink's thread), the batch's transactions, finding the one row the server refuses, and turning the client's
 //! errors into the plugin API's error kinds with messages that say what to do.
 
 mod config;
 mod rows;
 mod schema;
 
-use std::{error::Error as _, sync::Arc, time::Duration};
+use std::{collections::HashSet, error::Error as _, ops::Range, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use futures_util::SinkExt;
-use tokio::{runtime::Runtime, task::JoinHandle};
-use tokio_postgres::{Client, Statement, error::SqlState};
+use futures_util::{SinkExt, future};
+use tokio::{runtime::Runtime, task::JoinHandle, time::error::Elapsed};
+use tokio_postgres::{Client, Statement, Transaction, error::SqlState};
 use tokio_postgres_rustls::MakeRustlsConnect;
 use trail_plugin_api::{Host, Record, Sink, SinkError, WriteError};
 
-use crate::{config::Settings, rows::Rows};
+use crate::{
+    config::{Settings, TableName},
+    rows::Rows,
+};
 
 /// Most bytes of COPY data sent in one message.
 const COPY_CHUNK: usize = 256 * 1024;
+/// Fewest rows in one part of a batch split over several connections: a smaller batch stays one transaction
+/// on one connection (a part's transaction costs a few round trips and a commit, worth it only for many rows).
+const MIN_PART: usize = 500;
 /// How much of a server's detail line goes into a message.
 const DETAIL_EXCERPT: usize = 300;
 
@@ -35,7 +43,9 @@ struct Postgres {
     /// The plugin's own runtime; taken and shut down in `close`.
     runtime: Option<Runtime>,
     tls: Option<MakeRustlsConnect>,
-    connection: Option<Connection>,
+    /// `connections` slots, each opened when a batch first needs it (the first for every batch, the others for
+    /// the parts of a batch big enough to split) and emptied when its connection fails.
+    connections: Vec<Option<Connection>>,
     rows: Rows,
     /// The highest seq of the batch this instance stored last, when that write stored the whole batch: a
     /// batch whose seqs are all above it cannot hold an id already stored (trail hands out batches in seq
@@ -79,6 +89,19 @@ enum Failure {
     Retry { message: String, lost: bool },
 }
 
+impl Failure {
+    /// The same failure, a message that is not about a row's data prefixed with where it happened.
+    fn within(self, place: &str) -> Self {
+        match self {
+            Failure::Retry { message, lost } => Failure::Retry {
+                message: format!("{place}{message}"),
+                lost,
+            },
+            other => other,
+        }
+    }
+}
+
 impl Postgres {
     fn new(config_json: &str, host: Host) -> Result<Self, SinkError> {
         let settings = Settings::parse(config_json, host.sink_name())?;
@@ -112,10 +135,10 @@ impl Postgres {
         ));
         Ok(Self {
             host,
+            connections: (0..settings.connections).map(|_| None).collect(),
             settings,
             runtime: Some(runtime),
             tls,
-            connection: None,
             rows: Rows::default(),
             stored_through: None,
         })
@@ -127,8 +150,32 @@ impl Postgres {
             .expect("the runtime lives until close")
     }
 
-    /// Opens a session: connects, creates the tables when asked and missing, the staging table, statements.
-    fn connect(&mut self) -> Result<(), String> {
+    /// Where a connection's error happened: empty with one connection, else `connection 2 of 4: `.
+    fn label(&self, index: usize) -> String {
+        match self.settings.connections {
+            1 => String::new(),
+            all => format!("connection {} of {all}: ", index + 1),
+        }
+    }
+
+    /// The first `n` rows of `batch` as the contiguous parts written at once, one per connection: as many as
+    /// there are connections, but none smaller than [`MIN_PART`] (so a small batch is one part). A batch that
+    /// holds an id twice (dead letters replayed twice over) is one part: a part waiting for the last part's
+    /// uncommitted row of that id, while the last part waits for it to commit, would stall until `timeout`.
+    fn parts(&self, batch: &[Record<'_>], n: usize) -> Vec<Range<usize>> {
+        let mut k = self.settings.connections.min(n / MIN_PART).max(1);
+        if k > 1 {
+            let mut ids = HashSet::with_capacity(n);
+            if !batch[..n].iter().all(|r| ids.insert(r.id.as_str())) {
+                k = 1;
+            }
+        }
+        (0..k).map(|i| i * n / k..(i + 1) * n / k).collect()
+    }
+
+    /// Opens the session of connection `index`: connects, creates the tables when asked and missing, the
+    /// staging table, statements.
+    fn connect(&mut self, index: usize) -> Result<(), String> {
         let settings = &self.settings;
         let tls = self.tls.clone();
         let endpoint = &settings.endpoint;
@@ -187,10 +234,24 @@ impl Postgres {
                 }
             }
         });
+        let label = self.label(index);
         let (connection, (fsync, synchronous_commit)) =
-            opened.map_err(|e| format!("connecting to {endpoint}: {e}"))?;
-        self.host
-            .info(&format!("connected to {}", self.settings.endpoint));
+            opened.map_err(|e| format!("{label}connecting to {endpoint}: {e}"))?;
+        match self.settings.connections {
+            1 => self
+                .host
+                .info(&format!("connected to {}", self.settings.endpoint)),
+            all => self.host.info(&format!(
+                "connected to {} (connection {} of {all})",
+                self.settings.endpoint,
+                index + 1
+            )),
+        }
+        // The same server, user and database for every connection: said once.
+        if index > 0 {
+            self.connections[index] = Some(connection);
+            return Ok(());
+        }
         if fsync == "off" {
             self.host.warn(
                 "the server runs with fsync off: a committed batch can be lost if its machine fails, after trail confirmed it; turn fsync on for an audit trail",
@@ -201,14 +262,14 @@ impl Postgres {
                 "the server (or this user or database) has synchronous_commit off: a committed batch can be lost if the server crashes, after trail confirmed it; set it to on for an audit trail",
             );
         }
-        self.connection = Some(connection);
+        self.connections[index] = Some(connection);
         Ok(())
     }
 
-    /// Runs the transaction of the first `n` encoded rows by `path`; commits it when `commit`, else rolls it
-    /// back (a trial while looking for a refused row).
+    /// Runs the transaction of the first `n` encoded rows by `path` on the first connection; commits it when
+    /// `commit`, else rolls it back (a trial while looking for a refused row).
     fn transact(&mut self, n: usize, path: Path, commit: bool) -> Result<(), Failure> {
-        let Some(connection) = self.connection.as_mut() else {
+        let Some(connection) = self.connections[0].as_mut() else {
             return Err(Failure::Retry {
                 message: "not connected".into(),
                 lost: true,
@@ -220,27 +281,17 @@ impl Postgres {
             .runtime
             .as_ref()
             .expect("the runtime lives until close");
+        let Connection {
+            client,
+            insert,
+            watermark,
+            ..
+        } = connection;
         let result = runtime.block_on(async {
             let work = async {
-                let transaction = connection.client.transaction().await?;
-                let copy = match path {
-                    Path::Direct => schema::copy_direct(&settings.table),
-                    Path::Staged => schema::copy(),
-                };
-                let sink = transaction.copy_in(&copy).await?;
-                futures_util::pin_mut!(sink);
-                for chunk in rows.data(n).chunks(COPY_CHUNK) {
-                    sink.feed(Bytes::copy_from_slice(chunk)).await?;
-                }
-                sink.as_mut().finish().await?;
-                if path == Path::Staged {
-                    transaction.execute(&connection.insert, &[]).await?;
-                }
-                for (host, seq, hash) in rows.watermarks(n) {
-                    transaction
-                        .execute(&connection.watermark, &[&host, &seq, &hash])
-                        .await?;
-                }
+                let transaction = client.transaction().await?;
+                copy_rows(&transaction, insert, &settings.table, rows.data(n), path).await?;
+                advance(&transaction, watermark, &rows.watermarks(n)).await?;
                 if commit {
                     transaction.commit().await
                 } else {
@@ -249,36 +300,173 @@ impl Postgres {
             };
             tokio::time::timeout(settings.timeout, work).await
         });
-        match result {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                let lost = e.as_db_error().is_none() || connection.client.is_closed();
-                let message = describe(&e, settings);
-                if path == Path::Direct && e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
-                    Err(Failure::Duplicate)
-                } else if is_row_error(&e) {
-                    Err(Failure::Row(message))
-                } else {
-                    Err(Failure::Retry { message, lost })
+        outcome(result, client, path, settings)
+    }
+
+    /// Runs the transactions of `parts` (two or more, from [`parts`](Self::parts)) by `path` at once, part
+    /// `i` on connection `i` (all open). Every part but the last commits its rows on its own; the last, which
+    /// holds the batch's highest seqs, does its rows, waits for the others, and only when every one of them
+    /// committed moves the batch's watermarks and commits, else rolls back: the watermark never names a row
+    /// that is not committed. Returns each part's outcome (the last's is `Ok` when it rolled back cleanly
+    /// because another part failed).
+    fn transact_parts(&mut self, parts: &[Range<usize>], path: Path) -> Vec<Result<(), Failure>> {
+        let settings = &self.settings;
+        let rows = &self.rows;
+        let runtime = self
+            .runtime
+            .as_ref()
+            .expect("the runtime lives until close");
+        let mut open: Vec<&mut Connection> = self.connections[..parts.len()]
+            .iter_mut()
+            .map(|c| c.as_mut().expect("every part's connection is open"))
+            .collect();
+        let (Some(last), Some((last_rows, first_parts))) = (open.pop(), parts.split_last()) else {
+            unreachable!("a batch in parts has at least two");
+        };
+        let n = last_rows.end;
+        runtime.block_on(async {
+            let firsts = future::join_all(open.into_iter().zip(first_parts).map(
+                |(connection, part)| async move {
+                    let Connection { client, insert, .. } = connection;
+                    let work = async {
+                        let transaction = client.transaction().await?;
+                        let data = rows.part(part.clone());
+                        copy_rows(&transaction, insert, &settings.table, data, path).await?;
+                        transaction.commit().await
+                    };
+                    let result = tokio::time::timeout(settings.timeout, work).await;
+                    outcome(result, client, path, settings)
+                },
+            ));
+            let Connection {
+                client,
+                insert,
+                watermark,
+                ..
+            } = last;
+            let begin = async {
+                let transaction = client.transaction().await?;
+                let data = rows.part(last_rows.clone());
+                copy_rows(&transaction, insert, &settings.table, data, path).await?;
+                Ok::<_, tokio_postgres::Error>(transaction)
+            };
+            // In a block of its own: what is left of `begun` (which borrows the client) ends with it.
+            let (mut results, ended) = {
+                let (results, begun) =
+                    future::join(firsts, tokio::time::timeout(settings.timeout, begin)).await;
+                let ended = match begun {
+                    Ok(Ok(transaction)) if results.iter().all(Result::is_ok) => {
+                        let finish = async {
+                            advance(&transaction, watermark, &rows.watermarks(n)).await?;
+                            transaction.commit().await
+                        };
+                        tokio::time::timeout(settings.timeout, finish).await
+                    }
+                    // Another part failed: this one's rows and the watermark wait for the batch's retry.
+                    Ok(Ok(transaction)) => {
+                        tokio::time::timeout(settings.timeout, transaction.rollback()).await
+                    }
+                    failed => failed.map(|r| r.map(drop)),
+                };
+                (results, ended)
+            };
+            let last_result = outcome(ended, client, path, settings);
+            results.push(last_result);
+            results
+        })
+    }
+
+    /// Stores the rows of `parts` (two or more) by `path`, each on its own connection, connecting those not
+    /// open. Goes again through the staging table when a direct copy met a stored id, and once more when
+    /// connections that had been idle turn out to be gone (the server restarted in between). A failure's
+    /// message names the part and its connection; a row refused in any part is returned as such. Returns the
+    /// path that stored the rows.
+    fn store_parts(&mut self, parts: &[Range<usize>], mut path: Path) -> Result<Path, Failure> {
+        let k = parts.len();
+        let mut may_retry = true;
+        loop {
+            let reused: Vec<bool> = self.connections[..k].iter().map(Option::is_some).collect();
+            for (index, open) in reused.iter().enumerate() {
+                if !open {
+                    self.connect(index).map_err(|message| Failure::Retry {
+                        message,
+                        lost: true,
+                    })?;
                 }
             }
-            Err(_) => Err(Failure::Retry {
-                message: format!(
-                    "the transaction did not finish within {:?} (\"timeout\")",
-                    settings.timeout
-                ),
-                lost: true,
-            }),
+            let results = self.transact_parts(parts, path);
+            let failed = results.iter().filter(|r| r.is_err()).count();
+            if failed == 0 {
+                return Ok(path);
+            }
+            let (mut refused, mut duplicate, mut retry) = (None, false, None);
+            let mut lost_reused_only = true;
+            for (index, result) in results.into_iter().enumerate() {
+                let place = || {
+                    let (first, last) = (parts[index].start, parts[index].end - 1);
+                    format!(
+                        "part {} of {k} (seqs {} to {}) on connection {} of {}: ",
+                        index + 1,
+                        self.rows.seq(first),
+                        self.rows.seq(last),
+                        index + 1,
+                        self.settings.connections
+                    )
+                };
+                match result {
+                    Ok(()) => {}
+                    Err(Failure::Row(message)) => {
+                        refused.get_or_insert(message);
+                    }
+                    Err(Failure::Duplicate) => duplicate = true,
+                    Err(Failure::Retry { message, lost }) => {
+                        if lost {
+                            self.connections[index] = None;
+                        }
+                        lost_reused_only &= lost && reused[index];
+                        retry.get_or_insert((format!("{}{message}", place()), lost));
+                    }
+                }
+            }
+            if let Some(refusal) = refused {
+                return Err(Failure::Row(refusal));
+            }
+            if let Some((mut message, lost)) = retry {
+                if failed > 1 {
+                    message.push_str(&format!(" (and {} other parts failed)", failed - 1));
+                }
+                if !(lost_reused_only && may_retry) {
+                    return Err(Failure::Retry { message, lost });
+                }
+                self.host.info(&format!(
+                    "{message}: the connection was lost; connecting again"
+                ));
+                may_retry = false;
+            } else {
+                debug_assert!(duplicate && path == Path::Direct);
+                self.host.debug(&format!(
+                    "batch of {} rows in {k} parts: an id is already stored; through the staging table",
+                    parts[k - 1].end
+                ));
+            }
+            // Some parts may have committed: their rows are skipped by the staging table's insert.
+            path = Path::Staged;
         }
     }
 
-    /// Stores the first `n` encoded rows by `path`, connecting first when needed and once more if a
-    /// connection that had been idle turns out to be gone (the server restarted in between).
+    /// Stores the first `n` encoded rows by `path` on the first connection, connecting first when needed and
+    /// once more if a connection that had been idle turns out to be gone (the server restarted in between).
     fn store(&mut self, n: usize, path: Path) -> Result<(), Failure> {
-        let mut reused = self.connection.is_some();
+        let label = self.label(0);
+        self.store_on_first(n, path)
+            .map_err(|failure| failure.within(&label))
+    }
+
+    fn store_on_first(&mut self, n: usize, path: Path) -> Result<(), Failure> {
+        let mut reused = self.connections[0].is_some();
         loop {
-            if self.connection.is_none() {
-                self.connect().map_err(|message| Failure::Retry {
+            if self.connections[0].is_none() {
+                self.connect(0).map_err(|message| Failure::Retry {
                     message,
                     lost: true,
                 })?;
@@ -288,7 +476,7 @@ impl Postgres {
                     message,
                     lost: true,
                 }) => {
-                    self.connection = None;
+                    self.connections[0] = None;
                     if reused {
                         self.host.info(&format!(
                             "{message}: the connection was lost; connecting again"
@@ -303,6 +491,65 @@ impl Postgres {
                 }
                 other => return other,
             }
+        }
+    }
+
+    /// Stores the batch's `n` encoded rows in one transaction on the first connection: straight into the table
+    /// when `fresh` (none of its ids can be stored yet), through the staging table otherwise or when the
+    /// direct copy met a stored id.
+    fn store_whole(&mut self, n: usize, fresh: bool) -> Result<(), Failure> {
+        if !fresh {
+            self.host.debug(&format!(
+                "batch of {n} rows: through the staging table (the first of this instance, one after a failed write, or one with seqs not above the last stored)"
+            ));
+            return self.store(n, Path::Staged);
+        }
+        match self.store(n, Path::Direct) {
+            Err(Failure::Duplicate) => {
+                self.host.debug(&format!(
+                    "batch of {n} rows: an id is already stored; through the staging table"
+                ));
+                self.store(n, Path::Staged)
+            }
+            Ok(()) => {
+                self.host
+                    .debug(&format!("batch of {n} rows: copied into the table"));
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    /// Stores the batch's rows in `parts` (two or more) at once, as [`store_whole`](Self::store_whole) would
+    /// choose the path. A row refused in any part sends the whole batch again through the staging table on
+    /// the first connection (the parts that committed are skipped by its insert), where it is then found by
+    /// [`narrow`](Self::narrow) as with one connection.
+    fn store_in_parts(&mut self, parts: &[Range<usize>], fresh: bool) -> Result<(), Failure> {
+        let (n, k) = (parts[parts.len() - 1].end, parts.len());
+        let path = if fresh {
+            Path::Direct
+        } else {
+            self.host.debug(&format!(
+                "batch of {n} rows in {k} parts: through the staging table (the first of this instance, one after a failed write, or one with seqs not above the last stored)"
+            ));
+            Path::Staged
+        };
+        match self.store_parts(parts, path) {
+            Ok(stored) => {
+                if stored == Path::Direct {
+                    self.host.debug(&format!(
+                        "batch of {n} rows in {k} parts: copied into the table"
+                    ));
+                }
+                Ok(())
+            }
+            Err(Failure::Row(refusal)) => {
+                self.host.debug(&format!(
+                    "batch of {n} rows in {k} parts: a row was refused ({refusal}); the batch again on one connection"
+                ));
+                self.store(n, Path::Staged)
+            }
+            Err(other) => Err(other),
         }
     }
 
@@ -321,8 +568,9 @@ impl Postgres {
                 }
                 Err(Failure::Retry { message, lost }) => {
                     if lost {
-                        self.connection = None;
+                        self.connections[0] = None;
                     }
+                    let message = format!("{}{message}", self.label(0));
                     return self.failed(records, 0, SinkError::retryable(message));
                 }
                 Err(Failure::Duplicate) => unreachable!("only a direct copy meets duplicates"),
@@ -357,6 +605,73 @@ impl Postgres {
             records.len()
         ));
         WriteError::new(delivered as u64, error)
+    }
+}
+
+/// Sends `data` (rows in COPY text format) by `path` within `transaction`: the COPY, and for the staged path
+/// the insert from the staging table.
+async fn copy_rows(
+    transaction: &Transaction<'_>,
+    insert: &Statement,
+    table: &TableName,
+    data: &[u8],
+    path: Path,
+) -> Result<(), tokio_postgres::Error> {
+    let copy = match path {
+        Path::Direct => schema::copy_direct(table),
+        Path::Staged => schema::copy(),
+    };
+    let sink = transaction.copy_in(&copy).await?;
+    futures_util::pin_mut!(sink);
+    for chunk in data.chunks(COPY_CHUNK) {
+        sink.feed(Bytes::copy_from_slice(chunk)).await?;
+    }
+    sink.as_mut().finish().await?;
+    if path == Path::Staged {
+        transaction.execute(insert, &[]).await?;
+    }
+    Ok(())
+}
+
+/// Moves each host's watermark (`marks`: host, seq, hash) forward within `transaction`.
+async fn advance(
+    transaction: &Transaction<'_>,
+    watermark: &Statement,
+    marks: &[(&str, i64, Option<&str>)],
+) -> Result<(), tokio_postgres::Error> {
+    for (host, seq, hash) in marks {
+        transaction.execute(watermark, &[host, seq, hash]).await?;
+    }
+    Ok(())
+}
+
+/// What a transaction's end (`result`, as its timeout left it) on `client` means.
+fn outcome(
+    result: Result<Result<(), tokio_postgres::Error>, Elapsed>,
+    client: &Client,
+    path: Path,
+    settings: &Settings,
+) -> Result<(), Failure> {
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            let lost = e.as_db_error().is_none() || client.is_closed();
+            let message = describe(&e, settings);
+            if path == Path::Direct && e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+                Err(Failure::Duplicate)
+            } else if is_row_error(&e) {
+                Err(Failure::Row(message))
+            } else {
+                Err(Failure::Retry { message, lost })
+            }
+        }
+        Err(_) => Err(Failure::Retry {
+            message: format!(
+                "the transaction did not finish within {:?} (\"timeout\")",
+                settings.timeout
+            ),
+            lost: true,
+        }),
     }
 }
 
@@ -424,6 +739,9 @@ fn describe(error: &tokio_postgres::Error, settings: &Settings) -> String {
             }
             c if *c == SqlState::UNDEFINED_TABLE => {
                 ": create the tables (README.md has their definitions), or set create_tables: true"
+            }
+            c if *c == SqlState::TOO_MANY_CONNECTIONS => {
+                ": raise the server's max_connections, or lower \"connections\" (each is one of them)"
             }
             _ => "",
         };
@@ -500,26 +818,11 @@ impl Sink for Postgres {
         let unfit = self.rows.encode(batch);
         let n = self.rows.len();
         if n > 0 {
-            let stored = if fresh {
-                match self.store(n, Path::Direct) {
-                    Err(Failure::Duplicate) => {
-                        self.host.debug(&format!(
-                            "batch of {n} rows: an id is already stored; through the staging table"
-                        ));
-                        self.store(n, Path::Staged)
-                    }
-                    Ok(()) => {
-                        self.host
-                            .debug(&format!("batch of {n} rows: copied into the table"));
-                        Ok(())
-                    }
-                    other => other,
-                }
+            let parts = self.parts(batch, n);
+            let stored = if parts.len() > 1 {
+                self.store_in_parts(&parts, fresh)
             } else {
-                self.host.debug(&format!(
-                    "batch of {n} rows: through the staging table (the first of this instance, one after a failed write, or one with seqs not above the last stored)"
-                ));
-                self.store(n, Path::Staged)
+                self.store_whole(n, fresh)
             };
             match stored {
                 Ok(()) => {}
@@ -540,7 +843,7 @@ impl Sink for Postgres {
     }
 
     fn close(&mut self) -> Result<(), SinkError> {
-        self.connection = None;
+        self.connections.iter_mut().for_each(|c| *c = None);
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_timeout(Duration::from_secs(1));
         }

@@ -2,7 +2,7 @@
 //! PostgreSQL's COPY text format, and what each host's watermark becomes. Owns the mapping from the log format
 //! (README "The log") to columns; it does no I/O.
 
-use std::{borrow::Cow, collections::HashMap};
+use std::{borrow::Cow, collections::HashMap, ops::Range};
 
 use serde::Deserialize;
 use trail_plugin_api::Record;
@@ -120,10 +120,24 @@ impl Rows {
 
     /// The COPY data of the first `n` rows.
     pub fn data(&self, n: usize) -> &[u8] {
-        match n {
-            0 => &[],
-            n => &self.data[..self.ends[n - 1]],
+        self.part(0..n)
+    }
+
+    /// The COPY data of the rows in `rows`.
+    pub fn part(&self, rows: Range<usize>) -> &[u8] {
+        if rows.is_empty() {
+            return &[];
         }
+        let start = match rows.start {
+            0 => 0,
+            i => self.ends[i - 1],
+        };
+        &self.data[start..self.ends[rows.end - 1]]
+    }
+
+    /// The seq of the row at `index`.
+    pub fn seq(&self, index: usize) -> i64 {
+        self.marks[index].1
     }
 
     /// For the first `n` rows: each host's last seq and the hash of that record, hosts in order of appearance.
@@ -244,6 +258,10 @@ mod tests {
         assert_eq!(second[12], "\\N");
         assert_eq!(rows.data(1), &rows.data(2)[..lines[0].len() + 1]);
         assert_eq!(rows.data(0), b"");
+        assert_eq!(rows.part(1..2), &rows.data(2)[lines[0].len() + 1..]);
+        assert_eq!(rows.part(0..1), rows.data(1));
+        assert_eq!(rows.part(1..1), b"");
+        assert_eq!((rows.seq(0), rows.seq(1)), (7, 9));
 
         assert_eq!(
             rows.watermarks(2),

@@ -456,7 +456,7 @@ fn configuration_errors_come_back_as_config_errors() {
 fn paths(host: &TestHost, from: usize) -> Vec<String> {
     host.logs()
         .into_iter()
-        .filter(|l| l.contains("rows:"))
+        .filter(|l| l.starts_with("debug: batch of "))
         .skip(from)
         .collect()
 }
@@ -547,4 +547,314 @@ fn a_server_without_fsync_is_warned_about() {
     write(&mut sink, &logged(2..3)).unwrap();
     let logs = host.logs().join("\n");
     assert!(logs.contains("has synchronous_commit off"), "{logs}");
+}
+
+/// `config` with `connections: n`.
+fn parallel(config: Value, n: usize) -> Value {
+    with(config, json!({"connections": n}))
+}
+
+/// How many of `table`'s rows have a seq in `seqs`.
+fn count(server: &Server, table: &str, seqs: std::ops::RangeInclusive<u64>) -> i64 {
+    server
+        .admin()
+        .query_one(
+            &format!("SELECT count(*) FROM {table} WHERE seq BETWEEN $1 AND $2"),
+            &[&(*seqs.start() as i64), &(*seqs.end() as i64)],
+        )
+        .unwrap()
+        .get(0)
+}
+
+/// The watermark names only committed rows: every seq from 1 to it is in the table.
+#[track_caller]
+fn check_watermark(server: &Server, expected: &Event) {
+    let marks = watermarks(server, "trail_watermarks");
+    assert_eq!(
+        marks,
+        [(
+            "app-1.example".to_owned(),
+            expected.seq as i64,
+            hash_of(expected)
+        )]
+    );
+    assert_eq!(
+        count(server, "trail_events", 1..=expected.seq),
+        expected.seq as i64,
+        "rows up to the watermark"
+    );
+}
+
+#[test]
+fn the_watermark_moves_only_when_every_part_of_the_batch_committed() {
+    let server = Server::start();
+    // A part that meets a row another transaction holds fails after lock_timeout instead of waiting.
+    server
+        .admin()
+        .batch_execute("ALTER ROLE trail SET lock_timeout = '1s'")
+        .unwrap();
+    let host = TestHost::new("pg");
+    let mut sink = new_sink(&parallel(server.sink_config(), 4), &host);
+    // 4 parts, 4 parts, 2 parts (of 600 each), and one part (too small to split).
+    let sent = logged(1..10801);
+    let mut at = 0;
+    for size in [2000, 2001, 1200, 999, 600] {
+        let batch = &sent[at..at + size];
+        at += size;
+        write(&mut sink, batch).unwrap();
+        check_watermark(&server, batch.last().unwrap());
+    }
+    let seen = paths(&host, 0);
+    assert!(
+        seen[0].contains("2000 rows in 4 parts: through the staging table"),
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen[1..],
+        [
+            "debug: batch of 2001 rows in 4 parts: copied into the table",
+            "debug: batch of 1200 rows in 2 parts: copied into the table",
+            "debug: batch of 999 rows: copied into the table",
+            "debug: batch of 600 rows: copied into the table",
+        ]
+    );
+    let mut before = sent[at - 1].clone();
+
+    // Another transaction holds a row with the id of an event in the second part, then one in the last.
+    for (held, failing) in [(700, "part 2 of 4"), (1900, "part 4 of 4")] {
+        let batch = &sent[at..at + 2000];
+        let mut blocker = server.admin();
+        let mut holding = blocker.transaction().unwrap();
+        holding
+            .execute(
+                "INSERT INTO trail_events (id, seq, host, type, occurred_at, received_at, severity, record)
+                 VALUES ($1::text::uuid, 0, 'elsewhere', 't', now(), now(), 'info', '{}')",
+                &[&batch[held].id],
+            )
+            .unwrap();
+        let error = write(&mut sink, batch).unwrap_err();
+        assert_eq!(error.delivered, 0);
+        let (first, last) = (
+            batch[500 * (held / 500)].seq,
+            batch[500 * (held / 500) + 499].seq,
+        );
+        expect_error::<()>(
+            Err(error.error),
+            ErrorKind::RETRYABLE,
+            &[
+                &format!("{failing} (seqs {first} to {last}) on connection"),
+                "lock timeout",
+            ],
+        );
+        // The other parts committed (all but the last) or rolled back (the last), and the watermark stayed.
+        check_watermark(&server, &before);
+        let part = |i: usize| {
+            count(
+                &server,
+                "trail_events",
+                batch[500 * i].seq..=batch[500 * i + 499].seq,
+            )
+        };
+        let parts: Vec<i64> = (0..4).map(part).collect();
+        let expected = match held {
+            700 => [500, 0, 500, 0],
+            _ => [500, 500, 500, 0],
+        };
+        assert_eq!(parts, expected);
+        holding.rollback().unwrap();
+        // trail's retry: the whole batch again, the committed parts' rows not stored twice.
+        write(&mut sink, batch).unwrap();
+        check_watermark(&server, batch.last().unwrap());
+        before = batch.last().unwrap().clone();
+        at += 2000;
+    }
+    check_stored(&server, "trail_events", &sent[..at]);
+}
+
+#[test]
+fn a_row_refused_with_several_connections_is_the_only_one_given_up_on() {
+    let server = Server::start();
+    let host = TestHost::new("pg");
+    let mut sink = new_sink(&parallel(server.sink_config(), 4), &host);
+    write(&mut sink, &logged(1..2)).unwrap();
+    server
+        .admin()
+        .batch_execute(
+            "ALTER TABLE trail_events ADD CONSTRAINT no_mallory CHECK (actor_id IS DISTINCT FROM 'mallory')",
+        )
+        .unwrap();
+    // 2000 rows, 4 parts: a NUL in the first part, a CHECK in the third.
+    let mut sent = logged(2..2002);
+    sent[100].line = sent[100].line.replace("déjà vu", r"nul \u0000 here");
+    sent[1234].line = sent[1234]
+        .line
+        .replacen(r#""id":"u-"#, r#""id":"mallory","was":"u-"#, 1);
+    let delivery = deliver(&mut sink, &sent, 10);
+    let dead: Vec<u64> = delivery.dead.iter().map(|(seq, _)| *seq).collect();
+    assert_eq!(dead, [sent[100].seq, sent[1234].seq], "{delivery:?}");
+    assert!(
+        delivery.dead[1].1.message.contains("no_mallory")
+            && delivery.dead[1]
+                .1
+                .message
+                .contains(&format!("event seq {}", sent[1234].seq)),
+        "{:?}",
+        delivery.dead[1]
+    );
+    assert!(
+        host.logs()
+            .iter()
+            .any(|l| l.contains("in 4 parts: a row was refused")),
+        "{:?}",
+        paths(&host, 0)
+    );
+    let kept: Vec<Event> = logged(1..2)
+        .into_iter()
+        .chain(
+            sent.iter()
+                .enumerate()
+                .filter(|(i, _)| *i != 100 && *i != 1234)
+                .map(|(_, e)| e.clone()),
+        )
+        .collect();
+    check_stored(&server, "trail_events", &kept);
+    check_watermark_of(&server, sent.last().unwrap());
+}
+
+/// The watermark is at `expected` (without requiring every seq below it: dead letters leave gaps).
+#[track_caller]
+fn check_watermark_of(server: &Server, expected: &Event) {
+    assert_eq!(
+        watermarks(server, "trail_watermarks"),
+        [(
+            "app-1.example".to_owned(),
+            expected.seq as i64,
+            hash_of(expected)
+        )]
+    );
+}
+
+#[test]
+fn a_batch_holding_an_id_twice_is_written_on_one_connection() {
+    let server = Server::start();
+    let host = TestHost::new("pg");
+    let mut sink = new_sink(&parallel(server.sink_config(), 4), &host);
+    // The event of seq 1901 with the id of seq 101 (as a dead letter replayed twice over would be).
+    let mut sent = logged(1..2001);
+    let (own, twice) = (sent[1900].id.clone(), sent[100].id.clone());
+    sent[1900].line = sent[1900].line.replacen(&own, &twice, 1);
+    sent[1900].id = twice;
+    write(&mut sink, &sent).unwrap();
+    assert_eq!(
+        paths(&host, 0),
+        [
+            "debug: batch of 2000 rows: through the staging table (the first of this instance, one after a failed write, or one with seqs not above the last stored)"
+        ]
+    );
+    assert_eq!(count(&server, "trail_events", 1..=2000), 1999);
+    check_watermark_of(&server, sent.last().unwrap());
+}
+
+#[test]
+fn several_connections_store_every_event_once_through_a_server_restart() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    };
+    use std::time::{Duration, Instant};
+
+    let mut server = Server::start();
+    let host = TestHost::new("pg");
+    let mut sink = new_sink(&parallel(server.sink_config(), 4), &host);
+    let acknowledged = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    // The writer delivers batches as trail's worker does (the undelivered rest again after a retryable
+    // error, after a short backoff), until told to stop; batches of 4, 3 and 1 parts.
+    let writer = {
+        let (acknowledged, failures, stop) = (acknowledged.clone(), failures.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut sent = Vec::new();
+            let mut next = 1;
+            for size in [2000, 1500, 700].into_iter().cycle() {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let batch = logged(next..next + size);
+                next += size;
+                let deadline = Instant::now() + Duration::from_secs(180);
+                let mut rest = &batch[..];
+                loop {
+                    match write(&mut sink, rest) {
+                        Ok(()) => break,
+                        Err(error) => {
+                            assert_eq!(error.error.kind, ErrorKind::RETRYABLE, "{error}");
+                            assert!(Instant::now() < deadline, "not delivered: {error}");
+                            rest = &rest[error.delivered as usize..];
+                            failures.fetch_add(1, Ordering::SeqCst);
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                    }
+                }
+                sent.extend(batch);
+                acknowledged.fetch_add(1, Ordering::SeqCst);
+            }
+            (sink, sent)
+        })
+    };
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while !done() {
+            assert!(!writer.is_finished(), "the writer ended");
+            assert!(Instant::now() < deadline, "waited too long for {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_for("batches before the restart", &|| {
+        acknowledged.load(Ordering::SeqCst) >= 4
+    });
+    server.crash();
+    wait_for("a write to fail", &|| failures.load(Ordering::SeqCst) > 0);
+    server.run();
+    let restarted = acknowledged.load(Ordering::SeqCst);
+    wait_for("batches after the restart", &|| {
+        acknowledged.load(Ordering::SeqCst) >= restarted + 4
+    });
+    stop.store(true, Ordering::SeqCst);
+    let (mut sink, sent) = writer.join().unwrap();
+    check_stored(&server, "trail_events", &sent);
+    check_watermark(&server, sent.last().unwrap());
+    // The batches went out on four connections (four server backends).
+    let backends: i64 = server
+        .admin()
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'trail pg'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(backends, 4);
+    assert!(sink.close().is_ok());
+    let logs = host.logs();
+    assert!(
+        logs.iter().any(
+            |l| l.contains("connected to trail@127.0.0.1") && l.contains("(connection 4 of 4)")
+        ),
+        "{logs:?}"
+    );
+}
+
+#[test]
+fn connections_out_of_range_are_config_errors() {
+    for n in [0, 17] {
+        let config = json!({"host": "db", "user": "u", "connections": n});
+        let result = plugin().new_sink(&config.to_string(), &TestHost::new("s"));
+        expect_error(
+            result,
+            ErrorKind::CONFIG,
+            &[&format!(
+                "\"connections\" is {n}: give a number from 1 to 16"
+            )],
+        );
+    }
 }
