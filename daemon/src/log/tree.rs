@@ -963,6 +963,7 @@ impl Keeper {
     /// Adds the records fed as they come, until the keeper is dropped (the thread holds it only weakly).
     pub fn follow(keeper: std::sync::Weak<Keeper>) {
         while let Some(k) = keeper.upgrade() {
+            // What is queued when it wakes, no more: the cache is not held longer while the writer goes on.
             let waiting = {
                 let fed = k.fed.lock().unwrap_or_else(|e| e.into_inner());
                 let (fed, _) = k
@@ -971,13 +972,13 @@ impl Keeper {
                         f.entries.is_empty()
                     })
                     .unwrap_or_else(|e| e.into_inner());
-                !fed.entries.is_empty()
+                fed.entries.back().map(|e| e.seq)
             };
-            if waiting {
+            if let Some(upto) = waiting {
                 let mut kept = k.lock();
                 let taken = kept
                     .opened(&k.log_dir)
-                    .and_then(|cache| take_fed(cache, &k.log_dir, &k.fed, None));
+                    .and_then(|cache| take_fed(cache, &k.log_dir, &k.fed, Some(upto)));
                 if let Err(e) = taken {
                     if matches!(e, Error::Io { .. }) {
                         // Opened again next time (which cuts what a failed write left).
