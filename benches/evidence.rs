@@ -202,7 +202,7 @@ fn seal_tree(dir: &Path) {
         .collect();
     let last = entries.last().unwrap().clone();
     let body = checkpoint::Body {
-        checkpoint: 2,
+        checkpoint: checkpoint::FORMAT,
         created_at: "2026-12-01T00:00:00.000000000Z".into(),
         reason: "stop".into(),
         seq: last.last_seq,

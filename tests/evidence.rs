@@ -1387,7 +1387,7 @@ fn sign_again(dir: &Path, private_key: &Path) {
     let mut created_at = Vec::new();
     trail::record::write_rfc3339(&mut created_at, std::time::SystemTime::now());
     let body = checkpoint::Body {
-        checkpoint: 2,
+        checkpoint: trail::log::checkpoint::FORMAT,
         created_at: String::from_utf8(created_at).unwrap(),
         reason: "stop".into(),
         seq: last.last_seq,
