@@ -365,6 +365,18 @@ fn an_untouched_log_verifies_after_restarts_rotations_compression_and_retention(
     let (code, out) = verify(forged.path(), &public_key(&daemon));
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("is not the one checkpoint"), "{out}");
+    // A checkpoint of format 2 (a development version's leaves, the lines) names a root over other leaves: not
+    // checked, and the report says so.
+    let newest = trail::log::checkpoint::list(forged.path()).pop().unwrap();
+    std::fs::remove_file(&newest).unwrap();
+    cp.checkpoint = 2;
+    trail::log::checkpoint::write(forged.path(), &signer, &cp).unwrap();
+    let (code, out) = verify(forged.path(), &public_key(&daemon));
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("the Merkle tree roots of 1 checkpoint(s) of format 2 (a development version's leaves) were not checked"),
+        "{out}"
+    );
     // What remains can still be proved: the first record left (in a compressed file), the last one, and that the
     // newest checkpoint extends the oldest left; checked by trail verify-proof and by the RFC 9162 checker.
     prove_what_remains(&daemon.log_dir, &public_key(&daemon), None);
