@@ -1148,9 +1148,19 @@ fn take_fed(
             fed.after = Some(entries.last().map(|e| e.seq));
             (after, entries)
         };
+        let first = entries[0].seq;
         match after {
-            // A log that had no record: a cache with leaves is another log's.
-            None if !cache.is_empty() => cache.reset()?,
+            // The writer knew no record before them (a log without records, or whose last record's hash was
+            // damaged): a cache with leaves from them on is another log's; whatever the files hold before them
+            // comes first.
+            None => {
+                if cache.last_seq().is_some_and(|l| l >= first) {
+                    cache.reset()?;
+                }
+                if first > 1 {
+                    cache.catch_up(log_dir, Some(first - 1))?;
+                }
+            }
             // What the cache lacks before them is in the log files.
             Some(a) if cache.last_seq().is_none_or(|l| l < a) => {
                 cache.catch_up(log_dir, Some(a))?
@@ -1623,5 +1633,43 @@ mod tests {
         expected.extend_from_slice(&from_files[92..]);
         assert_eq!(keeper.root_at(Some(100)).unwrap(), (100, mth_of(&expected)));
         assert!(keeper.fed.lock().unwrap().entries.is_empty());
+    }
+
+    /// Entries fed with no known predecessor (the last record's hash was damaged at start) follow the cache's
+    /// leaves, after what the files hold before them: the tree still starts at the log's first record.
+    #[test]
+    fn entries_fed_after_no_known_record_follow_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path();
+        let lines = write_log(log, &[(1, (1..=30).collect())], None);
+        let from_files: Vec<Hash> = lines.iter().map(|l| leaf_hash(l).unwrap()).collect();
+        // An empty cache: the first record fed comes after the files' records, not at the tree's start.
+        let fresh = Keeper::new(log, None);
+        fresh.feed(
+            None,
+            &[Entry {
+                seq: 31,
+                digest: [31; 32],
+            }],
+        );
+        let mut upto31 = from_files.clone();
+        upto31.push(leaf(31, &[31; 32]));
+        assert_eq!(fresh.root_at(Some(31)).unwrap(), (31, mth_of(&upto31)));
+        drop(fresh);
+        std::fs::remove_dir_all(log.join(DIR)).unwrap();
+        let keeper = Keeper::new(log, None);
+        assert_eq!(
+            keeper.root_at(Some(20)).unwrap(),
+            (20, mth_of(&from_files[..20]))
+        );
+        // Records 21..=30 are in the files; 31 and 32 are fed with no predecessor known.
+        let fed = [31, 32].map(|seq| Entry {
+            seq,
+            digest: [seq as u8; 32],
+        });
+        keeper.feed(None, &fed);
+        let mut expected = from_files.clone();
+        expected.extend([31, 32].map(|seq| leaf(seq, &[seq as u8; 32])));
+        assert_eq!(keeper.root_at(Some(32)).unwrap(), (32, mth_of(&expected)));
     }
 }
