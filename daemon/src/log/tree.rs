@@ -342,6 +342,14 @@ pub struct Cache {
     grow: Option<Compact>,
 }
 
+/// Removes `path` if it is there.
+fn remove_present(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// The largest number of leaves whose stored hashes fit in `stored` hashes.
 fn leaves_in(stored: u64) -> u64 {
     // stored_hash_count(n) is 2n minus the number of ones in n: increasing, and at least n.
@@ -392,10 +400,7 @@ impl Cache {
         let other_format = std::fs::read(&format_path).map_or(true, |f| f != FORMAT.1);
         if other_format && write {
             for path in [&hashes_path, &seqs_path, &base_path] {
-                match std::fs::remove_file(path) {
-                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io(path)(e)),
-                    _ => {}
-                }
+                remove_present(path).map_err(io(path))?;
             }
             let tmp = dir.join(".format.tmp");
             crate::modes::write_aside(&tmp, &format_path, FORMAT.1, true)
@@ -467,10 +472,7 @@ impl Cache {
         if self.write {
             let io = |path: PathBuf| move |source| Error::Io { path, source };
             let base = self.dir.join(BASE);
-            match std::fs::remove_file(&base) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io(base)(e)),
-                _ => {}
-            }
+            remove_present(&base).map_err(io(base))?;
             if let (Some(h), Some(s)) = (&self.hashes, &self.seqs) {
                 h.set_len(0).map_err(io(self.dir.join("hashes")))?;
                 s.set_len(0).map_err(io(self.dir.join("seqs")))?;
@@ -906,6 +908,9 @@ struct Fed {
 /// The follower's pause after taking what was fed (at 1,000,000 records a second, 5,000 records queue meanwhile).
 const FOLLOW_PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
 
+/// The follower's pause when it left entries to an update of the keeper.
+const FOLLOW_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The most entries fed and not taken (40 bytes each: 2.5 MiB); beyond, the records are read back from the log.
 const FED_MAX: usize = 1 << 16;
 
@@ -981,7 +986,7 @@ impl Keeper {
                 let mut kept = k.lock();
                 let taken = kept
                     .opened(&k.log_dir)
-                    .and_then(|cache| take_fed(cache, &k.log_dir, &k.fed, Some(upto)));
+                    .and_then(|cache| take_fed(cache, &k.log_dir, &k.fed, Some(upto), false));
                 if let Err(e) = taken {
                     if matches!(e, Error::Io { .. }) {
                         // Opened again next time (which cuts what a failed write left).
@@ -990,8 +995,16 @@ impl Keeper {
                     warn!(error = %e, "cannot add the records just written to the tree cache; checkpoints read them from the log files");
                 }
                 drop(kept);
-                // Woken at most every few milliseconds: a busy writer's groups are taken many at a time.
-                std::thread::sleep(FOLLOW_PAUSE);
+                // Woken at most every few milliseconds: a busy writer's groups are taken many at a time. Entries it
+                // left (the cache lacks records before them) wait for an update of the keeper, which reads them.
+                let left = k
+                    .fed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entries
+                    .front()
+                    .is_some_and(|e| e.seq <= upto);
+                std::thread::sleep(if left { FOLLOW_WAIT } else { FOLLOW_PAUSE });
             }
         }
     }
@@ -1068,7 +1081,7 @@ impl Kept {
         loop {
             self.opened(log_dir)?;
             let cache = self.cache.as_mut().expect("opened");
-            let why = match take_fed(cache, log_dir, fed, upto)
+            let why = match take_fed(cache, log_dir, fed, upto, true)
                 .and_then(|()| cache.catch_up(log_dir, upto))
                 .and_then(|()| cache.flush())
             {
@@ -1114,13 +1127,38 @@ impl Kept {
     }
 }
 
-/// Adds to `cache` the records fed up to `upto` (all when none), reading from the log files first whatever it lacks
-/// before them.
+/// What `cache` must do from the log files before it can take entries fed after `after` whose first is `first`.
+#[derive(PartialEq)]
+enum Before {
+    Nothing,
+    /// Read the records up to this seq.
+    Read(u64),
+    /// Start again (another log's leaves), then read the records before `first`.
+    Reset,
+}
+
+fn before(cache: &Cache, after: Option<u64>, first: u64) -> Before {
+    let last = cache.last_seq();
+    match after {
+        // The writer knew no record before them (a log without records, or whose last record's hash was
+        // damaged): a cache with leaves from them on is another log's; whatever the files hold before them
+        // comes first.
+        None if last.is_some_and(|l| l >= first) => Before::Reset,
+        None if first > 1 && last.is_none_or(|l| l < first - 1) => Before::Read(first - 1),
+        Some(a) if last.is_none_or(|l| l < a) => Before::Read(a),
+        _ => Before::Nothing,
+    }
+}
+
+/// Adds to `cache` the records fed up to `upto` (all when none). What the cache lacks before them is read from the
+/// log files first, when `read` (the keeper's updates, at the lowest priority); without it (the follower, at the
+/// writer's priority), such entries are left queued for the next update.
 fn take_fed(
     cache: &mut Cache,
     log_dir: &Path,
     fed: &Mutex<Fed>,
     upto: Option<u64>,
+    read: bool,
 ) -> Result<(), Error> {
     loop {
         let (after, entries) = {
@@ -1132,9 +1170,12 @@ fn take_fed(
                 );
                 fed.dropped = 0;
             }
-            let Some(after) = fed.after else {
+            let (Some(after), Some(first)) = (fed.after, fed.entries.front()) else {
                 return Ok(());
             };
+            if !read && before(cache, after, first.seq) != Before::Nothing {
+                return Ok(());
+            }
             let n = fed
                 .entries
                 .iter()
@@ -1149,23 +1190,15 @@ fn take_fed(
             (after, entries)
         };
         let first = entries[0].seq;
-        match after {
-            // The writer knew no record before them (a log without records, or whose last record's hash was
-            // damaged): a cache with leaves from them on is another log's; whatever the files hold before them
-            // comes first.
-            None => {
-                if cache.last_seq().is_some_and(|l| l >= first) {
-                    cache.reset()?;
-                }
+        match before(cache, after, first) {
+            Before::Nothing => {}
+            Before::Read(upto) => cache.catch_up(log_dir, Some(upto))?,
+            Before::Reset => {
+                cache.reset()?;
                 if first > 1 {
                     cache.catch_up(log_dir, Some(first - 1))?;
                 }
             }
-            // What the cache lacks before them is in the log files.
-            Some(a) if cache.last_seq().is_none_or(|l| l < a) => {
-                cache.catch_up(log_dir, Some(a))?
-            }
-            _ => {}
         }
         for e in entries {
             if cache.last_seq().is_some_and(|l| e.seq <= l) {
@@ -1671,5 +1704,48 @@ mod tests {
         let mut expected = from_files.clone();
         expected.extend([31, 32].map(|seq| leaf(seq, &[seq as u8; 32])));
         assert_eq!(keeper.root_at(Some(32)).unwrap(), (32, mth_of(&expected)));
+    }
+
+    /// The follower thread adds what is fed as it comes, without an update of the keeper; entries after records
+    /// the cache lacks it leaves queued (reading the files is the updates' work, at the lowest priority), and the
+    /// next update reads those records and takes them.
+    #[test]
+    fn the_follower_adds_what_is_fed_and_leaves_reading_the_files_to_updates() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path();
+        let lines = write_log(log, &[(1, (1..=50).collect())], None);
+        let from_files: Vec<Hash> = lines.iter().map(|l| leaf_hash(l).unwrap()).collect();
+        let fed = |seqs: std::ops::RangeInclusive<u64>| -> Vec<Entry> {
+            seqs.map(|seq| Entry {
+                seq,
+                digest: [seq as u8; 32],
+            })
+            .collect()
+        };
+        let keeper = std::sync::Arc::new(Keeper::new(log, None));
+        keeper.root_at(Some(20)).unwrap();
+        let weak = std::sync::Arc::downgrade(&keeper);
+        let follower = std::thread::spawn(move || Keeper::follow(weak));
+        let queued = || keeper.fed.lock().unwrap().entries.len();
+        keeper.feed(Some(20), &fed(21..=30));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while queued() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(queued(), 0, "the follower took nothing");
+        let held = keeper.lock().cache.as_ref().and_then(Cache::last_seq);
+        assert_eq!(held, Some(30), "taken without an update");
+        // After records only the files hold (31..=40): left for the next update.
+        keeper.feed(Some(40), &fed(41..=45));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert_eq!(queued(), 5, "the follower read the log files");
+        let mut expected = from_files[..20].to_vec();
+        expected.extend(fed(21..=30).iter().map(|e| leaf(e.seq, &e.digest)));
+        expected.extend_from_slice(&from_files[30..40]);
+        expected.extend(fed(41..=45).iter().map(|e| leaf(e.seq, &e.digest)));
+        assert_eq!(keeper.root_at(Some(45)).unwrap(), (45, mth_of(&expected)));
+        // The thread ends with the keeper.
+        drop(keeper);
+        follower.join().unwrap();
     }
 }
