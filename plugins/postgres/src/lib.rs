@@ -29,6 +29,15 @@ use crate::{
     rows::Rows,
 };
 
+/// Where connection `index` of `all` is, in an error message: empty with one connection, else
+/// `connection 2 of 4: `.
+fn connection_label(index: usize, all: usize) -> String {
+    match all {
+        1 => String::new(),
+        all => format!("connection {} of {all}: ", index + 1),
+    }
+}
+
 /// Most bytes of COPY data sent in one message.
 const COPY_CHUNK: usize = 256 * 1024;
 /// Fewest rows in one part of a batch split over several connections: a smaller batch stays one transaction
@@ -152,10 +161,7 @@ impl Postgres {
 
     /// Where a connection's error happened: empty with one connection, else `connection 2 of 4: `.
     fn label(&self, index: usize) -> String {
-        match self.settings.connections {
-            1 => String::new(),
-            all => format!("connection {} of {all}: ", index + 1),
-        }
+        connection_label(index, self.settings.connections)
     }
 
     /// The first `n` rows of `batch` as the contiguous parts written at once, one per connection: as many as
@@ -405,12 +411,11 @@ impl Postgres {
                 let place = || {
                     let (first, last) = (parts[index].start, parts[index].end - 1);
                     format!(
-                        "part {} of {k} (seqs {} to {}) on connection {} of {}: ",
+                        "part {} of {k} (seqs {} to {}) on {}",
                         index + 1,
                         self.rows.seq(first),
                         self.rows.seq(last),
-                        index + 1,
-                        self.settings.connections
+                        connection_label(index, self.settings.connections)
                     )
                 };
                 match result {

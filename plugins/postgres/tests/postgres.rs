@@ -47,6 +47,42 @@ fn logged(seqs: std::ops::Range<u64>) -> Vec<Event> {
     events
 }
 
+/// Makes the events table refuse rows whose actor is `mallory` (a CHECK constraint named `no_mallory`).
+fn refuse_mallory(server: &Server) {
+    server
+        .admin()
+        .batch_execute(
+            "ALTER TABLE trail_events ADD CONSTRAINT no_mallory CHECK (actor_id IS DISTINCT FROM 'mallory')",
+        )
+        .unwrap();
+}
+
+/// Makes `event` one that [`refuse_mallory`]'s constraint refuses: its actor becomes `mallory`.
+fn as_mallory(event: &mut Event) {
+    event.line = event
+        .line
+        .replacen(r#""id":"u-"#, r#""id":"mallory","was":"u-"#, 1);
+}
+
+/// Puts a NUL character (`\u0000`, which `jsonb` refuses) into `event`'s message.
+fn with_nul(event: &mut Event) {
+    event.line = event.line.replace("déjà vu", r"nul \u0000 here");
+}
+
+/// What the table must hold after `sent` was delivered with the events at `refused` given up on: the first
+/// batch's record (seq 1) and the rest of `sent`.
+fn kept_but(sent: &[Event], refused: &[usize]) -> Vec<Event> {
+    logged(1..2)
+        .into_iter()
+        .chain(
+            sent.iter()
+                .enumerate()
+                .filter(|(i, _)| !refused.contains(i))
+                .map(|(_, e)| e.clone()),
+        )
+        .collect()
+}
+
 /// Every stored row by seq: its columns as text, and the record as JSON.
 fn stored(server: &Server, table: &str) -> BTreeMap<i64, (Vec<Option<String>>, Value)> {
     let mut admin = server.admin();
@@ -278,18 +314,11 @@ fn a_row_the_server_refuses_is_the_only_one_given_up_on() {
     let server = Server::start();
     let mut sink = new_sink(&server.sink_config(), &TestHost::new("pg"));
     write(&mut sink, &logged(1..2)).unwrap();
-    server
-        .admin()
-        .batch_execute(
-            "ALTER TABLE trail_events ADD CONSTRAINT no_mallory CHECK (actor_id IS DISTINCT FROM 'mallory')",
-        )
-        .unwrap();
+    refuse_mallory(&server);
     let mut sent = logged(2..202);
     // A CHECK constraint refuses one; jsonb refuses a NUL character in another.
-    sent[40].line = sent[40]
-        .line
-        .replacen(r#""id":"u-"#, r#""id":"mallory","was":"u-"#, 1);
-    sent[150].line = sent[150].line.replace("déjà vu", r"nul \u0000 here");
+    as_mallory(&mut sent[40]);
+    with_nul(&mut sent[150]);
     let delivery = deliver(&mut sink, &sent, 10);
     let dead: Vec<u64> = delivery.dead.iter().map(|(seq, _)| *seq).collect();
     assert_eq!(dead, [sent[40].seq, sent[150].seq]);
@@ -308,16 +337,7 @@ fn a_row_the_server_refuses_is_the_only_one_given_up_on() {
         "{:?}",
         delivery.dead[1]
     );
-    let kept: Vec<Event> = logged(1..2)
-        .into_iter()
-        .chain(
-            sent.iter()
-                .enumerate()
-                .filter(|(i, _)| *i != 40 && *i != 150)
-                .map(|(_, e)| e.clone()),
-        )
-        .collect();
-    check_stored(&server, "trail_events", &kept);
+    check_stored(&server, "trail_events", &kept_but(&sent, &[40, 150]));
     assert_eq!(watermarks(&server, "trail_watermarks")[0].1, 201);
 }
 
@@ -493,7 +513,7 @@ fn a_batch_that_cannot_repeat_stored_rows_is_copied_straight_into_the_table() {
 
     // A row refused: the write that follows the failed one is staged, the one after it direct again.
     let mut sent = logged(301..321);
-    sent[4].line = sent[4].line.replace("déjà vu", r"nul \u0000 here");
+    with_nul(&mut sent[4]);
     let delivery = deliver(&mut sink, &sent, 5);
     assert_eq!(delivery.dead.len(), 1, "{delivery:?}");
     assert_eq!(delivery.dead[0].0, 305);
@@ -677,18 +697,11 @@ fn a_row_refused_with_several_connections_is_the_only_one_given_up_on() {
     let host = TestHost::new("pg");
     let mut sink = new_sink(&parallel(server.sink_config(), 4), &host);
     write(&mut sink, &logged(1..2)).unwrap();
-    server
-        .admin()
-        .batch_execute(
-            "ALTER TABLE trail_events ADD CONSTRAINT no_mallory CHECK (actor_id IS DISTINCT FROM 'mallory')",
-        )
-        .unwrap();
+    refuse_mallory(&server);
     // 2000 rows, 4 parts: a NUL in the first part, a CHECK in the third.
     let mut sent = logged(2..2002);
-    sent[100].line = sent[100].line.replace("déjà vu", r"nul \u0000 here");
-    sent[1234].line = sent[1234]
-        .line
-        .replacen(r#""id":"u-"#, r#""id":"mallory","was":"u-"#, 1);
+    with_nul(&mut sent[100]);
+    as_mallory(&mut sent[1234]);
     let delivery = deliver(&mut sink, &sent, 10);
     let dead: Vec<u64> = delivery.dead.iter().map(|(seq, _)| *seq).collect();
     assert_eq!(dead, [sent[100].seq, sent[1234].seq], "{delivery:?}");
@@ -708,16 +721,7 @@ fn a_row_refused_with_several_connections_is_the_only_one_given_up_on() {
         "{:?}",
         paths(&host, 0)
     );
-    let kept: Vec<Event> = logged(1..2)
-        .into_iter()
-        .chain(
-            sent.iter()
-                .enumerate()
-                .filter(|(i, _)| *i != 100 && *i != 1234)
-                .map(|(_, e)| e.clone()),
-        )
-        .collect();
-    check_stored(&server, "trail_events", &kept);
+    check_stored(&server, "trail_events", &kept_but(&sent, &[100, 1234]));
     check_watermark_of(&server, sent.last().unwrap());
 }
 
