@@ -1615,6 +1615,21 @@ mod tests {
         );
     }
 
+    /// Entries as the writer would feed them, but with digests that are not the files' (a tree that takes them
+    /// differs from the files').
+    fn fed(seqs: std::ops::RangeInclusive<u64>) -> Vec<Entry> {
+        seqs.map(|seq| Entry {
+            seq,
+            digest: [seq as u8; 32],
+        })
+        .collect()
+    }
+
+    /// The leaf of [`fed`]'s entry `seq`.
+    fn fed_leaf(seq: u64) -> Hash {
+        leaf(seq, &[seq as u8; 32])
+    }
+
     /// What the writer feeds is what the tree takes (fed entries that differ from the files give their own root);
     /// what the full queue dropped, and what came before entries fed after a gap, is read from the log files.
     #[test]
@@ -1623,15 +1638,6 @@ mod tests {
         let log = dir.path();
         let lines = write_log(log, &[(1, (1..=100).collect())], None);
         let from_files: Vec<Hash> = lines.iter().map(|l| leaf_hash(l).unwrap()).collect();
-        // Entries whose digests are not the files': a tree that takes them differs from the files'.
-        let fed = |seqs: std::ops::RangeInclusive<u64>| -> Vec<Entry> {
-            seqs.map(|seq| Entry {
-                seq,
-                digest: [seq as u8; 32],
-            })
-            .collect()
-        };
-        let fed_leaf = |seq: u64| leaf(seq, &[seq as u8; 32]);
         let keeper = Keeper::new(log, None);
         // Nothing fed: the files.
         assert_eq!(
@@ -1678,15 +1684,9 @@ mod tests {
         let from_files: Vec<Hash> = lines.iter().map(|l| leaf_hash(l).unwrap()).collect();
         // An empty cache: the first record fed comes after the files' records, not at the tree's start.
         let fresh = Keeper::new(log, None);
-        fresh.feed(
-            None,
-            &[Entry {
-                seq: 31,
-                digest: [31; 32],
-            }],
-        );
+        fresh.feed(None, &fed(31..=31));
         let mut upto31 = from_files.clone();
-        upto31.push(leaf(31, &[31; 32]));
+        upto31.push(fed_leaf(31));
         assert_eq!(fresh.root_at(Some(31)).unwrap(), (31, mth_of(&upto31)));
         drop(fresh);
         std::fs::remove_dir_all(log.join(DIR)).unwrap();
@@ -1696,13 +1696,9 @@ mod tests {
             (20, mth_of(&from_files[..20]))
         );
         // Records 21..=30 are in the files; 31 and 32 are fed with no predecessor known.
-        let fed = [31, 32].map(|seq| Entry {
-            seq,
-            digest: [seq as u8; 32],
-        });
-        keeper.feed(None, &fed);
+        keeper.feed(None, &fed(31..=32));
         let mut expected = from_files.clone();
-        expected.extend([31, 32].map(|seq| leaf(seq, &[seq as u8; 32])));
+        expected.extend((31..=32).map(fed_leaf));
         assert_eq!(keeper.root_at(Some(32)).unwrap(), (32, mth_of(&expected)));
     }
 
@@ -1715,13 +1711,6 @@ mod tests {
         let log = dir.path();
         let lines = write_log(log, &[(1, (1..=50).collect())], None);
         let from_files: Vec<Hash> = lines.iter().map(|l| leaf_hash(l).unwrap()).collect();
-        let fed = |seqs: std::ops::RangeInclusive<u64>| -> Vec<Entry> {
-            seqs.map(|seq| Entry {
-                seq,
-                digest: [seq as u8; 32],
-            })
-            .collect()
-        };
         let keeper = std::sync::Arc::new(Keeper::new(log, None));
         keeper.root_at(Some(20)).unwrap();
         let weak = std::sync::Arc::downgrade(&keeper);
@@ -1740,9 +1729,9 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(300));
         assert_eq!(queued(), 5, "the follower read the log files");
         let mut expected = from_files[..20].to_vec();
-        expected.extend(fed(21..=30).iter().map(|e| leaf(e.seq, &e.digest)));
+        expected.extend((21..=30).map(fed_leaf));
         expected.extend_from_slice(&from_files[30..40]);
-        expected.extend(fed(41..=45).iter().map(|e| leaf(e.seq, &e.digest)));
+        expected.extend((41..=45).map(fed_leaf));
         assert_eq!(keeper.root_at(Some(45)).unwrap(), (45, mth_of(&expected)));
         // The thread ends with the keeper.
         drop(keeper);
