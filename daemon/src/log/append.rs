@@ -22,6 +22,21 @@ pub fn start_writeback(file: &File, offset: u64, count: u64) {
     }
 }
 
+/// Tells the kernel that `count` bytes of `file` from `offset` will not be read soon (`POSIX_FADV_DONTNEED`): their
+/// page-cache pages are freed once clean (pages still dirty or being written back stay).
+fn release_cache(file: &File, offset: u64, count: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is owned by `file`.
+    unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            offset as libc::off_t,
+            count as libc::off_t,
+            libc::POSIX_FADV_DONTNEED,
+        );
+    }
+}
+
 /// An append-only file and the length of what it holds completely.
 #[derive(Debug)]
 pub struct AppendFile {
@@ -35,11 +50,23 @@ pub struct AppendFile {
     writeback_every: u64,
     /// How long the last append's sync took (its write not included).
     last_sync: std::time::Duration,
+    /// Start of the bytes whose page-cache pages have not been released yet.
+    released: u64,
+    /// The newest this many bytes stay in the page cache; older ones are released (see [`KEEP_CACHED`]).
+    keep_cached: u64,
 }
 
 /// Without syncs, writeback of appended bytes is started every this many bytes, so that dirty pages never pile
 /// up until the kernel throttles the writer for a long moment.
 const WRITEBACK_EVERY: u64 = 8 << 20;
+
+/// The newest this many bytes appended stay in the page cache; older ones, written back by then, are released
+/// every [`WRITEBACK_EVERY`] bytes. Without this the page cache grows by every byte the log writes until the
+/// kernel reclaims it, and each new page costs the writer a page allocation (on a virtual machine whose host
+/// takes back the memory the guest frees, a fault in the host as well); released pages are reused at once. What
+/// reads the log soon after it was written (sinks that fell behind the spool's memory, the checkpoint's tree, the
+/// upkeep's index of a closed file) reads older parts from the disk.
+const KEEP_CACHED: u64 = 64 << 20;
 
 impl AppendFile {
     /// Wraps `file`, opened for appending, whose first `len` bytes are complete.
@@ -51,6 +78,8 @@ impl AppendFile {
             unstarted: len,
             writeback_every: WRITEBACK_EVERY,
             last_sync: std::time::Duration::ZERO,
+            released: len,
+            keep_cached: KEEP_CACHED,
         }
     }
 
@@ -59,9 +88,10 @@ impl AppendFile {
         self.last_sync
     }
 
-    /// Never starts writeback itself: the owner does (see [`start_writeback`]).
+    /// Never starts writeback itself (the owner does, see [`start_writeback`]) and leaves the page cache alone.
     pub fn without_writeback(mut self) -> AppendFile {
         self.writeback_every = u64::MAX;
+        self.keep_cached = u64::MAX;
         self
     }
 
@@ -103,6 +133,11 @@ impl AppendFile {
                 } else if self.len - self.unstarted >= self.writeback_every {
                     self.start_writeback();
                 }
+                if self.len - self.released >= self.keep_cached.saturating_add(WRITEBACK_EVERY) {
+                    let upto = self.len - self.keep_cached;
+                    release_cache(&self.file, self.released, upto - self.released);
+                    self.released = upto;
+                }
                 Ok(())
             }
             Err(e) => {
@@ -122,6 +157,7 @@ impl AppendFile {
     pub fn undo(&mut self, bytes: u64) {
         self.len = self.len.saturating_sub(bytes);
         self.unstarted = self.unstarted.min(self.len);
+        self.released = self.released.min(self.len);
         self.dirty = self.file.set_len(self.len).is_err();
         if !self.dirty {
             let _ = self.file.sync_data();
@@ -157,5 +193,71 @@ mod tests {
         assert!(ro.append(b"four\n", true).is_err());
         assert_eq!(ro.len(), 10);
         assert_eq!(std::fs::read(&path).unwrap(), b"one\nthree\n");
+    }
+
+    /// Resident page-cache pages of `file`'s first `len` bytes, one flag per page (`mincore` of a mapping).
+    fn resident(file: &File, len: usize) -> Vec<bool> {
+        use std::os::fd::AsRawFd;
+        let page = 4096;
+        let pages = len.div_ceil(page);
+        let mut flags = vec![0u8; pages];
+        // SAFETY: a read-only shared mapping of an open file, only passed to mincore and unmapped again.
+        unsafe {
+            let at = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            );
+            assert_ne!(at, libc::MAP_FAILED);
+            assert_eq!(libc::mincore(at, len, flags.as_mut_ptr()), 0);
+            libc::munmap(at, len);
+        }
+        flags.iter().map(|f| f & 1 == 1).collect()
+    }
+
+    /// Bytes more than `KEEP_CACHED` behind the end leave the page cache once clean; the newest stay; a file
+    /// without writeback (the spool's) keeps everything.
+    #[test]
+    fn the_page_cache_is_released_behind_the_newest_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunk = vec![b'x'; 1 << 20];
+        let total = (KEEP_CACHED + 3 * WRITEBACK_EVERY) as usize;
+        let write = |name: &str, spool: bool| {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .read(true)
+                .open(dir.path().join(name))
+                .unwrap();
+            let mut f = AppendFile::new(file, 0);
+            if spool {
+                f = f.without_writeback();
+            }
+            for _ in 0..total / chunk.len() {
+                // Synced, so every page is clean when its turn to be released comes.
+                f.append(&chunk, true).unwrap();
+            }
+            resident(f.file(), total)
+        };
+        let log = write("log", false);
+        let pages = |bytes: u64| (bytes / 4096) as usize;
+        let released = pages(KEEP_CACHED + 3 * WRITEBACK_EVERY - KEEP_CACHED - WRITEBACK_EVERY);
+        assert!(
+            log[..released].iter().all(|r| !r),
+            "{} of the first {released} pages still cached",
+            log[..released].iter().filter(|r| **r).count()
+        );
+        // Kept, not pinned: under memory pressure the kernel may still reclaim some of them.
+        let mostly = |flags: &[bool]| flags.iter().filter(|r| **r).count() * 10 >= flags.len() * 9;
+        let newest = pages(KEEP_CACHED);
+        assert!(
+            mostly(&log[log.len() - newest..]),
+            "the newest {newest} pages were released"
+        );
+        let spool = write("spool", true);
+        assert!(mostly(&spool), "the spool's pages were released");
     }
 }
