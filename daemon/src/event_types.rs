@@ -4,8 +4,6 @@
 //! with its file and JSON path; a registry exists only when the whole set is valid, so the daemon never runs on
 //! half a set.
 
-mod instance;
-
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -15,7 +13,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::protocol::{Payload, Violation};
+use crate::protocol::{Payload, Violation, instance};
 
 /// The daemon's own event types, embedded so that they exist whatever the configured directory holds (a file of
 /// the same name in the directory takes precedence).
@@ -172,12 +170,12 @@ impl EventType {
     /// Checks a payload against the type's schema; every violation is returned, with paths under `/payload`.
     ///
     /// The schema sees numbers as 64-bit floats (the nearest one; beyond `±1.7976931348623157e308`, that bound),
-    /// the stored record the digits as written. The payload is read in place ([`instance`]), not into a `Value`.
+    /// the stored record the digits as written. The payload was read in place when the request was parsed ([`instance`]), not into a `Value`.
     pub fn check_payload(&self, payload: &Payload<'_>) -> Result<(), Vec<Violation>> {
         let Some(validator) = &self.payload else {
             return Ok(());
         };
-        let doc = instance::Doc::parse(payload.as_str()).map_err(|e| {
+        let doc = payload.doc().map_err(|e| {
             vec![Violation {
                 path: "/payload".into(),
                 message: format!("cannot be read for the schema check: {e}"),

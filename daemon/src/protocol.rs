@@ -10,10 +10,10 @@
 //! A parsed request borrows from its line: strings without escapes ([`Str`]) and a payload without whitespace
 //! between its tokens are not copied; a request costs allocations only for what had to be rewritten.
 
+pub mod instance;
 mod json_text;
 
 use std::borrow::Cow;
-use std::cell::RefCell;
 use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
@@ -139,42 +139,63 @@ impl Serialize for Str<'_> {
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
 
 /// A payload as it is stored: the JSON text the client sent, without insignificant whitespace, every number and
-/// string byte for byte as written (borrowed from the line when it had no such whitespace). Reading one refuses
-/// repeated keys, too deep nesting and lone surrogates.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Payload<'a>(Cow<'a, str>);
+/// string byte for byte as written (borrowed from the line when it had no such whitespace), and the same payload
+/// read for its schema check ([`instance::Doc`]), both from one pass over the text. Reading one refuses repeated
+/// keys, too deep nesting and lone surrogates.
+#[derive(Debug, Clone)]
+pub struct Payload<'a> {
+    text: Cow<'a, str>,
+    doc: Result<instance::Doc<'a>, String>,
+}
 
-impl Payload<'_> {
+/// Equal when the stored texts are.
+impl PartialEq for Payload<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for Payload<'_> {}
+
+impl<'a> Payload<'a> {
     /// The compact JSON text.
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.text
     }
 
     /// True when it is a JSON object (the envelope requires one).
     pub fn is_object(&self) -> bool {
-        self.0.starts_with('{')
+        self.text.starts_with('{')
+    }
+
+    /// The payload as its schema check reads it, or why it cannot be read so (a number `serde_json` accepted but
+    /// cannot give as a number, which no test has found).
+    pub fn doc(&self) -> Result<&instance::Doc<'a>, &str> {
+        self.doc.as_ref().map_err(String::as_str)
     }
 }
 
 impl<'de: 'a, 'a> Deserialize<'de> for Payload<'a> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Payload<'a>, D::Error> {
-        thread_local! {
-            /// The compacted text, reused: most payloads are compact already and are then borrowed.
-            static OUT: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-        }
         let raw = <&'de RawValue>::deserialize(d)?.get();
-        OUT.with(|out| {
-            let mut out = out.borrow_mut();
-            out.clear();
-            json_text::compact(raw, "/payload", 1, json_text::Numbers::AsWritten, &mut out)
-                .map_err(serde::de::Error::custom)?;
-            if out.as_slice() == raw.as_bytes() {
-                return Ok(Payload(Cow::Borrowed(raw)));
-            }
-            // Only whitespace between tokens was left out, so the text is still UTF-8.
-            String::from_utf8(out.clone())
-                .map(|text| Payload(Cow::Owned(text)))
-                .map_err(serde::de::Error::custom)
+        // The common case in one pass: the text read for the schema check, found compact and without anything
+        // `json_text` refuses, is stored as it is.
+        let read = instance::Doc::read(raw, 1);
+        if let Ok((doc, true)) = read {
+            return Ok(Payload {
+                text: Cow::Borrowed(raw),
+                doc: Ok(doc),
+            });
+        }
+        // Whitespace to leave out, or something refused: `json_text` compacts it or says exactly what is wrong.
+        let mut out = Vec::with_capacity(raw.len());
+        json_text::compact(raw, "/payload", 1, json_text::Numbers::AsWritten, &mut out)
+            .map_err(serde::de::Error::custom)?;
+        // Only whitespace between tokens was left out, so the text is still UTF-8.
+        let text = String::from_utf8(out).map_err(serde::de::Error::custom)?;
+        Ok(Payload {
+            text: Cow::Owned(text),
+            doc: read.map(|(doc, _)| doc),
         })
     }
 }
@@ -736,7 +757,7 @@ mod tests {
             );
             let p = r.payload.as_ref().unwrap();
             assert_eq!(
-                matches!(p.0, Cow::Borrowed(_)),
+                matches!(p.text, Cow::Borrowed(_)),
                 !line.contains(": "),
                 "{line}: payload borrowed"
             );

@@ -1,4 +1,5 @@
-//! The payload as its type's schema sees it: a flat tree over the payload's compact text, in one vector.
+//! The payload as its type's schema sees it: a flat tree over the payload's text, in one vector, read once while
+//! the request is parsed (the same pass refuses what a stored payload must not hold, see [`Doc::read`]).
 //!
 //! The schema check used to read the payload into a `serde_json::Value` (an ordered map per object, a `String`
 //! per key and per string), check it and drop it: a dozen allocations for a small payload. [`Doc`] reads the
@@ -8,8 +9,8 @@
 //! 64-bit float, or an integer when it is one that fits), a number beyond `±1.7976931348623157e308` as that bound,
 //! members in the order written; errors report the same instance and paths, built as a `Value` only then.
 //!
-//! The text is a payload that `protocol` accepted and compacted (valid JSON, no repeated keys, bounded depth, no
-//! lone surrogates); anything else is reported as an error, never a panic.
+//! The text is a payload that `serde_json` accepted as JSON; anything else, and what a stored payload must not
+//! hold, is reported as an error, never a panic.
 
 use std::borrow::Cow;
 
@@ -23,7 +24,7 @@ const SCAN_MEMBERS: u32 = 16;
 const NONE: u32 = u32::MAX;
 
 /// One JSON value of a [`Doc`]; containers are followed by their contents (an object's as key, value, key, ...).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Item<'a> {
     Null,
     Bool(bool),
@@ -46,7 +47,7 @@ enum Item<'a> {
 }
 
 /// A payload read for its schema check.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Doc<'a> {
     items: Vec<Item<'a>>,
     /// For each large object, the positions of its keys sorted by key.
@@ -54,8 +55,18 @@ pub struct Doc<'a> {
 }
 
 impl<'a> Doc<'a> {
-    /// Reads one JSON value from compact JSON text.
+    /// Reads one JSON value (see [`Doc::read`]).
     pub fn parse(text: &'a str) -> Result<Doc<'a>, String> {
+        Doc::read(text, 0).map(|(doc, _)| doc)
+    }
+
+    /// Reads one JSON value, inside `depth` containers, from text that `serde_json` accepted; also says whether
+    /// the text is compact (no whitespace between tokens).
+    ///
+    /// Refuses what [`json_text`](super::json_text) refuses: a repeated key (compared after unescaping), nesting
+    /// deeper than [`MAX_DEPTH`](super::MAX_DEPTH) with the containers around it, a lone surrogate (which
+    /// `serde_json` does not unescape). Its messages are short: the caller asks `json_text` for the precise one.
+    pub fn read(text: &'a str, depth: usize) -> Result<(Doc<'a>, bool), String> {
         let mut reader = Reader {
             text,
             b: text.as_bytes(),
@@ -66,9 +77,11 @@ impl<'a> Doc<'a> {
                 index: Vec::new(),
             },
             open: Vec::new(),
+            depth,
+            spaced: false,
         };
         reader.run()?;
-        Ok(reader.doc)
+        Ok((reader.doc, !reader.spaced))
     }
 
     /// The root value.
@@ -114,15 +127,27 @@ struct Reader<'a> {
     doc: Doc<'a>,
     /// The open containers' items.
     open: Vec<u32>,
+    /// Containers around the text.
+    depth: usize,
+    /// Whitespace was skipped somewhere.
+    spaced: bool,
 }
 
 impl<'a> Reader<'a> {
     fn run(&mut self) -> Result<(), String> {
         loop {
             // A value starts here (in an object, after its key).
+            self.space();
             match self.peek()? {
+                open @ (b'{' | b'[') if self.depth + self.open.len() + 1 > super::MAX_DEPTH => {
+                    return Err(format!(
+                        "{} nested too deep at byte {}",
+                        open as char, self.i
+                    ));
+                }
                 b'{' => {
                     self.i += 1;
+                    self.space();
                     let at = self.push(Item::Object {
                         len: 0,
                         end: 0,
@@ -139,6 +164,7 @@ impl<'a> Reader<'a> {
                 }
                 b'[' => {
                     self.i += 1;
+                    self.space();
                     let at = self.push(Item::Array { len: 0, end: 0 });
                     self.open.push(at);
                     if self.peek()? == b']' {
@@ -173,6 +199,7 @@ impl<'a> Reader<'a> {
             }
             // After a value: count it in its container, close containers until one continues, or end.
             loop {
+                self.space();
                 let Some(&parent) = self.open.last() else {
                     return if self.i == self.b.len() {
                         Ok(())
@@ -229,7 +256,21 @@ impl<'a> Reader<'a> {
             }
             _ => unreachable!("only containers are open"),
         };
-        if len > SCAN_MEMBERS {
+        let repeated = if len <= SCAN_MEMBERS {
+            // Small objects, the usual case: each key against those before it.
+            let mut keys = [0u32; SCAN_MEMBERS as usize];
+            let mut key = at + 1;
+            let mut repeated = false;
+            for n in 0..len as usize {
+                let name = key_of(&self.doc.items, key);
+                repeated |= keys[..n]
+                    .iter()
+                    .any(|k| key_of(&self.doc.items, *k) == name);
+                keys[n] = key;
+                key = self.doc.end(key + 1);
+            }
+            repeated
+        } else {
             let from = self.doc.index.len();
             let mut key = at + 1;
             while key < end {
@@ -237,22 +278,34 @@ impl<'a> Reader<'a> {
                 key = self.doc.end(key + 1);
             }
             let items = &self.doc.items;
-            self.doc.index[from..]
-                .sort_unstable_by(|a, b| key_of(items, *a).cmp(key_of(items, *b)));
+            let sorted = &mut self.doc.index[from..];
+            sorted.sort_unstable_by(|a, b| key_of(items, *a).cmp(key_of(items, *b)));
+            let repeated = sorted
+                .windows(2)
+                .any(|w| key_of(items, w[0]) == key_of(items, w[1]));
             if let Item::Object { index, .. } = &mut self.doc.items[at as usize] {
                 *index = from as u32;
             }
+            repeated
+        };
+        if repeated {
+            return Err(format!(
+                "an object repeats a key (it ends at byte {})",
+                self.i
+            ));
         }
         Ok(())
     }
 
     /// Reads `"key":` as the next item.
     fn key(&mut self) -> Result<(), String> {
+        self.space();
         if self.peek()? != b'"' {
             return Err(self.unexpected());
         }
         let key = self.string()?;
         self.push(Item::Key(key));
+        self.space();
         if self.peek()? != b':' {
             return Err(self.unexpected());
         }
@@ -319,6 +372,15 @@ impl<'a> Reader<'a> {
                 )),
             },
         }
+    }
+
+    /// Skips whitespace between tokens, noting that there was some.
+    fn space(&mut self) {
+        let start = self.i;
+        while self.i < self.b.len() && matches!(self.b[self.i], b' ' | b'\t' | b'\n' | b'\r') {
+            self.i += 1;
+        }
+        self.spaced |= self.i > start;
     }
 
     fn peek(&self) -> Result<u8, String> {
@@ -609,6 +671,59 @@ mod tests {
         check(&format!("{{{big}}}"));
         check(r#""text""#);
         check("7");
+    }
+
+    /// `read` refuses what `json_text` refuses, finds text compact exactly when compacting leaves it unchanged,
+    /// and reads it as `serde_json` does.
+    #[test]
+    fn read_refuses_what_json_text_refuses() {
+        let nested = |n: usize| "[".repeat(n) + &"]".repeat(n);
+        let members = |n: usize, last: &str| {
+            let mut keys: Vec<String> = (0..n).map(|i| format!(r#""k{i}":{i}"#)).collect();
+            keys.push(format!(r#""{last}":0"#));
+            format!("{{{}}}", keys.join(","))
+        };
+        let cases = [
+            r#"{"a":1,"b":2}"#.to_owned(),
+            r#"{"a":1,"a":2}"#.to_owned(),
+            r#"{"a":1,"\u0061":2}"#.to_owned(),
+            r#"{"x":[{"b":1,"c":{},"b":2}]}"#.to_owned(),
+            r#"{"a":{"b":1},"b":{"a":1}}"#.to_owned(),
+            members(15, "k3"),
+            members(15, "other"),
+            members(40, "k39"),
+            members(40, "other"),
+            r#"{"s":"\ud800"}"#.to_owned(),
+            r#"{"s":"\udc00x"}"#.to_owned(),
+            r#"{"s":"\ud800\u0041"}"#.to_owned(),
+            r#"{"s":"\ud83d\ude00\n"}"#.to_owned(),
+            "{ \"a\" : [ 1 ,\t2 ] , \"b\" : { } }".to_owned(),
+            "{\"a\":[1,2]\n}".to_owned(),
+            " 7".to_owned(),
+            nested(125),
+            nested(126),
+            nested(127),
+            nested(128),
+        ];
+        for text in &cases {
+            for depth in [0, 1] {
+                let mut out = Vec::new();
+                let compacted = crate::protocol::json_text::compact(
+                    text,
+                    "",
+                    depth,
+                    crate::protocol::json_text::Numbers::AsWritten,
+                    &mut out,
+                );
+                let read = Doc::read(text, depth);
+                assert_eq!(read.is_ok(), compacted.is_ok(), "{text} at depth {depth}");
+                if let Ok((doc, compact)) = read {
+                    assert_eq!(compact, out == text.as_bytes(), "{text}");
+                    let expected: Value = serde_json::from_str(text).unwrap();
+                    assert_eq!(doc.root().to_value().into_owned(), expected, "{text}");
+                }
+            }
+        }
     }
 
     #[test]
