@@ -778,6 +778,50 @@ fn all_records(dir: &Path) -> Vec<String> {
     }
 }
 
+/// The writer builds the index of each file it started as it commits (the upkeep builds the rest from the files):
+/// every closed file's stored index is the one read from the file itself, also for the file the daemon found
+/// with records at a restart.
+#[test]
+fn the_index_of_every_closed_file_is_the_one_its_records_give() {
+    let mut daemon = start("max_file_bytes: 4096", vec![]);
+    emit(&daemon, 0, 20);
+    assert!(daemon.stop().success());
+    daemon.spawn();
+    for batch in 1..5 {
+        emit(&daemon, batch * 20, 20);
+    }
+    let closed = || {
+        let mut files = log_files(&daemon.log_dir);
+        files.pop();
+        files
+    };
+    assert!(closed().len() >= 4, "{:?}", closed());
+    let indexed = wait_until(Duration::from_secs(30), || {
+        closed().iter().all(|p| {
+            trail::log::files::LogFile::parse(p)
+                .unwrap()
+                .index_path()
+                .exists()
+        })
+    });
+    assert!(
+        indexed,
+        "not every closed file has an index: {:?}",
+        closed()
+    );
+    for path in closed() {
+        let file = trail::log::files::LogFile::parse(&path).unwrap();
+        let stored = trail::log::index::load(&file)
+            .unwrap_or_else(|| panic!("the index of {} does not match it", path.display()));
+        assert!(stored.records > 0, "{}", path.display());
+        assert_eq!(
+            stored,
+            trail::log::index::build(&file).unwrap(),
+            "{}",
+            path.display()
+        );
+    }
+}
 #[test]
 fn search_agrees_with_a_brute_force_filter_across_rotated_and_compressed_files() {
     let mut daemon = start("max_file_bytes: 8192, compress: true", vec![]);

@@ -36,6 +36,9 @@ pub(super) struct ActiveFile {
     pub(super) last_seq_any: Option<u64>,
     /// Checkpoint entries of closed files, by name (they do not change once closed).
     closed: HashMap<String, checkpoint::FileEntry>,
+    /// The file's index, built from the records as they are committed when the file was started by this writer
+    /// (a file found with records at start is indexed by the upkeep, from the file, once closed).
+    index: Option<index::Builder>,
 }
 
 impl ActiveFile {
@@ -84,6 +87,7 @@ impl ActiveFile {
             last_seq: last.map(|h| h.seq),
             last_seq_any,
             closed: HashMap::new(),
+            index: (len == 0).then(|| index::Builder::new(&newest.name)),
         })
     }
 
@@ -108,7 +112,15 @@ impl ActiveFile {
             last_seq: None,
             last_seq_any: None,
             closed: HashMap::new(),
+            index: Some(index::Builder::new(&file_name(now, first_seq))),
         })
+    }
+
+    /// Adds records committed at offset `from` to the file's index.
+    pub(super) fn committed(&mut self, from: u64, records: &[u8]) {
+        if let Some(index) = &mut self.index {
+            index.lines(from, records);
+        }
     }
 
     /// Moves numbering and chain to where a committed group left them; true when the group held a persisted
@@ -148,6 +160,14 @@ impl ActiveFile {
             })
             .map_err(io_error(&self.path))?;
         let closed = self.entry();
+        // The closed file's index, so that the upkeep need not read the file back (most of it is out of the page
+        // cache by now, see `log::append`). A failure only leaves the upkeep to build it.
+        if let Some(builder) = self.index.take()
+            && let Some(file) = files::LogFile::parse(&self.path)
+            && let Err(e) = index::store(&file, &builder.finish(self.out.len()))
+        {
+            warn!(file = %self.path.display(), error = %e, "cannot write the index of a closed log file");
+        }
         let mut next = ActiveFile::create(&self.dir, self.next_seq, self.chain)?;
         next.last_seq_any = self.last_seq_any;
         next.closed = std::mem::take(&mut self.closed);

@@ -11,9 +11,21 @@ use super::active::ActiveFile;
 use super::group::Group;
 use super::submit::Unavailable;
 
-/// Writes a group to the log and the spool; on success both are durable (per `sync`) and the spooled records are
-/// visible to sinks. On failure nothing of the group remains in either.
+/// Writes a group to the log and the spool; on success both are durable (per `sync`), the spooled records are
+/// visible to sinks and the log's are in the file's index. On failure nothing of the group remains in either.
 pub(super) fn commit(
+    file: &mut ActiveFile,
+    group: &mut Group,
+    sync: bool,
+    options: &mut Options,
+) -> Result<(), Unavailable> {
+    let from = file.out.len();
+    write(file, group, sync, options)?;
+    file.committed(from, group.parts().0);
+    Ok(())
+}
+
+fn write(
     file: &mut ActiveFile,
     group: &mut Group,
     sync: bool,

@@ -130,6 +130,7 @@ impl Builder {
 
     /// Adds complete lines (with newlines) that start at uncompressed offset `off`.
     pub fn lines(&mut self, mut off: u64, lines: &[u8]) {
+        let mut last: &[u8] = &[];
         for line in super::files::split_lines_inclusive(lines) {
             let record = line.strip_suffix(b"\n").unwrap_or(line);
             let block = self.block.get_or_insert_with(|| Block {
@@ -163,8 +164,11 @@ impl Builder {
             if block.len >= BLOCK_BYTES {
                 self.close_block();
             }
+            last = record;
+        }
+        if !last.is_empty() {
             self.last_line.clear();
-            self.last_line.extend_from_slice(record);
+            self.last_line.extend_from_slice(last);
         }
         self.index.bytes = off;
     }
