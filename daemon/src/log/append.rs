@@ -65,7 +65,7 @@ const WRITEBACK_EVERY: u64 = 8 << 20;
 /// kernel reclaims it, and each new page costs the writer a page allocation (on a virtual machine whose host
 /// takes back the memory the guest frees, a fault in the host as well); released pages are reused at once. What
 /// reads the log soon after it was written (sinks that fell behind the spool's memory, `trail search`, the
-/// upkeep's index of a closed file) reads older parts from the disk.
+/// upkeep's index of a file found with records at start) reads older parts from the disk.
 const KEEP_CACHED: u64 = 64 << 20;
 
 impl AppendFile {
