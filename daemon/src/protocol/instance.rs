@@ -67,7 +67,20 @@ impl<'a> Doc<'a> {
     /// deeper than [`MAX_DEPTH`](super::MAX_DEPTH) with the containers around it, a lone surrogate (which
     /// `serde_json` does not unescape). Its messages are short: the caller asks `json_text` for the precise one.
     pub fn read(text: &'a str, depth: usize) -> Result<(Doc<'a>, bool), String> {
-        let mut reader = Reader {
+        Doc::reader(text, depth, false, false)
+            .run_to_end()
+            .map(|(doc, compact, _)| (doc, compact))
+    }
+
+    /// Reads the JSON value at the start of `text`, which need not be JSON after it and was not checked by
+    /// `serde_json`: as [`Doc::read`], and also refuses a control character in a string (every other rule of JSON
+    /// holds in what `read` accepts). Returns the value, whether it is compact, and how many bytes it took.
+    pub fn read_prefix(text: &'a str, depth: usize) -> Result<(Doc<'a>, bool, usize), String> {
+        Doc::reader(text, depth, true, true).run_to_end()
+    }
+
+    fn reader(text: &'a str, depth: usize, prefix: bool, strict: bool) -> Reader<'a> {
+        Reader {
             text,
             b: text.as_bytes(),
             i: 0,
@@ -79,9 +92,9 @@ impl<'a> Doc<'a> {
             open: Vec::new(),
             depth,
             spaced: false,
-        };
-        reader.run()?;
-        Ok((reader.doc, !reader.spaced))
+            prefix,
+            strict,
+        }
     }
 
     /// The root value.
@@ -131,9 +144,18 @@ struct Reader<'a> {
     depth: usize,
     /// Whitespace was skipped somewhere.
     spaced: bool,
+    /// The value may be followed by other text.
+    prefix: bool,
+    /// Strings may not hold control characters (the text was not checked by `serde_json`).
+    strict: bool,
 }
 
 impl<'a> Reader<'a> {
+    fn run_to_end(mut self) -> Result<(Doc<'a>, bool, usize), String> {
+        self.run()?;
+        Ok((self.doc, !self.spaced, self.i))
+    }
+
     fn run(&mut self) -> Result<(), String> {
         loop {
             // A value starts here (in an object, after its key).
@@ -199,6 +221,9 @@ impl<'a> Reader<'a> {
             }
             // After a value: count it in its container, close containers until one continues, or end.
             loop {
+                if self.prefix && self.open.is_empty() {
+                    return Ok(());
+                }
                 self.space();
                 let Some(&parent) = self.open.last() else {
                     return if self.i == self.b.len() {
@@ -338,9 +363,12 @@ impl<'a> Reader<'a> {
             .get(start..self.i)
             .ok_or_else(|| self.unexpected())?;
         if escaped {
+            // `serde_json` refuses control characters, bad escapes and lone surrogates.
             serde_json::from_str::<String>(quoted)
                 .map(Cow::Owned)
                 .map_err(|e| format!("string at byte {start} cannot be read: {e}"))
+        } else if self.strict && quoted.bytes().any(|b| b < 0x20) {
+            Err(format!("a control character in the string at byte {start}"))
         } else {
             Ok(Cow::Borrowed(&quoted[1..quoted.len() - 1]))
         }
