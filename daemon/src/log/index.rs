@@ -145,11 +145,14 @@ impl Builder {
             if let Some(t) =
                 crate::record::line::received_at(record).and_then(|t| std::str::from_utf8(t).ok())
             {
+                // Reused, not allocated again: the latest time changes with nearly every record.
                 if block.t_min.is_empty() || t < block.t_min.as_str() {
-                    block.t_min = t.to_owned();
+                    block.t_min.clear();
+                    block.t_min.push_str(t);
                 }
                 if t > block.t_max.as_str() {
-                    block.t_max = t.to_owned();
+                    block.t_max.clear();
+                    block.t_max.push_str(t);
                 }
             }
             let ty = crate::record::line::event_type(record);
