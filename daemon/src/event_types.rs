@@ -170,7 +170,8 @@ impl EventType {
     /// Checks a payload against the type's schema; every violation is returned, with paths under `/payload`.
     ///
     /// The schema sees numbers as 64-bit floats (the nearest one; beyond `±1.7976931348623157e308`, that bound),
-    /// the stored record the digits as written. The payload was read in place when the request was parsed ([`instance`]), not into a `Value`.
+    /// the stored record the digits as written. The payload was read in place when the request was parsed
+    /// ([`instance`]), not into a `Value`.
     pub fn check_payload(&self, payload: &Payload<'_>) -> Result<(), Vec<Violation>> {
         let Some(validator) = &self.payload else {
             return Ok(());

@@ -143,7 +143,7 @@ pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
 /// string byte for byte as written (borrowed from the line when it had no such whitespace), and the same payload
 /// read for its schema check ([`instance::Doc`]), both from one pass over the text. Reading one refuses repeated
 /// keys, too deep nesting and lone surrogates.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Payload<'a> {
     text: Cow<'a, str>,
     doc: Result<instance::Doc<'a>, String>,

@@ -155,27 +155,7 @@ impl<'a> Cursor<'a> {
     }
 
     fn actor(&mut self) -> Option<Actor<'a>> {
-        let (mut id, mut name, mut kind, mut ip) = (None, None, None, None);
-        let mut seen = 0u8;
-        self.object(|c, key| {
-            let (bit, field) = match key {
-                "id" => (1, &mut id),
-                "name" => (2, &mut name),
-                "type" => (4, &mut kind),
-                "ip" => (8, &mut ip),
-                _ => return None,
-            };
-            if seen & bit != 0 {
-                return None;
-            }
-            seen |= bit;
-            *field = if bit == 1 {
-                Some(c.str()?)
-            } else {
-                c.nullable(Cursor::str)?
-            };
-            Some(())
-        })?;
+        let [id, name, kind, ip] = self.strings(["id", "name", "type", "ip"])?;
         Some(Actor {
             id: id?,
             name,
@@ -185,31 +165,28 @@ impl<'a> Cursor<'a> {
     }
 
     fn target(&mut self) -> Option<Target<'a>> {
-        let (mut kind, mut id, mut name) = (None, None, None);
-        let mut seen = 0u8;
-        self.object(|c, key| {
-            let (bit, field) = match key {
-                "type" => (1, &mut kind),
-                "id" => (2, &mut id),
-                "name" => (4, &mut name),
-                _ => return None,
-            };
-            if seen & bit != 0 {
-                return None;
-            }
-            seen |= bit;
-            *field = if bit == 2 {
-                Some(c.str()?)
-            } else {
-                c.nullable(Cursor::str)?
-            };
-            Some(())
-        })?;
+        let [kind, id, name] = self.strings(["type", "id", "name"])?;
         Some(Target {
             kind,
             id: id?,
             name,
         })
+    }
+
+    /// An object of string (or `null`) members named `names`, each at most once; the caller requires its own
+    /// (`None` for a required member that is `null` or missing sends the line to `serde_json`, which refuses it).
+    fn strings<const N: usize>(&mut self, names: [&str; N]) -> Option<[Option<Str<'a>>; N]> {
+        let mut values = [const { None }; N];
+        let mut seen = [false; N];
+        self.object(|c, key| {
+            let n = names.iter().position(|name| *name == key)?;
+            if std::mem::replace(&mut seen[n], true) {
+                return None;
+            }
+            values[n] = c.nullable(Cursor::str)?;
+            Some(())
+        })?;
+        Some(values)
     }
 
     /// A compact payload, read for its schema check on the way.

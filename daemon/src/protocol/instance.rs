@@ -24,7 +24,7 @@ const SCAN_MEMBERS: u32 = 16;
 const NONE: u32 = u32::MAX;
 
 /// One JSON value of a [`Doc`]; containers are followed by their contents (an object's as key, value, key, ...).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 enum Item<'a> {
     Null,
     Bool(bool),
@@ -47,7 +47,7 @@ enum Item<'a> {
 }
 
 /// A payload read for its schema check.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Doc<'a> {
     items: Vec<Item<'a>>,
     /// For each large object, the positions of its keys sorted by key.
@@ -55,11 +55,6 @@ pub struct Doc<'a> {
 }
 
 impl<'a> Doc<'a> {
-    /// Reads one JSON value (see [`Doc::read`]).
-    pub fn parse(text: &'a str) -> Result<Doc<'a>, String> {
-        Doc::read(text, 0).map(|(doc, _)| doc)
-    }
-
     /// Reads one JSON value, inside `depth` containers, from text that `serde_json` accepted; also says whether
     /// the text is compact (no whitespace between tokens).
     ///
@@ -675,11 +670,16 @@ impl<'a> Iterator for ElementsIter<'a> {
 mod tests {
     use super::*;
 
+    /// Reads one JSON value outside any container.
+    fn parse(text: &str) -> Result<Doc<'_>, String> {
+        Doc::read(text, 0).map(|(doc, _)| doc)
+    }
+
     /// The tree reads back as the `Value` that `serde_json` reads from the same text.
     #[test]
     fn reads_as_serde_json_does() {
         let check = |text: &str| {
-            let doc = Doc::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            let doc = parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
             let expected: Value = serde_json::from_str(text).unwrap();
             assert_eq!(doc.root().to_value().into_owned(), expected, "{text}");
         };
@@ -756,7 +756,7 @@ mod tests {
 
     #[test]
     fn numbers_beyond_a_float_are_bounded() {
-        let doc = Doc::parse(r#"[1E400,-1e400,1e-400]"#).unwrap();
+        let doc = parse(r#"[1E400,-1e400,1e-400]"#).unwrap();
         assert_eq!(
             doc.root().to_value().into_owned(),
             serde_json::json!([f64::MAX, -f64::MAX, 0.0])
@@ -774,7 +774,7 @@ mod tests {
                     .collect::<Vec<_>>()
                     .join(",")
             );
-            let doc = Doc::parse(&text).unwrap();
+            let doc = parse(&text).unwrap();
             let object = doc.root().as_object().unwrap();
             assert_eq!(object.len(), n);
             for i in 0..n {
@@ -810,7 +810,7 @@ mod tests {
             "-",
             "1e",
         ] {
-            assert!(Doc::parse(text).is_err(), "{text:?}");
+            assert!(parse(text).is_err(), "{text:?}");
         }
     }
 }
