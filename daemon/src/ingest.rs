@@ -786,32 +786,46 @@ async fn connection(
     let mut buffered = Buffered::new(limits);
     let mut slot: Option<Permit> = None;
     let mut eof = false;
+    // The connection's own token: checked before every read, it must not be a lock every connection shares.
+    let stop = stop.child_token();
+    // Whether the last read found nothing: only then is readiness waited for. A busy connection reads again at
+    // once (the runtime's budget keeps it fair), checking only that the daemon is not stopping.
+    let mut drained = false;
     loop {
-        // Idle for longer than the `idle_timeout` in force (a reload wakes the wait to measure against its own).
-        let idle_since = tokio::time::Instant::now();
-        let ready = loop {
-            let changed = limits.changed.notified();
-            let idle_timeout = limits.idle_timeout();
-            tokio::select! {
-                biased;
-                _ = stop.cancelled() => break None,
-                ready = reader.readable() => break Some(Ok(ready)),
-                _ = tokio::time::sleep_until(idle_since + idle_timeout) => break Some(Err(idle_timeout)),
-                _ = changed => {}
+        if stop.is_cancelled() {
+            break;
+        }
+        if !drained {
+            // A read that always finds data (even blank lines, which send nothing) must still give way.
+            tokio::task::consume_budget().await;
+        } else {
+            // Idle for longer than the `idle_timeout` in force (a reload wakes the wait to measure against its
+            // own).
+            let idle_since = tokio::time::Instant::now();
+            let ready = loop {
+                let changed = limits.changed.notified();
+                let idle_timeout = limits.idle_timeout();
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => break None,
+                    ready = reader.readable() => break Some(Ok(ready)),
+                    _ = tokio::time::sleep_until(idle_since + idle_timeout) => break Some(Err(idle_timeout)),
+                    _ = changed => {}
+                }
+            };
+            let Some(ready) = ready else { break };
+            match ready {
+                Err(idle_timeout) => {
+                    limits.idle_closed.fetch_add(1, Ordering::Relaxed);
+                    debug!(uid = source.uid, pid = ?source.pid, timeout = ?idle_timeout, "connection idle; closing it");
+                    break;
+                }
+                Ok(Err(e)) => {
+                    debug!(error = %e, "read failed");
+                    break;
+                }
+                Ok(Ok(())) => {}
             }
-        };
-        let Some(ready) = ready else { break };
-        match ready {
-            Err(idle_timeout) => {
-                limits.idle_closed.fetch_add(1, Ordering::Relaxed);
-                debug!(uid = source.uid, pid = ?source.pid, timeout = ?idle_timeout, "connection idle; closing it");
-                break;
-            }
-            Ok(Err(e)) => {
-                debug!(error = %e, "read failed");
-                break;
-            }
-            Ok(Ok(())) => {}
         }
         // How much this read may take: without a line slot, the unfinished line must stay within its small share.
         let held = framer.buffered();
@@ -842,8 +856,14 @@ async fn connection(
                 eof = true;
                 break;
             }
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Ok(n) => {
+                drained = false;
+                n
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                drained = true;
+                continue;
+            }
             Err(e) => {
                 debug!(error = %e, "read failed");
                 break;
@@ -1017,8 +1037,8 @@ fn handle(frame: Frame<'_>, ctx: &Context, peer: &Peer, chunk: &mut Chunk) {
         Frame::Line(line) if line.iter().all(u8::is_ascii_whitespace) => return,
         Frame::Line(line) => line,
     };
-    let rules = chunk.rules.clone();
-    let slot = match check(line, &rules, peer, &ctx.access) {
+    let rules = &*chunk.rules;
+    let slot = match check(line, rules, peer, &ctx.access) {
         Ok((event, ty, route)) => {
             let now = crate::clock::now();
             let id = record::new_id(now);

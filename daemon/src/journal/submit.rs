@@ -24,6 +24,9 @@ pub struct Batch {
     counters: Vec<(Arc<AtomicU64>, u64)>,
 }
 
+/// How many of a batch's latest counters [`Batch::count`] looks through for the one it counts with.
+const COUNTERS_SCANNED: usize = 16;
+
 /// Where a record is written: the log, the spool (for sinks), or both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Route {
@@ -54,11 +57,18 @@ impl Batch {
 
     /// Counts the record just ended with `counter`, which is added to only when the batch is stored (a failed
     /// group adds nothing). The submitter's counters (events per type) thus count exactly what is durable, and
-    /// records of one counter in a row cost the writer one atomic add.
+    /// a counter among the batch's last [`COUNTERS_SCANNED`] costs no new entry (nor the writer another atomic
+    /// add), however its records are interleaved with other types'.
     pub fn count(&mut self, counter: &Arc<AtomicU64>) {
-        match self.counters.last_mut() {
-            Some((last, n)) if Arc::ptr_eq(last, counter) => *n += 1,
-            _ => self.counters.push((counter.clone(), 1)),
+        match self
+            .counters
+            .iter_mut()
+            .rev()
+            .take(COUNTERS_SCANNED)
+            .find(|(c, _)| Arc::ptr_eq(c, counter))
+        {
+            Some((_, n)) => *n += 1,
+            None => self.counters.push((counter.clone(), 1)),
         }
     }
 

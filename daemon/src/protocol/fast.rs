@@ -9,7 +9,7 @@
 
 use std::borrow::Cow;
 
-use super::instance::Doc;
+use super::instance::{Doc, plain_run};
 use super::{Actor, Outcome, Payload, Request, Str, Target};
 
 /// The request in `text`, when it has the plain form (see the module docs).
@@ -122,9 +122,8 @@ impl<'a> Cursor<'a> {
             return None;
         }
         let start = self.i + 1;
-        let len = memchr::memchr2(b'"', b'\\', &self.b[start..])?;
-        let end = start + len;
-        if self.b[end] != b'"' || self.b[start..end].iter().any(|&c| c < 0x20) {
+        let end = start + plain_run(&self.b[start..]);
+        if self.b.get(end) != Some(&b'"') {
             return None;
         }
         self.i = end + 1;
