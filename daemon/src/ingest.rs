@@ -677,7 +677,7 @@ impl Chunk {
             rules,
             read_at: Instant::now(),
             slots: Vec::new(),
-            batch: Batch::default(),
+            batch: ctx.submitter.batch(),
             claims: Claims {
                 window: ctx.idempotency.clone(),
                 list: Vec::new(),

@@ -206,11 +206,13 @@ impl Journal {
                 }
             })
             .map_err(io_error(dir))?;
+        let spares = Arc::new(submit::Spares::default());
+        let kept = spares.clone();
         let thread = std::thread::Builder::new()
             .name("trail-journal".into())
-            .spawn(move || writer::run(file, rx, options))
+            .spawn(move || writer::run(file, rx, options, &kept))
             .map_err(io_error(dir))?;
-        Ok((Journal { thread }, Submitter::new(tx, progress)))
+        Ok((Journal { thread }, Submitter::new(tx, progress, spares)))
     }
 
     /// Waits until the writer has drained its queue and synced the log.

@@ -1,8 +1,8 @@
 //! The submission API: what a connection hands the writer (a [`Batch`] of record tails and their routes) and
 //! how it learns the outcome (an [`Ack`]).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -26,6 +26,40 @@ pub struct Batch {
 
 /// How many of a batch's latest counters [`Batch::count`] looks through for the one it counts with.
 const COUNTERS_SCANNED: usize = 16;
+
+/// How many batches the writer keeps for the next submissions ([`Spares`]), and the largest buffer it keeps.
+const SPARES: usize = 16;
+const SPARE_BYTES: usize = 512 << 10;
+
+/// Batches the writer is done with, emptied and kept for the connections' next ones: a batch's buffers grow by
+/// doubling while a connection fills it, so a new batch copies its tails again and again as it grows, and a
+/// reused one starts at the size it had reached. At most [`SPARES`] are kept, none whose buffer passed
+/// [`SPARE_BYTES`], so what the pool holds stays bounded (a few MiB).
+#[derive(Debug, Default)]
+pub(super) struct Spares(Mutex<Vec<Batch>>);
+
+impl Spares {
+    /// A kept batch, or a new one.
+    fn take(&self) -> Batch {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_default()
+    }
+
+    /// Keeps `batch` for a later submission (emptied), unless the pool is full or the batch too large.
+    pub(super) fn keep(&self, mut batch: Batch) {
+        if batch.buf.capacity() > SPARE_BYTES {
+            return;
+        }
+        batch.clear();
+        let mut spares = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if spares.len() < SPARES {
+            spares.push(batch);
+        }
+    }
+}
 
 /// Where a record is written: the log, the spool (for sinks), or both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +111,15 @@ impl Batch {
         for (counter, n) in &self.counters {
             counter.fetch_add(*n, Ordering::Relaxed);
         }
+    }
+
+    /// Empties the batch, keeping its buffers' capacity.
+    fn clear(&mut self) {
+        self.buf.clear();
+        self.ends.clear();
+        self.routes.clear();
+        self.digests.clear();
+        self.counters.clear();
     }
 
     /// Number of records.
@@ -148,11 +191,26 @@ pub(super) enum Message {
 pub struct Submitter {
     tx: mpsc::Sender<Message>,
     progress: Arc<Progress>,
+    spares: Arc<Spares>,
 }
 
 impl Submitter {
-    pub(super) fn new(tx: mpsc::Sender<Message>, progress: Arc<Progress>) -> Submitter {
-        Submitter { tx, progress }
+    pub(super) fn new(
+        tx: mpsc::Sender<Message>,
+        progress: Arc<Progress>,
+        spares: Arc<Spares>,
+    ) -> Submitter {
+        Submitter {
+            tx,
+            progress,
+            spares,
+        }
+    }
+
+    /// An empty batch to fill and [`submit`](Self::submit): one the writer is done with when it kept one (its
+    /// buffers already grown), else a new one.
+    pub fn batch(&self) -> Batch {
+        self.spares.take()
     }
 
     /// Queues a batch, waiting while the writer's queue is full. The returned [`Ack`] resolves once the batch is

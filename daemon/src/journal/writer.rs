@@ -14,12 +14,17 @@ use super::active::ActiveFile;
 use super::commit::commit;
 use super::group::Group;
 use super::schedule::Schedule;
-use super::submit::{Message, Submission};
+use super::submit::{Message, Spares, Submission};
 use super::{GROUP_BYTES, Options};
 
 /// Runs until every submitter is gone and the queue is drained; then syncs the log, writes the last checkpoint
 /// and closes the spool's writing end.
-pub(super) fn run(mut file: ActiveFile, mut rx: mpsc::Receiver<Message>, mut options: Options) {
+pub(super) fn run(
+    mut file: ActiveFile,
+    mut rx: mpsc::Receiver<Message>,
+    mut options: Options,
+    spares: &Spares,
+) {
     let mut queued: Vec<Submission> = Vec::new();
     let mut group = Group::with_capacity(GROUP_BYTES + (1 << 20));
     let sync = options.fsync == FsyncPolicy::Always;
@@ -127,7 +132,10 @@ pub(super) fn run(mut file: ActiveFile, mut rx: mpsc::Receiver<Message>, mut opt
                 }
             }
         }
-        queued.clear();
+        // Answered (or dropped unanswered, which the submitter sees as a closed channel): the batches are free.
+        for s in queued.drain(..) {
+            spares.keep(s.batch);
+        }
         for done in barriers {
             let _ = done.send(());
         }
