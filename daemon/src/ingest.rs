@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
-use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -798,34 +798,8 @@ async fn connection(
         if !drained {
             // A read that always finds data (even blank lines, which send nothing) must still give way.
             tokio::task::consume_budget().await;
-        } else {
-            // Idle for longer than the `idle_timeout` in force (a reload wakes the wait to measure against its
-            // own).
-            let idle_since = tokio::time::Instant::now();
-            let ready = loop {
-                let changed = limits.changed.notified();
-                let idle_timeout = limits.idle_timeout();
-                tokio::select! {
-                    biased;
-                    _ = stop.cancelled() => break None,
-                    ready = reader.readable() => break Some(Ok(ready)),
-                    _ = tokio::time::sleep_until(idle_since + idle_timeout) => break Some(Err(idle_timeout)),
-                    _ = changed => {}
-                }
-            };
-            let Some(ready) = ready else { break };
-            match ready {
-                Err(idle_timeout) => {
-                    limits.idle_closed.fetch_add(1, Ordering::Relaxed);
-                    debug!(uid = source.uid, pid = ?source.pid, timeout = ?idle_timeout, "connection idle; closing it");
-                    break;
-                }
-                Ok(Err(e)) => {
-                    debug!(error = %e, "read failed");
-                    break;
-                }
-                Ok(Ok(())) => {}
-            }
+        } else if !readable(&reader, &stop, limits, &source).await {
+            break;
         }
         // How much this read may take: without a line slot, the unfinished line must stay within its small share.
         let held = framer.buffered();
@@ -895,6 +869,37 @@ async fn connection(
     drop(pending_tx);
     let _ = responder.await;
     debug!(uid = source.uid, pid = ?source.pid, "connection closed");
+}
+
+/// Waits until `reader` can be read; false when the daemon stops, readiness fails, or the connection stays idle
+/// for longer than the `idle_timeout` in force (a reload wakes the wait to measure against its own).
+async fn readable(
+    reader: &OwnedReadHalf,
+    stop: &CancellationToken,
+    limits: &Connections,
+    source: &Source,
+) -> bool {
+    let idle_since = tokio::time::Instant::now();
+    loop {
+        let changed = limits.changed.notified();
+        let idle_timeout = limits.idle_timeout();
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return false,
+            ready = reader.readable() => {
+                if let Err(e) = &ready {
+                    debug!(error = %e, "read failed");
+                }
+                return ready.is_ok();
+            }
+            _ = tokio::time::sleep_until(idle_since + idle_timeout) => {
+                limits.idle_closed.fetch_add(1, Ordering::Relaxed);
+                debug!(uid = source.uid, pid = ?source.pid, timeout = ?idle_timeout, "connection idle; closing it");
+                return false;
+            }
+            _ = changed => {}
+        }
+    }
 }
 
 /// A connection's share of [`Connections::buffered`], given back when it is dropped.

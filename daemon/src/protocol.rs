@@ -638,8 +638,20 @@ fn envelope_validator() -> &'static jsonschema::Validator {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A small seeded generator (xorshift64) for the generated-input tests of this module and its children:
+    /// `next(n)` gives a number below `n`, the same sequence for the same seed.
+    pub(crate) fn xorshift(seed: u64) -> impl FnMut(usize) -> usize {
+        let mut state = seed;
+        move |n| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        }
+    }
 
     /// Parses `line` and renders the outcome as `ok` or `code: path, path, ...`.
     fn outcome(line: &str) -> String {

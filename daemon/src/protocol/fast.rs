@@ -335,13 +335,7 @@ mod tests {
             ),
             ("extra", vec!["1".to_owned()]),
         ];
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = |n: usize| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % n as u64) as usize
-        };
+        let mut next = crate::protocol::tests::xorshift(0x9e37_79b9_7f4a_7c15);
         let spaces = ["", "", "", " ", "\n", " \t "];
         let (mut fast, mut lines) = (0, 0);
         for _ in 0..30_000 {

@@ -712,13 +712,7 @@ mod tests {
             b'a', b' ', b'!', b'"', b'#', b'[', b'\\', b']', 0x00, 0x1f, 0x7f, 0x80, 0xc3, 0xff,
             b'\n',
         ];
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = |n: usize| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % n as u64) as usize
-        };
+        let mut next = crate::protocol::tests::xorshift(0x2545_f491_4f6c_dd1d);
         for _ in 0..200_000 {
             let len = next(40);
             // Mostly plain letters, so that runs are long enough to cross words.
